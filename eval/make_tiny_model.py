@@ -1,0 +1,487 @@
+#!/usr/bin/env python
+"""Build a tiny random-weight DeepSeek-V3.2 checkpoint (Hugging Face format).
+
+The checkpoint uses the real DeepSeek-V3.2 tensor names and the real per-token
+cache geometry (``kv_lora_rank`` 512, ``qk_rope_head_dim`` 64,
+``index_head_dim`` 128), with everything else shrunk so that it loads and runs
+on CPU in seconds, both in HF transformers (``deepseek_v32``) and in vLLM.
+
+Usage::
+
+    python eval/make_tiny_model.py OUT_DIR [--seed S] [--num-layers L]
+        [--index-topk K] [--num-nextn-predict-layers M]
+        [--drop-tensor NAME ...] [--dtype float32|bfloat16]
+
+Importable: ``build_tiny_model(out_dir, **options) -> Path``.
+
+Weights are deterministic: every tensor is drawn from its own
+``torch.Generator`` seeded from ``(seed, tensor name)``, so the same seed gives
+byte-identical files, and the main-model weights do not depend on
+``index_topk`` or on the number of MTP layers (handy for sparse-vs-dense and
+with/without-MTP comparisons). The tokenizer is a byte-level BPE trained in
+code on a fixed corpus (no downloads) and is independent of the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+PAD_TOKEN = "<｜▁pad▁｜>"
+USER_TOKEN = "<｜User｜>"
+ASSISTANT_TOKEN = "<｜Assistant｜>"
+# Order fixes the ids: BOS=0, EOS=1 (as in DeepSeek), PAD=2, User=3, Assistant=4.
+SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
+
+TOKENIZER_VOCAB_TARGET = 1500
+VOCAB_MULTIPLE = 64
+MODEL_MAX_LENGTH = 8192
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' %}" + USER_TOKEN + "{{ message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}" + ASSISTANT_TOKEN
+    + "{{ message['content'] }}{{ eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}" + ASSISTANT_TOKEN + "{%- endif %}"
+)
+
+DEFAULTS = dict(
+    seed=0,
+    num_layers=2,
+    index_topk=64,
+    num_nextn_predict_layers=1,
+    drop_tensor=(),
+    dtype="float32",
+)
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+
+_CORPUS_PARAGRAPHS = """
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Once upon a time there was a small village at the edge of a great forest. The people of the village were
+farmers and weavers, and every morning they walked to the fields while the sun rose over the hills.
+In the evening they gathered around the fire to tell stories about dragons, kings, and clever children.
+Attention is a mechanism that lets a model look back at earlier tokens in a sequence. Sparse attention
+selects only the most relevant tokens, which saves memory and time when the context is very long.
+A lightning indexer scores every previous token and keeps the top k of them for each query.
+Context parallelism splits a long sequence across several devices so that each device stores only a
+part of the key value cache. The devices exchange partial results and combine them with a log sum exp.
+Water boils at one hundred degrees Celsius at sea level. Ice melts when the temperature rises above zero.
+The moon orbits the earth, and the earth orbits the sun. There are eight planets in the solar system.
+Mercury is the closest planet to the sun, and Neptune is the farthest. Jupiter is the largest planet.
+She opened the window and listened to the rain. He wrote a letter to his brother who lived in the city.
+They bought bread, cheese, apples, and milk at the market on Saturday morning before the shops closed.
+Numbers can be written as digits: 0 1 2 3 4 5 6 7 8 9 10 11 12 42 100 256 1024 2048 4096 65536.
+Mathematics studies patterns, structures, and change. Two plus two equals four. Seven times eight is 56.
+Computers store information as bits. A byte has eight bits. Programs are written in languages such as
+Python, C, Rust, and Go. A function takes arguments and returns a value. Errors should never pass silently.
+def add(a, b):
+    return a + b
+for i in range(10):
+    print(i * i)
+if x > 0 and y < 0: result = {"key": [1, 2, 3], "value": None}
+The history of science is full of surprises. Many discoveries happened by accident, when a careful
+observer noticed something strange and asked why. Good questions are often more valuable than answers.
+Music has rhythm, melody, and harmony. The piano, the violin, and the guitar are popular instruments.
+Children learn languages quickly by listening, repeating, and playing games with their friends.
+The library was quiet except for the sound of turning pages. An old clock ticked slowly on the wall.
+Doctors recommend drinking water, sleeping well, eating vegetables, and walking every day.
+Weather forecast: cloudy in the morning, sunny in the afternoon, with a light wind from the west.
+The river flows from the mountains to the sea, carrying sand and stones along its long winding path.
+Birds build nests in spring. Bees collect nectar from flowers and make honey in their hives.
+Trains leave the station every fifteen minutes. Please keep your ticket until the end of the trip.
+What is your name? Where do you live? How old are you? Why is the sky blue? When will we arrive?
+Yes, no, maybe, always, never, sometimes, often, rarely, usually, today, tomorrow, yesterday.
+Hello! Thank you very much. You are welcome. Good morning, good afternoon, good evening, good night.
+Question: What is the capital of France? Answer: The capital of France is Paris.
+Question: How many days are in a week? Answer: There are seven days in a week.
+User: Can you help me write a short poem? Assistant: Of course! Here is a short poem about the sea.
+The engineer measured the latency and throughput of the server under heavy load and wrote a report.
+Memory bandwidth, cache size, and clock speed all influence the performance of modern processors.
+A matrix multiplication combines rows and columns. A vector has a length and a direction.
+Red, orange, yellow, green, blue, indigo, and violet are the colors of the rainbow.
+January, February, March, April, May, June, July, August, September, October, November, December.
+Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday.
+Café, naïve, résumé, jalapeño, Zürich, São Paulo, Kraków, Ελληνικά, Русский, 日本語, 中文, 한국어, 🙂.
+"""
+
+_WORDS = """
+time person year way day thing man world life hand part child eye woman place work week case point
+government company number group problem fact be have do say get make go know take see come think look
+want give use find tell ask seem feel try leave call good new first last long great little own other old
+right big high different small large next early young important few public bad same able to of in for on
+with at by from up about into over after beneath under above the and a that I it not he as you this but
+his they her she or an will my one all would there their what so out if who which go me when can like
+just him people your some could them see other than then now only its also back after two how our well
+even because any these give day most us house garden kitchen window door table chair book paper pen
+river mountain ocean island desert valley forest city village road bridge tower castle market school
+teacher student doctor nurse farmer baker painter writer singer driver pilot sailor soldier scientist
+apple banana cherry grape lemon mango orange peach pear plum potato tomato carrot onion garlic pepper
+dog cat horse cow sheep goat pig chicken duck rabbit mouse lion tiger bear wolf fox deer eagle owl whale
+red green blue yellow black white brown purple pink gray silver golden bright dark warm cold soft hard
+quickly slowly carefully quietly loudly happily sadly gently suddenly finally almost already again
+run walk jump swim fly climb read write sing dance play build break open close begin finish carry hold
+model token layer attention sparse dense index cache memory device kernel tensor vector matrix batch
+sequence context parallel prefill decode sample greedy logits probability gradient weight bias norm
+""".split()
+
+
+def _corpus_lines() -> list[str]:
+    lines = [ln for ln in _CORPUS_PARAGRAPHS.strip("\n").split("\n")]
+    rng = random.Random(1234)  # fixed: the tokenizer does not depend on --seed
+    for _ in range(600):
+        n = rng.randint(4, 14)
+        words = [rng.choice(_WORDS) for _ in range(n)]
+        sent = " ".join(words)
+        lines.append(sent[0].upper() + sent[1:] + rng.choice([".", "!", "?", ",", ";", ":"]))
+    return lines
+
+
+def build_tokenizer():
+    """Train the byte-level BPE tokenizer (deterministic, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_TARGET,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    # Prepend BOS like DeepSeek's tokenizer (add_bos_token=True).
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1",
+        special_tokens=[(BOS_TOKEN, 0)],
+    )
+    return tok
+
+
+def _write_tokenizer_files(out: Path, tok) -> int:
+    tok.save(str(out / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "unk_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    special_tokens_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    _write_json(out / "special_tokens_map.json", special_tokens_map)
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+# --------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------
+
+
+def make_config(
+    vocab_size: int,
+    num_layers: int = 2,
+    index_topk: int = 64,
+    num_nextn_predict_layers: int = 1,
+    dtype: str = "float32",
+) -> dict:
+    return {
+        "architectures": ["DeepseekV32ForCausalLM"],
+        "model_type": "deepseek_v32",
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 64,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 32,
+        "index_n_heads": 16,
+        "index_head_dim": 128,
+        "index_topk": index_topk,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": MODEL_MAX_LENGTH,
+        # transformers>=5 native form; vLLM 0.32 reads rope_parameters["rope_type"].
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "num_nextn_predict_layers": num_nextn_predict_layers,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+
+
+# --------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------
+
+
+def _layer_specs(cfg: dict, prefix: str, moe: bool) -> list[tuple[str, tuple, str, float]]:
+    """(name, shape, kind, scale) for one decoder layer (attention + indexer + mlp)."""
+    H = cfg["hidden_size"]
+    nh = cfg["num_attention_heads"]
+    qk_head = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    kv_lora = cfg["kv_lora_rank"]
+    q_lora = cfg["q_lora_rank"]
+    ih, idim = cfg["index_n_heads"], cfg["index_head_dim"]
+    s: list[tuple[str, tuple, str, float]] = []
+    a = prefix + "self_attn."
+    s += [
+        (prefix + "input_layernorm.weight", (H,), "norm", 0.1),
+        (a + "q_a_proj.weight", (q_lora, H), "linear", 1.0),
+        (a + "q_a_layernorm.weight", (q_lora,), "norm", 0.1),
+        (a + "q_b_proj.weight", (nh * qk_head, q_lora), "linear", 1.0),
+        (a + "kv_a_proj_with_mqa.weight", (kv_lora + cfg["qk_rope_head_dim"], H), "linear", 1.0),
+        (a + "kv_a_layernorm.weight", (kv_lora,), "norm", 0.1),
+        (a + "kv_b_proj.weight", (nh * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), kv_lora), "linear", 1.0),
+        (a + "o_proj.weight", (H, nh * cfg["v_head_dim"]), "linear", 1.0),
+        (a + "indexer.wq_b.weight", (ih * idim, q_lora), "linear", 1.0),
+        (a + "indexer.wk.weight", (idim, H), "linear", 1.0),
+        (a + "indexer.k_norm.weight", (idim,), "norm", 0.1),
+        (a + "indexer.k_norm.bias", (idim,), "normal", 0.1),
+        (a + "indexer.weights_proj.weight", (ih, H), "linear", 1.0),
+        (prefix + "post_attention_layernorm.weight", (H,), "norm", 0.1),
+    ]
+    m = prefix + "mlp."
+    if not moe:
+        inter = cfg["intermediate_size"]
+        s += [
+            (m + "gate_proj.weight", (inter, H), "linear", 1.0),
+            (m + "up_proj.weight", (inter, H), "linear", 1.0),
+            (m + "down_proj.weight", (H, inter), "linear", 1.0),
+        ]
+    else:
+        E, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+        s += [
+            (m + "gate.weight", (E, H), "linear", 1.0),
+            (m + "gate.e_score_correction_bias", (E,), "normal_fp32", 0.05),
+        ]
+        for e in range(E):
+            p = f"{m}experts.{e}."
+            s += [
+                (p + "gate_proj.weight", (inter, H), "linear", 1.0),
+                (p + "up_proj.weight", (inter, H), "linear", 1.0),
+                (p + "down_proj.weight", (H, inter), "linear", 1.0),
+            ]
+        sh = inter * cfg["n_shared_experts"]
+        s += [
+            (m + "shared_experts.gate_proj.weight", (sh, H), "linear", 1.0),
+            (m + "shared_experts.up_proj.weight", (sh, H), "linear", 1.0),
+            (m + "shared_experts.down_proj.weight", (H, sh), "linear", 1.0),
+        ]
+    return s
+
+
+LM_HEAD_GAIN = 4.0
+
+
+def tensor_specs(cfg: dict) -> list[tuple[str, tuple, str, float]]:
+    """All checkpoint tensors in file-generation order: (name, shape, kind, scale)."""
+    V, H = cfg["vocab_size"], cfg["hidden_size"]
+    L = cfg["num_hidden_layers"]
+    specs: list[tuple[str, tuple, str, float]] = [("model.embed_tokens.weight", (V, H), "normal", 1.0)]
+    for i in range(L):
+        specs += _layer_specs(cfg, f"model.layers.{i}.", moe=i >= cfg["first_k_dense_replace"])
+    specs += [
+        ("model.norm.weight", (H,), "norm", 0.1),
+        ("lm_head.weight", (V, H), "linear", LM_HEAD_GAIN),
+    ]
+    for j in range(cfg["num_nextn_predict_layers"]):
+        p = f"model.layers.{L + j}."
+        specs += [
+            # DeepSeek-V3 checkpoints carry copies of the shared embedding / head per MTP layer.
+            (p + "embed_tokens.weight", (V, H), "copy:model.embed_tokens.weight", 0.0),
+            (p + "enorm.weight", (H,), "norm", 0.1),
+            (p + "hnorm.weight", (H,), "norm", 0.1),
+            (p + "eh_proj.weight", (H, 2 * H), "linear", 1.0),
+            (p + "shared_head.norm.weight", (H,), "norm", 0.1),
+            (p + "shared_head.head.weight", (V, H), "copy:lm_head.weight", 0.0),
+        ]
+        specs += _layer_specs(cfg, p, moe=True)
+    return specs
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed((zlib.crc32(f"{seed}:{name}".encode()) + (seed << 32)) & 0xFFFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def make_weights(
+    cfg: dict, seed: int, dtype: torch.dtype, zero_logit_rows=()
+) -> dict[str, torch.Tensor]:
+    """Random weights; ``lm_head`` rows in ``zero_logit_rows`` are zeroed (logit exactly 0)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, shape, kind, scale in tensor_specs(cfg):
+        if kind.startswith("copy:"):
+            out[name] = out[kind[5:]].clone()
+            continue
+        g = _generator(seed, name)
+        t = torch.randn(shape, generator=g, dtype=torch.float32)
+        if kind == "linear":  # unit-variance outputs for unit-variance inputs, times a gain
+            t = t * (scale / shape[1] ** 0.5)
+        elif kind == "norm":  # weights around 1
+            t = 1.0 + scale * t
+        elif kind in ("normal", "normal_fp32"):
+            t = scale * t
+        else:
+            raise ValueError(kind)
+        if name == "lm_head.weight" and len(zero_logit_rows):
+            t[torch.as_tensor(list(zero_logit_rows), dtype=torch.long)] = 0.0
+        # DeepSeek keeps e_score_correction_bias in fp32 (HF: _keep_in_fp32_modules_strict).
+        out[name] = t.contiguous() if kind == "normal_fp32" else t.to(dtype).contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_tiny_model(
+    out_dir,
+    *,
+    seed: int = 0,
+    num_layers: int = 2,
+    index_topk: int = 64,
+    num_nextn_predict_layers: int = 1,
+    drop_tensor=(),
+    dtype: str = "float32",
+    verbose: bool = False,
+) -> Path:
+    """Write the tiny DeepSeek-V3.2 checkpoint to ``out_dir`` and return its path."""
+    from safetensors.torch import save_file
+
+    if not 2 <= num_layers <= 4:
+        raise ValueError(f"num_layers must be in 2..4, got {num_layers}")
+    if num_nextn_predict_layers < 0:
+        raise ValueError("num_nextn_predict_layers must be >= 0")
+    if index_topk < 1:
+        raise ValueError("index_topk must be >= 1")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}")
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok = build_tokenizer()
+    tok_size = _write_tokenizer_files(out, tok)
+    vocab_size = _round_up(tok_size, VOCAB_MULTIPLE)
+
+    cfg = make_config(vocab_size, num_layers, index_topk, num_nextn_predict_layers, dtype)
+    _write_json(out / "config.json", cfg)
+    _write_json(
+        out / "generation_config.json",
+        # Deliberately no sampling defaults (vLLM applies generation_config defaults).
+        {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2},
+    )
+
+    # Special tokens and vocab padding get an all-zero lm_head row: their logit is
+    # exactly 0 while real tokens reach ~+10, so greedy decoding never emits
+    # EOS/BOS/PAD/chat markers or ids the tokenizer cannot decode (generation
+    # always runs to max_tokens).
+    zero_rows = list(range(len(SPECIAL_TOKENS))) + list(range(tok_size, vocab_size))
+    weights = make_weights(cfg, seed, _DTYPES[dtype], zero_logit_rows=zero_rows)
+    drop = list(drop_tensor or ())
+    unknown = [n for n in drop if n not in weights]
+    if unknown:
+        raise KeyError(f"--drop-tensor names not in checkpoint: {unknown}")
+    for n in drop:
+        del weights[n]
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)
+
+    n_params = sum(t.numel() for t in weights.values())
+    dt = time.perf_counter() - t0
+    if verbose:
+        print(
+            f"tiny DeepSeek-V3.2 -> {out} | params={n_params:,} tensors={len(weights)} "
+            f"| layers={num_layers} mtp={num_nextn_predict_layers} index_topk={index_topk} "
+            f"| vocab={vocab_size} (tokenizer {tok_size}) dtype={dtype} seed={seed} | {dt:.2f}s"
+        )
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    ap.add_argument("--num-layers", type=int, default=DEFAULTS["num_layers"], choices=[2, 3, 4])
+    ap.add_argument("--index-topk", type=int, default=DEFAULTS["index_topk"])
+    ap.add_argument("--num-nextn-predict-layers", type=int, default=DEFAULTS["num_nextn_predict_layers"])
+    ap.add_argument("--drop-tensor", action="extend", nargs="+", default=[], metavar="NAME",
+                    help="omit these exact tensor names (space-separated and/or repeated flag)")
+    ap.add_argument("--dtype", choices=list(_DTYPES), default=DEFAULTS["dtype"])
+    a = ap.parse_args(argv)
+    build_tiny_model(
+        a.out_dir,
+        seed=a.seed,
+        num_layers=a.num_layers,
+        index_topk=a.index_topk,
+        num_nextn_predict_layers=a.num_nextn_predict_layers,
+        drop_tensor=a.drop_tensor,
+        dtype=a.dtype,
+        verbose=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

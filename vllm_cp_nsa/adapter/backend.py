@@ -1,0 +1,210 @@
+"""vLLM attention backends for the plugin's NSA layers.
+
+``CpNsaBackend`` is passed explicitly to vLLM's ``MLAAttention`` (so the platform
+selector, which refuses sparse attention on CPU, is never asked). Its builder
+turns vLLM's per-step ``CommonAttentionMetadata`` into the plugin's
+``NsaForwardMetadata`` (split plan included) once per forward. The indexer key
+cache is a second cache-owning layer, ``CpNsaIndexerCache``, whose backend only
+exists so vLLM can group and allocate it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.distributed import get_tp_group
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+    MLAAttentionImpl,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import MLAAttentionSpec, SparseCacheRole
+
+from ..config import CpNsaConfig
+from ..extensions import resolve_split_strategy
+from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
+from ..nsa_attention import NsaForwardMetadata, build_forward_metadata
+
+_KERNEL_BLOCK_SIZES = [MultipleOf(16)]
+
+
+class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    reorder_batch_threshold = None
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
+        tp = get_tp_group()
+        self.cp_size, self.cp_rank = tp.world_size, tp.rank_in_group
+        self.strategy = resolve_split_strategy(options.mode) if self.cp_size > 1 else None
+        self.min_tokens_for_cp = options.min_tokens_for_cp
+        spec = vllm_config.speculative_config
+        self.max_decode_query_len = 1 + ((spec.num_speculative_tokens or 0) if spec else 0)
+        self.block_size = kv_cache_spec.block_size
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> NsaForwardMetadata:
+        cm = common_attn_metadata
+        query_start = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        query_lens = (query_start[1:] - query_start[:-1]).tolist()
+        return build_forward_metadata(
+            query_lens=query_lens,
+            slot_mapping=cm.slot_mapping,
+            block_table=cm.block_table_tensor,
+            block_size=self.block_size,
+            cp_size=self.cp_size,
+            cp_rank=self.cp_rank,
+            strategy=self.strategy,
+            min_tokens_for_cp=self.min_tokens_for_cp,
+            max_decode_query_len=self.max_decode_query_len,
+            device=self.device,
+        )
+
+
+class CpNsaImpl(MLAAttentionImpl[NsaForwardMetadata]):
+    """Holds the layer's static attention parameters for vLLM.
+
+    The NSA computation is driven by ``CpNsaAttention.forward`` (it needs the
+    indexer's top-k and the CP collectives), so vLLM's ``MLAAttention.forward``
+    path, and with it ``forward_mqa``, is never entered.
+    """
+
+    is_sparse: ClassVar[bool] = True
+    supports_dense_mha_prefill = False
+    supports_pcp = False
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                 kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
+                 **mla_args) -> None:
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_lora_rank = mla_args["kv_lora_rank"]
+
+    def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
+        raise RuntimeError(
+            "vllm_cp_nsa runs NSA attention from CpNsaAttention.forward; "
+            "MLAAttention.forward must not be called for its layers"
+        )
+
+
+class CpNsaBackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "bfloat16", "fp8_ds_mla"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CP_NSA_SPARSE_MLA"
+
+    @staticmethod
+    def get_impl_cls():
+        return CpNsaImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return CpNsaMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return _KERNEL_BLOCK_SIZES
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [576]
+
+    @classmethod
+    def is_mla(cls) -> bool:
+        return True
+
+    @classmethod
+    def is_sparse(cls) -> bool:
+        return True
+
+
+class CpNsaIndexerMetadataBuilder(AttentionMetadataBuilder[None]):
+    """The indexer cache needs no metadata of its own: its layer reads the NSA
+    layer's ``NsaForwardMetadata`` (same KV-cache group, same block table)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    reorder_batch_threshold = None
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        return None
+
+
+class CpNsaIndexerBackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CP_NSA_INDEXER"
+
+    @staticmethod
+    def get_impl_cls():
+        raise NotImplementedError("the indexer cache layer has no attention impl")
+
+    @staticmethod
+    def get_builder_cls():
+        return CpNsaIndexerMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return _KERNEL_BLOCK_SIZES
+
+    @classmethod
+    def is_mla(cls) -> bool:
+        return True
+
+
+class CpNsaIndexerCache(nn.Module, AttentionLayerBase):
+    """Cache-owning pseudo-layer for the indexer keys (128 per token).
+
+    ``fp8``: 132 bytes per token (128 fp8 + one fp32 scale, DeepGEMM paged layout);
+    otherwise the keys are kept unquantized in the model dtype.
+    """
+
+    def __init__(self, prefix: str, fp8: bool, dtype: torch.dtype):
+        super().__init__()
+        self.prefix = prefix
+        self.fp8 = fp8
+        self.dtype = torch.uint8 if fp8 else dtype
+        self.head_size = INDEXER_FP8_SLOT_BYTES if fp8 else INDEX_HEAD_DIM
+        self.kv_cache = torch.tensor([])
+        forward_context = get_current_vllm_config().compilation_config.static_forward_context
+        if prefix in forward_context:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        forward_context[prefix] = self
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache.squeeze(1)
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> MLAAttentionSpec:
+        return MLAAttentionSpec(
+            block_size=vllm_config.cache_config.block_size,
+            num_kv_heads=1,
+            max_tp_shards=1,
+            head_size=self.head_size,
+            dtype=self.dtype,
+            cache_role=SparseCacheRole.INDEXER,
+        )
+
+    def get_attn_backend(self) -> type[AttentionBackend]:
+        return CpNsaIndexerBackend

@@ -1,0 +1,358 @@
+"""DeepSeek-V3.2 for vLLM with the plugin's NSA attention and CP communication.
+
+Reuses vLLM's layers (embedding, linear layers, FusedMoE via ``DeepseekV2MoE``,
+RMSNorm, rotary, logits processor, weight loaders). Attention projections and
+the indexer are replicated on every rank (each rank runs all heads for its own
+rows); dense MLP and MoE stay TP-sharded and are reached through the MoE
+communicator. The residual stream stays local between layers; the model gathers
+the rows back in token order once, after the final norm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import MLAAttention
+from vllm.model_executor.layers.fused_moe import fused_moe_make_expert_params_mapping
+from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP, DeepseekV2MoE, yarn_get_mscale
+from vllm.platforms import current_platform
+from vllm.sequence import IntermediateTensors
+
+from ..communicator import gather_token_rows
+from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
+from ..split_plan import SplitPlan, unsplit_plan
+from .backend import CpNsaBackend, CpNsaIndexerCache
+from .runtime import CpNsaRuntime
+
+logger = logging.getLogger("vllm.cp_nsa")
+
+
+def apply_rope(rotary_emb, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    """Rotate ``q`` [n, H, D] and ``k`` [n, D] -> same shapes.
+
+    Passed to vLLM as contiguous 2-D ``[n, H * D]`` / ``[n, D]``: vLLM 0.32's CPU
+    rotary kernel mis-rotates a 3-D multi-head query next to a one-head key.
+    """
+    num_rows, num_heads, dim = q.shape
+    q2, k2 = rotary_emb(positions, q.reshape(num_rows, num_heads * dim).contiguous(),
+                        k.reshape(num_rows, dim).contiguous())
+    return q2.view(num_rows, num_heads, dim), k2.view(num_rows, dim)
+
+
+class CpNsaIndexer(nn.Module):
+    """Lightning indexer projections (replicated); keys live in ``k_cache``."""
+
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str):
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        quant_config = vllm_config.quant_config
+        self.wq_b = ReplicatedLinear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False,
+                                     quant_config=quant_config, prefix=f"{prefix}.wq_b")
+        self.wk = ReplicatedLinear(config.hidden_size, self.head_dim, bias=False,
+                                   quant_config=None, prefix=f"{prefix}.wk")
+        self.weights_proj = ReplicatedLinear(config.hidden_size, self.n_heads, bias=False,
+                                             quant_config=None, prefix=f"{prefix}.weights_proj")
+        self.k_norm = LayerNorm(self.head_dim, eps=1e-6, dtype=torch.float32)
+        # The indexer rotates the first rope_dim dims, NeoX style unless the
+        # checkpoint says interleaved (same rule as vLLM's own V3.2 indexer).
+        self.rotary_emb = get_rope(
+            self.rope_dim,
+            max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+            is_neox_style=not getattr(config, "indexer_rope_interleave", False),
+        )
+        self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
+        kv_cache_dtype = vllm_config.cache_config.cache_dtype
+        self.k_cache = CpNsaIndexerCache(
+            prefix=f"{prefix}.k_cache",
+            fp8=kv_cache_dtype == "fp8_ds_mla",
+            dtype=vllm_config.model_config.dtype,
+        )
+
+    def forward(self, x: torch.Tensor, q_c: torch.Tensor, positions: torch.Tensor):
+        """(q [n, Hi, 128] roped, weights [n, Hi] scaled, k [n, 128] roped)."""
+        q = self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(x)[0])
+        q_pe, k_pe = apply_rope(self.rotary_emb, positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
+        q = torch.cat([q_pe, q[..., self.rope_dim :]], dim=-1)
+        k = torch.cat([k_pe, k[:, self.rope_dim :]], dim=-1)
+        weights = self.weights_proj(x)[0].float() * self.weight_scale
+        return q, weights, k
+
+
+class CpNsaAttention(nn.Module):
+    """MLA + lightning indexer + sparse attention, all heads, this rank's rows."""
+
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str, runtime: CpNsaRuntime):
+        super().__init__()
+        self.runtime = runtime
+        quant_config = vllm_config.quant_config
+        self.num_heads = config.num_attention_heads
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.topk = config.index_topk
+        hidden = config.hidden_size
+
+        def linear(name, n_in, n_out, quant=quant_config):
+            return ReplicatedLinear(n_in, n_out, bias=False, quant_config=quant, prefix=f"{prefix}.{name}")
+
+        self.q_a_proj = linear("q_a_proj", hidden, config.q_lora_rank)
+        self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+        self.q_b_proj = linear("q_b_proj", config.q_lora_rank, self.num_heads * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", hidden, self.kv_lora_rank + self.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = linear("kv_b_proj", self.kv_lora_rank,
+                                self.num_heads * (self.qk_nope_head_dim + self.v_head_dim))
+        self.o_proj = linear("o_proj", self.num_heads * self.v_head_dim, hidden)
+
+        rope_parameters = config.rope_parameters
+        self.scaling = self.qk_head_dim**-0.5
+        if rope_parameters["rope_type"] != "default":
+            rope_parameters["rope_type"] = (
+                "deepseek_llama_scaling"
+                if rope_parameters.get("attention_factor") == 1.0
+                else "deepseek_yarn"
+            )
+            if rope_parameters["rope_type"] == "deepseek_yarn":
+                mscale = yarn_get_mscale(rope_parameters["factor"], float(rope_parameters.get("mscale_all_dim", 0)))
+                self.scaling *= mscale * mscale
+        self.rotary_emb = get_rope(self.qk_rope_head_dim, max_position=config.max_position_embeddings,
+                                   rope_parameters=rope_parameters, is_neox_style=False)
+        self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer")
+        self.mla_attn = MLAAttention(
+            num_heads=self.num_heads,
+            scale=self.scaling,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            q_lora_rank=config.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank,
+            kv_b_proj=self.kv_b_proj,
+            cache_config=vllm_config.cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+            attn_backend=CpNsaBackend,
+            use_sparse=True,
+        )
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: NsaForwardMetadata | None) -> torch.Tensor:
+        num_rows = x.shape[0]
+        q_c = self.q_a_layernorm(self.q_a_proj(x)[0])
+        q = self.q_b_proj(q_c)[0].view(num_rows, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv_c, k_pe = self.kv_a_proj_with_mqa(x)[0].split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_c = self.kv_a_layernorm(kv_c.contiguous())
+        q_pe, k_pe = apply_rope(self.rotary_emb, positions, q_pe, k_pe)
+        index_q, index_weights, index_k = self.indexer(x, q_c, positions)
+        latent_cache = self.mla_attn.kv_cache
+        if meta is None or latent_cache.numel() == 0:
+            # Profile / dummy runs carry no batch metadata and no cache.
+            return x.new_zeros(num_rows, x.shape[1])
+        caches = NsaCaches(
+            latent=latent_cache,
+            index=self.indexer.k_cache.kv_cache,
+            kv_cache_dtype=self.mla_attn.kv_cache_dtype,
+            index_fp8=self.indexer.k_cache.fp8,
+        )
+        out = nsa_attention(
+            q_nope=q_nope,
+            q_pe=q_pe,
+            kv_c=kv_c,
+            k_pe=k_pe,
+            index_q=index_q,
+            index_weights=index_weights,
+            index_k=index_k,
+            local_positions=positions,
+            w_uk_t=self.mla_attn.W_UK_T,
+            w_uv=self.mla_attn.W_UV,
+            meta=meta,
+            caches=caches,
+            topk=self.topk,
+            sm_scale=self.scaling,
+            group=self.runtime.group,
+            ops=self.runtime.ops,
+        )
+        return self.o_proj(out.to(x.dtype))[0]
+
+
+class CpNsaDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str, layer_idx: int, runtime: CpNsaRuntime):
+        super().__init__()
+        self.runtime = runtime
+        self.self_attn = CpNsaAttention(vllm_config, config, f"{prefix}.self_attn", runtime)
+        is_moe = config.n_routed_experts is not None and layer_idx >= config.first_k_dense_replace and (
+            layer_idx % getattr(config, "moe_layer_freq", 1) == 0
+        )
+        # reduce_results=False: the MoE communicator does the TP reduction
+        # (all-reduce unsplit, reduce-scatter under CP).
+        if is_moe:
+            self.mlp = DeepseekV2MoE(config=config, parallel_config=vllm_config.parallel_config,
+                                     quant_config=vllm_config.quant_config, reduce_results=False,
+                                     prefix=f"{prefix}.mlp", apply_routed_scale_to_output=True)
+        else:
+            self.mlp = DeepseekV2MLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                                     hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
+                                     reduce_results=False, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions, x, residual, meta: NsaForwardMetadata | None, plan: SplitPlan):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        x = self.runtime.communicator.forward(self.mlp, x, plan, self.runtime.group)
+        return x, residual
+
+
+class CpNsaModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.runtime = CpNsaRuntime.from_vllm_config(
+            vllm_config, torch.device(current_platform.device_type), config.num_attention_heads
+        )
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   quant_config=vllm_config.quant_config,
+                                                   prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            CpNsaDecoderLayer(vllm_config, config, f"{prefix}.layers.{i}", i, self.runtime)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.metadata_layer_name = self.layers[0].self_attn.mla_attn.layer_name
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward_metadata(self) -> NsaForwardMetadata | None:
+        attn_metadata = get_forward_context().attn_metadata
+        if isinstance(attn_metadata, list):  # speculative decoding: [0] is the target's
+            attn_metadata = attn_metadata[0]
+        if not attn_metadata:
+            return None
+        return attn_metadata.get(self.metadata_layer_name)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        num_input_tokens = hidden.shape[0]
+        meta = self.forward_metadata()
+        group = self.runtime.group
+        if meta is not None:
+            plan = meta.plan
+        else:
+            plan = unsplit_plan(num_input_tokens, group.world_size, group.rank, "no batch metadata")
+        x = plan.take_local(hidden[: plan.num_tokens])
+        local_positions = plan.take_local(positions[: plan.num_tokens])
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(local_positions, x, residual, meta, plan)
+        x, _ = self.norm(x, residual)
+        out = gather_token_rows(x, plan, group)
+        if out.shape[0] < num_input_tokens:  # rows vLLM padded past the real tokens
+            out = torch.cat([out, out.new_zeros(num_input_tokens - out.shape[0], out.shape[1])])
+        return out
+
+
+class CpNsaDeepseekV32ForCausalLM(nn.Module):
+    """Registered over ``DeepseekV32ForCausalLM``."""
+
+    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.model = CpNsaModel(vllm_config=vllm_config, prefix=_join(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      quant_config=vllm_config.quant_config, prefix=_join(prefix, "lm_head"))
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_deepseek_v32_weights(self, weights, self.config)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def load_deepseek_v32_weights(module: nn.Module, weights, config) -> set[str]:
+    """Load HF-format DeepSeek-V3.2 tensors (real names) into ``module``.
+
+    Dense / shared-expert ``gate_proj``+``up_proj`` are stacked into vLLM's
+    ``gate_up_proj``; routed experts go through FusedMoE's expert mapping; MTP
+    layers (index >= num_hidden_layers) belong to the draft model and are skipped.
+    """
+    stacked = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
+    expert_mapping = fused_moe_make_expert_params_mapping(
+        module, ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=config.n_routed_experts,
+    )
+    params = dict(module.named_parameters())
+    loaded: set[str] = set()
+    num_layers = config.num_hidden_layers
+    for name, tensor in weights:
+        if _layer_index(name) is not None and _layer_index(name) >= num_layers:
+            continue
+        if ".mlp.experts." in name:
+            for param_name, weight_name, expert_id, shard_id in expert_mapping:
+                if weight_name not in name:
+                    continue
+                target = name.replace(weight_name, param_name)
+                param = params[target]
+                if param.weight_loader(param, tensor, target, shard_id=shard_id,
+                                       expert_id=expert_id, return_success=True):
+                    loaded.add(target)
+                    break
+            continue
+        for param_name, weight_name, shard_id in stacked:
+            if weight_name in name:
+                target = name.replace(weight_name, param_name)
+                params[target].weight_loader(params[target], tensor, shard_id)
+                loaded.add(target)
+                break
+        else:
+            if name not in params:
+                raise ValueError(f"vllm_cp_nsa: checkpoint tensor '{name}' has no matching parameter")
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+    return loaded
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
+        return int(parts[2])
+    return None

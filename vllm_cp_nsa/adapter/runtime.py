@@ -1,0 +1,79 @@
+"""Per-process plugin state resolved from the vLLM config: options, the CP group,
+the split strategy, the MoE communicator and the kernel provider."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tp_group
+
+from ..communicator import CpGroup, MoeCommunicator
+from ..config import CpNsaConfig
+from ..extensions import resolve_kernel_provider, resolve_moe_communicator, resolve_split_strategy
+from ..split_plan import SplitStrategy
+
+logger = logging.getLogger("vllm.cp_nsa")
+
+
+class VllmTpGroup:
+    """``CpGroup`` over vLLM's tensor-parallel ``GroupCoordinator`` (the CP group)."""
+
+    def __init__(self, coordinator):
+        self.coordinator = coordinator
+        self.world_size = coordinator.world_size
+        self.rank = coordinator.rank_in_group
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coordinator.all_gather(x.contiguous(), dim=0)
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coordinator.reduce_scatter(x.contiguous(), dim=0)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coordinator.all_reduce(x)
+
+    def all_to_all(self, x, output_split_sizes, input_split_sizes):
+        out = x.new_empty((sum(output_split_sizes), *x.shape[1:]))
+        dist.all_to_all_single(
+            out, x.contiguous(), output_split_sizes, input_split_sizes,
+            group=self.coordinator.device_group,
+        )
+        return out
+
+
+def expert_all_to_all_configured(vllm_config: VllmConfig) -> bool:
+    parallel = vllm_config.parallel_config
+    return bool(parallel.enable_expert_parallel) and parallel.all2all_backend not in (
+        "allgather_reducescatter",
+        "passthrough",
+    )
+
+
+@dataclass
+class CpNsaRuntime:
+    options: CpNsaConfig
+    group: CpGroup
+    strategy: SplitStrategy | None
+    communicator: MoeCommunicator
+    ops: object
+    max_decode_query_len: int
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: VllmConfig, device: torch.device, num_heads: int) -> "CpNsaRuntime":
+        options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
+        group = VllmTpGroup(get_tp_group())
+        strategy = resolve_split_strategy(options.mode) if group.world_size > 1 else None
+        communicator = resolve_moe_communicator(
+            options.moe, expert_all_to_all_configured(vllm_config)
+        )
+        ops = resolve_kernel_provider(
+            options.kernels, device, vllm_config.model_config.dtype, num_heads
+        )
+        spec = vllm_config.speculative_config
+        num_spec = spec.num_speculative_tokens if spec is not None else 0
+        return cls(options, group, strategy, communicator, ops, 1 + (num_spec or 0))

@@ -1,0 +1,24 @@
+"""The plugin's own extensions, registered as ordinary pluggy hook implementations."""
+
+from __future__ import annotations
+
+from .communicator import FullMoeCommunicator, ScatteredMoeCommunicator
+from .hookspecs import hookimpl
+from .split_plan import InSeqSplit, RoundRobinSplit
+
+
+@hookimpl
+def cp_nsa_split_strategies() -> list:
+    return [RoundRobinSplit(), InSeqSplit()]
+
+
+@hookimpl
+def cp_nsa_moe_communicators() -> list:
+    return [FullMoeCommunicator(), ScatteredMoeCommunicator()]
+
+
+@hookimpl
+def cp_nsa_kernel_providers() -> list:
+    from .kernels.dispatch import builtin_providers
+
+    return builtin_providers()

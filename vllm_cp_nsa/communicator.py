@@ -1,0 +1,130 @@
+"""CP collectives and the MoE communicators (vLLM-free).
+
+``CpGroup`` is the small collective surface the core needs. The adapter wraps
+vLLM's TP ``GroupCoordinator`` in it; tests and GPU benchmarks wrap a
+``torch.distributed`` process group (``TorchDistGroup``).
+
+MoE communicators move the residual-stream rows between the attention layout
+(each rank holds its ``SplitPlan`` rows) and the MoE / dense-MLP layout:
+
+- ``full``: all-gather local rows (rank-major) -> the TP-sharded MLP *without* its
+  all-reduce -> reduce-scatter, which both sums the TP partials and hands each
+  rank back exactly the rows it contributed (MoE is per-token, so rank-major
+  order needs no re-ordering).
+- ``scattered``: local rows go straight into an expert-parallel MLP that does its
+  own all-to-all dispatch (DeepEP-style); no gather here.
+
+Unsplit batches take the plain TP path in both: MLP then all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from .split_plan import SplitPlan
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class CpGroup(Protocol):
+    world_size: int
+    rank: int
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Equal-size dim-0 all-gather, rank-major: ``[world * n, ...]``."""
+        ...
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, keep this rank's dim-0 chunk: ``[n / world, ...]``."""
+        ...
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def all_to_all(
+        self, x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int]
+    ) -> torch.Tensor: ...
+
+
+class TorchDistGroup:
+    """``CpGroup`` over a ``torch.distributed`` process group (gloo or NCCL)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x, group=self.group)
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
+        _reduce_scatter_single(out, x, group=self.group)
+        return out
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_to_all(
+        self, x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int]
+    ) -> torch.Tensor:
+        out = x.new_empty((sum(output_split_sizes), *x.shape[1:]))
+        dist.all_to_all_single(
+            out, x.contiguous(), output_split_sizes, input_split_sizes, group=self.group
+        )
+        return out
+
+
+def gather_token_rows(x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
+    """Every rank's local rows back in token order: ``[T, ...]`` on every rank."""
+    if not plan.is_split:
+        return x_local[: plan.num_tokens]
+    return plan.restore_token_order(group.all_gather(x_local))
+
+
+MlpFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class MoeCommunicator(Protocol):
+    name: str
+
+    def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
+        """Run ``mlp`` for this rank's rows and return complete outputs for them."""
+        ...
+
+
+class FullMoeCommunicator:
+    """All-gather -> MLP without its all-reduce -> reduce-scatter (fused-MoE layout).
+
+    ``mlp`` returns this rank's TP partial sums (its all-reduce removed).
+    """
+
+    name = "full"
+
+    def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
+        if not plan.is_split or group.world_size == 1:
+            out = mlp(x_local)
+            return group.all_reduce(out) if group.world_size > 1 else out
+        gathered = group.all_gather(x_local)
+        return group.reduce_scatter(mlp(gathered))
+
+
+class ScatteredMoeCommunicator:
+    """Local rows go straight into an expert-parallel MLP (it owns its all-to-all).
+
+    ``mlp`` must return complete (reduced) outputs for exactly the rows it gets;
+    unsplit batches hold the same rows on every rank and take the same path.
+    """
+
+    name = "scattered"
+
+    def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
+        return mlp(x_local)

@@ -1,0 +1,81 @@
+"""The plugin's user configuration: ``--additional-config '{"cp_nsa": {...}}'``.
+
+A leaf module (no vLLM import): parsed from the plain dict vLLM carries in
+``VllmConfig.additional_config`` so every process reads the same options.
+Names of strategies, MoE communicators and kernel providers are checked against
+the pluggy registries when the plugin resolves them (see ``extensions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+CONFIG_KEY = "cp_nsa"
+
+MODES_BUILTIN = ("off", "round-robin-split", "in-seq-split")
+MOE_CHOICES_BUILTIN = ("auto", "full", "scattered")
+KERNEL_CHOICES_BUILTIN = ("auto", "torch", "triton")
+
+
+class CpNsaConfigError(ValueError):
+    """Bad ``cp_nsa`` configuration; the message names the key and allowed values."""
+
+
+@dataclass(frozen=True)
+class CpNsaConfig:
+    mode: str = "off"
+    """Token split for attention: ``off``, ``round-robin-split``, ``in-seq-split``
+    or a strategy registered by an extension."""
+    moe: str = "auto"
+    """MoE communicator under CP: ``auto``, ``full``, ``scattered`` or an extension's."""
+    kernels: str = "auto"
+    """Kernel provider: ``auto``, ``torch``, ``triton`` or an extension's."""
+    min_tokens_for_cp: int = 0
+    """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "CpNsaConfig":
+        """Parse ``additional_config[CONFIG_KEY]``; absent means all defaults."""
+        if additional_config is None:
+            return cls()
+        if not isinstance(additional_config, Mapping):
+            return cls()
+        raw = additional_config.get(CONFIG_KEY)
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise CpNsaConfigError(
+                f"additional_config['{CONFIG_KEY}'] must be a JSON object, got "
+                f"{type(raw).__name__}: {raw!r}"
+            )
+        allowed = [f.name for f in fields(cls)]
+        for key in raw:
+            if key not in allowed:
+                raise CpNsaConfigError(
+                    f"additional_config['{CONFIG_KEY}']: unknown key '{key}'; "
+                    f"allowed keys: {', '.join(allowed)}"
+                )
+        values = dict(raw)
+        for key in ("mode", "moe", "kernels"):
+            if key in values and not isinstance(values[key], str):
+                raise CpNsaConfigError(
+                    f"additional_config['{CONFIG_KEY}']['{key}'] must be a string, "
+                    f"got {values[key]!r}"
+                )
+        min_tokens = values.get("min_tokens_for_cp", 0)
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+            raise CpNsaConfigError(
+                f"additional_config['{CONFIG_KEY}']['min_tokens_for_cp'] must be a "
+                f"non-negative integer, got {min_tokens!r}"
+            )
+        return cls(**values)
+
+    def check_choice(self, key: str, registered: list[str]) -> None:
+        """Fail with the registered names when ``key``'s value is not one of them."""
+        value = getattr(self, key)
+        if value not in registered:
+            raise CpNsaConfigError(
+                f"additional_config['{CONFIG_KEY}']['{key}'] = '{value}' is not "
+                f"registered; allowed values: {', '.join(registered)}"
+            )

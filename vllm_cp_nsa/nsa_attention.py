@@ -1,0 +1,173 @@
+"""NSA attention under CP for one layer, on this rank's rows (vLLM-free).
+
+Per layer, given the projections of this rank's rows:
+1. all-gather the new latent (512 + 64) and indexer key (128) rows, restore token
+   order, write every real token into this rank's full caches;
+2. indexer top-k for the local queries over their request's keys ``[0, pos]``;
+3. sparse MLA (absorbed MQA form, 576/512) over the selected slots, then W_UV.
+Only the rows of step 1 cross ranks; queries, top-k and outputs stay local.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .communicator import CpGroup, gather_token_rows
+from .kernels.attention_ref import slots_from_positions
+from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM
+from .split_plan import SplitPlan, SplitStrategy, build_split_plan
+
+
+@dataclass(frozen=True)
+class NsaForwardMetadata:
+    """Everything a layer needs about the batch; built once per forward."""
+
+    plan: SplitPlan
+    slot_mapping: torch.Tensor
+    """[T] cache slot of every real token (token order); -1 writes nothing."""
+    block_table: torch.Tensor
+    """[num_reqs, max_blocks] int32."""
+    block_size: int
+    local_req: torch.Tensor
+    """[rows_per_rank] request of each local row, -1 for padding rows."""
+    use_decode_kernel: bool
+    """Every request has at most ``1 + num_speculative_tokens`` query tokens
+    (decode / target-verify): run the decode attention path."""
+
+    @property
+    def num_local_rows(self) -> int:
+        return self.local_req.shape[0]
+
+
+def build_forward_metadata(
+    query_lens: Sequence[int],
+    slot_mapping: torch.Tensor,
+    block_table: torch.Tensor,
+    block_size: int,
+    cp_size: int,
+    cp_rank: int,
+    strategy: SplitStrategy | None,
+    min_tokens_for_cp: int,
+    max_decode_query_len: int,
+    device: torch.device | str,
+) -> NsaForwardMetadata:
+    plan = build_split_plan(query_lens, cp_size, cp_rank, strategy, min_tokens_for_cp)
+    num_reqs = len(query_lens)
+    token_req = torch.repeat_interleave(
+        torch.arange(num_reqs), torch.as_tensor(list(query_lens), dtype=torch.long)
+    )
+    idx = plan.local_token_idx
+    local_req = torch.where(idx >= 0, token_req[idx.clamp(min=0)], -1) if plan.num_tokens else idx
+    use_decode = num_reqs > 0 and max(query_lens) <= max_decode_query_len
+    return NsaForwardMetadata(
+        plan=plan.to(device),
+        slot_mapping=slot_mapping[: plan.num_tokens].long(),
+        block_table=block_table[:num_reqs],
+        block_size=block_size,
+        local_req=local_req.to(device),
+        use_decode_kernel=use_decode,
+    )
+
+
+@dataclass(frozen=True)
+class NsaCaches:
+    latent: torch.Tensor
+    """[num_blocks, block_size, 576] (model dtype) or [.., 656] uint8 (fp8_ds_mla)."""
+    index: torch.Tensor
+    """[num_blocks, block_size, 128] (model dtype) or [num_blocks, block_size * 132] uint8."""
+    kv_cache_dtype: str
+    index_fp8: bool
+
+
+def write_new_tokens(
+    kv_c: torch.Tensor,
+    k_pe: torch.Tensor,
+    index_k: torch.Tensor,
+    meta: NsaForwardMetadata,
+    caches: NsaCaches,
+    group: CpGroup,
+    ops,
+) -> None:
+    """Gather every rank's new latent / indexer-key rows and write all real tokens."""
+    packed = torch.cat([kv_c, k_pe, index_k.to(kv_c.dtype)], dim=-1)
+    rows = gather_token_rows(packed, meta.plan, group)
+    latent, rope, key = rows.split([LATENT_DIM, ROPE_DIM, INDEX_HEAD_DIM], dim=-1)
+    ops.write_latent_cache(caches.latent, latent, rope, meta.slot_mapping, caches.kv_cache_dtype)
+    ops.write_indexer_cache(caches.index, key, meta.slot_mapping, meta.block_size, caches.index_fp8)
+
+
+def select_topk_slots(
+    index_q: torch.Tensor,
+    index_weights: torch.Tensor,
+    local_positions: torch.Tensor,
+    meta: NsaForwardMetadata,
+    caches: NsaCaches,
+    topk: int,
+    ops,
+) -> torch.Tensor:
+    """[rows, topk] cache slots each local query attends to (-1 padded)."""
+    has_req = meta.local_req >= 0
+    kv_len = torch.where(has_req, local_positions.long() + 1, torch.zeros_like(local_positions, dtype=torch.long))
+    positions = ops.indexer_topk(
+        index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
+        topk, meta.block_size, caches.index_fp8,
+    )
+    rows_block_table = meta.block_table[meta.local_req.clamp(min=0)]
+    return slots_from_positions(rows_block_table, positions, meta.block_size).to(torch.int32)
+
+
+def sparse_attention(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    topk_slots: torch.Tensor,
+    meta: NsaForwardMetadata,
+    caches: NsaCaches,
+    sm_scale: float,
+    ops,
+) -> torch.Tensor:
+    """[rows, H, 512] sparse MLA output (decode kernel for decode / verify batches)."""
+    q = torch.cat([q_latent, q_pe], dim=-1)
+    if meta.use_decode_kernel:
+        out, _ = ops.sparse_mla_decode(
+            q.unsqueeze(1), caches.latent, topk_slots.unsqueeze(1), sm_scale, LATENT_DIM,
+            caches.kv_cache_dtype,
+        )
+        return out.squeeze(1)
+    out, _ = ops.sparse_mla_prefill(q, caches.latent, topk_slots, sm_scale, LATENT_DIM, caches.kv_cache_dtype)
+    return out
+
+
+def nsa_attention(
+    *,
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_c: torch.Tensor,
+    k_pe: torch.Tensor,
+    index_q: torch.Tensor,
+    index_weights: torch.Tensor,
+    index_k: torch.Tensor,
+    local_positions: torch.Tensor,
+    w_uk_t: torch.Tensor,
+    w_uv: torch.Tensor,
+    meta: NsaForwardMetadata,
+    caches: NsaCaches,
+    topk: int,
+    sm_scale: float,
+    group: CpGroup,
+    ops,
+) -> torch.Tensor:
+    """One layer of NSA attention for this rank's rows -> ``[rows, H * v_head_dim]``.
+
+    q_nope [n, H, P], q_pe [n, H, 64], kv_c [n, 512], k_pe [n, 64] (roped),
+    index_q [n, Hi, 128] (roped), index_weights [n, Hi] (all scales folded),
+    index_k [n, 128] (roped); w_uk_t [H, P, 512], w_uv [H, 512, V].
+    """
+    write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
+    topk_slots = select_topk_slots(index_q, index_weights, local_positions, meta, caches, topk, ops)
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk_t).transpose(0, 1)  # [n, H, 512]
+    out = sparse_attention(q_latent, q_pe, topk_slots, meta, caches, sm_scale, ops)
+    values = torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv).transpose(0, 1)  # [n, H, V]
+    return values.reshape(values.shape[0], -1)

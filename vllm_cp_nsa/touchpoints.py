@@ -1,0 +1,110 @@
+"""Every vLLM symbol the plugin depends on, and the vLLM version it was checked against.
+
+A leaf: importing this module imports nothing from vLLM. ``check_touchpoints``
+resolves each symbol so a vLLM without one fails at startup naming it;
+``check_vllm_version`` warns once on an untested vLLM. A test keeps this list in
+sync with the adapter's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger("vllm.cp_nsa")
+
+CHECKED_AGAINST = "0.32.0"
+TESTED_RANGE = ">=0.32.0,<0.33"
+
+
+@dataclass(frozen=True)
+class Touchpoint:
+    module: str
+    symbol: str
+    """Attribute path inside ``module`` (dots for class attributes)."""
+    why: str
+    patched: bool = False
+    """True only for the one place the plugin wraps a vLLM attribute (see plugin.py)."""
+
+
+TOUCHPOINTS: tuple[Touchpoint, ...] = (
+    # registration and configuration
+    Touchpoint("vllm.model_executor.models", "ModelRegistry", "register the V3.2 model class over the architecture"),
+    Touchpoint("vllm.model_executor.models.config", "MODELS_CONFIG_MAP", "config hook keyed on the architecture name"),
+    Touchpoint("vllm.model_executor.models.config", "VerifyAndUpdateConfig", "base class of the config hook"),
+    Touchpoint("vllm.config", "VllmConfig", "additional_config, cache/parallel/scheduler configs"),
+    Touchpoint("vllm.config", "get_current_vllm_config", "register cache layers in static_forward_context"),
+    Touchpoint("vllm.platforms", "current_platform", "device type; CPU platform detection"),
+    Touchpoint("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", "keep chunked prefill / prefix caching for the plugin's V3.2 on CPU", patched=True),
+    # attention backend and caches
+    Touchpoint("vllm.model_executor.layers.attention", "MLAAttention", "cache-owning MLA layer, backend passed explicitly; W_UK_T / W_UV"),
+    Touchpoint("vllm.model_executor.layers.attention_layer_base", "AttentionLayerBase", "indexer key cache pseudo-layer"),
+    Touchpoint("vllm.v1.attention.backend", "AttentionBackend", "backend classes"),
+    Touchpoint("vllm.v1.attention.backend", "AttentionMetadataBuilder", "per-step metadata (split plan)"),
+    Touchpoint("vllm.v1.attention.backend", "AttentionCGSupport", "CUDA-graph support level"),
+    Touchpoint("vllm.v1.attention.backend", "CommonAttentionMetadata", "query_start_loc_cpu, slot_mapping, block_table_tensor"),
+    Touchpoint("vllm.v1.attention.backend", "MLAAttentionImpl", "impl base class"),
+    Touchpoint("vllm.v1.attention.backend", "MultipleOf", "kernel block sizes"),
+    Touchpoint("vllm.v1.kv_cache_interface", "MLAAttentionSpec", "indexer cache spec"),
+    Touchpoint("vllm.v1.kv_cache_interface", "SparseCacheRole", "indexer cache role"),
+    Touchpoint("vllm.forward_context", "get_forward_context", "attention metadata of the current forward"),
+    # distributed
+    Touchpoint("vllm.distributed", "get_tp_group", "the TP group is the CP group"),
+    # model layers
+    Touchpoint("vllm.model_executor.layers.fused_moe", "fused_moe_make_expert_params_mapping", "routed expert weight loading"),
+    Touchpoint("vllm.model_executor.layers.layernorm", "LayerNorm", "indexer k_norm"),
+    Touchpoint("vllm.model_executor.layers.layernorm", "RMSNorm", "norms"),
+    Touchpoint("vllm.model_executor.layers.linear", "ReplicatedLinear", "replicated attention / indexer projections"),
+    Touchpoint("vllm.model_executor.layers.logits_processor", "LogitsProcessor", "logits"),
+    Touchpoint("vllm.model_executor.layers.rotary_embedding", "get_rope", "MLA and indexer rotary"),
+    Touchpoint("vllm.model_executor.layers.vocab_parallel_embedding", "ParallelLMHead", "lm head"),
+    Touchpoint("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding", "embedding"),
+    Touchpoint("vllm.model_executor.model_loader.weight_utils", "default_weight_loader", "plain weight loading"),
+    Touchpoint("vllm.model_executor.models.deepseek_v2", "DeepseekV2MLP", "dense MLP (TP-sharded, no all-reduce)"),
+    Touchpoint("vllm.model_executor.models.deepseek_v2", "DeepseekV2MoE", "FusedMoE + shared experts (TP-sharded, no all-reduce)"),
+    Touchpoint("vllm.model_executor.models.deepseek_v2", "yarn_get_mscale", "yarn softmax scale"),
+    Touchpoint("vllm.sequence", "IntermediateTensors", "model forward signature"),
+)
+
+
+class VllmTouchpointError(RuntimeError):
+    """The installed vLLM lacks a symbol the plugin hooks."""
+
+
+def _installed_vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def check_touchpoints() -> None:
+    for point in TOUCHPOINTS:
+        try:
+            obj = importlib.import_module(point.module)
+            for part in point.symbol.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise VllmTouchpointError(
+                f"vllm_cp_nsa: vLLM {_installed_vllm_version()} has no {point.module}.{point.symbol} "
+                f"(needed to {point.why}); the plugin was checked against vLLM {CHECKED_AGAINST}"
+            ) from exc
+
+
+def check_vllm_version() -> bool:
+    """Warn once when the installed vLLM is outside the tested range; True if inside."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    installed = _installed_vllm_version()
+    try:
+        release = Version(Version(installed).base_version)
+    except InvalidVersion:
+        release = None
+    if release is not None and release in SpecifierSet(TESTED_RANGE):
+        return True
+    logger.warning(
+        "vllm_cp_nsa: vLLM %s is untested; the plugin is tested with vLLM %s (checked against %s)",
+        installed, TESTED_RANGE, CHECKED_AGAINST,
+    )
+    return False
