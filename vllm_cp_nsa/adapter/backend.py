@@ -10,6 +10,8 @@ exists so vLLM can group and allocate it.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import ClassVar
 
 import torch
@@ -34,6 +36,9 @@ from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 from ..nsa_attention import NsaForwardMetadata, build_forward_metadata
 
 _KERNEL_BLOCK_SIZES = [MultipleOf(16)]
+# Set to a path prefix to have every rank append one JSON line per forward with
+# the split decision (``<prefix>.rank<r>``): observability for tests and debugging.
+TRACE_PLANS_ENV = "CP_NSA_TRACE_PLANS"
 
 
 class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
@@ -50,6 +55,8 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         spec = vllm_config.speculative_config
         self.max_decode_query_len = 1 + ((spec.num_speculative_tokens or 0) if spec else 0)
         self.block_size = kv_cache_spec.block_size
+        trace = os.environ.get(TRACE_PLANS_ENV)
+        self.trace_path = f"{trace}.rank{self.cp_rank}" if trace else None
 
     def build(
         self,
@@ -60,7 +67,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         cm = common_attn_metadata
         query_start = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         query_lens = (query_start[1:] - query_start[:-1]).tolist()
-        return build_forward_metadata(
+        meta = build_forward_metadata(
             query_lens=query_lens,
             slot_mapping=cm.slot_mapping,
             block_table=cm.block_table_tensor,
@@ -72,6 +79,15 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
             max_decode_query_len=self.max_decode_query_len,
             device=self.device,
         )
+        if self.trace_path:
+            plan = meta.plan
+            with open(self.trace_path, "a") as f:
+                f.write(json.dumps({
+                    "strategy": plan.strategy, "num_tokens": plan.num_tokens,
+                    "rows_per_rank": plan.rows_per_rank, "skip_reason": plan.skip_reason,
+                    "num_reqs": len(query_lens), "decode_kernel": meta.use_decode_kernel,
+                }) + "\n")
+        return meta
 
 
 class CpNsaImpl(MLAAttentionImpl[NsaForwardMetadata]):

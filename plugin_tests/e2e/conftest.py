@@ -1,0 +1,84 @@
+"""Fixtures for end-to-end tests against the real vLLM engine / server (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "eval"))
+
+from make_tiny_model import build_tiny_model  # noqa: E402
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+
+
+def vllm_env(tp: int = 1, **extra: str) -> dict[str, str]:
+    """The verified vLLM-on-CPU environment (../shared/docs/cpu_setup.md)."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    if tp > 1:
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+class VllmRunFailed(RuntimeError):
+    pass
+
+
+def run_vllm(spec: dict, timeout: int = 900, **env_extra: str) -> dict:
+    """Run one engine configuration in a fresh process; return its RESULT dict."""
+    tp = spec["llm"].get("tensor_parallel_size", 1)
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, env=vllm_env(tp, **env_extra),
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise VllmRunFailed(
+        f"vLLM run failed (rc={proc.returncode}).\n--- stderr tail ---\n{proc.stderr[-6000:]}"
+        f"\n--- stdout tail ---\n{proc.stdout[-2000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "v32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+def mixed_prompts(tokenizer, index_topk: int) -> list[list[int]]:
+    """Eight prompts: some shorter than top-k, some several times longer."""
+    texts = [
+        "Hello, my name is",
+        "a b c",
+        "The capital of France is Paris. " * 3,
+        "The quick brown fox jumps over the lazy dog. " * 10,
+        "Once upon a time there was a tiny model that learned to count. " * 14,
+        "1 2 3 4 5 6 7 8 9 10 " * 25,
+        "Question: what is two plus two? Answer: four. " * 40,
+        "Z",
+    ]
+    prompts = [tokenizer(t).input_ids for t in texts]
+    lengths = sorted(len(p) for p in prompts)
+    assert lengths[0] < index_topk and lengths[-1] > 4 * index_topk, lengths
+    return prompts

@@ -1,0 +1,62 @@
+"""vLLM end to end on CPU with -tp 2: every CP mode generates the same greedy tokens."""
+
+import json
+
+import pytest
+
+from conftest import mixed_prompts, run_vllm
+from hf_oracle import greedy_generate, load_hf_model
+
+pytestmark = pytest.mark.e2e
+
+MAX_TOKENS = 8
+# Smaller than the longest prompts, so chunked prefill splits them across steps.
+MAX_BATCHED_TOKENS = 128
+
+
+def _generate(tiny_model, prompts, cp_nsa: dict, trace_prefix) -> dict:
+    result = run_vllm({
+        "llm": {
+            "model": str(tiny_model), "dtype": "float32", "tensor_parallel_size": 2,
+            "max_model_len": 2048, "enforce_eager": True, "max_num_batched_tokens": MAX_BATCHED_TOKENS,
+            "additional_config": {"cp_nsa": cp_nsa},
+        },
+        "prompts": prompts,
+        "sampling": {"temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True},
+    }, CP_NSA_TRACE_PLANS=str(trace_prefix))
+    result["plans"] = [[json.loads(line) for line in open(f"{trace_prefix}.rank{r}")] for r in range(2)]
+    return result
+
+
+def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_path):
+    prompts = mixed_prompts(tokenizer, index_topk=64)
+    assert max(len(p) for p in prompts) > 3 * MAX_BATCHED_TOKENS
+    configs = {
+        "off": {"mode": "off"},
+        "round-robin-split": {"mode": "round-robin-split"},
+        "in-seq-split": {"mode": "in-seq-split"},
+        # Decode steps (8 tokens) and small chunks run unsplit, large chunks split.
+        "round-robin min_tokens_for_cp=64": {"mode": "round-robin-split", "min_tokens_for_cp": 64},
+    }
+    results = {name: _generate(tiny_model, prompts, cfg, tmp_path / f"plans{i}")
+               for i, (name, cfg) in enumerate(configs.items())}
+    for name, result in results.items():
+        plans = result["plans"]
+        assert plans[0] == plans[1], "both ranks must take the same split decisions"
+        split = [p for p in plans[0] if p["skip_reason"] is None]
+        skipped = [p for p in plans[0] if p["skip_reason"] is not None]
+        if name == "off":
+            assert not split
+        else:
+            assert split and all(p["strategy"] == configs[name]["mode"] for p in split), name
+        if "min_tokens_for_cp" in configs[name]:
+            assert skipped and all(p["num_tokens"] < 64 for p in skipped)
+            assert all(p["num_tokens"] >= 64 for p in split)
+    tokens = {name: [o["token_ids"] for o in r["outputs"]] for name, r in results.items()}
+    assert results["off"]["info"]["enable_chunked_prefill"]
+    hf = load_hf_model(tiny_model)
+    assert tokens["off"] == [greedy_generate(hf, p, MAX_TOKENS) for p in prompts]
+    for name in configs:
+        assert tokens[name] == tokens["off"], name
+    print(f"prompt lengths {[len(p) for p in prompts]}; " + "; ".join(
+        f"{n}: init {r['init_s']:.1f}s generate {r['generate_s']:.1f}s" for n, r in results.items()))

@@ -1,0 +1,53 @@
+"""Run one vLLM ``LLM`` configuration in this (fresh) process and print JSON results.
+
+Tests start it as a subprocess, one per engine configuration, so vLLM's process-wide
+state (distributed groups, HF config registry) never leaks between cases.
+Spec (JSON on argv[1]): {"llm": {...LLM kwargs...}, "prompts": [[ids...], ...],
+"sampling": {...SamplingParams kwargs...}}. Output: the last stdout line,
+``RESULT {"outputs": [{"token_ids": [...], "prompt_logprobs": [...]}], ...}``.
+"""
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    started = time.time()
+    llm = LLM(**spec["llm"])
+    init_s = time.time() - started
+    params = SamplingParams(**spec.get("sampling", {"temperature": 0.0, "max_tokens": 8}))
+    started = time.time()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params)
+    generate_s = time.time() - started
+    result = []
+    for out in outputs:
+        prompt_lp = None
+        if out.prompt_logprobs is not None:
+            prompt_lp = [
+                None if entry is None else entry[tok].logprob
+                for entry, tok in zip(out.prompt_logprobs, out.prompt_token_ids)
+            ]
+        result.append({"token_ids": list(out.outputs[0].token_ids), "prompt_logprobs": prompt_lp})
+    engine = llm.llm_engine
+    info = {
+        "architecture": engine.model_config.architecture,
+        "kv_cache_dtype": engine.vllm_config.cache_config.cache_dtype,
+        "enable_chunked_prefill": engine.vllm_config.scheduler_config.enable_chunked_prefill,
+    }
+    try:  # in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), TP=1
+        model = engine.model_executor.driver_worker.worker.model_runner.model
+        info["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    except AttributeError:
+        pass
+    print("RESULT " + json.dumps({"outputs": result, "init_s": init_s, "generate_s": generate_s, "info": info}),
+          flush=True)
+    os._exit(0)  # skip vLLM's slow interpreter-shutdown hooks
+
+
+if __name__ == "__main__":
+    main()
