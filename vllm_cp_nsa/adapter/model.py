@@ -348,6 +348,11 @@ def load_deepseek_v32_weights(module: nn.Module, weights, config) -> set[str]:
             param = params[name]
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
+    # vLLM only checks unquantized linear layers' weights loosely, so a missing
+    # tensor (e.g. an indexer projection) would silently keep its init values.
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"vllm_cp_nsa: the checkpoint has no tensor for {', '.join(missing)}")
     return loaded
 
 

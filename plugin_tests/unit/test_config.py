@@ -1,0 +1,36 @@
+import pytest
+
+from vllm_cp_nsa.config import CpNsaConfig, CpNsaConfigError
+
+
+def test_absent_config_gives_defaults():
+    for raw in (None, {}, {"other_plugin": {"x": 1}}):
+        assert CpNsaConfig.from_additional_config(raw) == CpNsaConfig()
+    assert CpNsaConfig().mode == "off"
+
+
+def test_values_are_parsed():
+    cfg = CpNsaConfig.from_additional_config(
+        {"cp_nsa": {"mode": "round-robin-split", "moe": "full", "kernels": "torch", "min_tokens_for_cp": 256}}
+    )
+    assert (cfg.mode, cfg.moe, cfg.kernels, cfg.min_tokens_for_cp) == ("round-robin-split", "full", "torch", 256)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"cp_nsa": {"mdoe": "x"}}, "unknown key 'mdoe'; allowed keys: mode, moe, kernels, min_tokens_for_cp"),
+    ({"cp_nsa": "round-robin-split"}, "must be a JSON object"),
+    ({"cp_nsa": {"mode": 3}}, "['mode'] must be a string"),
+    ({"cp_nsa": {"min_tokens_for_cp": -1}}, "must be a non-negative integer"),
+    ({"cp_nsa": {"min_tokens_for_cp": True}}, "must be a non-negative integer"),
+    ({"cp_nsa": {"min_tokens_for_cp": "8"}}, "must be a non-negative integer"),
+])
+def test_malformed_config_names_key_and_allowed_values(raw, expected):
+    with pytest.raises(CpNsaConfigError) as err:
+        CpNsaConfig.from_additional_config(raw)
+    assert expected in str(err.value)
+
+
+def test_check_choice_lists_registered_values():
+    with pytest.raises(CpNsaConfigError, match="allowed values: auto, torch"):
+        CpNsaConfig(kernels="cuda").check_choice("kernels", ["auto", "torch"])
+    CpNsaConfig(kernels="torch").check_choice("kernels", ["auto", "torch"])
