@@ -139,6 +139,8 @@ def sparse_mla(
     valid = (indices >= 0) & (indices < num_slots)
     safe = torch.where(valid, indices, torch.zeros_like(indices))
     selected = gather_latent_rows(kv_cache, safe, kv_cache_dtype)  # [M, K, 576]
+    # Zero what invalid indices read (slot 0 may hold anything, even NaN).
+    selected = selected.masked_fill(~valid[..., None], 0.0)
     scores = torch.einsum("mhd,mkd->mhk", q.float(), selected) * sm_scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row has no valid key

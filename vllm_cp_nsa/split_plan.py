@@ -179,7 +179,7 @@ def build_split_plan(
         return unsplit_plan(num_tokens, cp_size, cp_rank, reason)
     assert strategy is not None
     owned = [t.long() for t in strategy.assign_tokens(query_lens, cp_size)]
-    _check_partition(strategy.name, owned, num_tokens, cp_size)
+    _check_partition(strategy, owned, num_tokens, cp_size)
     rows_per_rank = max(len(t) for t in owned)
     mine = owned[cp_rank]
     local_token_idx = torch.full((rows_per_rank,), PADDING, dtype=torch.long)
@@ -201,11 +201,22 @@ def build_split_plan(
     )
 
 
-def _check_partition(name: str, owned: list[torch.Tensor], num_tokens: int, cp_size: int) -> None:
+def _check_partition(strategy: SplitStrategy, owned: list[torch.Tensor], num_tokens: int,
+                     cp_size: int) -> None:
+    """Reject strategies (possibly third-party) whose assignment the plan cannot use."""
+    name = strategy.name
     if len(owned) != cp_size:
         raise ValueError(f"split strategy '{name}' returned {len(owned)} ranks, expected {cp_size}")
-    counts = torch.bincount(torch.cat(owned), minlength=num_tokens) if num_tokens else None
-    if counts is not None and (len(counts) != num_tokens or not bool((counts == 1).all())):
-        raise ValueError(
-            f"split strategy '{name}' does not assign every token to exactly one rank"
-        )
+    tokens = torch.cat(owned)
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= num_tokens):
+        raise ValueError(f"split strategy '{name}' returned token indices outside [0, {num_tokens})")
+    counts = torch.bincount(tokens, minlength=num_tokens)
+    if len(tokens) != num_tokens or not bool((counts == 1).all()):
+        raise ValueError(f"split strategy '{name}' does not assign every token to exactly one rank")
+    if strategy.interleaved:
+        for rank, mine in enumerate(owned):
+            if not torch.equal(mine, torch.arange(rank, num_tokens, cp_size)):
+                raise ValueError(
+                    f"split strategy '{name}' claims interleaved=True but rank {rank} does not own "
+                    f"exactly the tokens t % {cp_size} == {rank} in ascending order"
+                )
