@@ -40,10 +40,17 @@ def main() -> None:
         "enable_chunked_prefill": engine.vllm_config.scheduler_config.enable_chunked_prefill,
     }
     try:  # in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), TP=1
-        model = engine.model_executor.driver_worker.worker.model_runner.model
-        info["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+        runner = engine.model_executor.driver_worker.worker.model_runner
     except AttributeError:
-        pass
+        runner = None
+    if runner is not None:
+        info["model_class"] = f"{type(runner.model).__module__}.{type(runner.model).__qualname__}"
+        per_token = {}
+        for group in runner.kv_cache_config.kv_cache_groups:
+            specs = getattr(group.kv_cache_spec, "kv_cache_specs", None) or {
+                name: group.kv_cache_spec for name in group.layer_names}
+            per_token.update({name: spec.page_size_bytes / spec.block_size for name, spec in specs.items()})
+        info["kv_bytes_per_token"] = per_token
     print("RESULT " + json.dumps({"outputs": result, "init_s": init_s, "generate_s": generate_s, "info": info}),
           flush=True)
     os._exit(0)  # skip vLLM's slow interpreter-shutdown hooks
