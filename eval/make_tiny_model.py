@@ -404,9 +404,17 @@ def build_tiny_model(
     num_nextn_predict_layers: int = 1,
     drop_tensor=(),
     dtype: str = "float32",
+    mtp_friendly: bool = False,
     verbose: bool = False,
 ) -> Path:
-    """Write the tiny DeepSeek-V3.2 checkpoint to ``out_dir`` and return its path."""
+    """Write the tiny DeepSeek-V3.2 checkpoint to ``out_dir`` and return its path.
+
+    ``mtp_friendly``: shrink every layer's output projections (attention o_proj,
+    MLP / expert down projections) by 10x so the next token depends mostly on the
+    current one, and make the MTP layer's eh_proj pass the next token's embedding
+    through: the random draft then agrees with the target often, so speculative
+    decoding tests exercise accepted and rejected drafts.
+    """
     from safetensors.torch import save_file
 
     if not 2 <= num_layers <= 4:
@@ -440,6 +448,15 @@ def build_tiny_model(
     # always runs to max_tokens).
     zero_rows = list(range(len(SPECIAL_TOKENS))) + list(range(tok_size, vocab_size))
     weights = make_weights(cfg, seed, _DTYPES[dtype], zero_logit_rows=zero_rows)
+    if mtp_friendly:
+        for name, tensor in weights.items():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weights[name] = (tensor.float() * 0.1).to(tensor.dtype)
+            elif name.endswith("eh_proj.weight"):
+                hidden = tensor.shape[0]
+                eh = torch.zeros_like(tensor)
+                eh[:, :hidden] = torch.eye(hidden, dtype=tensor.dtype)
+                weights[name] = eh
     drop = list(drop_tensor or ())
     unknown = [n for n in drop if n not in weights]
     if unknown:
@@ -470,6 +487,8 @@ def main(argv=None) -> None:
     ap.add_argument("--drop-tensor", action="extend", nargs="+", default=[], metavar="NAME",
                     help="omit these exact tensor names (space-separated and/or repeated flag)")
     ap.add_argument("--dtype", choices=list(_DTYPES), default=DEFAULTS["dtype"])
+    ap.add_argument("--mtp-friendly", action="store_true",
+                    help="weak layer outputs + pass-through eh_proj: the MTP draft is often accepted")
     a = ap.parse_args(argv)
     build_tiny_model(
         a.out_dir,
@@ -479,6 +498,7 @@ def main(argv=None) -> None:
         num_nextn_predict_layers=a.num_nextn_predict_layers,
         drop_tensor=a.drop_tensor,
         dtype=a.dtype,
+        mtp_friendly=a.mtp_friendly,
         verbose=True,
     )
 

@@ -53,8 +53,9 @@ def build_forward_metadata(
     min_tokens_for_cp: int,
     max_decode_query_len: int,
     device: torch.device | str,
+    num_input_tokens: int | None = None,
 ) -> NsaForwardMetadata:
-    plan = build_split_plan(query_lens, cp_size, cp_rank, strategy, min_tokens_for_cp)
+    plan = build_split_plan(query_lens, cp_size, cp_rank, strategy, min_tokens_for_cp, num_input_tokens)
     num_reqs = len(query_lens)
     token_req = torch.repeat_interleave(
         torch.arange(num_reqs), torch.as_tensor(list(query_lens), dtype=torch.long)

@@ -11,6 +11,8 @@ logger = logging.getLogger("vllm.cp_nsa")
 
 ARCHITECTURE = "DeepseekV32ForCausalLM"
 MODEL_CLASS = "vllm_cp_nsa.adapter.model:CpNsaDeepseekV32ForCausalLM"
+MTP_ARCHITECTURE = "DeepseekV32MTPModel"
+MTP_CLASS = "vllm_cp_nsa.adapter.mtp:CpNsaDeepseekV32MTP"
 # Set once the version warning was printed, so the engine and worker processes
 # this process starts do not print it again.
 _VERSION_WARNED_ENV = "CP_NSA_VERSION_WARNED"
@@ -36,6 +38,7 @@ def register() -> None:
     from .adapter.config_hook import CpNsaV32ConfigHook
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    ModelRegistry.register_model(MTP_ARCHITECTURE, MTP_CLASS)
     if MODELS_CONFIG_MAP.get(ARCHITECTURE) is not CpNsaV32ConfigHook:
         CpNsaV32ConfigHook.previous = MODELS_CONFIG_MAP.get(ARCHITECTURE)
         MODELS_CONFIG_MAP[ARCHITECTURE] = CpNsaV32ConfigHook

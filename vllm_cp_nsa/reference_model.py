@@ -300,11 +300,15 @@ class LayerStack(nn.Module):
     def forward(self, hidden: torch.Tensor, batch: PagedBatch, caches: Sequence[NsaCaches],
                 group: CpGroup, strategy: SplitStrategy | None, ops, min_tokens_for_cp: int = 0,
                 max_decode_query_len: int = 1) -> torch.Tensor:
-        """Token-ordered ``hidden`` [T, hidden] -> token-ordered output [T, hidden]."""
+        """Token-ordered ``hidden`` [>= T, hidden] -> token-ordered output [T, hidden].
+
+        Rows of ``hidden`` past the batch's T real tokens are input padding (as for a
+        CUDA-graph capture size): the plan treats them as padding rows.
+        """
         meta = build_forward_metadata(
             batch.query_lens, batch.slot_mapping.to(hidden.device), batch.block_table.to(hidden.device),
             batch.block_size, group.world_size, group.rank, strategy, min_tokens_for_cp,
-            max_decode_query_len, hidden.device,
+            max_decode_query_len, hidden.device, num_input_tokens=hidden.shape[0],
         )
         x = meta.plan.take_local(hidden)
         positions = meta.plan.take_local(batch.positions.to(hidden.device))
@@ -315,6 +319,41 @@ class LayerStack(nn.Module):
         return gather_token_rows(out, meta.plan, group)
 
 
+class MtpLayer(nn.Module):
+    """DeepSeek's MTP draft layer: normed token embedding + normed previous hidden
+    -> eh_proj -> one MoE decoder layer. Embeddings, previous hidden states and
+    positions are all split with the draft batch's plan."""
+
+    def __init__(self, dims: Dims, seed: int, group: CpGroup, communicator: MoeCommunicator,
+                 dtype=torch.float32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.enorm = nn.Parameter(torch.ones(dims.hidden, dtype=dtype), requires_grad=False)
+        self.hnorm = nn.Parameter(torch.ones(dims.hidden, dtype=dtype), requires_grad=False)
+        self.eh_proj = nn.Parameter(_param(gen, dims.hidden, 2 * dims.hidden, dtype=dtype), requires_grad=False)
+        self.block = DecoderLayer(dims, gen, moe=True, group=group, communicator=communicator, dtype=dtype)
+        self.final_norm = nn.Parameter(torch.ones(dims.hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, embeds: torch.Tensor, previous_hidden: torch.Tensor, batch: PagedBatch,
+                cache: NsaCaches, group: CpGroup, strategy: SplitStrategy | None, ops,
+                max_decode_query_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (hidden for logits, normed hidden recycled into the next step), token order."""
+        meta = build_forward_metadata(
+            batch.query_lens, batch.slot_mapping.to(embeds.device), batch.block_table.to(embeds.device),
+            batch.block_size, group.world_size, group.rank, strategy, 0, max_decode_query_len,
+            embeds.device, num_input_tokens=embeds.shape[0],
+        )
+        plan = meta.plan
+        positions = plan.take_local(batch.positions.to(embeds.device))
+        e = plan.take_local(embeds).masked_fill((positions == 0)[:, None], 0)
+        x = F.linear(torch.cat([_rms_norm(e, self.enorm), _rms_norm(plan.take_local(previous_hidden), self.hnorm)],
+                               dim=-1), self.eh_proj)
+        x, residual = self.block(x, None, positions, meta, cache, group, ops)
+        hidden = x + residual
+        return (gather_token_rows(hidden, plan, group),
+                gather_token_rows(_rms_norm(hidden, self.final_norm), plan, group))
+
+
 def random_hidden(num_tokens: int, hidden: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(num_tokens, hidden, generator=gen).to(dtype)
@@ -322,5 +361,5 @@ def random_hidden(num_tokens: int, hidden: int, seed: int, dtype=torch.float32) 
 
 __all__ = [
     "Dims", "NsaLayer", "ShardedMlp", "ShardedMoe", "ExpertParallelMoe", "DecoderLayer",
-    "PagedBatch", "make_caches", "LayerStack", "random_hidden",
+    "PagedBatch", "make_caches", "LayerStack", "MtpLayer", "random_hidden",
 ]

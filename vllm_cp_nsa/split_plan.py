@@ -171,8 +171,15 @@ def build_split_plan(
     cp_rank: int,
     strategy: SplitStrategy | None,
     min_tokens_for_cp: int = 0,
+    num_input_tokens: int | None = None,
 ) -> SplitPlan:
-    """Plan for a batch whose requests have ``query_lens`` tokens in flattened order."""
+    """Plan for a batch whose requests have ``query_lens`` tokens in flattened order.
+
+    ``num_input_tokens`` (>= the real tokens) is the row count vLLM hands the model,
+    e.g. padded up to a CUDA-graph capture size; every rank then holds at least
+    ``ceil(num_input_tokens / cp_size)`` rows and the rows past the real tokens
+    are padding (no KV write, no effect on real rows).
+    """
     num_tokens = int(sum(query_lens))
     reason = split_skip_reason(strategy, num_tokens, cp_size, min_tokens_for_cp)
     if reason is not None:
@@ -180,7 +187,7 @@ def build_split_plan(
     assert strategy is not None
     owned = [t.long() for t in strategy.assign_tokens(query_lens, cp_size)]
     _check_partition(strategy, owned, num_tokens, cp_size)
-    rows_per_rank = max(len(t) for t in owned)
+    rows_per_rank = max(max(len(t) for t in owned), -(-(num_input_tokens or 0) // cp_size))
     mine = owned[cp_rank]
     local_token_idx = torch.full((rows_per_rank,), PADDING, dtype=torch.long)
     local_token_idx[: len(mine)] = mine

@@ -18,7 +18,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     started = time.time()
-    llm = LLM(**spec["llm"])
+    llm_kwargs = dict(spec["llm"])
+    if "speculative_config" in llm_kwargs:
+        llm_kwargs.setdefault("disable_log_stats", False)  # for the acceptance counters
+    llm = LLM(**llm_kwargs)
     init_s = time.time() - started
     params = SamplingParams(**spec.get("sampling", {"temperature": 0.0, "max_tokens": 8}))
     started = time.time()
@@ -51,6 +54,10 @@ def main() -> None:
                 name: group.kv_cache_spec for name in group.layer_names}
             per_token.update({name: spec.page_size_bytes / spec.block_size for name, spec in specs.items()})
         info["kv_bytes_per_token"] = per_token
+    if "speculative_config" in llm_kwargs:
+        info["spec_decode"] = {m.name.removeprefix("vllm:spec_decode_num_"): getattr(m, "value", None) or 0
+                               for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode_num")
+                               and hasattr(m, "value")}
     print("RESULT " + json.dumps({"outputs": result, "init_s": init_s, "generate_s": generate_s, "info": info}),
           flush=True)
     os._exit(0)  # skip vLLM's slow interpreter-shutdown hooks

@@ -78,6 +78,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
             min_tokens_for_cp=self.min_tokens_for_cp,
             max_decode_query_len=self.max_decode_query_len,
             device=self.device,
+            num_input_tokens=cm.num_actual_tokens,
         )
         if self.trace_path:
             plan = meta.plan

@@ -20,6 +20,7 @@ from ..extensions import (
     resolve_moe_communicator,
     resolve_split_strategy,
 )
+from ..graph_sizing import cp_capture_sizes
 from .runtime import expert_all_to_all_configured
 
 logger = logging.getLogger("vllm.cp_nsa")
@@ -97,4 +98,31 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
+        if options.mode != "off" and parallel.tensor_parallel_size >= 2:
+            set_cp_capture_sizes(vllm_config)
         logger.info(describe_decision(vllm_config, options))
+
+
+def set_cp_capture_sizes(vllm_config: VllmConfig) -> None:
+    """Capture sizes usable under CP and MTP, set before vLLM computes its own
+    (explicit sizes win there, so vLLM keeps ours); a user's explicit sizes are
+    kept but rounded, with a warning listing every change."""
+    compilation = vllm_config.compilation_config
+    spec = vllm_config.speculative_config
+    requested = compilation.cudagraph_capture_sizes
+    sizes = cp_capture_sizes(
+        cp_size=vllm_config.parallel_config.tensor_parallel_size,
+        num_speculative_tokens=(spec.num_speculative_tokens or 0) if spec is not None else 0,
+        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+        max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+        max_capture_size=compilation.max_cudagraph_capture_size,
+        requested_sizes=list(requested) if requested else None,
+    )
+    if sizes.changes:
+        logger.warning(
+            "vllm_cp_nsa: CUDA-graph capture sizes rounded for CP-%d: %s",
+            vllm_config.parallel_config.tensor_parallel_size,
+            ", ".join(f"{a}->{b if b is not None else 'dropped'}" for a, b in sizes.changes),
+        )
+    compilation.cudagraph_capture_sizes = sizes.sizes
+    compilation.max_cudagraph_capture_size = sizes.max_size

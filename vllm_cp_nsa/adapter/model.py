@@ -246,33 +246,39 @@ class CpNsaModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward_metadata(self) -> NsaForwardMetadata | None:
-        attn_metadata = get_forward_context().attn_metadata
-        if isinstance(attn_metadata, list):  # speculative decoding: [0] is the target's
-            attn_metadata = attn_metadata[0]
-        if not attn_metadata:
-            return None
-        return attn_metadata.get(self.metadata_layer_name)
-
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         num_input_tokens = hidden.shape[0]
-        meta = self.forward_metadata()
         group = self.runtime.group
-        if meta is not None:
-            plan = meta.plan
-        else:
-            plan = unsplit_plan(num_input_tokens, group.world_size, group.rank, "no batch metadata")
+        meta, plan = forward_metadata_for(self.metadata_layer_name, num_input_tokens, group)
         x = plan.take_local(hidden[: plan.num_tokens])
         local_positions = plan.take_local(positions[: plan.num_tokens])
         residual = None
         for layer in self.layers:
             x, residual = layer(local_positions, x, residual, meta, plan)
         x, _ = self.norm(x, residual)
-        out = gather_token_rows(x, plan, group)
-        if out.shape[0] < num_input_tokens:  # rows vLLM padded past the real tokens
-            out = torch.cat([out, out.new_zeros(num_input_tokens - out.shape[0], out.shape[1])])
-        return out
+        return pad_rows(gather_token_rows(x, plan, group), num_input_tokens)
+
+
+def forward_metadata_for(layer_name: str, num_input_tokens: int, group) -> tuple[NsaForwardMetadata | None, SplitPlan]:
+    """This forward's metadata (built once by the backend) and split plan.
+
+    Profile / dummy runs carry no metadata: they run unsplit over all input rows.
+    """
+    attn_metadata = get_forward_context().attn_metadata
+    if isinstance(attn_metadata, list):  # speculative decoding: [0] is the target's
+        attn_metadata = attn_metadata[0]
+    meta = attn_metadata.get(layer_name) if attn_metadata else None
+    if meta is None:
+        return None, unsplit_plan(num_input_tokens, group.world_size, group.rank, "no batch metadata")
+    return meta, meta.plan
+
+
+def pad_rows(x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Zero rows past the real tokens, for inputs vLLM padded."""
+    if x.shape[0] >= num_rows:
+        return x
+    return torch.cat([x, x.new_zeros(num_rows - x.shape[0], *x.shape[1:])])
 
 
 class CpNsaDeepseekV32ForCausalLM(nn.Module):
@@ -300,19 +306,19 @@ class CpNsaDeepseekV32ForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_deepseek_v32_weights(self, weights, self.config)
+        return load_deepseek_v32_weights(self, weights, self.config, self.config.num_hidden_layers)
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def load_deepseek_v32_weights(module: nn.Module, weights, config) -> set[str]:
+def load_deepseek_v32_weights(module: nn.Module, weights, config, num_main_layers: int | None) -> set[str]:
     """Load HF-format DeepSeek-V3.2 tensors (real names) into ``module``.
 
     Dense / shared-expert ``gate_proj``+``up_proj`` are stacked into vLLM's
-    ``gate_up_proj``; routed experts go through FusedMoE's expert mapping; MTP
-    layers (index >= num_hidden_layers) belong to the draft model and are skipped.
+    ``gate_up_proj``; routed experts go through FusedMoE's expert mapping. With
+    ``num_main_layers``, layers past it (the MTP layers, the draft's) are skipped.
     """
     stacked = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
     expert_mapping = fused_moe_make_expert_params_mapping(
@@ -321,9 +327,9 @@ def load_deepseek_v32_weights(module: nn.Module, weights, config) -> set[str]:
     )
     params = dict(module.named_parameters())
     loaded: set[str] = set()
-    num_layers = config.num_hidden_layers
     for name, tensor in weights:
-        if _layer_index(name) is not None and _layer_index(name) >= num_layers:
+        layer = _layer_index(name)
+        if num_main_layers is not None and layer is not None and layer >= num_main_layers:
             continue
         if ".mlp.experts." in name:
             for param_name, weight_name, expert_id, shard_id in expert_mapping:

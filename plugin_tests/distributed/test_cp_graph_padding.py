@@ -1,0 +1,62 @@
+"""Inputs padded up to a CUDA-graph capture size: the split treats the extra rows as
+padding (no KV write, no effect on real rows), on 2-4 gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cp_gloo_harness import num_cache_blocks, paged_batch, rel_err, run_ranks
+from vllm_cp_nsa.communicator import FullMoeCommunicator
+from vllm_cp_nsa.graph_sizing import cp_capture_sizes
+from vllm_cp_nsa.kernels.dispatch import get_ops
+from vllm_cp_nsa.reference_model import Dims, LayerStack, make_caches, random_hidden
+from vllm_cp_nsa.split_plan import RoundRobinSplit, build_split_plan
+
+pytestmark = pytest.mark.distributed
+
+DIMS = Dims(topk=16)
+# Decode / verify batches (1 + k tokens per request) and a mixed one.
+BATCHES = [([3, 3, 3], [20, 7, 40]), ([1] * 5, [9, 3, 30, 12, 1]), ([2, 17, 1], [5, 0, 11])]
+
+
+def _run(group):
+    ops = get_ops("torch")
+    stack = LayerStack(DIMS, 2, 0, group, FullMoeCommunicator())
+    out = []
+    for b, (q, c) in enumerate(BATCHES):
+        num_tokens = sum(q)
+        sizes = cp_capture_sizes(cp_size=group.world_size, num_speculative_tokens=max(q) - 1,
+                                 max_num_seqs=8, max_num_batched_tokens=512).sizes
+        padded = next(s for s in sizes if s >= num_tokens + 1)  # at least one padding row
+        results = {}
+        for name, rows in (("exact", num_tokens), ("padded", padded)):
+            batch = paged_batch(q, c)
+            caches = make_caches(DIMS, 2, num_cache_blocks(batch), batch.block_size, "auto", torch.float32, "cpu")
+            for cache in caches:
+                cache.latent.fill_(7.0)
+                cache.index.fill_(7.0)
+            hidden = random_hidden(num_tokens, DIMS.hidden, seed=b)
+            # vLLM's padding rows: garbage inputs (not zeros) past the real tokens.
+            hidden = torch.cat([hidden, torch.full((rows - num_tokens, DIMS.hidden), 1e3)])
+            result = stack(hidden, batch, caches, group, RoundRobinSplit(), ops)
+            written = torch.cat([(cache.latent != 7.0).view(-1, cache.latent.shape[-1]).any(1).nonzero().flatten()
+                                 for cache in caches])
+            plan = build_split_plan(q, group.world_size, group.rank, RoundRobinSplit(), num_input_tokens=rows)
+            results[name] = dict(out=result, written=written, rows_per_rank=plan.rows_per_rank,
+                                 slots=batch.slot_mapping)
+        out.append((padded, results))
+    return out
+
+
+def test_padded_graph_inputs_are_padding(world):
+    results = run_ranks(_run, world)
+    for rank in range(world):
+        for (padded, r), (q, _) in zip(results[rank], BATCHES):
+            assert padded % world == 0
+            assert r["padded"]["rows_per_rank"] == padded // world
+            assert r["padded"]["out"].shape == (sum(q), DIMS.hidden)
+            assert rel_err(r["padded"]["out"], r["exact"]["out"]) <= 1e-6
+            expected = torch.cat([r["exact"]["slots"]] * 2).sort().values
+            assert torch.equal(r["padded"]["written"].sort().values, expected)
+            assert torch.equal(r["exact"]["written"].sort().values, expected)

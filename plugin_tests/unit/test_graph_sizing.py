@@ -1,0 +1,100 @@
+"""MTP-aware CUDA-graph sizing under CP: the sizing function and its hook."""
+
+import math
+
+import pytest
+
+from vllm_cp_nsa.graph_sizing import cp_capture_sizes
+
+GRID = [(n, k, s) for n in (1, 2, 3, 4, 8) for k in (0, 1, 2, 3) for s in (1, 8, 256)]
+
+
+@pytest.mark.parametrize("cp,k,max_num_seqs", GRID)
+def test_sizes_invariants(cp, k, max_num_seqs):
+    max_batched = 8192
+    sizes = cp_capture_sizes(cp_size=cp, num_speculative_tokens=k, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_batched)
+    q = 1 + k
+    limit = min(max(min(max_num_seqs * q * 2, 512), math.lcm(cp, q)), max_batched)
+    assert sizes.sizes == sorted(set(sizes.sizes)) and sizes.max_size == sizes.sizes[-1]
+    assert all(s % cp == 0 for s in sizes.sizes)
+    assert all(s <= limit for s in sizes.sizes)
+    assert sizes.decode_sizes and set(sizes.decode_sizes) <= set(sizes.sizes)
+    assert all(s % math.lcm(cp, q) == 0 for s in sizes.decode_sizes)
+    # Every uniform decode batch of up to max_num_seqs requests that fits the limit has
+    # a decode size at most one doubling step above it.
+    for reqs in range(1, max_num_seqs + 1):
+        if reqs * q <= limit and reqs * q <= sizes.decode_sizes[-1]:
+            assert any(d >= reqs * q for d in sizes.decode_sizes)
+
+
+@pytest.mark.parametrize("max_batched,max_capture", [(64, None), (4096, 96), (300, 1000)])
+def test_never_above_limits(max_batched, max_capture):
+    for cp in (2, 3, 8):
+        sizes = cp_capture_sizes(cp_size=cp, num_speculative_tokens=2, max_num_seqs=256,
+                                 max_num_batched_tokens=max_batched, max_capture_size=max_capture)
+        limit = min(max_batched, max_capture if max_capture is not None else 512)
+        assert sizes.max_size <= limit and all(s % cp == 0 for s in sizes.sizes)
+
+
+def test_explicit_sizes_are_rounded_and_changes_listed():
+    sizes = cp_capture_sizes(cp_size=4, num_speculative_tokens=1, max_num_seqs=64,
+                             max_num_batched_tokens=2048, max_capture_size=64,
+                             requested_sizes=[1, 4, 6, 8, 63, 64, 100])
+    assert sizes.sizes == [4, 8, 64]
+    assert sizes.changes == [(1, 4), (6, 8), (63, 64), (100, None)]
+    assert sizes.decode_sizes == [4, 8, 64]      # lcm(4, 2) = 4
+    unchanged = cp_capture_sizes(cp_size=2, num_speculative_tokens=0, max_num_seqs=8,
+                                 max_num_batched_tokens=2048, requested_sizes=[2, 4, 8])
+    assert unchanged.sizes == [2, 4, 8] and unchanged.changes == []
+
+
+def test_impossible_limits_fail_clearly():
+    with pytest.raises(ValueError, match="no CUDA-graph capture size"):
+        cp_capture_sizes(cp_size=8, num_speculative_tokens=0, max_num_seqs=1, max_num_batched_tokens=4)
+    with pytest.raises(ValueError, match="no CUDA-graph capture size"):
+        cp_capture_sizes(cp_size=4, num_speculative_tokens=0, max_num_seqs=8, max_num_batched_tokens=512,
+                         max_capture_size=3)
+
+
+def test_hook_on_a_real_vllm_config(tmp_path, caplog):
+    """The engine's own VllmConfig (hook run by vLLM), then vLLM's own size
+    resolution keeps the plugin's sizes (explicit sizes win there)."""
+    import logging
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
+    from make_tiny_model import build_tiny_model
+    from vllm.config import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_cp_nsa.adapter.config_hook import set_cp_capture_sizes
+
+    model = build_tiny_model(tmp_path / "v32", seed=0)
+    args = EngineArgs(model=str(model), tensor_parallel_size=4, max_model_len=1024, max_num_seqs=16,
+                      additional_config={"cp_nsa": {"mode": "round-robin-split"}},
+                      speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    cfg = args.create_engine_config()
+    compilation = cfg.compilation_config
+    # The hook ran inside VllmConfig.__post_init__ (before the CPU platform turned
+    # graphs off): the max size is the plugin's, multiple of lcm(4, 3).
+    assert compilation.max_cudagraph_capture_size == 96
+    # Re-run the hook and vLLM's own resolution as a GPU host would (graphs on).
+    compilation.cudagraph_capture_sizes, compilation.max_cudagraph_capture_size = None, None
+    compilation.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    set_cp_capture_sizes(cfg)
+    ours = list(compilation.cudagraph_capture_sizes)
+    cfg._set_cudagraph_sizes()
+    assert compilation.cudagraph_capture_sizes == ours and compilation.max_cudagraph_capture_size == ours[-1]
+    assert all(s % 4 == 0 for s in ours) and {12, 24, 48, 96} <= set(ours)
+
+    compilation.cudagraph_capture_sizes = [1, 2, 5, 8]
+    plugin_logger = logging.getLogger("vllm.cp_nsa")  # vLLM's logging config stops propagation
+    plugin_logger.addHandler(caplog.handler)
+    try:
+        set_cp_capture_sizes(cfg)
+    finally:
+        plugin_logger.removeHandler(caplog.handler)
+    assert compilation.cudagraph_capture_sizes == [4, 8]
+    assert "1->4, 2->4, 5->8" in caplog.text
