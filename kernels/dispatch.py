@@ -1,8 +1,15 @@
-"""Kernel providers: the op set the NSA attention path calls, by implementation.
+"""Op dispatcher: one small object per kernel provider.
 
-``NsaOps`` is the interface; ``torch`` (the references) runs everywhere,
-``triton`` on CUDA devices. ``get_ops(name)`` picks one; ``builtin_providers()``
-lists the instances the plugin registers as pluggy hook implementations.
+``get_ops(name="auto", device=None) -> NsaOps``:
+- ``"torch"``: the references (:mod:`attention_ref`, :mod:`kv_cache_ref`); any device;
+- ``"triton"``: the Triton kernels of this package; CUDA devices (or any device while
+  ``TRITON_INTERPRET=1``, which is how CI tests them on CPU);
+- ``"auto"``: ``triton`` on a CUDA device when triton imports, ``torch`` otherwise.
+
+Every provider exposes the same five ops with the references' semantics, a ``name`` and a
+capability check ``supports(device, dtype, num_heads)``. Triton is imported lazily, so this
+module (and the package) import without it. The provider classes are deliberately small so
+they can later be wrapped as pluggy hook implementations.
 """
 
 from __future__ import annotations
@@ -11,47 +18,204 @@ import torch
 
 from . import attention_ref, kv_cache_ref
 
+PROVIDERS: tuple[str, ...] = ("torch", "triton")
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
 
 class NsaOps:
-    """Torch reference provider (also the base class: one method per op)."""
+    """Torch reference provider, also the interface: one method per op."""
 
-    name = "torch"
-    priority = 0
+    name: str = "torch"
+    priority: int = 0
 
-    def supports(self, device, dtype, num_heads: int) -> bool:
-        return True
+    def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
+        """Capability check; ``dtype=None`` / ``num_heads=0`` mean "any"."""
+        return dtype is None or dtype in _FLOAT_DTYPES
 
-    def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len,
-                     topk, block_size, index_cache_fp8):
+    # 1. indexer scores + top-k over the paged indexer cache
+    def indexer_topk(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        index_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        row_req: torch.Tensor,
+        row_kv_len: torch.Tensor,
+        topk: int,
+        block_size: int,
+        index_cache_fp8: bool,
+    ) -> torch.Tensor:
         return attention_ref.indexer_topk_paged(
             q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
             index_cache_fp8,
-        )
+        )  # fmt: skip
 
-    def sparse_mla_prefill(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+    # 2. sparse MLA, prefill rows [M, H, 576] / indices [M, K]
+    def sparse_mla_prefill(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        indices: torch.Tensor,
+        sm_scale: float,
+        d_v: int = 512,
+        kv_cache_dtype: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return attention_ref.sparse_mla(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
 
-    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
-        batch, rows = q.shape[:2]
-        out, lse = attention_ref.sparse_mla(
-            q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale, d_v, kv_cache_dtype
-        )
-        return out.view(batch, rows, *out.shape[1:]), lse.view(batch, rows, -1)
+    # 3. sparse MLA, decode / verify rows [B, S, H, 576] / indices [B, S, K]
+    def sparse_mla_decode(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        indices: torch.Tensor,
+        sm_scale: float,
+        d_v: int = 512,
+        kv_cache_dtype: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, h, d = q.shape
+        out, lse = self.sparse_mla_prefill(
+            q.reshape(b * s, h, d), kv_cache, indices.reshape(b * s, -1), sm_scale, d_v,
+            kv_cache_dtype,
+        )  # fmt: skip
+        return out.view(b, s, h, -1), lse.view(b, s, h)
 
-    def write_latent_cache(self, cache, kv_c, k_pe, slot_mapping, kv_cache_dtype):
+    # 4. latent cache write (656-byte fp8_ds_mla rows or plain rows)
+    def write_latent_cache(
+        self,
+        cache: torch.Tensor,
+        kv_c: torch.Tensor,
+        k_pe: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache_dtype: str,
+    ) -> None:
         kv_cache_ref.write_latent_cache(cache, kv_c, k_pe, slot_mapping, kv_cache_dtype)
 
-    def write_indexer_cache(self, cache, k, slot_mapping, block_size, fp8):
+    # 5. indexer key cache write (132-byte fp8 layout or plain rows)
+    def write_indexer_cache(
+        self,
+        cache: torch.Tensor,
+        k: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        fp8: bool,
+    ) -> None:
         kv_cache_ref.write_indexer_cache(cache, k, slot_mapping, block_size, fp8)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+TorchOps = NsaOps
+
+
+class TritonOps(NsaOps):
+    """Triton kernels. ``supports`` is true on CUDA devices only; the CPU interpreter
+    (``TRITON_INTERPRET=1``) is a test mode reached through ``get_ops("triton", cpu)``."""
+
+    name = "triton"
+    priority = 10
+
+    def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
+        if device is None or torch.device(device).type != "cuda":
+            return False
+        if not (torch.cuda.is_available() and _triton_importable()):
+            return False
+        return super().supports(device, dtype, num_heads)
+
+    def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
+                     block_size, index_cache_fp8, **kw):  # fmt: skip
+        from .indexer_topk import indexer_topk
+
+        return indexer_topk(
+            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
+            index_cache_fp8, **kw,
+        )  # fmt: skip
+
+    def sparse_mla_prefill(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+        from .sparse_mla import sparse_mla_prefill
+
+        return sparse_mla_prefill(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+
+    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+        from .sparse_mla import sparse_mla_decode
+
+        return sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+
+    def write_latent_cache(self, cache, kv_c, k_pe, slot_mapping, kv_cache_dtype) -> None:
+        from .kv_cache import write_latent_cache
+
+        write_latent_cache(cache, kv_c, k_pe, slot_mapping, kv_cache_dtype)
+
+    def write_indexer_cache(self, cache, k, slot_mapping, block_size, fp8) -> None:
+        from .kv_cache import write_indexer_cache
+
+        write_indexer_cache(cache, k, slot_mapping, block_size, fp8)
 
 
 def builtin_providers() -> list[NsaOps]:
-    return [NsaOps()]
+    """The provider instances the plugin registers (as pluggy hook implementations)."""
+    return [_instance("torch"), _instance("triton")]
+
+
+_INSTANCES: dict[str, NsaOps] = {}
+_CLASSES: dict[str, type[NsaOps]] = {"torch": NsaOps, "triton": TritonOps}
+
+
+def _instance(name: str) -> NsaOps:
+    ops = _INSTANCES.get(name)
+    if ops is None:
+        ops = _INSTANCES[name] = _CLASSES[name]()
+    return ops
+
+
+def available_providers(device: torch.device | str | None = None) -> list[str]:
+    """Registered provider names; with ``device``, those whose ``supports`` accepts it."""
+    if device is None:
+        return list(PROVIDERS)
+    return [n for n in PROVIDERS if _instance(n).supports(device)]
 
 
 def get_ops(name: str = "auto", device: torch.device | str | None = None) -> NsaOps:
-    providers = {p.name: p for p in builtin_providers()}
+    """The ops of provider ``name`` (``auto`` | ``torch`` | ``triton``) for ``device``.
+
+    ``auto``: the highest-priority provider whose ``supports(device)`` accepts it (triton on
+    CUDA when triton imports, torch otherwise). ``triton`` on a CPU device is allowed only
+    while ``TRITON_INTERPRET=1`` (tests).
+    """
     if name == "auto":
-        ranked = sorted(providers.values(), key=lambda p: -p.priority)
-        return next(p for p in ranked if p.supports(device, None, 0))
-    return providers[name]
+        ranked = sorted((_instance(n) for n in PROVIDERS), key=lambda p: -p.priority)
+        return next(p for p in ranked if p.supports(device) or p.name == "torch")
+    if name not in _CLASSES:
+        raise ValueError(
+            f"unknown kernel provider {name!r}; registered: {', '.join(['auto', *PROVIDERS])}"
+        )
+    ops = _instance(name)
+    if name == "triton" and device is not None and not ops.supports(device):
+        from ._triton_utils import interpreting
+
+        if not (_triton_importable() and interpreting()):
+            raise RuntimeError(
+                f"the triton provider cannot run on {device}: it needs a CUDA device "
+                f"(or TRITON_INTERPRET=1 for the CPU interpreter)"
+            )
+    return ops
+
+
+__all__ = [
+    "NsaOps",
+    "TorchOps",
+    "TritonOps",
+    "PROVIDERS",
+    "available_providers",
+    "builtin_providers",
+    "get_ops",
+]

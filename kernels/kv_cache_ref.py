@@ -31,7 +31,10 @@ _SCALE_FLOOR = 1e-4
 
 
 def pow2_round_up(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(torch.ceil(torch.log2(x)))
+    """Smallest power of two >= x (x > 0), exactly: fp32 log2 can round a value one
+    ulp above a power of two down to that power's exponent."""
+    mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(x), torch.where(mantissa == 0.5, exponent - 1, exponent))
 
 
 # ----------------------------------------------------------------- latent cache
