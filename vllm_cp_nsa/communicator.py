@@ -95,6 +95,9 @@ MlpFn = Callable[[torch.Tensor], torch.Tensor]
 
 class MoeCommunicator(Protocol):
     name: str
+    mlp_returns_partial_sums: bool
+    """True: the MLP is TP-sharded and returns this rank's partial sums (its
+    all-reduce removed); False: it returns complete outputs for its own rows."""
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
         """Run ``mlp`` for this rank's rows and return complete outputs for them."""
@@ -108,6 +111,7 @@ class FullMoeCommunicator:
     """
 
     name = "full"
+    mlp_returns_partial_sums = True
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
         if not plan.is_split or group.world_size == 1:
@@ -125,6 +129,7 @@ class ScatteredMoeCommunicator:
     """
 
     name = "scattered"
+    mlp_returns_partial_sums = False
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
         return mlp(x_local)

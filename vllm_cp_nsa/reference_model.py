@@ -221,7 +221,7 @@ class DecoderLayer(nn.Module):
         self.ln1 = nn.Parameter(torch.ones(dims.hidden, dtype=dtype), requires_grad=False)
         self.ln2 = nn.Parameter(torch.ones(dims.hidden, dtype=dtype), requires_grad=False)
         self.communicator = communicator
-        if communicator.name == "scattered":
+        if not communicator.mlp_returns_partial_sums:
             self.mlp = ExpertParallelMoe(dims, gen, group, dtype) if moe else \
                 ShardedMlp(dims.hidden, dims.dense_inter, gen, 0, 1, dtype)
         elif moe:

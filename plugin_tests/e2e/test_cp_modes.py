@@ -35,6 +35,8 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
         "off": {"mode": "off"},
         "round-robin-split": {"mode": "round-robin-split"},
         "in-seq-split": {"mode": "in-seq-split"},
+        # Expert-parallel MoE behind an all-to-all over each rank's own rows.
+        "round-robin-split moe=scattered": {"mode": "round-robin-split", "moe": "scattered"},
         # Decode steps (8 tokens) and small chunks run unsplit, large chunks split.
         "round-robin min_tokens_for_cp=64": {"mode": "round-robin-split", "min_tokens_for_cp": 64},
     }

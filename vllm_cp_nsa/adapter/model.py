@@ -34,6 +34,7 @@ from ..communicator import gather_token_rows
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
 from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache
+from .ep_moe import CpNsaExpertParallelMoE
 from .runtime import CpNsaRuntime
 
 logger = logging.getLogger("vllm.cp_nsa")
@@ -200,15 +201,23 @@ class CpNsaDecoderLayer(nn.Module):
         is_moe = config.n_routed_experts is not None and layer_idx >= config.first_k_dense_replace and (
             layer_idx % getattr(config, "moe_layer_freq", 1) == 0
         )
-        # reduce_results=False: the MoE communicator does the TP reduction
-        # (all-reduce unsplit, reduce-scatter under CP).
-        if is_moe:
+        quant_config = vllm_config.quant_config
+        if not runtime.communicator.mlp_returns_partial_sums:
+            # scattered: experts owned by ranks behind an all-to-all, dense MLP replicated;
+            # both return complete outputs for this rank's rows.
+            self.mlp = (CpNsaExpertParallelMoE(vllm_config, config, f"{prefix}.mlp", runtime.group) if is_moe
+                        else DeepseekV2MLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                                           hidden_act=config.hidden_act, quant_config=quant_config,
+                                           reduce_results=False, is_sequence_parallel=True, prefix=f"{prefix}.mlp"))
+        elif is_moe:
+            # reduce_results=False: the MoE communicator does the TP reduction
+            # (all-reduce unsplit, reduce-scatter under CP).
             self.mlp = DeepseekV2MoE(config=config, parallel_config=vllm_config.parallel_config,
-                                     quant_config=vllm_config.quant_config, reduce_results=False,
+                                     quant_config=quant_config, reduce_results=False,
                                      prefix=f"{prefix}.mlp", apply_routed_scale_to_output=True)
         else:
             self.mlp = DeepseekV2MLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                                     hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
+                                     hidden_act=config.hidden_act, quant_config=quant_config,
                                      reduce_results=False, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -331,35 +340,42 @@ def load_deepseek_v32_weights(module: nn.Module, weights, config, num_main_layer
         layer = _layer_index(name)
         if num_main_layers is not None and layer is not None and layer >= num_main_layers:
             continue
-        if ".mlp.experts." in name:
-            for param_name, weight_name, expert_id, shard_id in expert_mapping:
+        target, shard_id = _stacked_name(name, stacked)
+        if shard_id is not None and target in params:  # dense MLP, shared / EP-local expert
+            params[target].weight_loader(params[target], tensor, shard_id)
+            loaded.add(target)
+            continue
+        if ".mlp.experts." in name and name not in params:
+            # FusedMoE's expert tensors; under expert parallelism the experts other
+            # ranks own have no parameter here.
+            for param_name, weight_name, expert_id, expert_shard in expert_mapping:
                 if weight_name not in name:
                     continue
-                target = name.replace(weight_name, param_name)
-                param = params[target]
-                if param.weight_loader(param, tensor, target, shard_id=shard_id,
-                                       expert_id=expert_id, return_success=True):
-                    loaded.add(target)
-                    break
-            continue
-        for param_name, weight_name, shard_id in stacked:
-            if weight_name in name:
-                target = name.replace(weight_name, param_name)
-                params[target].weight_loader(params[target], tensor, shard_id)
-                loaded.add(target)
+                mapped = name.replace(weight_name, param_name)
+                if mapped in params and params[mapped].weight_loader(
+                        params[mapped], tensor, mapped, shard_id=expert_shard, expert_id=expert_id,
+                        return_success=True):
+                    loaded.add(mapped)
                 break
-        else:
-            if name not in params:
-                raise ValueError(f"vllm_cp_nsa: checkpoint tensor '{name}' has no matching parameter")
-            param = params[name]
-            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
+            continue
+        if name not in params:
+            raise ValueError(f"vllm_cp_nsa: checkpoint tensor '{name}' has no matching parameter")
+        param = params[name]
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        loaded.add(name)
     # vLLM only checks unquantized linear layers' weights loosely, so a missing
     # tensor (e.g. an indexer projection) would silently keep its init values.
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"vllm_cp_nsa: the checkpoint has no tensor for {', '.join(missing)}")
     return loaded
+
+
+def _stacked_name(name: str, stacked) -> tuple[str, int | None]:
+    for param_name, weight_name, shard_id in stacked:
+        if weight_name in name:
+            return name.replace(weight_name, param_name), shard_id
+    return name, None
 
 
 def _layer_index(name: str) -> int | None:

@@ -1,0 +1,101 @@
+"""Expert-parallel MoE for the ``scattered`` communicator (tokens stay on their rank).
+
+Routed expert e is owned by rank ``e * N // E`` with its full intermediate size;
+the router and the shared expert are replicated. Each rank routes its own rows,
+sends every (row, expert) pair to the expert's owner with ``all_to_all``,
+computes its local experts, and receives the weighted results back. Returns
+complete outputs for exactly the rows it was given, so no gather is needed
+around it. Routing follows DeepSeek-V3 (sigmoid scores + correction bias for
+the choice, group-limited top-k, renormalized, times routed_scaling_factor),
+the same rule as vLLM's grouped top-k and HF's router.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP
+
+from ..communicator import CpGroup
+
+
+def expert_owner(expert: int, num_experts: int, world_size: int) -> int:
+    return expert * world_size // num_experts
+
+
+class CpNsaExpertParallelMoE(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str, group: CpGroup):
+        super().__init__()
+        if config.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"vllm_cp_nsa scattered MoE: unsupported scoring_func {config.scoring_func}")
+        self.group = group
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.num_groups = getattr(config, "n_group", 1) or 1
+        self.topk_groups = getattr(config, "topk_group", 1) or 1
+        self.renormalize = config.norm_topk_prob
+        self.scaling = getattr(config, "routed_scaling_factor", 1.0)
+        self.scoring = config.scoring_func
+        self.gate = ReplicatedLinear(config.hidden_size, self.num_experts, bias=False, quant_config=None,
+                                     prefix=f"{prefix}.gate")
+        self.gate.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(self.num_experts, dtype=torch.float32), requires_grad=False)
+            if getattr(config, "topk_method", None) == "noaux_tc" else None
+        )
+        self.owner = torch.tensor([expert_owner(e, self.num_experts, group.world_size)
+                                   for e in range(self.num_experts)])
+
+        def mlp(name: str, inter: int) -> DeepseekV2MLP:  # full weights on this rank
+            return DeepseekV2MLP(config.hidden_size, inter, config.hidden_act, vllm_config.quant_config,
+                                 reduce_results=False, is_sequence_parallel=True, prefix=f"{prefix}.{name}")
+
+        self.experts = nn.ModuleDict({
+            str(e): mlp(f"experts.{e}", config.moe_intermediate_size)
+            for e in range(self.num_experts) if self.owner[e] == group.rank
+        })
+        self.shared_experts = (mlp("shared_experts", config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts else None)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)[0].float()
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
+        choice = scores if self.gate.e_score_correction_bias is None else scores + self.gate.e_score_correction_bias
+        if self.num_groups > 1:
+            grouped = choice.view(x.shape[0], self.num_groups, -1)
+            group_scores = (grouped.topk(2, dim=-1)[0].sum(-1) if self.gate.e_score_correction_bias is not None
+                            else grouped.amax(-1))
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1)[1], True)
+            choice = choice.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        flat_ids, flat_weights = ids.flatten(), weights.flatten()
+        dest = self.owner.to(x.device)[flat_ids]
+        order = torch.argsort(dest, stable=True)
+        world = self.group.world_size
+        send_counts = torch.bincount(dest, minlength=world)
+        recv_counts = self.group.all_to_all(send_counts, [1] * world, [1] * world)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        x_in = self.group.all_to_all(x[rows[order]], recv, send)
+        ids_in = self.group.all_to_all(flat_ids[order], recv, send)
+        y = torch.zeros(x_in.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for expert, mlp in self.experts.items():
+            picked = torch.nonzero(ids_in == int(expert)).flatten()
+            if picked.numel():
+                y[picked] = mlp(x_in[picked]).float()
+        y_back = self.group.all_to_all(y, send, recv)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        out.index_add_(0, rows[order], y_back * flat_weights[order, None])
+        if self.shared_experts is not None:
+            out += self.shared_experts(x).float()
+        return out.to(x.dtype)
