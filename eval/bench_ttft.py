@@ -113,6 +113,37 @@ class AttentionTimer:
         return total
 
 
+class PaddedHeadsOps:
+    """vLLM pads each TP rank's query heads to a multiple of 64 for FlashMLA sparse on
+    Hopper (flashmla_sparse.py, prefill_padding); the TP baseline can do the same."""
+
+    def __init__(self, ops, multiple: int):
+        self.ops, self.multiple = ops, multiple
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def _pad(self, q, dim):
+        pad = -q.shape[dim] % self.multiple
+        if not pad:
+            return q, q.shape[dim]
+        shape = list(q.shape)
+        shape[dim] = pad
+        return torch.cat([q, q.new_zeros(shape)], dim=dim), q.shape[dim]
+
+    def sparse_mla_prefill(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+        heads = q.shape[1]
+        qp, _ = self._pad(q, 1)
+        out, lse = self.ops.sparse_mla_prefill(qp, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+        return out[:, :heads], lse[:, :heads]
+
+    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+        heads = q.shape[2]
+        qp, _ = self._pad(q, 2)
+        out, lse = self.ops.sparse_mla_decode(qp, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+        return out[:, :, :heads], lse[:, :, :heads]
+
+
 class TpAttentionStack(torch.nn.Module):
     """vLLM-TP-style baseline: heads split, indexer replicated, outputs all-reduced."""
 
@@ -170,6 +201,7 @@ def run(args) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dims = Dims(topk=32) if args.smoke else Dims.deepseek_v32(experts=args.experts)
     ops = get_ops("torch" if args.smoke else "triton", device)
+    tp_ops = PaddedHeadsOps(ops, args.pad_tp_heads) if args.pad_tp_heads > 1 else ops
     group = TimedGroup(kv_width=dims.kv_lora + dims.rope + dims.index_dim)
     timer = AttentionTimer()
     comm = FullMoeCommunicator()
@@ -195,7 +227,7 @@ def run(args) -> None:
 
             def forward():
                 if stack_name == "tp-attn":
-                    return stack(hidden, batch, caches, group, ops)
+                    return stack(hidden, batch, caches, group, tp_ops)
                 return stack(hidden, batch, caches, group, strategy, ops)
 
             for _ in range(args.warmup):
@@ -242,7 +274,7 @@ def write_report(rows, args, world, device) -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo smoke)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"n{world}"
+    tag = f"n{world}" + (f"_pad{args.pad_tp_heads}" if args.pad_tp_heads > 1 else "")
     (out / f"ttft_{tag}.json").write_text(json.dumps({"card": card, "world": world, "layers": args.layers,
                                                        "experts": args.experts, "rows": rows}, indent=1))
     by = {(r["workload"], r["mode"]): r for r in rows}
@@ -250,7 +282,8 @@ def write_report(rows, args, world, device) -> None:
              f"hidden 7168, 128 heads, kv_lora 512, rope 64, indexer 64x128, top-k 2048, bf16, Triton kernels, NCCL; "
              f"{args.layers} layers (first dense, then MoE with {args.experts} experts, 8 active + 1 shared)")
     lines = [f"# TTFT of a DeepSeek-V3.2-dimension stack, {world} x {card}", "",
-             f"{setup}. Median of {args.iters} after {args.warmup} warm-up; slowest rank. "
+             f"{setup}. TP baseline query heads padded to a multiple of {args.pad_tp_heads} per rank. "
+             f"Median of {args.iters} after {args.warmup} warm-up; slowest rank. "
              "'attention+indexer' includes the KV all-gather and cache writes; 'MoE AG+RS' includes the "
              "one exit all-gather of the final hidden states.", "",
              "| workload | tokens | mode | TTFT ms | µs/token | attention+indexer ms | KV all-gather ms | "
@@ -277,6 +310,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny dims on CPU/gloo with the torch ops")
+    ap.add_argument("--pad-tp-heads", type=int, default=1,
+                    help="pad the TP baseline's per-rank query heads to this multiple (vLLM: 64 on Hopper)")
     run(ap.parse_args())
 
 
