@@ -47,16 +47,31 @@ def test_v32_runs_the_plugin_model(tiny_model):
     assert result["info"]["model_class"] == "vllm_cp_nsa.adapter.model.CpNsaDeepseekV32ForCausalLM"
 
 
-@pytest.mark.parametrize("cp_nsa,expected", [
+BAD_CONFIGS = [
     ({"mdoe": "round-robin-split"}, "unknown key 'mdoe'; allowed keys: mode, moe, kernels, min_tokens_for_cp"),
     ({"mode": "zigzag"}, "allowed values: off, round-robin-split, in-seq-split"),
     ({"moe": "deepep"}, "allowed values: auto, full, scattered"),
     ({"kernels": "cuda"}, "allowed values: auto, torch"),
     ({"min_tokens_for_cp": -1}, "'min_tokens_for_cp'] must be a non-negative integer"),
-])
-def test_malformed_config_fails_at_startup_naming_key_and_values(tiny_model, cp_nsa, expected):
+]
+
+
+def test_malformed_config_fails_engine_startup(tiny_model):
+    """A real engine start (own process) fails with the message."""
+    cp_nsa, expected = BAD_CONFIGS[0]
     with pytest.raises(VllmRunFailed) as err:
         run_vllm(_spec(tiny_model, additional_config={"cp_nsa": cp_nsa}))
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("cp_nsa,expected", BAD_CONFIGS)
+def test_malformed_config_rejected_by_vllm_config(tiny_model, cp_nsa, expected):
+    """vLLM's own config construction (where the engine fails) names key and values."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(tiny_model), max_model_len=1024, additional_config={"cp_nsa": cp_nsa})
+    with pytest.raises(Exception) as err:
+        args.create_engine_config()
     assert expected in str(err.value)
 
 
