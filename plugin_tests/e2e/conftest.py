@@ -47,7 +47,9 @@ def run_vllm(spec: dict, timeout: int = 900, **env_extra: str) -> dict:
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT "):])
+            result["log"] = proc.stdout + proc.stderr
+            return result
     raise VllmRunFailed(
         f"vLLM run failed (rc={proc.returncode}).\n--- stderr tail ---\n{proc.stderr[-6000:]}"
         f"\n--- stdout tail ---\n{proc.stdout[-2000:]}"

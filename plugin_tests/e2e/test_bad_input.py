@@ -88,4 +88,18 @@ def test_cp_mode_with_one_rank_warns_and_runs_unsplit(tiny_model, tmp_path):
                       CP_NSA_TRACE_PLANS=str(tmp_path / "plans"))
     plans = (tmp_path / "plans.rank0").read_text().splitlines()
     assert plans and all('"skip_reason": "mode off"' in line for line in plans)
+    assert result["log"].count("vllm_cp_nsa: mode=round-robin-split needs >= 2 ranks (-tp N); running unsplit") == 1
     assert len(result["outputs"][0]["token_ids"]) == 4
+
+
+def test_full_moe_with_data_parallel_is_refused(tiny_model):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(tiny_model), max_model_len=1024, tensor_parallel_size=2, data_parallel_size=2,
+                      additional_config={"cp_nsa": {"mode": "round-robin-split", "moe": "full"}})
+    with pytest.raises(Exception) as err:
+        args.create_engine_config()
+    assert "moe='full' cannot run with data parallelism (--data-parallel-size 2)" in str(err.value)
+    # Without CP the same topology is left alone.
+    EngineArgs(model=str(tiny_model), max_model_len=1024, tensor_parallel_size=2, data_parallel_size=2,
+               additional_config={"cp_nsa": {"mode": "off"}}).create_engine_config()
