@@ -91,6 +91,7 @@ def test_gsm8k_comparison_all_configurations_agree_with_off(mtp_tiny_model, tmp_
         mode = c["cp_nsa"]["mode"]
         server_log = (out / c["name"] / "server.log").read_text(errors="replace")
         assert f"vllm_cp_nsa: mode={mode}" in server_log, c["name"]
+        assert ("kv cache fp8_ds_mla" in server_log) == (c["name"] == "fp8"), c["name"]
     spec = by_name["mtp"]["spec_decode"]
     assert 0 < spec["accepted_tokens"] < spec["draft_tokens"], spec  # drafts really ran, some accepted
 
