@@ -19,7 +19,7 @@ Unsplit batches take the plain TP path in both: MLP then all-reduce.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -133,3 +133,39 @@ class ScatteredMoeCommunicator:
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
         return mlp(x_local)
+
+
+def expert_parallel_moe(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_owner: torch.Tensor,
+    local_experts: Mapping[int, MlpFn],
+    group: CpGroup,
+) -> torch.Tensor:
+    """Routed-expert output for this rank's rows, experts owned by ranks (all-to-all).
+
+    x [n, H]; weights / expert_ids [n, k] (routing of this rank's rows);
+    expert_owner [E] rank of each expert; local_experts: expert id -> MLP of the
+    experts this rank owns. Every (row, expert) pair travels to the owner and its
+    output back; returns the fp32 weighted sum ``[n, H]`` (shared experts excluded).
+    """
+    world = group.world_size
+    rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(expert_ids.shape[1])
+    flat_ids, flat_weights = expert_ids.flatten(), weights.flatten()
+    dest = expert_owner.to(x.device)[flat_ids]
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.bincount(dest, minlength=world)
+    recv_counts = group.all_to_all(send_counts, [1] * world, [1] * world)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    x_in = group.all_to_all(x[rows[order]], recv, send)
+    ids_in = group.all_to_all(flat_ids[order], recv, send)
+    y = torch.zeros(x_in.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for expert, mlp in local_experts.items():
+        picked = torch.nonzero(ids_in == expert).flatten()
+        if picked.numel():
+            y[picked] = mlp(x_in[picked]).float()
+    y_back = group.all_to_all(y, send, recv)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, rows[order], y_back * flat_weights[order, None])
+    return out

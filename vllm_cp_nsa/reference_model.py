@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .communicator import CpGroup, MoeCommunicator, gather_token_rows
+from .communicator import CpGroup, MoeCommunicator, expert_parallel_moe, gather_token_rows
 from .kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 from .nsa_attention import NsaCaches, NsaForwardMetadata, build_forward_metadata, nsa_attention
 from .split_plan import SplitStrategy
@@ -193,24 +193,9 @@ class ExpertParallelMoe(nn.Module):
 
     def forward(self, x):
         weights, ids = self._route(x)
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])
-        flat_ids, flat_w = ids.flatten(), weights.flatten()
-        dest = torch.tensor(self.owner, device=x.device)[flat_ids]
-        order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=self.group.world_size)
-        counts = self.group.all_to_all(send_counts, [1] * self.group.world_size, [1] * self.group.world_size)
-        send, recv = send_counts.tolist(), counts.tolist()
-        x_in = self.group.all_to_all(x[rows[order]], recv, send)
-        ids_in = self.group.all_to_all(flat_ids[order], recv, send)
-        y = torch.zeros(x_in.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        for e, expert in self.local.items():
-            sel = torch.nonzero(ids_in == int(e)).flatten()
-            if sel.numel():
-                y[sel] = expert(x_in[sel]).float()
-        y_back = self.group.all_to_all(y, send, recv)
-        out = self.shared(x).float()
-        out.index_add_(0, rows[order], y_back * flat_w[order, None])
-        return out.to(x.dtype)
+        local = {int(e): expert for e, expert in self.local.items()}
+        out = expert_parallel_moe(x, weights, ids, torch.tensor(self.owner), local, self.group)
+        return (out + self.shared(x).float()).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):

@@ -19,7 +19,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP
 
-from ..communicator import CpGroup
+from ..communicator import CpGroup, expert_parallel_moe
 
 
 def expert_owner(expert: int, num_experts: int, world_size: int) -> int:
@@ -78,24 +78,8 @@ class CpNsaExpertParallelMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
-        flat_ids, flat_weights = ids.flatten(), weights.flatten()
-        dest = self.owner.to(x.device)[flat_ids]
-        order = torch.argsort(dest, stable=True)
-        world = self.group.world_size
-        send_counts = torch.bincount(dest, minlength=world)
-        recv_counts = self.group.all_to_all(send_counts, [1] * world, [1] * world)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        x_in = self.group.all_to_all(x[rows[order]], recv, send)
-        ids_in = self.group.all_to_all(flat_ids[order], recv, send)
-        y = torch.zeros(x_in.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        for expert, mlp in self.experts.items():
-            picked = torch.nonzero(ids_in == int(expert)).flatten()
-            if picked.numel():
-                y[picked] = mlp(x_in[picked]).float()
-        y_back = self.group.all_to_all(y, send, recv)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        out.index_add_(0, rows[order], y_back * flat_weights[order, None])
+        local = {int(e): mlp for e, mlp in self.experts.items()}
+        out = expert_parallel_moe(x, weights, ids, self.owner, local, self.group)
         if self.shared_experts is not None:
             out += self.shared_experts(x).float()
         return out.to(x.dtype)
