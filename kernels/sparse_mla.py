@@ -258,10 +258,6 @@ def _check_inputs(q, kv_cache, indices, d_v, kv_cache_dtype):
         raise ValueError(f"unsupported q dtype {q.dtype}")
 
 
-def _num_sms(device: torch.device) -> int:
-    return num_sms(device)
-
-
 def sparse_mla_fwd(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -366,7 +362,7 @@ def _auto_splits(programs: int, topk: int, block_n: int, device: torch.device) -
     best, 256 programs -> 1 split best; more splits only add partial-result traffic."""
     if device.type != "cuda":
         return 1
-    per_wave = _num_sms(device) // max(1, programs)
+    per_wave = num_sms(device) // max(1, programs)
     if per_wave < 2:
         return 1
     max_splits = max(1, topk // (2 * block_n))

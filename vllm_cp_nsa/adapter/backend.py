@@ -34,6 +34,7 @@ from ..config import CpNsaConfig
 from ..extensions import resolve_split_strategy
 from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 from ..nsa_attention import NsaForwardMetadata, build_forward_metadata
+from .runtime import num_speculative_tokens
 
 _KERNEL_BLOCK_SIZES = [MultipleOf(16)]
 # Set to a path prefix to have every rank append one JSON line per forward with
@@ -52,8 +53,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         self.cp_size, self.cp_rank = tp.world_size, tp.rank_in_group
         self.strategy = resolve_split_strategy(options.mode) if self.cp_size > 1 else None
         self.min_tokens_for_cp = options.min_tokens_for_cp
-        spec = vllm_config.speculative_config
-        self.max_decode_query_len = 1 + ((spec.num_speculative_tokens or 0) if spec else 0)
+        self.max_decode_query_len = 1 + num_speculative_tokens(vllm_config)
         self.block_size = kv_cache_spec.block_size
         trace = os.environ.get(TRACE_PLANS_ENV)
         self.trace_path = f"{trace}.rank{self.cp_rank}" if trace else None

@@ -21,7 +21,7 @@ from ..extensions import (
     resolve_split_strategy,
 )
 from ..graph_sizing import cp_capture_sizes
-from .runtime import expert_all_to_all_configured
+from .runtime import expert_all_to_all_configured, num_speculative_tokens
 
 logger = logging.getLogger("vllm.cp_nsa")
 
@@ -108,11 +108,10 @@ def set_cp_capture_sizes(vllm_config: VllmConfig) -> None:
     (explicit sizes win there, so vLLM keeps ours); a user's explicit sizes are
     kept but rounded, with a warning listing every change."""
     compilation = vllm_config.compilation_config
-    spec = vllm_config.speculative_config
     requested = compilation.cudagraph_capture_sizes
     sizes = cp_capture_sizes(
         cp_size=vllm_config.parallel_config.tensor_parallel_size,
-        num_speculative_tokens=(spec.num_speculative_tokens or 0) if spec is not None else 0,
+        num_speculative_tokens=num_speculative_tokens(vllm_config),
         max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
         max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
         max_capture_size=compilation.max_cudagraph_capture_size,

@@ -1,9 +1,8 @@
-"""Per-process plugin state resolved from the vLLM config: options, the CP group,
-the split strategy, the MoE communicator and the kernel provider."""
+"""Per-process plugin state resolved from the vLLM config: the CP group, the MoE
+communicator and the kernel provider."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +13,7 @@ from vllm.distributed import get_tp_group
 
 from ..communicator import CpGroup, MoeCommunicator
 from ..config import CpNsaConfig
-from ..extensions import resolve_kernel_provider, resolve_moe_communicator, resolve_split_strategy
-from ..split_plan import SplitStrategy
-
-logger = logging.getLogger("vllm.cp_nsa")
-
+from ..extensions import resolve_kernel_provider, resolve_moe_communicator
 
 class VllmTpGroup:
     """``CpGroup`` over vLLM's tensor-parallel ``GroupCoordinator`` (the CP group)."""
@@ -54,26 +49,27 @@ def expert_all_to_all_configured(vllm_config: VllmConfig) -> bool:
     )
 
 
+def num_speculative_tokens(vllm_config: VllmConfig) -> int:
+    spec = vllm_config.speculative_config
+    return (spec.num_speculative_tokens or 0) if spec is not None else 0
+
+
 @dataclass
 class CpNsaRuntime:
-    options: CpNsaConfig
+    """What the model's layers use at run time (the split itself comes with each
+    forward's metadata, built by the attention backend)."""
+
     group: CpGroup
-    strategy: SplitStrategy | None
     communicator: MoeCommunicator
     ops: object
-    max_decode_query_len: int
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig, device: torch.device, num_heads: int) -> "CpNsaRuntime":
         options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
-        group = VllmTpGroup(get_tp_group())
-        strategy = resolve_split_strategy(options.mode) if group.world_size > 1 else None
         communicator = resolve_moe_communicator(
             options.moe, expert_all_to_all_configured(vllm_config)
         )
         ops = resolve_kernel_provider(
             options.kernels, device, vllm_config.model_config.dtype, num_heads
         )
-        spec = vllm_config.speculative_config
-        num_spec = spec.num_speculative_tokens if spec is not None else 0
-        return cls(options, group, strategy, communicator, ops, 1 + (num_spec or 0))
+        return cls(VllmTpGroup(get_tp_group()), communicator, ops)
