@@ -36,6 +36,8 @@ class NsaOps:
 
     name: str = "torch"
     priority: int = 0
+    supports_cuda_graphs: bool = False
+    """True when no op syncs with the host (capturable in a CUDA graph)."""
 
     def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
         """Capability check; ``dtype=None`` / ``num_heads=0`` mean "any"."""
@@ -123,6 +125,7 @@ class TritonOps(NsaOps):
 
     name = "triton"
     priority = 10
+    supports_cuda_graphs = True
 
     def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
         if device is None or torch.device(device).type != "cuda":

@@ -98,6 +98,8 @@ class MoeCommunicator(Protocol):
     mlp_returns_partial_sums: bool
     """True: the MLP is TP-sharded and returns this rank's partial sums (its
     all-reduce removed); False: it returns complete outputs for its own rows."""
+    supports_cuda_graphs: bool
+    """True when its collectives have static sizes (capturable in a CUDA graph)."""
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
         """Run ``mlp`` for this rank's rows and return complete outputs for them."""
@@ -112,6 +114,7 @@ class FullMoeCommunicator:
 
     name = "full"
     mlp_returns_partial_sums = True
+    supports_cuda_graphs = True
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
         if not plan.is_split or group.world_size == 1:
@@ -130,6 +133,7 @@ class ScatteredMoeCommunicator:
 
     name = "scattered"
     mlp_returns_partial_sums = False
+    supports_cuda_graphs = False  # all-to-all split sizes come from the routing (host sync)
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
         return mlp(x_local)

@@ -42,6 +42,7 @@ def cp_capture_sizes(
     max_num_batched_tokens: int,
     max_capture_size: int | None = None,
     requested_sizes: list[int] | None = None,
+    decode_only: bool = False,
 ) -> CaptureSizes:
     """Capture sizes for CP-N with k speculative tokens.
 
@@ -49,37 +50,40 @@ def cp_capture_sizes(
     raised to lcm(N, 1+k) so one CP-usable decode size always exists. Every size
     is <= min(max_capture_size, max_num_batched_tokens). Requested
     sizes are kept but rounded up to a multiple of N (or dropped when the
-    rounded size exceeds the limit); the changes are reported.
+    rounded size exceeds the limit); the changes are reported. ``decode_only``
+    (FULL_DECODE_ONLY graphs: every size serves uniform decode batches) rounds
+    every size to lcm(N, 1+k) instead.
     """
     if cp_size < 1 or num_speculative_tokens < 0 or max_num_seqs < 1:
         raise ValueError("cp_size and max_num_seqs must be >= 1, num_speculative_tokens >= 0")
     query_len = 1 + num_speculative_tokens
     decode_multiple = math.lcm(cp_size, query_len)
+    multiple = decode_multiple if decode_only else cp_size
     if max_capture_size is None:
         max_capture_size = max(min(max_num_seqs * query_len * 2, 512), decode_multiple)
     limit = min(max_capture_size, max_num_batched_tokens)
     changes: list[tuple[int, int | None]] = []
     if requested_sizes is not None:
-        mixed = set()
+        kept = set()
         for size in sorted(set(requested_sizes)):
-            used = _round_up(size, cp_size)
+            used = _round_up(size, multiple)
             used = used if used <= limit else None
             if used != size:
                 changes.append((size, used))
             if used is not None:
-                mixed.add(used)
-        decode = {s for s in mixed if s % decode_multiple == 0}
+                kept.add(used)
+        decode = {s for s in kept if s % decode_multiple == 0}
     else:
-        mixed = {_round_up(s, cp_size) for s in _default_ladder(limit)}
-        mixed = {s for s in mixed if s <= limit}
-        decode = set()
+        kept = {_round_up(s, multiple) for s in _default_ladder(limit)}
+        kept = {s for s in kept if s <= limit}
+        decode = {s for s in kept if s % decode_multiple == 0}
         num_reqs = 1
         while num_reqs <= max_num_seqs:
             size = _round_up(num_reqs * query_len, decode_multiple)
             if size <= limit:
                 decode.add(size)
             num_reqs *= 2
-    sizes = sorted(mixed | decode)
+    sizes = sorted(kept | decode)
     if not sizes:
         raise ValueError(
             f"no CUDA-graph capture size fits under {limit} tokens for CP-{cp_size} "

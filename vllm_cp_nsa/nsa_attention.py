@@ -10,7 +10,7 @@ Only the rows of step 1 cross ranks; queries, top-k and outputs stay local.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -54,23 +54,87 @@ def build_forward_metadata(
     max_decode_query_len: int,
     device: torch.device | str,
     num_input_tokens: int | None = None,
+    graph_padded: bool = False,
+    buffers: "MetadataBuffers | None" = None,
 ) -> NsaForwardMetadata:
-    plan = build_split_plan(query_lens, cp_size, cp_rank, strategy, min_tokens_for_cp, num_input_tokens)
-    num_reqs = len(query_lens)
-    token_req = torch.repeat_interleave(
-        torch.arange(num_reqs), torch.as_tensor(list(query_lens), dtype=torch.long)
+    """The forward's metadata; ``graph_padded`` for a batch vLLM padded to a FULL
+    CUDA-graph size (``num_input_tokens`` rows, the extra ones with slot -1).
+
+    A graph replays the layout captured for its size, where every token was real
+    and every request had ``max_decode_query_len`` tokens. So the padding tokens of
+    a graph-padded batch join the split as requests of that length: the plan has
+    the captured shape (same rows per rank, same token count), and those tokens
+    belong to no request (``local_req == -1``: no KV write, no keys, no effect on
+    real rows). With ``buffers`` the index tensors land in persistent device
+    buffers, so a replay reads this batch's values at the captured addresses.
+    """
+    query_lens = [int(n) for n in query_lens]
+    num_real_tokens = sum(query_lens)
+    split_lens = query_lens
+    if graph_padded and num_input_tokens is not None and num_input_tokens > num_real_tokens:
+        split_lens = query_lens + _padding_requests(num_input_tokens - num_real_tokens, max_decode_query_len)
+    plan = build_split_plan(split_lens, cp_size, cp_rank, strategy, min_tokens_for_cp, num_input_tokens)
+    token_req = torch.full((plan.num_tokens,), -1, dtype=torch.long)
+    token_req[:num_real_tokens] = torch.repeat_interleave(
+        torch.arange(len(query_lens)), torch.as_tensor(query_lens, dtype=torch.long)
     )
     idx = plan.local_token_idx
     local_req = torch.where(idx >= 0, token_req[idx.clamp(min=0)], -1) if plan.num_tokens else idx
-    use_decode = num_reqs > 0 and max(query_lens) <= max_decode_query_len
+    slots = slot_mapping[: plan.num_tokens]
+    if slots.shape[0] < plan.num_tokens:  # callers that pass only the real tokens' slots
+        slots = torch.cat([slots, slots.new_full((plan.num_tokens - slots.shape[0],), -1)])
+    use_decode = num_real_tokens > 0 and max(split_lens) <= max_decode_query_len
+    if buffers is None:
+        plan, local_req, slots = plan.to(device), local_req.to(device), slots.long()
+    else:
+        plan, local_req, slots = buffers.stage(plan, local_req, slots)
     return NsaForwardMetadata(
-        plan=plan.to(device),
-        slot_mapping=slot_mapping[: plan.num_tokens].long(),
-        block_table=block_table[:num_reqs],
+        plan=plan,
+        slot_mapping=slots,
+        block_table=block_table[: len(query_lens)],
         block_size=block_size,
-        local_req=local_req.to(device),
+        local_req=local_req,
         use_decode_kernel=use_decode,
     )
+
+
+def _padding_requests(num_padding_tokens: int, request_len: int) -> list[int]:
+    full, rest = divmod(num_padding_tokens, request_len)
+    return [request_len] * full + ([rest] if rest else [])
+
+
+class MetadataBuffers:
+    """Persistent device buffers for the per-forward index tensors.
+
+    A CUDA graph replays the addresses it captured; every forward's plan, request
+    map and slot mapping are copied into views that start at the same addresses,
+    so graphs read the current batch. Eager forwards use them the same way.
+    """
+
+    NAMES = ("local_token_idx", "token_to_gathered_row", "local_req", "slot_mapping")
+
+    def __init__(self, capacity: int, device: torch.device | str):
+        self.device = torch.device(device)
+        self._buffers = {name: torch.zeros(capacity, dtype=torch.long, device=self.device)
+                         for name in self.NAMES}
+
+    def stage(self, plan: SplitPlan, local_req: torch.Tensor, slots: torch.Tensor):
+        gathered = plan.token_to_gathered_row
+        staged_plan = replace(
+            plan,
+            local_token_idx=self._put("local_token_idx", plan.local_token_idx),
+            token_to_gathered_row=None if gathered is None else self._put("token_to_gathered_row", gathered),
+        )
+        return staged_plan, self._put("local_req", local_req), self._put("slot_mapping", slots)
+
+    def _put(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers[name]
+        n = values.shape[0]
+        if n > buf.shape[0]:  # only batches larger than any capture size get here
+            buf = self._buffers[name] = torch.zeros(n, dtype=torch.long, device=self.device)
+        view = buf[:n]
+        view.copy_(values, non_blocking=True)
+        return view
 
 
 @dataclass(frozen=True)

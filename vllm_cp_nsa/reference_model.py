@@ -284,19 +284,26 @@ class LayerStack(nn.Module):
 
     def forward(self, hidden: torch.Tensor, batch: PagedBatch, caches: Sequence[NsaCaches],
                 group: CpGroup, strategy: SplitStrategy | None, ops, min_tokens_for_cp: int = 0,
-                max_decode_query_len: int = 1) -> torch.Tensor:
+                max_decode_query_len: int = 1, graph_padded: bool = False,
+                buffers=None) -> torch.Tensor:
         """Token-ordered ``hidden`` [>= T, hidden] -> token-ordered output [T, hidden].
 
         Rows of ``hidden`` past the batch's T real tokens are input padding (as for a
-        CUDA-graph capture size): the plan treats them as padding rows.
+        CUDA-graph capture size): the plan treats them as padding rows. With
+        ``graph_padded`` they are split like a FULL-graph batch's padding and the
+        output keeps every input row (the real tokens first).
         """
+        num_rows = hidden.shape[0]
         meta = build_forward_metadata(
             batch.query_lens, batch.slot_mapping.to(hidden.device), batch.block_table.to(hidden.device),
             batch.block_size, group.world_size, group.rank, strategy, min_tokens_for_cp,
-            max_decode_query_len, hidden.device, num_input_tokens=hidden.shape[0],
+            max_decode_query_len, hidden.device, num_input_tokens=num_rows, graph_padded=graph_padded,
+            buffers=buffers,
         )
-        x = meta.plan.take_local(hidden)
-        positions = meta.plan.take_local(batch.positions.to(hidden.device))
+        positions = batch.positions.to(hidden.device)
+        positions = torch.cat([positions, positions.new_zeros(num_rows - positions.shape[0])])
+        x = meta.plan.take_local(hidden[: meta.plan.num_tokens])
+        positions = meta.plan.take_local(positions[: meta.plan.num_tokens])
         residual = None
         for layer, cache in zip(self.layers, caches):
             x, residual = layer(x, residual, positions, meta, cache, group, ops)

@@ -60,3 +60,61 @@ def test_padded_graph_inputs_are_padding(world):
             expected = torch.cat([r["exact"]["slots"]] * 2).sort().values
             assert torch.equal(r["padded"]["written"].sort().values, expected)
             assert torch.equal(r["exact"]["written"].sort().values, expected)
+
+
+# FULL-graph replays: vLLM pads a uniform decode / verify batch to a capture size by
+# adding requests with no tokens (block table rows -> null block 0, slots -1).
+GRAPH_BATCHES = [(2, [20, 7, 40]), (1, [9, 3, 30, 12, 1]), (3, [5])]
+
+
+def _run_graph_padded(group, strategy_name):
+    from vllm_cp_nsa.nsa_attention import MetadataBuffers
+    from vllm_cp_nsa.split_plan import InSeqSplit
+
+    strategy = RoundRobinSplit() if strategy_name == "round-robin" else InSeqSplit()
+    ops = get_ops("torch")
+    stack = LayerStack(DIMS, 2, 0, group, FullMoeCommunicator())
+    buffers = MetadataBuffers(256, "cpu")
+    out = []
+    for b, (q, contexts) in enumerate(GRAPH_BATCHES):
+        num_reqs, num_tokens = len(contexts), q * len(contexts)
+        size = next(s for s in cp_capture_sizes(cp_size=group.world_size, num_speculative_tokens=q - 1,
+                                                max_num_seqs=16, max_num_batched_tokens=512,
+                                                decode_only=True).sizes if s > num_tokens)
+        results = {}
+        # capture batch (all real), the padded replay (same buffers), an exact eager run
+        runs = (("capture", [q] * (size // q), [3] * (size // q), size, True),
+                ("replay", [q] * num_reqs + [0] * (size // q - num_reqs), contexts + [0] * (size // q - num_reqs),
+                 size, True),
+                ("eager", [q] * num_reqs, contexts, num_tokens, False))
+        for name, query_lens, context_lens, rows, graph_padded in runs:
+            batch = paged_batch(query_lens, context_lens, null_block=True)
+            batch.block_table[num_reqs if name == "replay" else len(query_lens):] = 0
+            caches = make_caches(DIMS, 2, num_cache_blocks(batch, null_block=True), batch.block_size, "auto",
+                                 torch.float32, "cpu")
+            for cache in caches:
+                cache.latent.fill_(7.0)
+                cache.index.fill_(7.0)
+            real = sum(query_lens)
+            hidden = torch.cat([random_hidden(real, DIMS.hidden, seed=b), torch.full((rows - real, DIMS.hidden), 1e3)])
+            result = stack(hidden, batch, caches, group, strategy, ops, max_decode_query_len=q,
+                           graph_padded=graph_padded, buffers=buffers if graph_padded else None)
+            written = torch.cat([(cache.latent != 7.0).view(-1, cache.latent.shape[-1]).any(1).nonzero().flatten()
+                                 for cache in caches])
+            results[name] = dict(out=result, written=written, slots=batch.slot_mapping, rows=rows)
+        out.append(results)
+    return out
+
+
+@pytest.mark.parametrize("strategy_name", ["round-robin", "in-seq"])
+def test_full_graph_padded_replay_equals_eager(world, strategy_name):
+    results = run_ranks(_run_graph_padded, world, strategy_name)
+    for rank in range(world):
+        for r, (q, contexts) in zip(results[rank], GRAPH_BATCHES):
+            num_tokens = q * len(contexts)
+            replay, eager = r["replay"], r["eager"]
+            assert replay["out"].shape == (replay["rows"], DIMS.hidden)  # every input row comes back
+            assert rel_err(replay["out"][:num_tokens], eager["out"]) <= 1e-6
+            assert torch.isfinite(replay["out"]).all()
+            expected = torch.cat([eager["slots"]] * 2).sort().values  # 2 layers, real tokens only
+            assert torch.equal(replay["written"].sort().values, expected)

@@ -57,6 +57,20 @@ def test_impossible_limits_fail_clearly():
                          max_capture_size=3)
 
 
+@pytest.mark.parametrize("cp,k,max_num_seqs", GRID)
+def test_decode_only_sizes_serve_uniform_decode(cp, k, max_num_seqs):
+    """FULL_DECODE_ONLY: every size is a decode size, so vLLM's own rounding to 1+k
+    (adjust_cudagraph_sizes_for_spec_decode) cannot break the multiple of N."""
+    sizes = cp_capture_sizes(cp_size=cp, num_speculative_tokens=k, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=8192, decode_only=True)
+    assert sizes.sizes == sizes.decode_sizes
+    assert all(s % math.lcm(cp, 1 + k) == 0 for s in sizes.sizes)
+    requested = cp_capture_sizes(cp_size=cp, num_speculative_tokens=k, max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=8192, decode_only=True, requested_sizes=[1, 5, 24])
+    assert all(s % math.lcm(cp, 1 + k) == 0 for s in requested.sizes)
+    assert all(used is None or used % math.lcm(cp, 1 + k) == 0 for _, used in requested.changes)
+
+
 def test_hook_on_a_real_vllm_config(tmp_path, caplog):
     """The engine's own VllmConfig (hook run by vLLM), then vLLM's own size
     resolution keeps the plugin's sizes (explicit sizes win there)."""
@@ -98,3 +112,50 @@ def test_hook_on_a_real_vllm_config(tmp_path, caplog):
         plugin_logger.removeHandler(caplog.handler)
     assert compilation.cudagraph_capture_sizes == [4, 8]
     assert "1->4, 2->4, 5->8" in caplog.text
+
+
+def test_hook_sets_full_decode_only(tmp_path, caplog):
+    """The hook picks FULL_DECODE_ONLY (mixed batches eager: the model is not compiled
+    and vLLM turns on breakable graphs for V3.2), keeps NONE, changes other modes with a
+    warning, and its sizes survive vLLM's own spec-decode rounding."""
+    import logging
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
+    from make_tiny_model import build_tiny_model
+    from vllm.config import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_cp_nsa.adapter.config_hook import CpNsaV32ConfigHook
+
+    model = build_tiny_model(tmp_path / "v32", seed=0)
+    cfg = EngineArgs(model=str(model), tensor_parallel_size=2, max_model_len=1024, max_num_seqs=16,
+                     additional_config={"cp_nsa": {"mode": "round-robin-split"}},
+                     speculative_config={"method": "mtp", "num_speculative_tokens": 2}).create_engine_config()
+    compilation = cfg.compilation_config
+    plugin_logger = logging.getLogger("vllm.cp_nsa")
+    plugin_logger.addHandler(caplog.handler)
+    try:
+        for requested, expected in ((None, CUDAGraphMode.FULL_DECODE_ONLY),
+                                    (CUDAGraphMode.NONE, CUDAGraphMode.NONE),
+                                    (CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_DECODE_ONLY),
+                                    (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY),
+                                    (CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY)):
+            caplog.clear()
+            compilation.cudagraph_mode = requested
+            compilation.cudagraph_capture_sizes, compilation.max_cudagraph_capture_size = None, None
+            CpNsaV32ConfigHook.verify_and_update_config(cfg)
+            assert compilation.cudagraph_mode == expected
+            warned = "-> FULL_DECODE_ONLY" in caplog.text
+            assert warned == (requested not in (None, CUDAGraphMode.NONE, CUDAGraphMode.FULL_DECODE_ONLY))
+    finally:
+        plugin_logger.removeHandler(caplog.handler)
+    compilation.cudagraph_mode = None
+    compilation.cudagraph_capture_sizes, compilation.max_cudagraph_capture_size = None, None
+    CpNsaV32ConfigHook.verify_and_update_config(cfg)
+    ours = list(compilation.cudagraph_capture_sizes)
+    assert ours and all(s % 6 == 0 for s in ours)  # lcm(2, 1 + 2)
+    cfg._set_cudagraph_sizes()
+    compilation.adjust_cudagraph_sizes_for_spec_decode(3)
+    assert compilation.cudagraph_capture_sizes == ours

@@ -10,7 +10,9 @@ exists so vLLM can group and allocate it.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 from typing import ClassVar
 
@@ -33,8 +35,10 @@ from vllm.v1.kv_cache_interface import MLAAttentionSpec, SparseCacheRole
 from ..config import CpNsaConfig
 from ..extensions import resolve_split_strategy
 from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
-from ..nsa_attention import NsaForwardMetadata, build_forward_metadata
-from .runtime import num_speculative_tokens
+from ..nsa_attention import MetadataBuffers, NsaForwardMetadata, build_forward_metadata
+from .runtime import cuda_graph_support, num_speculative_tokens
+
+logger = logging.getLogger("vllm.cp_nsa")
 
 _KERNEL_BLOCK_SIZES = [MultipleOf(16)]
 # Set to a path prefix to have every rank append one JSON line per forward with
@@ -43,8 +47,20 @@ TRACE_PLANS_ENV = "CP_NSA_TRACE_PLANS"
 
 
 class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    """Builds the split plan once per forward into persistent buffers.
+
+    CUDA graphs: FULL graphs of uniform decode / verify batches (every request
+    1 + k tokens) when the kernels and the MoE communicator are capturable;
+    mixed and prefill batches run eagerly (the model is not torch-compiled).
+    """
+
     reorder_batch_threshold = None
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+        supported, reason = cuda_graph_support(vllm_config)
+        _log_graph_decision(supported, reason)
+        return AttentionCGSupport.UNIFORM_BATCH if supported else AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -55,6 +71,10 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         self.min_tokens_for_cp = options.min_tokens_for_cp
         self.max_decode_query_len = 1 + num_speculative_tokens(vllm_config)
         self.block_size = kv_cache_spec.block_size
+        scheduler = vllm_config.scheduler_config
+        self.buffers = MetadataBuffers(
+            scheduler.max_num_batched_tokens + scheduler.max_num_seqs * self.max_decode_query_len, device
+        )
         trace = os.environ.get(TRACE_PLANS_ENV)
         self.trace_path = f"{trace}.rank{self.cp_rank}" if trace else None
 
@@ -67,6 +87,9 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         cm = common_attn_metadata
         query_start = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         query_lens = (query_start[1:] - query_start[:-1]).tolist()
+        # Only FULL CUDA-graph batches reach the builder padded (vLLM adds requests
+        # with no tokens and slot -1 for the padding tokens).
+        graph_padded = cm.num_actual_tokens > sum(query_lens)
         meta = build_forward_metadata(
             query_lens=query_lens,
             slot_mapping=cm.slot_mapping,
@@ -79,6 +102,8 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
             max_decode_query_len=self.max_decode_query_len,
             device=self.device,
             num_input_tokens=cm.num_actual_tokens,
+            graph_padded=graph_padded,
+            buffers=self.buffers,
         )
         if self.trace_path:
             plan = meta.plan
@@ -87,8 +112,17 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
                     "strategy": plan.strategy, "num_tokens": plan.num_tokens,
                     "rows_per_rank": plan.rows_per_rank, "skip_reason": plan.skip_reason,
                     "num_reqs": len(query_lens), "decode_kernel": meta.use_decode_kernel,
+                    "num_input_tokens": cm.num_actual_tokens, "graph_padded": graph_padded,
                 }) + "\n")
         return meta
+
+
+@functools.cache
+def _log_graph_decision(supported: bool, reason: str) -> None:
+    if supported:
+        logger.info("vllm_cp_nsa: CUDA graphs FULL for uniform decode / verify batches (%s)", reason)
+    else:
+        logger.info("vllm_cp_nsa: CUDA graphs off for the NSA layers: %s", reason)
 
 
 class CpNsaImpl(MLAAttentionImpl[NsaForwardMetadata]):
@@ -155,9 +189,10 @@ class CpNsaBackend(AttentionBackend):
 
 class CpNsaIndexerMetadataBuilder(AttentionMetadataBuilder[None]):
     """The indexer cache needs no metadata of its own: its layer reads the NSA
-    layer's ``NsaForwardMetadata`` (same KV-cache group, same block table)."""
+    layer's ``NsaForwardMetadata`` (same KV-cache group, same block table);
+    having none, it never limits CUDA graphs."""
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
     reorder_batch_threshold = None
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from vllm.config import VllmConfig
+from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.platforms import current_platform
 
 from ..config import CpNsaConfig, CpNsaConfigError
 from ..extensions import (
@@ -26,6 +27,7 @@ from .runtime import expert_all_to_all_configured, num_speculative_tokens
 logger = logging.getLogger("vllm.cp_nsa")
 
 ARCHITECTURE = "DeepseekV32ForCausalLM"
+GPU_BLOCK_SIZE = 64
 # --kv-cache-dtype values the plugin accepts, and the cache format each selects.
 KV_CACHE_DTYPES = {
     "auto": "auto",
@@ -94,13 +96,44 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             )
         cache_config = vllm_config.cache_config
         cache_config.cache_dtype = canonical_kv_cache_dtype(cache_config.cache_dtype)
+        if cache_config.block_size is None and current_platform.is_cuda():
+            # vLLM's FlashMLA sparse and DeepGEMM paged-logits kernels (the "vllm"
+            # kernel provider) need 64-token blocks; vLLM's own V3.2 uses them too.
+            cache_config.block_size = GPU_BLOCK_SIZE
         if options.mode != "off" and parallel.tensor_parallel_size < 2:
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
+        set_cudagraph_mode(vllm_config)
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
             set_cp_capture_sizes(vllm_config)
         logger.info(describe_decision(vllm_config, options))
+
+
+# Modes that capture only uniform decode / verify batches (FULL) or nothing.
+_DECODE_ONLY_MODES = (CUDAGraphMode.NONE, CUDAGraphMode.FULL_DECODE_ONLY)
+
+
+def set_cudagraph_mode(vllm_config: VllmConfig) -> None:
+    """FULL graphs for uniform decode / verify batches only.
+
+    The model is not torch-compiled and vLLM enables breakable CUDA graphs for
+    this architecture, so a PIECEWISE mode would capture the whole forward of a
+    mixed batch, split plan included, and replay it for other batches of that
+    size. A user's NONE or FULL_DECODE_ONLY is kept; other modes are changed with
+    a warning.
+    """
+    compilation = vllm_config.compilation_config
+    requested = compilation.cudagraph_mode
+    if requested in _DECODE_ONLY_MODES:
+        return
+    if requested is not None:
+        logger.warning(
+            "vllm_cp_nsa: cudagraph_mode %s -> FULL_DECODE_ONLY: mixed and prefill batches of the "
+            "plugin's DeepSeek-V3.2 run eagerly (their split plan depends on the batch)",
+            requested.name,
+        )
+    compilation.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
 
 
 def set_cp_capture_sizes(vllm_config: VllmConfig) -> None:
@@ -116,6 +149,7 @@ def set_cp_capture_sizes(vllm_config: VllmConfig) -> None:
         max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
         max_capture_size=compilation.max_cudagraph_capture_size,
         requested_sizes=list(requested) if requested else None,
+        decode_only=compilation.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY,
     )
     if sizes.changes:
         logger.warning(

@@ -3,6 +3,7 @@ communicator and the kernel provider."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,10 +11,14 @@ import torch.distributed as dist
 
 from vllm.config import VllmConfig
 from vllm.distributed import get_tp_group
+from vllm.platforms import current_platform
 
 from ..communicator import CpGroup, MoeCommunicator
 from ..config import CpNsaConfig
 from ..extensions import resolve_kernel_provider, resolve_moe_communicator
+
+logger = logging.getLogger("vllm.cp_nsa")
+
 
 class VllmTpGroup:
     """``CpGroup`` over vLLM's tensor-parallel ``GroupCoordinator`` (the CP group)."""
@@ -49,6 +54,28 @@ def expert_all_to_all_configured(vllm_config: VllmConfig) -> bool:
     )
 
 
+def cuda_graph_support(vllm_config: VllmConfig) -> tuple[bool, str]:
+    """Whether FULL CUDA graphs can hold the plugin's forward for uniform decode /
+    verify batches, and why (for the startup log).
+
+    Needs a kernel provider and a MoE communicator without host syncs; the split
+    plan itself is staged into persistent buffers by the metadata builder.
+    """
+    options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
+    model_config = vllm_config.model_config
+    device = torch.device(current_platform.device_type)
+    if device.type != "cuda":
+        return False, f"no CUDA graphs on {device.type}"
+    ops = resolve_kernel_provider(options.kernels, device, model_config.dtype,
+                                  model_config.hf_config.num_attention_heads)
+    if not getattr(ops, "supports_cuda_graphs", False):
+        return False, f"kernel provider '{ops.name}' syncs with the host"
+    communicator = resolve_moe_communicator(options.moe, expert_all_to_all_configured(vllm_config))
+    if not getattr(communicator, "supports_cuda_graphs", False):
+        return False, f"MoE communicator '{communicator.name}' has data-dependent collective sizes"
+    return True, f"kernels '{ops.name}', uniform decode / verify batches"
+
+
 def num_speculative_tokens(vllm_config: VllmConfig) -> int:
     spec = vllm_config.speculative_config
     return (spec.num_speculative_tokens or 0) if spec is not None else 0
@@ -72,4 +99,5 @@ class CpNsaRuntime:
         ops = resolve_kernel_provider(
             options.kernels, device, vllm_config.model_config.dtype, num_heads
         )
+        logger.info("vllm_cp_nsa: kernel provider '%s' on %s (requested '%s')", ops.name, device, options.kernels)
         return cls(VllmTpGroup(get_tp_group()), communicator, ops)
