@@ -1,4 +1,8 @@
-"""The plugin's own extensions, registered as ordinary pluggy hook implementations."""
+"""The plugin's own extensions, registered as ordinary pluggy hook implementations.
+
+The ``vllm`` kernel provider lives in the adapter (it calls vLLM's kernels) but imports
+vLLM only inside its methods, so listing it keeps this registry importable without vLLM.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ def cp_nsa_moe_communicators() -> list:
 
 @hookimpl
 def cp_nsa_kernel_providers() -> list:
+    from .adapter.vllm_kernels import VllmKernelOps
     from .kernels.dispatch import builtin_providers
 
-    return builtin_providers()
+    return [*builtin_providers(), VllmKernelOps()]

@@ -15,7 +15,7 @@ CONFIG_KEY = "cp_nsa"
 
 MODES_BUILTIN = ("off", "round-robin-split", "in-seq-split")
 MOE_CHOICES_BUILTIN = ("auto", "full", "scattered")
-KERNEL_CHOICES_BUILTIN = ("auto", "torch", "triton")
+KERNEL_CHOICES_BUILTIN = ("auto", "torch", "triton", "vllm")
 
 
 class CpNsaConfigError(ValueError):
@@ -30,7 +30,8 @@ class CpNsaConfig:
     moe: str = "auto"
     """MoE communicator under CP: ``auto``, ``full``, ``scattered`` or an extension's."""
     kernels: str = "auto"
-    """Kernel provider: ``auto``, ``torch``, ``triton`` or an extension's."""
+    """Kernel provider: ``auto``, ``torch``, ``triton``, ``vllm`` (vLLM's FlashMLA sparse and
+    DeepGEMM kernels) or an extension's."""
     min_tokens_for_cp: int = 0
     """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
 

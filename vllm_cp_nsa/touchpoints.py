@@ -1,9 +1,9 @@
 """Every vLLM symbol the plugin depends on, and the vLLM version it was checked against.
 
 A leaf: importing this module imports nothing from vLLM. ``check_touchpoints``
-resolves each symbol so a vLLM without one fails at startup naming it;
-``check_vllm_version`` warns once on an untested vLLM. A test keeps this list in
-sync with the adapter's imports.
+resolves each symbol so a vLLM without one fails at startup naming it (an optional one,
+used only by the ``vllm`` kernel provider, is logged instead); ``check_vllm_version``
+warns once on an untested vLLM. A test keeps this list in sync with the adapter's imports.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class Touchpoint:
     why: str
     patched: bool = False
     """True only for the one place the plugin wraps a vLLM attribute (see plugin.py)."""
+    optional: bool = False
+    """True for the kernels only the ``vllm`` kernel provider calls (lazily): without one
+    the plugin still starts, and that provider leaves the op to Triton."""
 
 
 TOUCHPOINTS: tuple[Touchpoint, ...] = (
@@ -35,6 +38,7 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.model_executor.models.config", "VerifyAndUpdateConfig", "base class of the config hook"),
     Touchpoint("vllm.config", "VllmConfig", "additional_config, cache/parallel/scheduler configs"),
     Touchpoint("vllm.config", "get_current_vllm_config", "register cache layers in static_forward_context"),
+    Touchpoint("vllm.config", "CUDAGraphMode", "FULL_DECODE_ONLY CUDA graphs (config hook)"),
     Touchpoint("vllm.platforms", "current_platform", "device type; CPU platform detection"),
     Touchpoint("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", "keep chunked prefill / prefix caching for the plugin's V3.2 on CPU", patched=True),
     # attention backend and caches
@@ -65,6 +69,16 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.model_executor.models.deepseek_v2", "DeepseekV2MoE", "FusedMoE + shared experts (TP-sharded, no all-reduce)"),
     Touchpoint("vllm.model_executor.models.deepseek_v2", "yarn_get_mscale", "yarn softmax scale"),
     Touchpoint("vllm.sequence", "IntermediateTensors", "model forward signature"),
+    # kernels of the `vllm` kernel provider (adapter/vllm_kernels.py)
+    Touchpoint("vllm.v1.attention.ops.flashmla", "is_flashmla_sparse_supported", "check FlashMLA sparse on this GPU", optional=True),
+    Touchpoint("vllm.v1.attention.ops.flashmla", "flash_mla_sparse_fwd", "sparse MLA over a bf16 latent cache", optional=True),
+    Touchpoint("vllm.v1.attention.ops.flashmla", "flash_mla_with_kvcache", "sparse MLA over an fp8_ds_mla latent cache", optional=True),
+    Touchpoint("vllm.v1.attention.ops.flashmla", "get_mla_metadata", "FlashMLA tile scheduler metadata", optional=True),
+    Touchpoint("vllm.utils.deep_gemm", "fp8_fp4_paged_mqa_logits", "indexer logits over the fp8 indexer cache", optional=True),
+    Touchpoint("vllm.utils.deep_gemm", "get_paged_mqa_logits_metadata", "indexer logits schedule", optional=True),
+    Touchpoint("vllm.utils.deep_gemm", "get_num_sms", "size the indexer logits schedule", optional=True),
+    Touchpoint("vllm.utils.import_utils", "has_deep_gemm", "check DeepGEMM is installed", optional=True),
+    Touchpoint("vllm._custom_ops", "top_k_per_row_decode", "indexer top-k over the logits", optional=True),
 )
 
 
@@ -85,9 +99,15 @@ def check_touchpoints() -> None:
             for part in point.symbol.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as exc:
-            raise VllmTouchpointError(
+            missing = (
                 f"vllm_cp_nsa: vLLM {_installed_vllm_version()} has no {point.module}.{point.symbol} "
-                f"(needed to {point.why}); the plugin was checked against vLLM {CHECKED_AGAINST}"
+                f"(needed to {point.why})"
+            )
+            if point.optional:
+                logger.warning("%s; the 'vllm' kernel provider leaves that op to Triton", missing)
+                continue
+            raise VllmTouchpointError(
+                f"{missing}; the plugin was checked against vLLM {CHECKED_AGAINST}"
             ) from exc
 
 

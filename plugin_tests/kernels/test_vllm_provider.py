@@ -1,0 +1,369 @@
+"""Kernel provider ``vllm`` (adapter/vllm_kernels.py): vLLM's FlashMLA sparse and DeepGEMM.
+
+CPU: it is registered, refuses CPU devices (``auto`` stays on torch, ``kernels='vllm'``
+fails naming the device), quantizes indexer queries the way vLLM does, and hands every op
+its kernels cannot take (CPU tensors among them) to the Triton provider.
+
+GPU (``-m gpu``, vLLM GPU build on the path): every op against the torch reference on fresh
+random inputs, with the Triton fallback disabled so the vLLM kernels must serve them;
+the fallbacks where they do not apply; and one CUDA-graph capture of the decode ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_cp_nsa import extensions
+from vllm_cp_nsa.adapter import vllm_kernels
+from vllm_cp_nsa.adapter.vllm_kernels import VllmKernelOps, quantize_indexer_q
+from vllm_cp_nsa.config import CpNsaConfigError
+from vllm_cp_nsa.kernels import attention_ref, dispatch, kv_cache_ref
+from vllm_cp_nsa.kernels import indexer_topk, kv_cache, sparse_mla  # noqa: F401  (import under the interpreter)
+
+SCALE = 576**-0.5
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    extensions.plugin_manager.cache_clear()
+    yield
+    extensions.plugin_manager.cache_clear()
+
+
+# --------------------------------------------------------------------------- CPU
+def test_registry_lists_the_vllm_provider():
+    providers = extensions.kernel_providers()
+    assert {"torch", "triton", "vllm"} <= set(providers)
+    vllm_ops = providers["vllm"]
+    assert isinstance(vllm_ops, VllmKernelOps) and isinstance(vllm_ops, dispatch.NsaOps)
+    assert vllm_ops.priority > providers["triton"].priority > providers["torch"].priority
+    assert vllm_ops.supports_cuda_graphs
+
+
+def test_vllm_provider_refuses_cpu():
+    ops = VllmKernelOps()
+    assert not ops.supports("cpu", torch.bfloat16, 128)
+    assert not ops.supports(torch.device("cpu"))
+    assert not ops.supports(None, None, 0)
+    assert not ops.supports("cuda", torch.float32, 128)  # FlashMLA is bf16-only
+    assert not ops.supports("cuda", torch.bfloat16, 256)
+
+
+def test_kernels_vllm_on_cpu_is_a_clear_error():
+    with pytest.raises(CpNsaConfigError, match=r"kernel provider 'vllm' does not support device=cpu"):
+        extensions.resolve_kernel_provider("vllm", torch.device("cpu"), torch.bfloat16, 128)
+
+
+def test_auto_on_cpu_still_picks_torch():
+    assert extensions.resolve_kernel_provider("auto", torch.device("cpu"), torch.bfloat16, 128).name == "torch"
+    assert extensions.resolve_kernel_provider("auto", torch.device("cpu"), torch.float32, 4).name == "torch"
+
+
+def test_indexer_query_quantization_is_vllms_recipe():
+    """Per row and head a power-of-two scale covering amax / 448, folded into the weight:
+    the indexer scores move by fp8 noise only; fp8 queries pass unchanged."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(6, 4, 128, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.0])[None, :, None]
+    weights = torch.randn(6, 4, generator=gen)
+    q8, w8 = quantize_indexer_q(q.to(torch.bfloat16), weights)
+    assert q8.dtype == torch.float8_e4m3fn and w8.dtype == torch.float32
+    scale = w8 / weights
+    mantissa, _ = torch.frexp(scale)
+    assert bool((mantissa == 0.5).all()), "scales must be powers of two"
+    amax = q.to(torch.bfloat16).float().abs().amax(-1)
+    assert bool((amax <= 448 * scale * (1 + 1e-6)).all()) and bool((amax[amax > 0] > 224 * scale[amax > 0]).all())
+    keys = torch.randn(50, 128, generator=gen)
+    ks, ke = torch.zeros(6, dtype=torch.long), torch.full((6,), 50)
+    exact = attention_ref.indexer_logits(q.to(torch.bfloat16), keys, weights, ks, ke)
+    folded = attention_ref.indexer_logits(q8.float(), keys, w8, ks, ke)
+    assert ((folded - exact).norm() / exact.norm()).item() < 0.06
+    same_q, same_w = quantize_indexer_q(q8, weights)
+    assert same_q is q8 and torch.equal(same_w, weights)
+
+
+def test_ops_the_vllm_kernels_cannot_take_go_to_triton(device):
+    """Each op on inputs no vLLM kernel takes (CPU tensors; on a GPU block size 8 and 32
+    slots) equals the Triton provider's."""
+    gen = torch.Generator().manual_seed(2)
+    vops, tops = VllmKernelOps(), dispatch.get_ops("triton", device)
+    block_size, num_blocks, tokens = 8, 4, 24
+    latent = torch.zeros(num_blocks, block_size, 656, dtype=torch.uint8, device=device)
+    kv_c = torch.randn(tokens, 512, generator=gen).to(torch.bfloat16).to(device)
+    k_pe = torch.randn(tokens, 64, generator=gen).to(torch.bfloat16).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(device)
+    vops.write_latent_cache(latent, kv_c, k_pe, slots, "fp8_ds_mla")
+    expected = torch.zeros_like(latent)
+    tops.write_latent_cache(expected, kv_c, k_pe, slots, "fp8_ds_mla")
+    assert torch.equal(latent, expected)
+    q = torch.randn(2, 3, 4, 576, generator=gen).to(torch.bfloat16).to(device)
+    idx = slots[torch.randint(0, tokens, (2, 3, 10), generator=gen).to(device)].int()
+    for got, want in zip(vops.sparse_mla_decode(q, latent, idx, SCALE, 512, "fp8_ds_mla"),
+                         tops.sparse_mla_decode(q, latent, idx, SCALE, 512, "fp8_ds_mla")):  # fmt: skip
+        assert torch.equal(got, want)
+    for got, want in zip(vops.sparse_mla_prefill(q[0], latent, idx[0], SCALE, 512, "fp8_ds_mla"),
+                         tops.sparse_mla_prefill(q[0], latent, idx[0], SCALE, 512, "fp8_ds_mla")):  # fmt: skip
+        assert torch.equal(got, want)
+    index = torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8, device=device)
+    keys = torch.randn(tokens, 128, generator=gen).to(torch.bfloat16).to(device)
+    vops.write_indexer_cache(index, keys, torch.arange(tokens, device=device), block_size, True)
+    block_table = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
+    qi = torch.randn(3, 4, 128, generator=gen).to(torch.bfloat16).to(device)
+    w = torch.randn(3, 4, generator=gen).to(device)
+    rreq = torch.tensor([0, -1, 0], dtype=torch.int32, device=device)
+    rlen = torch.tensor([tokens, 0, 5], dtype=torch.int32, device=device)
+    got = vops.indexer_topk(qi, w, index, block_table, rreq, rlen, 8, block_size, True)
+    assert torch.equal(got, tops.indexer_topk(qi, w, index, block_table, rreq, rlen, 8, block_size, True))
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.fixture
+def vllm_ops():
+    pytest.importorskip("vllm.v1.attention.ops.flashmla")
+    ops = VllmKernelOps()
+    if not ops.supports("cuda", torch.bfloat16, 128):
+        pytest.skip("vLLM's FlashMLA sparse kernels are not available on this GPU")
+    return ops
+
+
+@pytest.fixture
+def no_triton_fallback(monkeypatch):
+    """Make any op that would leave the vLLM kernels fail loudly."""
+
+    def refuse():
+        raise AssertionError("the op fell back to the Triton provider")
+
+    monkeypatch.setattr(vllm_kernels, "_triton", refuse)
+
+
+@pytest.fixture
+def deepgemm_indexer():
+    pytest.importorskip("vllm.utils.deep_gemm")
+    if vllm_kernels._indexer_kernels() is None:
+        pytest.skip("vLLM's DeepGEMM paged MQA logits / top-k kernels are not available")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _paged_requests(lens_req, block_size, num_blocks, gen):
+    """Block table [R, B] int32 of requests of ``lens_req`` tokens on shuffled blocks."""
+    blocks_per_req = [-(-n // block_size) for n in lens_req]
+    assert sum(blocks_per_req) <= num_blocks
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(lens_req), max(blocks_per_req), dtype=torch.int32)
+    used = 0
+    for r, nb in enumerate(blocks_per_req):
+        table[r, :nb] = perm[used : used + nb].int()
+        used += nb
+    return table
+
+
+def _latent_cache(num_blocks, block_size, kv_cache_dtype, gen):
+    num_slots = num_blocks * block_size
+    kv_c = torch.randn(num_slots, 512, generator=gen)
+    k_pe = torch.randn(num_slots, 64, generator=gen)
+    if kv_cache_dtype == "fp8_ds_mla":
+        cache = torch.empty(num_blocks, block_size, 656, dtype=torch.uint8)
+    else:
+        cache = torch.empty(num_blocks, block_size, 576, dtype=torch.bfloat16)
+    kv_cache_ref.write_latent_cache(cache, kv_c, k_pe, torch.arange(num_slots), kv_cache_dtype)
+    return cache.cuda()
+
+
+def _sparse_rows(table, rows, topk, block_size, num_slots, gen):
+    """[M, topk] int32 slots: each row's distinct random positions of its request (-1 rest,
+    shuffled in); a request of -1 is a fully padded row."""
+    idx = torch.full((len(rows), topk), -1, dtype=torch.int32)
+    for m, (req, kv_len) in enumerate(rows):
+        if req < 0:
+            continue
+        n = min(kv_len, topk)
+        pos = torch.randperm(kv_len, generator=gen)[:n]
+        slots = attention_ref.slots_from_positions(table[req][None], pos[None], block_size)[0]
+        idx[m, :n] = slots.int()
+        idx[m] = idx[m][torch.randperm(topk, generator=gen)]
+    idx[1, ::7] = num_slots + 5  # outside the cache: skipped like -1
+    return idx.cuda()
+
+
+def _check_attention(out, lse, ref_out, ref_lse):
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype and lse.shape == ref_lse.shape
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert _rel(out, ref_out) <= 1e-2
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_ds_mla"])
+@pytest.mark.parametrize("heads,topk", [(128, 2048), (8, 100)])
+@pytest.mark.parametrize("block_size", [64, 16])
+def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, kv_cache_dtype, heads,
+                                          topk, block_size):  # fmt: skip
+    gen = torch.Generator().manual_seed(heads + block_size + len(kv_cache_dtype))
+    num_blocks = 4096 // block_size
+    lens_req = [3000, 700, 90]
+    table = _paged_requests(lens_req, block_size, num_blocks, gen)
+    cache = _latent_cache(num_blocks, block_size, kv_cache_dtype, gen)
+    rows = [(0, 3000), (0, 2999), (-1, 0), (1, 700), (2, 90), (2, 1), (0, 2048), (1, 650)] * 4
+    idx = _sparse_rows(table, rows, topk, block_size, num_blocks * block_size, gen)
+    q = torch.randn(len(rows), heads, 576, generator=gen).to(torch.bfloat16).cuda()
+
+    out, lse = vllm_ops.sparse_mla_prefill(q, cache, idx, SCALE, 512, kv_cache_dtype)
+    ref_out, ref_lse = attention_ref.sparse_mla(q, cache, idx, SCALE, 512, kv_cache_dtype)
+    _check_attention(out, lse, ref_out, ref_lse)
+    assert bool((out[2] == 0).all()) and bool((lse[2] == float("-inf")).all())  # fully padded row
+
+    batch, s_q = 8, 4  # decode / verify rows
+    dec_out, dec_lse = vllm_ops.sparse_mla_decode(
+        q.view(batch, s_q, heads, 576), cache, idx.view(batch, s_q, topk), SCALE, 512, kv_cache_dtype
+    )
+    assert dec_out.shape == (batch, s_q, heads, 512) and dec_lse.shape == (batch, s_q, heads)
+    _check_attention(dec_out.flatten(0, 1), dec_lse.flatten(0, 1), ref_out, ref_lse)
+
+
+def _indexer_inputs(lens_req, rows, heads, block_size, q_dtype, gen):
+    num_blocks = sum(-(-n // block_size) for n in lens_req) + 5
+    table = _paged_requests(lens_req, block_size, num_blocks, gen)
+    cache = torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8)
+    for r, n in enumerate(lens_req):
+        pos = torch.arange(n)
+        slots = attention_ref.slots_from_positions(table[r][None], pos[None], block_size)[0]
+        keys = torch.randn(n, 128, generator=gen).to(torch.bfloat16)
+        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+    q = torch.randn(len(rows), heads, 128, generator=gen)
+    q = (q * 8).to(q_dtype) if q_dtype == torch.float8_e4m3fn else q.to(q_dtype)
+    weights = torch.randn(len(rows), heads, generator=gen) * heads**-0.5
+    row_req = torch.tensor([r for r, _ in rows], dtype=torch.int32)
+    row_len = torch.tensor([n for _, n in rows], dtype=torch.int64)
+    return [t.cuda() for t in (q, weights, cache, table, row_req, row_len)]
+
+
+def _check_picks(out, q, weights, cache, table, row_req, row_len, topk, block_size, rel_tol):
+    """Validate ``out`` against the reference scores of (q, weights); returns the share of
+    the reference's picks it holds. Selections may differ only among keys scoring within
+    ``rel_tol`` (of the row's largest |score|) of the k-th best."""
+    assert out.shape == (q.shape[0], topk) and out.dtype == torch.int32
+    kept = total = 0
+    for m in range(q.shape[0]):
+        req, n = int(row_req[m]), int(row_len[m])
+        nv = min(n, topk) if req >= 0 else 0
+        assert bool((out[m, nv:] == -1).all()), f"row {m}: padding"
+        if nv == 0:
+            continue
+        sel = out[m, :nv].long()
+        assert bool((sel >= 0).all()) and bool((sel < n).all()), f"row {m}: out of range"
+        assert sel.unique().numel() == nv, f"row {m}: duplicates"
+        pos = torch.arange(n, device=q.device)
+        slots = attention_ref.slots_from_positions(table[req][None], pos[None], block_size)[0]
+        keys = kv_cache_ref.gather_indexer_keys(cache, slots, block_size, True)
+        zero = torch.zeros(1, dtype=torch.long, device=q.device)
+        scores = attention_ref.indexer_logits(q[m : m + 1], keys, weights[m : m + 1], zero, zero + n)[0]
+        best = torch.topk(scores, nv)
+        tol = rel_tol * scores.abs().max().item()
+        got = scores[sel]
+        assert bool((got >= best.values[-1] - tol).all()), f"row {m}: a pick scores below the k-th"
+        assert bool((got[1:] <= got[:-1] + tol).all()), f"row {m}: not best first"
+        kept += len(set(sel.tolist()) & set(best.indices.tolist()))
+        total += nv
+    return kept / max(total, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,topk", [(64, 2048), (16, 64)])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("block_size", [64, 32])
+def test_gpu_indexer_topk_fp8_cache_matches_reference(vllm_ops, deepgemm_indexer, no_triton_fallback,
+                                                      monkeypatch, heads, topk, q_dtype, block_size):  # fmt: skip
+    gen = torch.Generator().manual_seed(heads + topk + block_size)
+    lens_req = [5000, 1200, 3000]
+    rows = [(0, 5000), (0, 4999), (0, topk), (0, topk + 1), (1, 1200), (1, 1), (-1, 0), (2, 0),
+            (2, 3000), (0, topk - 1)] + [(2, 2500 + 17 * i) for i in range(20)]  # fmt: skip
+    q, weights, cache, table, row_req, row_len = _indexer_inputs(lens_req, rows, heads, block_size,
+                                                                 q_dtype, gen)  # fmt: skip
+    out = vllm_ops.indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, True)
+    torch.cuda.synchronize()
+    assert bool((out[6] == -1).all()) and bool((out[7] == -1).all())  # padding row, no keys
+    assert sorted(out[5, :1].tolist()) == [0]
+    # Against the scores of the queries the kernel really sees (vLLM's fp8 quantization):
+    # DeepGEMM's fp8 products may reorder near ties only.
+    q8, w8 = quantize_indexer_q(q, weights)
+    recall = _check_picks(out, q8.float(), w8, cache, table, row_req, row_len, topk, block_size, 5e-3)
+    assert recall >= 0.98, recall
+    if q_dtype == torch.bfloat16:  # and the unquantized reference still agrees broadly
+        raw_recall = _check_picks(out, q.float(), weights, cache, table, row_req, row_len, topk,
+                                  block_size, 0.1)  # fmt: skip
+        assert raw_recall >= 0.9, raw_recall
+    # small logits budget: several row chunks, the same picks
+    monkeypatch.setattr(vllm_kernels, "MAX_LOGITS_BYTES", 1 << 16)
+    chunked = vllm_ops.indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, True)
+    assert torch.equal(chunked, out)
+
+
+@pytest.mark.gpu
+def test_gpu_falls_back_to_triton_where_vllm_kernels_do_not_apply(vllm_ops):
+    gen = torch.Generator().manual_seed(7)
+    tops = dispatch.get_ops("triton", "cuda")
+    # bf16 indexer cache, and an fp8 one with a block size DeepGEMM does not page
+    table = torch.arange(8, dtype=torch.int32).view(2, 4).cuda()
+    q = torch.randn(4, 16, 128, generator=gen).to(torch.bfloat16).cuda()
+    w = torch.randn(4, 16, generator=gen).cuda()
+    rreq = torch.tensor([0, 1, -1, 1], dtype=torch.int32).cuda()
+    rlen = torch.tensor([60, 64, 0, 10], dtype=torch.int32).cuda()
+    bf16_cache = torch.randn(8, 16, 128, generator=gen).to(torch.bfloat16).cuda()
+    fp8_cache = torch.randint(0, 120, (8, 16 * 132), generator=gen, dtype=torch.uint8).cuda()
+    fp8_cache.view(8, -1)[:, 16 * 128 :].view(torch.float32).fill_(0.5)
+    for cache, fp8 in ((bf16_cache, False), (fp8_cache, True)):
+        assert torch.equal(vllm_ops.indexer_topk(q, w, cache, table, rreq, rlen, 32, 16, fp8),
+                           tops.indexer_topk(q, w, cache, table, rreq, rlen, 32, 16, fp8))  # fmt: skip
+    # float32 queries, and an fp8_ds_mla cache whose slot count is not a multiple of 64
+    idx = torch.randint(-1, 48, (5, 40), generator=gen, dtype=torch.int32).cuda()
+    for q_mla, cache, kv_dtype in (
+        (torch.randn(5, 8, 576, generator=gen).cuda(), _latent_cache(3, 16, "auto", gen).float(), "auto"),
+        (torch.randn(5, 8, 576, generator=gen).to(torch.bfloat16).cuda(), _latent_cache(3, 16, "fp8_ds_mla", gen),
+         "fp8_ds_mla"),
+    ):  # fmt: skip
+        for got, want in zip(vllm_ops.sparse_mla_prefill(q_mla, cache, idx, SCALE, 512, kv_dtype),
+                             tops.sparse_mla_prefill(q_mla, cache, idx, SCALE, 512, kv_dtype)):  # fmt: skip
+            assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_ops_capture_in_a_cuda_graph(vllm_ops, deepgemm_indexer, no_triton_fallback):
+    """supports_cuda_graphs: the indexer and both sparse MLA kernels capture (no host sync)
+    and a replay on new inputs equals an eager run."""
+    gen = torch.Generator().manual_seed(8)
+    block_size, heads, topk = 64, 128, 2048
+    lens_req = [4000, 2500]
+    rows = [(0, 4000), (1, 2500), (-1, 0), (0, 100)]
+    iq, iw, icache, table, row_req, row_len = _indexer_inputs(lens_req, rows, 64, block_size,
+                                                              torch.bfloat16, gen)  # fmt: skip
+    num_blocks = icache.shape[0]  # the latent caches share the indexer cache's block table
+    caches = {dt: _latent_cache(num_blocks, block_size, dt, gen) for dt in ("auto", "fp8_ds_mla")}
+    q = torch.randn(len(rows), 1, heads, 576, generator=gen).to(torch.bfloat16).cuda()
+    idx = _sparse_rows(table.cpu(), rows, topk, block_size, num_blocks * block_size, gen)
+    idx = idx.view(len(rows), 1, topk)
+
+    def step():
+        picks = vllm_ops.indexer_topk(iq, iw, icache, table, row_req, row_len, topk, block_size, True)
+        return [picks] + [t for dt, c in caches.items()
+                          for t in vllm_ops.sparse_mla_decode(q, c, idx, SCALE, 512, dt)]  # fmt: skip
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    iq.copy_(torch.randn(iq.shape, generator=gen).to(iq.dtype).cuda())
+    q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, step()):
+        assert torch.equal(got, want)
