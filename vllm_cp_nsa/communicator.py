@@ -8,9 +8,9 @@ MoE communicators move the residual-stream rows between the attention layout
 (each rank holds its ``SplitPlan`` rows) and the MoE / dense-MLP layout:
 
 - ``full``: all-gather local rows (rank-major) -> the TP-sharded MLP *without* its
-  all-reduce -> reduce-scatter, which both sums the TP partials and hands each
-  rank back exactly the rows it contributed (MoE is per-token, so rank-major
-  order needs no re-ordering).
+  all-reduce, on the real tokens only -> reduce-scatter, which both sums the TP
+  partials and hands each rank back exactly the rows it contributed (MoE is
+  per-token, so rank-major order needs no re-ordering).
 - ``scattered``: local rows go straight into an expert-parallel MLP that does its
   own all-to-all dispatch (DeepEP-style); no gather here.
 
@@ -121,7 +121,15 @@ class FullMoeCommunicator:
             out = mlp(x_local)
             return group.all_reduce(out) if group.world_size > 1 else out
         gathered = group.all_gather(x_local)
-        return group.reduce_scatter(mlp(gathered))
+        if plan.padded_num_tokens == plan.num_tokens:
+            return group.reduce_scatter(mlp(gathered))
+        # Only the T real tokens go through the MLP: an uneven split (in-seq with short
+        # requests) can gather far more rows than the batch has tokens, more than vLLM
+        # sized the fused-MoE workspace for (max_num_batched_tokens).
+        token_rows = plan.token_rows_in_gathered()
+        partial = mlp(gathered.index_select(0, token_rows))
+        rows = partial.new_zeros((gathered.shape[0], *partial.shape[1:]))
+        return group.reduce_scatter(rows.index_copy_(0, token_rows, partial))
 
 
 class ScatteredMoeCommunicator:

@@ -135,6 +135,13 @@ class SplitPlan:
             return ordered.reshape(self.cp_size * self.rows_per_rank, *rest)[: self.num_tokens]
         return gathered.index_select(0, self.token_to_gathered_row)
 
+    def token_rows_in_gathered(self) -> torch.Tensor:
+        """[T] row of each token in the rank-major gathered buffer (split plans)."""
+        if self.interleaved:
+            tokens = torch.arange(self.num_tokens, device=self.local_token_idx.device)
+            return (tokens % self.cp_size) * self.rows_per_rank + tokens // self.cp_size
+        return self.token_to_gathered_row
+
 
 def unsplit_plan(num_tokens: int, cp_size: int, cp_rank: int, reason: str) -> SplitPlan:
     return SplitPlan(

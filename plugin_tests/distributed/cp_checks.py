@@ -62,13 +62,16 @@ def full_moe_errors(group, communicator, batches=MOE_BATCHES, dense=False):
             y = communicator.forward(mlp, plan.take_local(x), plan, group)
             want = plan.take_local(reference_all)
             real = ~plan.local_padding_mask
-            expected_input = (torch.cat([p.take_local(x) for p in plans]) if plan.is_split else x)
+            # Unpadded splits feed the rank-major all-gather as it is; with padding rows the
+            # MLP gets only the real tokens (token order); unsplit batches all of them.
+            unpadded_split = plan.is_split and plan.padded_num_tokens == plan.num_tokens
+            expected_input = torch.cat([p.take_local(x) for p in plans]) if unpadded_split else x
             rows.append(dict(
                 batch=q, mode=mode, is_split=plan.is_split,
                 err=rel_err(y[real], want[real]) if y.shape == want.shape else float("inf"),
                 shape_ok=y.shape == want.shape,
                 finite=bool(torch.isfinite(y).all()),
-                mlp_saw_gathered_rows=len(seen) == 1 and torch.equal(seen[0], expected_input),
+                mlp_saw_expected_rows=len(seen) == 1 and torch.equal(seen[0], expected_input),
                 oracle_err=oracle_err,
             ))
     return rows
