@@ -30,8 +30,8 @@ class CpNsaConfig:
     moe: str = "auto"
     """MoE communicator under CP: ``auto``, ``full``, ``scattered`` or an extension's."""
     kernels: str = "auto"
-    """Kernel provider: ``auto``, ``torch``, ``triton``, ``vllm`` (vLLM's FlashMLA sparse and
-    DeepGEMM kernels) or an extension's."""
+    """Kernel provider: ``auto``, ``torch``, ``triton``, ``vllm`` (vLLM's FlashMLA sparse
+    attention, Triton indexer) or an extension's."""
     min_tokens_for_cp: int = 0
     """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
 

@@ -74,11 +74,6 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.v1.attention.ops.flashmla", "flash_mla_sparse_fwd", "sparse MLA over a bf16 latent cache", optional=True),
     Touchpoint("vllm.v1.attention.ops.flashmla", "flash_mla_with_kvcache", "sparse MLA over an fp8_ds_mla latent cache", optional=True),
     Touchpoint("vllm.v1.attention.ops.flashmla", "get_mla_metadata", "FlashMLA tile scheduler metadata", optional=True),
-    Touchpoint("vllm.utils.deep_gemm", "fp8_fp4_paged_mqa_logits", "indexer logits over the fp8 indexer cache", optional=True),
-    Touchpoint("vllm.utils.deep_gemm", "get_paged_mqa_logits_metadata", "indexer logits schedule", optional=True),
-    Touchpoint("vllm.utils.deep_gemm", "get_num_sms", "size the indexer logits schedule", optional=True),
-    Touchpoint("vllm.utils.import_utils", "has_deep_gemm", "check DeepGEMM is installed", optional=True),
-    Touchpoint("vllm._custom_ops", "top_k_per_row_decode", "indexer top-k over the logits", optional=True),
 )
 
 

@@ -1,12 +1,15 @@
-"""Kernel provider ``vllm`` (adapter/vllm_kernels.py): vLLM's FlashMLA sparse and DeepGEMM.
+"""Kernel provider ``vllm`` (adapter/vllm_kernels.py): vLLM's FlashMLA sparse, Triton indexer.
 
 CPU: it is registered, refuses CPU devices (``auto`` stays on torch, ``kernels='vllm'``
-fails naming the device), quantizes indexer queries the way vLLM does, and hands every op
-its kernels cannot take (CPU tensors among them) to the Triton provider.
+fails naming the device), hands every op FlashMLA cannot take (CPU tensors among them) and
+the cache writes to the Triton provider, and its ``indexer_topk`` is the Triton provider's
+(fp8 and bf16 indexer caches).
 
-GPU (``-m gpu``, vLLM GPU build on the path): every op against the torch reference on fresh
-random inputs, with the Triton fallback disabled so the vLLM kernels must serve them;
-the fallbacks where they do not apply; and one CUDA-graph capture of the decode ops.
+GPU (``-m gpu``, vLLM GPU build on the path): both sparse MLA ops against the torch
+reference on fresh random inputs, with the Triton fallback disabled so FlashMLA must serve
+them; ``indexer_topk`` equal to the Triton provider's at the model's shapes; the fallbacks
+where FlashMLA does not apply; and one CUDA-graph capture of the decode ops (FlashMLA and
+the Triton indexer).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 
 from vllm_cp_nsa import extensions
 from vllm_cp_nsa.adapter import vllm_kernels
-from vllm_cp_nsa.adapter.vllm_kernels import VllmKernelOps, quantize_indexer_q
+from vllm_cp_nsa.adapter.vllm_kernels import VllmKernelOps
 from vllm_cp_nsa.config import CpNsaConfigError
 from vllm_cp_nsa.kernels import attention_ref, dispatch, kv_cache_ref
 from vllm_cp_nsa.kernels import indexer_topk, kv_cache, sparse_mla  # noqa: F401  (import under the interpreter)
@@ -60,31 +63,9 @@ def test_auto_on_cpu_still_picks_torch():
     assert extensions.resolve_kernel_provider("auto", torch.device("cpu"), torch.float32, 4).name == "torch"
 
 
-def test_indexer_query_quantization_is_vllms_recipe():
-    """Per row and head a power-of-two scale covering amax / 448, folded into the weight:
-    the indexer scores move by fp8 noise only; fp8 queries pass unchanged."""
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(6, 4, 128, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.0])[None, :, None]
-    weights = torch.randn(6, 4, generator=gen)
-    q8, w8 = quantize_indexer_q(q.to(torch.bfloat16), weights)
-    assert q8.dtype == torch.float8_e4m3fn and w8.dtype == torch.float32
-    scale = w8 / weights
-    mantissa, _ = torch.frexp(scale)
-    assert bool((mantissa == 0.5).all()), "scales must be powers of two"
-    amax = q.to(torch.bfloat16).float().abs().amax(-1)
-    assert bool((amax <= 448 * scale * (1 + 1e-6)).all()) and bool((amax[amax > 0] > 224 * scale[amax > 0]).all())
-    keys = torch.randn(50, 128, generator=gen)
-    ks, ke = torch.zeros(6, dtype=torch.long), torch.full((6,), 50)
-    exact = attention_ref.indexer_logits(q.to(torch.bfloat16), keys, weights, ks, ke)
-    folded = attention_ref.indexer_logits(q8.float(), keys, w8, ks, ke)
-    assert ((folded - exact).norm() / exact.norm()).item() < 0.06
-    same_q, same_w = quantize_indexer_q(q8, weights)
-    assert same_q is q8 and torch.equal(same_w, weights)
-
-
 def test_ops_the_vllm_kernels_cannot_take_go_to_triton(device):
-    """Each op on inputs no vLLM kernel takes (CPU tensors; on a GPU block size 8 and 32
-    slots) equals the Triton provider's."""
+    """Each sparse MLA op on inputs FlashMLA does not take (CPU tensors; on a GPU block
+    size 8 and 32 slots), and each cache write, equals the Triton provider's."""
     gen = torch.Generator().manual_seed(2)
     vops, tops = VllmKernelOps(), dispatch.get_ops("triton", device)
     block_size, num_blocks, tokens = 8, 4, 24
@@ -104,16 +85,29 @@ def test_ops_the_vllm_kernels_cannot_take_go_to_triton(device):
     for got, want in zip(vops.sparse_mla_prefill(q[0], latent, idx[0], SCALE, 512, "fp8_ds_mla"),
                          tops.sparse_mla_prefill(q[0], latent, idx[0], SCALE, 512, "fp8_ds_mla")):  # fmt: skip
         assert torch.equal(got, want)
-    index = torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8, device=device)
     keys = torch.randn(tokens, 128, generator=gen).to(torch.bfloat16).to(device)
-    vops.write_indexer_cache(index, keys, torch.arange(tokens, device=device), block_size, True)
-    block_table = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
-    qi = torch.randn(3, 4, 128, generator=gen).to(torch.bfloat16).to(device)
-    w = torch.randn(3, 4, generator=gen).to(device)
-    rreq = torch.tensor([0, -1, 0], dtype=torch.int32, device=device)
-    rlen = torch.tensor([tokens, 0, 5], dtype=torch.int32, device=device)
-    got = vops.indexer_topk(qi, w, index, block_table, rreq, rlen, 8, block_size, True)
-    assert torch.equal(got, tops.indexer_topk(qi, w, index, block_table, rreq, rlen, 8, block_size, True))
+    for fp8 in (True, False):
+        shape = (num_blocks, block_size * 132) if fp8 else (num_blocks, block_size, 128)
+        dtype = torch.uint8 if fp8 else torch.bfloat16
+        index = torch.zeros(shape, dtype=dtype, device=device)
+        expected = torch.zeros_like(index)
+        vops.write_indexer_cache(index, keys, slots, block_size, fp8)
+        tops.write_indexer_cache(expected, keys, slots, block_size, fp8)
+        assert torch.equal(index, expected)
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8_cache", "bf16_cache"])
+def test_indexer_topk_is_the_triton_providers(device, fp8):
+    """``indexer_topk`` always runs on the Triton provider: the same picks, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    block_size, topk = 8, 16
+    rows = [(0, 40), (0, 39), (-1, 0), (1, 13), (1, 1), (0, topk), (1, 0), (0, topk + 1)]
+    q, w, cache, table, rreq, rlen = _indexer_inputs([40, 13], rows, 4, block_size, torch.bfloat16,
+                                                     gen, fp8, device)  # fmt: skip
+    got = VllmKernelOps().indexer_topk(q, w, cache, table, rreq, rlen, topk, block_size, fp8)
+    tops = dispatch.get_ops("triton", device)
+    assert torch.equal(got, tops.indexer_topk(q, w, cache, table, rreq, rlen, topk, block_size, fp8))
+    assert bool((got[2] == -1).all()) and bool((got[6] == -1).all())  # no keys
 
 
 # --------------------------------------------------------------------------- GPU
@@ -128,19 +122,19 @@ def vllm_ops():
 
 @pytest.fixture
 def no_triton_fallback(monkeypatch):
-    """Make any op that would leave the vLLM kernels fail loudly."""
+    """Make any sparse MLA op (or cache write) that would leave FlashMLA fail loudly;
+    ``indexer_topk`` still reaches the Triton provider, where it always runs."""
+    triton_ops = dispatch.get_ops("triton", "cuda")
 
-    def refuse():
-        raise AssertionError("the op fell back to the Triton provider")
+    class IndexerOnly:
+        def __init__(self):
+            self.indexer_topk = triton_ops.indexer_topk
 
-    monkeypatch.setattr(vllm_kernels, "_triton", refuse)
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} fell back to the Triton provider")
 
-
-@pytest.fixture
-def deepgemm_indexer():
-    pytest.importorskip("vllm.utils.deep_gemm")
-    if vllm_kernels._indexer_kernels() is None:
-        pytest.skip("vLLM's DeepGEMM paged MQA logits / top-k kernels are not available")
+    indexer_only = IndexerOnly()
+    monkeypatch.setattr(vllm_kernels, "_triton", lambda: indexer_only)
 
 
 def _rel(a, b):
@@ -225,100 +219,54 @@ def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, kv_cache
     _check_attention(dec_out.flatten(0, 1), dec_lse.flatten(0, 1), ref_out, ref_lse)
 
 
-def _indexer_inputs(lens_req, rows, heads, block_size, q_dtype, gen):
+def _indexer_inputs(lens_req, rows, heads, block_size, q_dtype, gen, fp8=True, device="cuda"):
+    """(q, weights, indexer cache, block table, row_req, row_len) on ``device``: requests of
+    ``lens_req`` random keys on shuffled blocks of an fp8 (``fp8``) or bf16 indexer cache."""
     num_blocks = sum(-(-n // block_size) for n in lens_req) + 5
     table = _paged_requests(lens_req, block_size, num_blocks, gen)
-    cache = torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8)
+    if fp8:
+        cache = torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8)
+    else:
+        cache = torch.zeros(num_blocks, block_size, 128, dtype=torch.bfloat16)
     for r, n in enumerate(lens_req):
         pos = torch.arange(n)
         slots = attention_ref.slots_from_positions(table[r][None], pos[None], block_size)[0]
         keys = torch.randn(n, 128, generator=gen).to(torch.bfloat16)
-        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, fp8)
     q = torch.randn(len(rows), heads, 128, generator=gen)
     q = (q * 8).to(q_dtype) if q_dtype == torch.float8_e4m3fn else q.to(q_dtype)
     weights = torch.randn(len(rows), heads, generator=gen) * heads**-0.5
     row_req = torch.tensor([r for r, _ in rows], dtype=torch.int32)
     row_len = torch.tensor([n for _, n in rows], dtype=torch.int64)
-    return [t.cuda() for t in (q, weights, cache, table, row_req, row_len)]
-
-
-def _check_picks(out, q, weights, cache, table, row_req, row_len, topk, block_size, rel_tol):
-    """Validate ``out`` against the reference scores of (q, weights); returns the share of
-    the reference's picks it holds. Selections may differ only among keys scoring within
-    ``rel_tol`` (of the row's largest |score|) of the k-th best."""
-    assert out.shape == (q.shape[0], topk) and out.dtype == torch.int32
-    kept = total = 0
-    for m in range(q.shape[0]):
-        req, n = int(row_req[m]), int(row_len[m])
-        nv = min(n, topk) if req >= 0 else 0
-        assert bool((out[m, nv:] == -1).all()), f"row {m}: padding"
-        if nv == 0:
-            continue
-        sel = out[m, :nv].long()
-        assert bool((sel >= 0).all()) and bool((sel < n).all()), f"row {m}: out of range"
-        assert sel.unique().numel() == nv, f"row {m}: duplicates"
-        pos = torch.arange(n, device=q.device)
-        slots = attention_ref.slots_from_positions(table[req][None], pos[None], block_size)[0]
-        keys = kv_cache_ref.gather_indexer_keys(cache, slots, block_size, True)
-        zero = torch.zeros(1, dtype=torch.long, device=q.device)
-        scores = attention_ref.indexer_logits(q[m : m + 1], keys, weights[m : m + 1], zero, zero + n)[0]
-        best = torch.topk(scores, nv)
-        tol = rel_tol * scores.abs().max().item()
-        got = scores[sel]
-        assert bool((got >= best.values[-1] - tol).all()), f"row {m}: a pick scores below the k-th"
-        assert bool((got[1:] <= got[:-1] + tol).all()), f"row {m}: not best first"
-        kept += len(set(sel.tolist()) & set(best.indices.tolist()))
-        total += nv
-    return kept / max(total, 1)
+    return [t.to(device) for t in (q, weights, cache, table, row_req, row_len)]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8,q_dtype", [(True, torch.bfloat16), (True, torch.float8_e4m3fn),
+                                         (False, torch.bfloat16)], ids=["fp8", "fp8_q8", "bf16"])  # fmt: skip
 @pytest.mark.parametrize("heads,topk", [(64, 2048), (16, 64)])
-@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("block_size", [64, 32])
-def test_gpu_indexer_topk_fp8_cache_matches_reference(vllm_ops, deepgemm_indexer, no_triton_fallback,
-                                                      monkeypatch, heads, topk, q_dtype, block_size):  # fmt: skip
+def test_gpu_indexer_topk_is_the_triton_providers(fp8, q_dtype, heads, topk, block_size):
+    """At the model's shapes (64 heads, top-2048, 64-token blocks) and smaller ones,
+    ``indexer_topk`` is the Triton provider's, bit for bit: rows longer and shorter than
+    ``topk``, rows whose kv_len is their request's whole length, rows without keys."""
     gen = torch.Generator().manual_seed(heads + topk + block_size)
     lens_req = [5000, 1200, 3000]
     rows = [(0, 5000), (0, 4999), (0, topk), (0, topk + 1), (1, 1200), (1, 1), (-1, 0), (2, 0),
             (2, 3000), (0, topk - 1)] + [(2, 2500 + 17 * i) for i in range(20)]  # fmt: skip
-    q, weights, cache, table, row_req, row_len = _indexer_inputs(lens_req, rows, heads, block_size,
-                                                                 q_dtype, gen)  # fmt: skip
-    out = vllm_ops.indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, True)
-    torch.cuda.synchronize()
+    q, w, cache, table, rreq, rlen = _indexer_inputs(lens_req, rows, heads, block_size, q_dtype,
+                                                     gen, fp8)  # fmt: skip
+    out = VllmKernelOps().indexer_topk(q, w, cache, table, rreq, rlen, topk, block_size, fp8)
+    tops = dispatch.get_ops("triton", "cuda")
+    assert torch.equal(out, tops.indexer_topk(q, w, cache, table, rreq, rlen, topk, block_size, fp8))
     assert bool((out[6] == -1).all()) and bool((out[7] == -1).all())  # padding row, no keys
-    assert sorted(out[5, :1].tolist()) == [0]
-    # Against the scores of the queries the kernel really sees (vLLM's fp8 quantization):
-    # DeepGEMM's fp8 products may reorder near ties only.
-    q8, w8 = quantize_indexer_q(q, weights)
-    recall = _check_picks(out, q8.float(), w8, cache, table, row_req, row_len, topk, block_size, 5e-3)
-    assert recall >= 0.98, recall
-    if q_dtype == torch.bfloat16:  # and the unquantized reference still agrees broadly
-        raw_recall = _check_picks(out, q.float(), weights, cache, table, row_req, row_len, topk,
-                                  block_size, 0.1)  # fmt: skip
-        assert raw_recall >= 0.9, raw_recall
-    # small logits budget: several row chunks, the same picks
-    monkeypatch.setattr(vllm_kernels, "MAX_LOGITS_BYTES", 1 << 16)
-    chunked = vllm_ops.indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, True)
-    assert torch.equal(chunked, out)
+    assert out[5, 0].item() == 0 and bool((out[5, 1:] == -1).all())
 
 
 @pytest.mark.gpu
 def test_gpu_falls_back_to_triton_where_vllm_kernels_do_not_apply(vllm_ops):
     gen = torch.Generator().manual_seed(7)
     tops = dispatch.get_ops("triton", "cuda")
-    # bf16 indexer cache, and an fp8 one with a block size DeepGEMM does not page
-    table = torch.arange(8, dtype=torch.int32).view(2, 4).cuda()
-    q = torch.randn(4, 16, 128, generator=gen).to(torch.bfloat16).cuda()
-    w = torch.randn(4, 16, generator=gen).cuda()
-    rreq = torch.tensor([0, 1, -1, 1], dtype=torch.int32).cuda()
-    rlen = torch.tensor([60, 64, 0, 10], dtype=torch.int32).cuda()
-    bf16_cache = torch.randn(8, 16, 128, generator=gen).to(torch.bfloat16).cuda()
-    fp8_cache = torch.randint(0, 120, (8, 16 * 132), generator=gen, dtype=torch.uint8).cuda()
-    fp8_cache.view(8, -1)[:, 16 * 128 :].view(torch.float32).fill_(0.5)
-    for cache, fp8 in ((bf16_cache, False), (fp8_cache, True)):
-        assert torch.equal(vllm_ops.indexer_topk(q, w, cache, table, rreq, rlen, 32, 16, fp8),
-                           tops.indexer_topk(q, w, cache, table, rreq, rlen, 32, 16, fp8))  # fmt: skip
     # float32 queries, and an fp8_ds_mla cache whose slot count is not a multiple of 64
     idx = torch.randint(-1, 48, (5, 40), generator=gen, dtype=torch.int32).cuda()
     for q_mla, cache, kv_dtype in (
@@ -332,9 +280,9 @@ def test_gpu_falls_back_to_triton_where_vllm_kernels_do_not_apply(vllm_ops):
 
 
 @pytest.mark.gpu
-def test_gpu_ops_capture_in_a_cuda_graph(vllm_ops, deepgemm_indexer, no_triton_fallback):
-    """supports_cuda_graphs: the indexer and both sparse MLA kernels capture (no host sync)
-    and a replay on new inputs equals an eager run."""
+def test_gpu_ops_capture_in_a_cuda_graph(vllm_ops, no_triton_fallback):
+    """supports_cuda_graphs: the (Triton) indexer and both FlashMLA sparse MLA kernels
+    capture (no host sync) and a replay on new inputs equals an eager run."""
     gen = torch.Generator().manual_seed(8)
     block_size, heads, topk = 64, 128, 2048
     lens_req = [4000, 2500]

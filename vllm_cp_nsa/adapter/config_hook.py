@@ -97,8 +97,8 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
         cache_config = vllm_config.cache_config
         cache_config.cache_dtype = canonical_kv_cache_dtype(cache_config.cache_dtype)
         if cache_config.block_size is None and current_platform.is_cuda():
-            # vLLM's FlashMLA sparse and DeepGEMM paged-logits kernels (the "vllm"
-            # kernel provider) need 64-token blocks; vLLM's own V3.2 uses them too.
+            # vLLM's FlashMLA sparse fp8 kernel (the "vllm" kernel provider) pages the
+            # cache in 64-token blocks; vLLM's own V3.2 uses them too.
             cache_config.block_size = GPU_BLOCK_SIZE
         if options.mode != "off" and parallel.tensor_parallel_size < 2:
             logger.warning(

@@ -1,4 +1,4 @@
-"""Kernel provider ``vllm``: the NSA ops on the kernels that ship inside vLLM.
+"""Kernel provider ``vllm``: the sparse MLA ops on vLLM's FlashMLA kernels.
 
 - ``sparse_mla_prefill`` / ``sparse_mla_decode``, bf16 latent cache: FlashMLA's sparse
   prefill kernel (``flash_mla_sparse_fwd``), every row against the whole cache viewed as
@@ -6,19 +6,15 @@
 - the same ops, ``fp8_ds_mla`` cache: FlashMLA's sparse fp8 decode kernel
   (``flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...)``) over the cache viewed
   as 64-slot pages ``[pages, 64, 1, 656]``; prefill rows go in as one batch of ``M`` queries
-  (vLLM's "mixed batch" mode);
-- ``indexer_topk``, fp8 indexer cache: DeepGEMM's paged MQA logits
-  (``fp8_fp4_paged_mqa_logits``), each query row its own batch item (``next_n = 1``,
-  context length ``row_kv_len``, its request's block-table row), in row chunks that keep
-  the fp32 logits under ``MAX_LOGITS_BYTES``; then vLLM's ``top_k_per_row_decode``.
-  Queries are quantized the way vLLM's indexer does it (one power-of-two scale per row and
-  head, folded into the weights).
+  (vLLM's "mixed batch" mode).
 
-FlashMLA takes 64 or 128 query heads and DeepGEMM 64 indexer heads here, so fewer heads are
-zero-padded and sliced back. Everything else goes to the Triton provider: the cache
-writes, a bf16 indexer cache, indexer block sizes other than 32 / 64, more than 64 indexer
-heads or 128 attention heads, non-bf16 queries, an ``fp8_ds_mla`` cache whose slot count is
-not a multiple of 64, and any op on a vLLM / GPU without these kernels.
+FlashMLA takes 64 or 128 query heads here, so fewer heads are zero-padded and sliced back.
+Everything else goes to the Triton provider: ``indexer_topk`` (always), the cache writes,
+more than 128 attention heads, non-bf16 queries, an ``fp8_ds_mla`` cache whose slot count
+is not a multiple of 64, and any op on a vLLM / GPU without these kernels. A DeepGEMM
+paged-MQA-logits indexer path was tried and removed because its GPU test failed (see
+``eval/results/gpu_vllm_provider_tests_h100.log`` and, in git history, the commit
+"Kernel provider 'vllm': ...").
 
 vLLM is imported only inside functions, so this module imports on any vLLM (the CPU
 build has none of these kernels) and without vLLM.
@@ -27,38 +23,16 @@ build has none of these kernels) and without vLLM.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels.dispatch import NsaOps, get_ops
-from ..kernels.kv_cache_ref import (
-    FP8_DS_MLA_ROW_BYTES,
-    FP8_MAX,
-    INDEX_HEAD_DIM,
-    INDEXER_FP8_SLOT_BYTES,
-    LATENT_DIM,
-    LATENT_ROW_DIM,
-)
-
-MAX_LOGITS_BYTES = 256 * 1024 * 1024
-"""Bound of the fp32 indexer logits of one row chunk."""
+from ..kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, LATENT_DIM, LATENT_ROW_DIM
 
 _FLASHMLA_MAX_HEADS = 128
 _FLASHMLA_TOPK_MULTIPLE = 128  # the kernels' top-k tile (64 or 128, and at least 128 on SM100)
 _FP8_PAGE_SLOTS = 64  # the fp8 decode kernel's page size off SM100
-_DEEPGEMM_INDEXER_HEADS = 64
-_DEEPGEMM_BLOCK_SIZES = (32, 64)
-_DEEPGEMM_LOGITS_ALIGN = 256  # DeepGEMM pads each logits row to a multiple of this
-_Q_SCALE_FLOOR = 1e-10
-
-
-class _IndexerKernels(NamedTuple):
-    paged_logits: Callable
-    schedule: Callable
-    top_k: Callable
-    num_sms: int
 
 
 @functools.cache
@@ -70,37 +44,16 @@ def _flashmla_sparse_supported() -> bool:
     return bool(is_flashmla_sparse_supported()[0])
 
 
-@functools.cache
-def _indexer_kernels() -> _IndexerKernels | None:
-    """vLLM's DeepGEMM paged-logits and top-k kernels, or None where this vLLM lacks them."""
-    try:
-        from vllm._custom_ops import top_k_per_row_decode
-        from vllm.utils.deep_gemm import (
-            fp8_fp4_paged_mqa_logits,
-            get_num_sms,
-            get_paged_mqa_logits_metadata,
-        )
-        from vllm.utils.import_utils import has_deep_gemm
-
-        if not (has_deep_gemm() and hasattr(torch.ops._C, "top_k_per_row_decode")):
-            return None
-        # DeepGEMM checks the schedule against its own SM count: ask it, not the device.
-        num_sms = get_num_sms()
-    except (ImportError, RuntimeError):
-        return None
-    return _IndexerKernels(
-        fp8_fp4_paged_mqa_logits, get_paged_mqa_logits_metadata, top_k_per_row_decode, num_sms
-    )
-
-
 class VllmKernelOps(NsaOps):
-    """FlashMLA sparse and DeepGEMM from vLLM, Triton where they do not apply."""
+    """FlashMLA sparse from vLLM for sparse MLA; Triton for the indexer, the cache writes
+    and whatever FlashMLA does not take."""
 
     name = "vllm"
     priority = 20
     supports_cuda_graphs = True
-    """Every path (these kernels, the head / top-k padding, the Triton fallbacks) decides
-    on shapes and dtypes only and never reads a tensor on the host."""
+    """Every path (the FlashMLA kernels with their head / top-k padding, and the Triton
+    provider's ops for the indexer, the cache writes and the fallbacks) decides on shapes
+    and dtypes only and never reads a tensor on the host."""
 
     def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
         if device is None or torch.device(device).type != "cuda":
@@ -113,16 +66,10 @@ class VllmKernelOps(NsaOps):
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
-        kernels = _indexer_kernels() if q.is_cuda else None
-        if kernels is None or not _deepgemm_applies(q, index_cache, block_table, block_size,
-                                                    index_cache_fp8):  # fmt: skip
-            return _triton().indexer_topk(
-                q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
-                index_cache_fp8,
-            )  # fmt: skip
-        return _deepgemm_indexer_topk(
-            kernels, q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size
-        )
+        return _triton().indexer_topk(
+            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
+            index_cache_fp8,
+        )  # fmt: skip
 
     def sparse_mla_prefill(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
         if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
@@ -190,8 +137,6 @@ def _pad_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     missing = heads - t.shape[-2]
     if missing == 0:
         return t
-    if t.dtype == torch.float8_e4m3fn:  # no constant pad for fp8: pad the bytes (0 is +0.0)
-        return F.pad(t.view(torch.uint8), (0, 0, 0, missing)).view(t.dtype)
     return F.pad(t, (0, 0, 0, missing))
 
 
@@ -256,71 +201,3 @@ def _flashmla_fp8(q, kv_cache, indices, sm_scale):
     return _empty_rows_to_reference(
         out[:, :, :num_heads], lse[:, :num_heads].transpose(1, 2), idx
     )
-
-
-# --------------------------------------------------------------------------- indexer
-def _deepgemm_applies(q, index_cache, block_table, block_size, index_cache_fp8) -> bool:
-    return (
-        index_cache_fp8
-        and block_size in _DEEPGEMM_BLOCK_SIZES
-        and q.shape[-1] == INDEX_HEAD_DIM
-        and q.shape[1] <= _DEEPGEMM_INDEXER_HEADS
-        and block_table.shape[0] > 0
-        and index_cache.is_contiguous()
-    )
-
-
-def quantize_indexer_q(q: torch.Tensor, weights: torch.Tensor):
-    """(fp8 q, fp32 weights): vLLM's recipe (``fused_indexer_q_rope_quant``): one
-    power-of-two scale per row and head, ``2^ceil(log2(amax / 448))``, folded into that
-    head's weight (``relu(s x) w = relu(x) s w`` for ``s > 0``). fp8 queries pass as they are."""
-    if q.dtype == torch.float8_e4m3fn:
-        return q, weights.float()
-    q = q.float()
-    amax = q.abs().amax(dim=-1)
-    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=_Q_SCALE_FLOOR) * (1.0 / FP8_MAX))))
-    q_fp8 = (q / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q_fp8, weights.float() * scale
-
-
-def _best_first(chosen: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Reorder each row's picks the reference way (score descending, ties to the lower
-    position, -1 last); vLLM's top-k leaves them unordered."""
-    unused = torch.iinfo(torch.int32).max
-    positions = torch.where(chosen >= 0, chosen, unused).sort(dim=1).values
-    valid = positions != unused
-    scores = logits.gather(1, torch.where(valid, positions, 0).long())
-    scores = scores.masked_fill(~valid, float("-inf"))
-    order = scores.sort(dim=1, descending=True, stable=True).indices
-    return torch.where(valid, positions, -1).gather(1, order)
-
-
-def _deepgemm_indexer_topk(kernels: _IndexerKernels, q, weights, index_cache, block_table,
-                           row_req, row_kv_len, topk, block_size):  # fmt: skip
-    num_rows, num_heads, _ = q.shape
-    q_fp8, weights = quantize_indexer_q(q, weights)
-    # extra heads: zero queries with zero weight
-    q_fp8 = _pad_heads(q_fp8, _DEEPGEMM_INDEXER_HEADS).contiguous()
-    weights = F.pad(weights, (0, _DEEPGEMM_INDEXER_HEADS - num_heads)).contiguous()
-    has_keys = (row_req >= 0) & (row_kv_len > 0)
-    context_lens = torch.where(has_keys, row_kv_len, 0).to(torch.int32).view(-1, 1)
-    rows_block_table = block_table.index_select(0, row_req.clamp(min=0).long()).to(torch.int32)
-    pages = index_cache.view(index_cache.shape[0], block_size, 1, INDEXER_FP8_SLOT_BYTES)
-    max_context = block_table.shape[1] * block_size
-    row_bytes = 4 * -(-max_context // _DEEPGEMM_LOGITS_ALIGN) * _DEEPGEMM_LOGITS_ALIGN
-    rows_per_chunk = max(1, MAX_LOGITS_BYTES // row_bytes)
-
-    out = torch.empty((num_rows, topk), dtype=torch.int32, device=q.device)
-    for start in range(0, num_rows, rows_per_chunk):
-        end = min(start + rows_per_chunk, num_rows)
-        lens = context_lens[start:end]
-        schedule = kernels.schedule(lens, block_size, kernels.num_sms)
-        logits = kernels.paged_logits(
-            (q_fp8[start:end].unsqueeze(1), None), pages, weights[start:end], lens,
-            rows_block_table[start:end], schedule, max_context, clean_logits=False,
-        )  # fmt: skip
-        chosen = out[start:end]
-        kernels.top_k(logits, 1, lens, chosen, end - start, logits.stride(0), logits.stride(1),
-                      topk)  # fmt: skip
-        out[start:end] = _best_first(chosen, logits)
-    return out
