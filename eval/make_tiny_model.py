@@ -11,8 +11,17 @@ Usage::
     python eval/make_tiny_model.py OUT_DIR [--seed S] [--num-layers L]
         [--index-topk K] [--num-nextn-predict-layers M]
         [--drop-tensor NAME ...] [--dtype float32|bfloat16]
+        [--real-dims] [--device cpu|cuda]
 
 Importable: ``build_tiny_model(out_dir, **options) -> Path``.
+
+``--real-dims`` keeps the tokenizer but gives every layer DeepSeek-V3.2's real
+per-token dimensions (hidden 7168, 128 heads, q_lora 1536, indexer 64x128,
+top-k 2048, 163840 positions; 16 experts of 2048 with 8 active + 1 shared, so a
+token costs the real MoE FLOPs), 3 layers and bf16 by default: about 7 GB,
+written as safetensors shards, for measuring vLLM's own paths against the
+plugin on GPUs. ``--device cuda`` draws the random weights on the GPU
+(deterministic per seed and device, not byte-equal to the CPU draw).
 
 Weights are deterministic: every tensor is drawn from its own
 ``torch.Generator`` seeded from ``(seed, tensor name)``, so the same seed gives
@@ -44,6 +53,11 @@ SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
 TOKENIZER_VOCAB_TARGET = 1500
 VOCAB_MULTIPLE = 64
 MODEL_MAX_LENGTH = 8192
+# DeepSeek-V3.2's max_position_embeddings; the --real-dims tokenizer allows it too
+# (vLLM caps max_model_len at the tokenizer's model_max_length).
+REAL_MAX_POSITIONS = 163840
+# Checkpoints larger than this are split into shards with an index file.
+SHARD_BYTES = 4 << 30
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -65,6 +79,25 @@ DEFAULTS = dict(
     drop_tensor=(),
     dtype="float32",
 )
+# --real-dims: the defaults that differ, and the config fields that replace the tiny ones.
+REAL_DIMS_DEFAULTS = dict(num_layers=3, index_topk=2048, dtype="bfloat16")
+REAL_DIMS_CONFIG = {
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
+    "index_n_heads": 64,
+    # 8 routed experts per token as in V3.2 (out of 16, 4 groups, best 2 groups).
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 8,
+    "n_group": 4,
+    "topk_group": 2,
+    "max_position_embeddings": REAL_MAX_POSITIONS,
+}
 
 # --------------------------------------------------------------------------
 # Tokenizer
@@ -177,7 +210,7 @@ def build_tokenizer():
     return tok
 
 
-def _write_tokenizer_files(out: Path, tok) -> int:
+def _write_tokenizer_files(out: Path, tok, model_max_length: int = MODEL_MAX_LENGTH) -> int:
     tok.save(str(out / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -188,7 +221,7 @@ def _write_tokenizer_files(out: Path, tok) -> int:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": model_max_length,
         "chat_template": CHAT_TEMPLATE,
     }
     special_tokens_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
@@ -208,8 +241,9 @@ def make_config(
     index_topk: int = 64,
     num_nextn_predict_layers: int = 1,
     dtype: str = "float32",
+    real_dims: bool = False,
 ) -> dict:
-    return {
+    cfg = {
         "architectures": ["DeepseekV32ForCausalLM"],
         "model_type": "deepseek_v32",
         "vocab_size": vocab_size,
@@ -255,6 +289,9 @@ def make_config(
         "dtype": dtype,
         "torch_dtype": dtype,
     }
+    if real_dims:
+        cfg.update(REAL_DIMS_CONFIG)
+    return cfg
 
 
 # --------------------------------------------------------------------------
@@ -347,23 +384,24 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple, str, float]]:
     return specs
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    g = torch.Generator(device="cpu")
+def _generator(seed: int, name: str, device: str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
     g.manual_seed((zlib.crc32(f"{seed}:{name}".encode()) + (seed << 32)) & 0xFFFF_FFFF_FFFF_FFFF)
     return g
 
 
-def make_weights(
-    cfg: dict, seed: int, dtype: torch.dtype, zero_logit_rows=()
-) -> dict[str, torch.Tensor]:
-    """Random weights; ``lm_head`` rows in ``zero_logit_rows`` are zeroed (logit exactly 0)."""
-    out: dict[str, torch.Tensor] = {}
+def iter_weights(cfg: dict, seed: int, dtype: torch.dtype, zero_logit_rows=(), device: str = "cpu"):
+    """Random weights as (name, tensor) in file order, one tensor at a time, so a multi-GB
+    checkpoint never sits in memory whole; tensors stay on ``device``. ``lm_head`` rows
+    in ``zero_logit_rows`` are zeroed (logit exactly 0)."""
+    copy_sources = {kind[5:] for _, _, kind, _ in tensor_specs(cfg) if kind.startswith("copy:")}
+    kept: dict[str, torch.Tensor] = {}
     for name, shape, kind, scale in tensor_specs(cfg):
         if kind.startswith("copy:"):
-            out[name] = out[kind[5:]].clone()
+            yield name, kept[kind[5:]].clone()
             continue
-        g = _generator(seed, name)
-        t = torch.randn(shape, generator=g, dtype=torch.float32)
+        g = _generator(seed, name, device)
+        t = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
         if kind == "linear":  # unit-variance outputs for unit-variance inputs, times a gain
             t = t * (scale / shape[1] ** 0.5)
         elif kind == "norm":  # weights around 1
@@ -373,10 +411,73 @@ def make_weights(
         else:
             raise ValueError(kind)
         if name == "lm_head.weight" and len(zero_logit_rows):
-            t[torch.as_tensor(list(zero_logit_rows), dtype=torch.long)] = 0.0
+            t[torch.as_tensor(list(zero_logit_rows), dtype=torch.long, device=t.device)] = 0.0
         # DeepSeek keeps e_score_correction_bias in fp32 (HF: _keep_in_fp32_modules_strict).
-        out[name] = t.contiguous() if kind == "normal_fp32" else t.to(dtype).contiguous()
-    return out
+        t = t.contiguous() if kind == "normal_fp32" else t.to(dtype).contiguous()
+        if name in copy_sources:
+            kept[name] = t
+        yield name, t
+
+
+def _mtp_friendly(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """See ``build_tiny_model(mtp_friendly=True)``."""
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return (tensor.float() * 0.1).to(tensor.dtype)
+    if name.endswith("eh_proj.weight"):
+        hidden = tensor.shape[0]
+        eh = torch.zeros_like(tensor)
+        eh[:, :hidden] = torch.eye(hidden, dtype=tensor.dtype, device=tensor.device)
+        return eh
+    return tensor
+
+
+def _shard_plan(cfg: dict, dtype: torch.dtype, names: set[str]) -> tuple[dict[str, int], int]:
+    """Shard index per tensor (file order, at most SHARD_BYTES a shard) and the shard count."""
+    plan, shard, shard_bytes = {}, 0, 0
+    for name, shape, kind, _ in tensor_specs(cfg):
+        if name not in names:
+            continue
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * (4 if kind == "normal_fp32" else dtype.itemsize)
+        if shard_bytes and shard_bytes + nbytes > SHARD_BYTES:
+            shard, shard_bytes = shard + 1, 0
+        plan[name] = shard
+        shard_bytes += nbytes
+    return plan, shard + 1
+
+
+def _save_checkpoint(out: Path, named_tensors, plan: dict[str, int], num_shards: int) -> tuple[int, int]:
+    """Write ``model.safetensors`` (one shard) or numbered shards plus the index
+    (written last: its presence means the checkpoint is complete).
+    Returns (parameters, tensors) written."""
+    from safetensors.torch import save_file
+
+    def file_name(shard: int) -> str:
+        return "model.safetensors" if num_shards == 1 else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+
+    def flush(shard: int, tensors: dict) -> None:
+        save_file(tensors, str(out / file_name(shard)), metadata={"format": "pt"})
+        (out / file_name(shard)).chmod(0o644)
+
+    n_params = n_tensors = total_bytes = 0
+    current, tensors = 0, {}
+    for name, t in named_tensors:
+        if plan[name] != current:
+            flush(current, tensors)
+            current, tensors = plan[name], {}
+        tensors[name] = t.cpu()
+        n_params += t.numel()
+        n_tensors += 1
+        total_bytes += t.numel() * t.element_size()
+    flush(current, tensors)
+    if num_shards > 1:
+        _write_json(out / "model.safetensors.index.json", {
+            "metadata": {"total_size": total_bytes},
+            "weight_map": {name: file_name(shard) for name, shard in plan.items()},
+        })
+    return n_params, n_tensors
 
 
 # --------------------------------------------------------------------------
@@ -399,26 +500,38 @@ def build_tiny_model(
     out_dir,
     *,
     seed: int = 0,
-    num_layers: int = 2,
-    index_topk: int = 64,
+    num_layers: int | None = None,
+    index_topk: int | None = None,
     num_nextn_predict_layers: int = 1,
     drop_tensor=(),
-    dtype: str = "float32",
+    dtype: str | None = None,
     mtp_friendly: bool = False,
+    real_dims: bool = False,
+    device: str = "cpu",
     verbose: bool = False,
 ) -> Path:
     """Write the tiny DeepSeek-V3.2 checkpoint to ``out_dir`` and return its path.
+
+    ``num_layers``, ``index_topk`` and ``dtype`` default to 2, 64, float32 (tiny)
+    or 3, 2048, bfloat16 (``real_dims``: DeepSeek-V3.2's per-token dimensions).
 
     ``mtp_friendly``: shrink every layer's output projections (attention o_proj,
     MLP / expert down projections) by 10x so the next token depends mostly on the
     current one, and make the MTP layer's eh_proj pass the next token's embedding
     through: the random draft then agrees with the target often, so speculative
     decoding tests exercise accepted and rejected drafts.
-    """
-    from safetensors.torch import save_file
 
-    if not 2 <= num_layers <= 4:
-        raise ValueError(f"num_layers must be in 2..4, got {num_layers}")
+    ``device``: where the random weights are drawn (``cuda`` draws a real-dims
+    checkpoint in seconds, leaving the 7 GB write); the CPU draw is the one the
+    tests pin byte for byte.
+    """
+    preset = {**DEFAULTS, **(REAL_DIMS_DEFAULTS if real_dims else {})}
+    num_layers = preset["num_layers"] if num_layers is None else num_layers
+    index_topk = preset["index_topk"] if index_topk is None else index_topk
+    dtype = preset["dtype"] if dtype is None else dtype
+    max_layers = 8 if real_dims else 4
+    if not 2 <= num_layers <= max_layers:
+        raise ValueError(f"num_layers must be in 2..{max_layers}, got {num_layers}")
     if num_nextn_predict_layers < 0:
         raise ValueError("num_nextn_predict_layers must be >= 0")
     if index_topk < 1:
@@ -431,10 +544,10 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
 
     tok = build_tokenizer()
-    tok_size = _write_tokenizer_files(out, tok)
+    tok_size = _write_tokenizer_files(out, tok, REAL_MAX_POSITIONS if real_dims else MODEL_MAX_LENGTH)
     vocab_size = _round_up(tok_size, VOCAB_MULTIPLE)
 
-    cfg = make_config(vocab_size, num_layers, index_topk, num_nextn_predict_layers, dtype)
+    cfg = make_config(vocab_size, num_layers, index_topk, num_nextn_predict_layers, dtype, real_dims)
     _write_json(out / "config.json", cfg)
     _write_json(
         out / "generation_config.json",
@@ -442,37 +555,33 @@ def build_tiny_model(
         {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2},
     )
 
+    drop = set(drop_tensor or ())
+    all_names = [name for name, *_ in tensor_specs(cfg)]
+    unknown = [n for n in drop_tensor or () if n not in all_names]
+    if unknown:
+        raise KeyError(f"--drop-tensor names not in checkpoint: {unknown}")
+    plan, num_shards = _shard_plan(cfg, _DTYPES[dtype], set(all_names) - drop)
+
     # Special tokens and vocab padding get an all-zero lm_head row: their logit is
     # exactly 0 while real tokens reach ~+10, so greedy decoding never emits
     # EOS/BOS/PAD/chat markers or ids the tokenizer cannot decode (generation
     # always runs to max_tokens).
     zero_rows = list(range(len(SPECIAL_TOKENS))) + list(range(tok_size, vocab_size))
-    weights = make_weights(cfg, seed, _DTYPES[dtype], zero_logit_rows=zero_rows)
-    if mtp_friendly:
-        for name, tensor in weights.items():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                weights[name] = (tensor.float() * 0.1).to(tensor.dtype)
-            elif name.endswith("eh_proj.weight"):
-                hidden = tensor.shape[0]
-                eh = torch.zeros_like(tensor)
-                eh[:, :hidden] = torch.eye(hidden, dtype=tensor.dtype)
-                weights[name] = eh
-    drop = list(drop_tensor or ())
-    unknown = [n for n in drop if n not in weights]
-    if unknown:
-        raise KeyError(f"--drop-tensor names not in checkpoint: {unknown}")
-    for n in drop:
-        del weights[n]
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "model.safetensors").chmod(0o644)
+    weights = iter_weights(cfg, seed, _DTYPES[dtype], zero_logit_rows=zero_rows, device=device)
+    n_params, n_tensors = _save_checkpoint(
+        out,
+        ((name, _mtp_friendly(name, t) if mtp_friendly else t) for name, t in weights if name not in drop),
+        plan,
+        num_shards,
+    )
 
-    n_params = sum(t.numel() for t in weights.values())
     dt = time.perf_counter() - t0
     if verbose:
         print(
-            f"tiny DeepSeek-V3.2 -> {out} | params={n_params:,} tensors={len(weights)} "
+            f"{'real-dims' if real_dims else 'tiny'} DeepSeek-V3.2 -> {out} | params={n_params:,} "
+            f"tensors={n_tensors} shards={num_shards} "
             f"| layers={num_layers} mtp={num_nextn_predict_layers} index_topk={index_topk} "
-            f"| vocab={vocab_size} (tokenizer {tok_size}) dtype={dtype} seed={seed} | {dt:.2f}s"
+            f"| vocab={vocab_size} (tokenizer {tok_size}) dtype={dtype} seed={seed} device={device} | {dt:.2f}s"
         )
     return out
 
@@ -481,14 +590,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    ap.add_argument("--num-layers", type=int, default=DEFAULTS["num_layers"], choices=[2, 3, 4])
-    ap.add_argument("--index-topk", type=int, default=DEFAULTS["index_topk"])
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="2..4 (tiny, default 2) or 2..8 (--real-dims, default 3)")
+    ap.add_argument("--index-topk", type=int, default=None, help="default 64 (tiny) or 2048 (--real-dims)")
     ap.add_argument("--num-nextn-predict-layers", type=int, default=DEFAULTS["num_nextn_predict_layers"])
     ap.add_argument("--drop-tensor", action="extend", nargs="+", default=[], metavar="NAME",
                     help="omit these exact tensor names (space-separated and/or repeated flag)")
-    ap.add_argument("--dtype", choices=list(_DTYPES), default=DEFAULTS["dtype"])
+    ap.add_argument("--dtype", choices=list(_DTYPES), default=None,
+                    help="default float32 (tiny) or bfloat16 (--real-dims)")
     ap.add_argument("--mtp-friendly", action="store_true",
                     help="weak layer outputs + pass-through eh_proj: the MTP draft is often accepted")
+    ap.add_argument("--real-dims", action="store_true",
+                    help="DeepSeek-V3.2's real per-token dimensions (about 7 GB at 3 layers, bf16)")
+    ap.add_argument("--device", default="cpu", help="where to draw the random weights (cpu, cuda)")
     a = ap.parse_args(argv)
     build_tiny_model(
         a.out_dir,
@@ -499,6 +613,8 @@ def main(argv=None) -> None:
         drop_tensor=a.drop_tensor,
         dtype=a.dtype,
         mtp_friendly=a.mtp_friendly,
+        real_dims=a.real_dims,
+        device=a.device,
         verbose=True,
     )
 

@@ -1,0 +1,847 @@
+"""The plugin inside real vLLM against vLLM's own TP and PCP, in the same run on the same GPUs.
+
+    python eval/gpu_compare.py drive --n 2 --out DIR [--configs native-tp,plugin-rr,...]
+    python eval/gpu_compare.py drive --cpu-dry-run --out DIR        # plumbing check on CPU
+    python eval/gpu_compare.py worker --spec FILE                   # one configuration (drive starts it)
+
+Each configuration runs in its own process (vLLM's process-wide state never leaks between
+them) under a per-configuration timeout and a total budget. The worker writes its results
+after every measurement, and the driver rewrites compare_<gpu>_n<N>.json / .md (and .png)
+after every configuration, so a run that is cut off still leaves what it measured.
+Commands, columns and caveats: eval/compare_notes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+EVAL_DIR = Path(__file__).resolve().parent
+K = 1024
+
+# name -> how the configuration differs from the common engine arguments.
+# parallel "tp": tensor_parallel_size=N; "pcp": tensor_parallel_size=1,
+# prefill_context_parallel_size=N (vLLM's PCP adds ranks, so N GPUs means TP 1 x PCP N).
+CONFIGS = {
+    "native-tp": {"plugin": False, "parallel": "tp"},
+    "native-pcp": {"plugin": False, "parallel": "pcp"},
+    "plugin-rr": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split"}},
+    "plugin-inseq": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split"}},
+    # Attention unsplit on every rank: separates the plugin's kernels from its CP split.
+    "plugin-off": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"}},
+}
+DEFAULT_CONFIGS = "native-tp,plugin-rr,plugin-inseq,native-pcp"
+DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"
+PHASES = ["warmup", "agreement", "ttft", "batches", "busy", "decode"]
+CAPTURE_SIZES = [1, 2, 4, 8, 16]
+MTP_CONFIG = {"method": "mtp", "num_speculative_tokens": 1}
+# Seconds of the budget kept back for writing the report.
+REPORT_RESERVE_S = 10
+
+# Prompt lengths in tokens; every prompt is random token ids, seeded by what it is for.
+GPU_WORKLOAD = {
+    "batches": [[8, 1 * K], [4, 4 * K]],
+    "busy": {"decoding": 8, "decoding_length": 1 * K, "new": 4, "new_length": 4 * K},
+    "decode": {"batch_sizes": [1, 8], "length": 1 * K, "tokens": 128},
+    # One greedy / logprob prompt longer than index_topk (2048), so sparse selection matters.
+    "greedy": {"lengths": [128, 1 * K, 3 * K], "tokens": 32},
+    "logprobs": {"lengths": [1 * K, 3 * K]},
+    "warmup_length": 1 * K,
+}
+DRY_RUN_WORKLOAD = {  # the tiny model's index_topk is 64
+    "batches": [[4, 64], [2, 256]],
+    "busy": {"decoding": 4, "decoding_length": 64, "new": 2, "new_length": 256},
+    "decode": {"batch_sizes": [1, 4], "length": 64, "tokens": 16},
+    "greedy": {"lengths": [32, 100, 200], "tokens": 8},
+    "logprobs": {"lengths": [100, 200]},
+    "warmup_length": 64,
+}
+
+
+def length_label(tokens: int) -> str:
+    return f"{tokens // K}K" if tokens >= K and tokens % K == 0 else str(tokens)
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().upper()
+    return int(text[:-1]) * K if text.endswith("K") else int(text)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def random_prompt(tag: str, length: int, low: int, high: int) -> list[int]:
+    """Token ids in [low, high), the same for every configuration (seeded by ``tag``);
+    distinct tags give distinct prompts, so nothing is ever served from a cache."""
+    rng = random.Random(tag)
+    return [rng.randrange(low, high) for _ in range(length)]
+
+
+class GpuMemoryPoller:
+    """Peak of nvidia-smi's memory.used per GPU while the worker runs (a background
+    thread: vLLM's memory lives in its worker processes, out of this one's reach)."""
+
+    def __init__(self, num_gpus: int, period_s: float = 0.5):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [int(x) for x in visible.split(",") if x.strip().isdigit()] if visible else list(range(num_gpus))
+        self.indices = ids[:num_gpus]
+        self.peak_mib: dict[int, int] = {}
+        self.total_mib: dict[int, int] = {}
+        self.period_s = period_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> bool:
+        try:
+            text = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        for line in text.strip().splitlines():
+            index, used, total = (int(v) for v in line.split(","))
+            if index in self.indices:
+                self.peak_mib[index] = max(self.peak_mib.get(index, 0), used)
+                self.total_mib[index] = total
+        return True
+
+    def _run(self) -> None:
+        while not self.stopped.is_set() and self._sample():
+            self.stopped.wait(self.period_s)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def summary(self) -> dict:
+        return {"nvidia_smi_peak_mib": self.peak_mib, "nvidia_smi_total_mib": self.total_mib}
+
+
+def _rank_info(worker) -> dict:
+    """Runs on every rank after startup: what really serves the model there; resets the
+    torch peak so the end-of-run peak is the measurements' own."""
+    import torch
+
+    model = worker.get_model()
+    runner = worker.model_runner
+    info = {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "attention_impls": sorted({type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")}),
+        "model_runner": f"{type(runner).__module__}.{type(runner).__qualname__}",
+        "cudagraph_mode": str(worker.vllm_config.compilation_config.cudagraph_mode),
+        "weights_bytes": getattr(runner, "model_memory_usage", None),
+    }
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        info["allocated_bytes"] = torch.cuda.memory_allocated()
+    return info
+
+
+def _rank_peak(worker) -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    return {"peak_bytes": torch.cuda.max_memory_allocated(), "allocated_bytes": torch.cuda.memory_allocated()}
+
+
+class Worker:
+    """One configuration: start the engine once, then every measurement in order."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.workload = spec["workload"]
+        self.deadline = spec["deadline"]
+        self.result_path = Path(spec["result_path"])
+        self.progress_path = Path(spec["progress_path"])
+        self.result = {"name": spec["name"], "status": "starting", "error": None, "llm_kwargs": spec["llm"],
+                       "uses_plugin": spec["uses_plugin"], "phase_s": {}, "ttft": {}, "decode": {},
+                       "skipped": [], "errors": {}}
+        self.llm = None
+        self.low = self.high = 0
+
+    def save(self) -> None:
+        tmp = self.result_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.result) + "\n")
+        os.replace(tmp, self.result_path)
+
+    def progress(self, text: str) -> None:
+        with open(self.progress_path, "a") as f:
+            f.write(f"[{self.spec['name']}] {text}\n")
+
+    def prompt(self, tag: str, length: int) -> list[int]:
+        return random_prompt(tag, length, self.low, self.high)
+
+    def generate(self, prompts: list[list[int]], **sampling) -> tuple[float, list]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(temperature=0.0, **sampling)
+        start = time.perf_counter()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - start, outputs
+
+    def run(self) -> None:
+        poller = GpuMemoryPoller(self.spec["num_gpus"])
+        poller.start()
+        self.save()
+        start = time.perf_counter()
+        try:
+            self.startup()
+        except Exception:
+            self.result.update(status="failed", error=traceback.format_exc()[-3000:])
+            self.result["phase_s"]["startup"] = round(time.perf_counter() - start, 2)
+            self.progress(f"startup FAILED after {self.result['phase_s']['startup']:.1f}s")
+            self.save()
+            os._exit(1)
+        self.result["phase_s"]["startup"] = round(time.perf_counter() - start, 2)
+        self.progress(f"startup {self.result['phase_s']['startup']:.1f}s")
+        self.result["status"] = "running"
+        self.save()
+        for phase in self.spec["phases"]:
+            if time.time() > self.deadline:
+                self.result["skipped"].append(phase)
+                self.progress(f"{phase} skipped (deadline)")
+                continue
+            start = time.perf_counter()
+            try:
+                getattr(self, f"phase_{phase}")()
+            except Exception:
+                self.result["errors"][phase] = traceback.format_exc()[-3000:]
+                self.progress(f"{phase} FAILED: {traceback.format_exc().strip().splitlines()[-1][:300]}")
+            self.result["phase_s"][phase] = round(time.perf_counter() - start, 2)
+            self.progress(f"{phase} {self.result['phase_s'][phase]:.1f}s")
+            self.save()
+        try:
+            self.result["memory"] = {**poller.summary(), "ranks": self.llm.collective_rpc(_rank_peak)}
+        except Exception:
+            self.result["errors"]["memory"] = traceback.format_exc()[-3000:]
+        self.result["status"] = "partial" if self.result["skipped"] or self.result["errors"] else "ok"
+        self.save()
+        self.progress(f"done: {self.result['status']}")
+        os._exit(0)  # skip vLLM's slow interpreter-shutdown hooks; the driver reaps the workers
+
+    def startup(self) -> None:
+        import torch
+        import vllm
+        from make_tiny_model import SPECIAL_TOKENS  # eval/ is this script's directory
+        from vllm import LLM
+
+        self.result["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
+                                   "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+        self.llm = LLM(**self.spec["llm"])
+        self.low, self.high = len(SPECIAL_TOKENS), len(self.llm.get_tokenizer())
+        config = self.llm.llm_engine.vllm_config
+        blocks = config.cache_config.num_gpu_blocks
+        self.result["info"] = {
+            "ranks": self.llm.collective_rpc(_rank_info),
+            "kv_cache_dtype": config.cache_config.cache_dtype,
+            "block_size": config.cache_config.block_size,
+            "kv_capacity_tokens": blocks * config.cache_config.block_size if blocks else None,
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "cudagraph_capture_sizes": list(config.compilation_config.cudagraph_capture_sizes or []),
+        }
+
+    def phase_warmup(self) -> None:
+        self.generate([self.prompt("warmup", self.workload["warmup_length"])], max_tokens=8, ignore_eos=True)
+
+    def phase_agreement(self) -> None:
+        greedy = self.workload["greedy"]
+        prompts = [self.prompt(f"greedy:{n}", n) for n in greedy["lengths"]]
+        _, outputs = self.generate(prompts, max_tokens=greedy["tokens"], ignore_eos=True)
+        self.result["greedy"] = {"lengths": greedy["lengths"],
+                                 "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+        lengths = self.workload["logprobs"]["lengths"]
+        _, outputs = self.generate([self.prompt(f"logprobs:{n}", n) for n in lengths], max_tokens=1,
+                                   prompt_logprobs=0)
+        self.result["prompt_logprobs"] = {"lengths": lengths, "logprobs": [
+            [None if entry is None else round(entry[token].logprob, 5)
+             for entry, token in zip(o.prompt_logprobs, o.prompt_token_ids)] for o in outputs]}
+
+    def _timed_ttft(self, label: str, kind: str, count: int, length: int) -> None:
+        """Warm-up of the same shape, then ``reps`` timed generates of fresh prompts."""
+        self.generate([self.prompt(f"{label}:warmup:{i}", length) for i in range(count)], max_tokens=1)
+        times = []
+        for rep in range(self.spec["reps"]):
+            seconds, _ = self.generate([self.prompt(f"{label}:{rep}:{i}", length) for i in range(count)],
+                                       max_tokens=1)
+            times.append(seconds)
+        self.result["ttft"][label] = {"kind": kind, "requests": count, "prompt_tokens": length,
+                                      "times_s": [round(t, 5) for t in times],
+                                      "median_s": round(statistics.median(times), 5)}
+        self.progress(f"  ttft {label}: median {statistics.median(times) * 1e3:.1f} ms")
+        self.save()
+
+    def phase_ttft(self) -> None:
+        for length in self.spec["ttft_lengths"]:
+            if time.time() > self.deadline:
+                self.result["skipped"].append(f"ttft {length_label(length)}")
+                continue
+            self._timed_ttft(length_label(length), "single", 1, length)
+
+    def phase_batches(self) -> None:
+        for count, length in self.workload["batches"]:
+            self._timed_ttft(f"{count}x{length_label(length)}", "batch", count, length)
+
+    def _busy_once(self, tag: str) -> tuple[float, int]:
+        """Seconds (and engine steps) from adding the new requests while the decoding ones
+        run until every new one has its first token."""
+        from vllm import SamplingParams, TokensPrompt
+
+        busy = self.workload["busy"]
+        engine = self.llm.llm_engine
+        decode_params = SamplingParams(temperature=0.0, ignore_eos=True,
+                                       max_tokens=self.spec["llm"]["max_model_len"] - busy["decoding_length"])
+        decoding = [f"{tag}:decoding:{i}" for i in range(busy["decoding"])]
+        for request_id in decoding:
+            engine.add_request(request_id, TokensPrompt(prompt_token_ids=self.prompt(request_id,
+                                                                                     busy["decoding_length"])),
+                               decode_params)
+        produced = dict.fromkeys(decoding, 0)
+        while min(produced.values()) < 2:  # every decoding request past its prefill
+            for out in engine.step():
+                produced[out.request_id] = len(out.outputs[0].token_ids)
+        new = [f"{tag}:new:{i}" for i in range(busy["new"])]
+        start = time.perf_counter()
+        for request_id in new:
+            engine.add_request(request_id, TokensPrompt(prompt_token_ids=self.prompt(request_id, busy["new_length"])),
+                               SamplingParams(temperature=0.0, max_tokens=1))
+        pending, steps = set(new), 0
+        while pending:
+            steps += 1
+            for out in engine.step():
+                if out.request_id in pending and out.outputs[0].token_ids:
+                    pending.discard(out.request_id)
+        seconds = time.perf_counter() - start
+        engine.abort_request(decoding)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return seconds, steps
+
+    def phase_busy(self) -> None:
+        busy = self.workload["busy"]
+        label = f"{busy['new']}x{length_label(busy['new_length'])} + {busy['decoding']} decoding"
+        self._busy_once("busy:warmup")
+        runs = [self._busy_once(f"busy:{rep}") for rep in range(self.spec["reps"])]
+        times = [seconds for seconds, _ in runs]
+        self.result["ttft"][label] = {"kind": "busy", "requests": busy["new"], "prompt_tokens": busy["new_length"],
+                                      "decoding": busy["decoding"], "steps": [steps for _, steps in runs],
+                                      "times_s": [round(t, 5) for t in times],
+                                      "median_s": round(statistics.median(times), 5)}
+        self.progress(f"  ttft {label}: median {statistics.median(times) * 1e3:.1f} ms")
+
+    def phase_decode(self) -> None:
+        decode = self.workload["decode"]
+        tokens, length = decode["tokens"], decode["length"]
+        for batch in decode["batch_sizes"]:
+            def prompts(tag):
+                return [self.prompt(f"decode:{tag}:{batch}:{i}", length) for i in range(batch)]
+
+            self.generate(prompts("warmup"), max_tokens=16, ignore_eos=True)
+            first_s, _ = self.generate(prompts("first"), max_tokens=1)
+            all_s, outputs = self.generate(prompts("all"), max_tokens=tokens, ignore_eos=True)
+            generated = [len(o.outputs[0].token_ids) for o in outputs]
+            ms = (all_s - first_s) / (tokens - 1) * 1e3
+            self.result["decode"][str(batch)] = {"prompt_tokens": length, "tokens": tokens, "generated": generated,
+                                                 "first_s": round(first_s, 5), "all_s": round(all_s, 5),
+                                                 "ms_per_token": round(ms, 3)}
+            self.progress(f"  decode batch {batch}: {ms:.2f} ms/token")
+            self.save()
+
+
+# ----------------------------------------------------------------------------- agreement math
+
+
+def greedy_agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """Prompts whose greedy tokens are identical, and the mean fraction of tokens generated
+    before the first difference (greedy decoding on a random model diverges at near-ties)."""
+    prefixes = []
+    for ref, oth in zip(reference, other):
+        same = 0
+        while same < min(len(ref), len(oth)) and ref[same] == oth[same]:
+            same += 1
+        prefixes.append(same / max(len(ref), 1))
+    return {"identical": sum(a == b for a, b in zip(reference, other)), "prompts": len(reference),
+            "mean_prefix_fraction": round(statistics.mean(prefixes), 4) if prefixes else None}
+
+
+def logprob_deltas(reference: list[list[float | None]], other: list[list[float | None]]) -> dict:
+    """max and mean |delta| of the prompt-token logprobs over every position both have."""
+    deltas = [abs(a - b) for ref, oth in zip(reference, other) for a, b in zip(ref, oth)
+              if a is not None and b is not None]
+    if not deltas:
+        return {"max": None, "mean": None, "positions": 0}
+    return {"max": round(max(deltas), 5), "mean": round(statistics.mean(deltas), 5), "positions": len(deltas)}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_name(config: str, kv_dtype: str, mtp: bool) -> str:
+    return config + ("" if kv_dtype == "auto" else f"+{kv_dtype}") + ("+mtp" if mtp else "")
+
+
+def variant_suffix(name: str) -> str:
+    return name[len(name.split("+")[0]):]
+
+
+def llm_kwargs(config: dict, args, model_dir: Path, kv_dtype: str, mtp: bool, max_model_len: int) -> dict:
+    kwargs = {
+        "model": str(model_dir), "dtype": "bfloat16", "seed": 0, "max_model_len": max_model_len,
+        "max_num_seqs": 16, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enable_prefix_caching": False, "gpu_memory_utilization": args.gpu_memory_utilization,
+        "enforce_eager": args.eager or args.cpu_dry_run, "kv_cache_dtype": kv_dtype,
+        "compilation_config": {"cudagraph_capture_sizes": CAPTURE_SIZES},
+    }
+    if config["parallel"] == "tp":
+        kwargs["tensor_parallel_size"] = args.n
+    else:
+        kwargs.update(tensor_parallel_size=1, prefill_context_parallel_size=args.n)
+        # vLLM 0.32 (PCPManager.validate_config): sparse-MLA PCP without DCP refuses CUDA graphs.
+        kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
+    if "cp_nsa" in config:
+        kwargs["additional_config"] = {"cp_nsa": config["cp_nsa"]}
+    if mtp:
+        kwargs["speculative_config"] = dict(MTP_CONFIG)
+    return kwargs
+
+
+def worker_env(uses_plugin: bool, args) -> dict:
+    """The plugin's runs see it; the native runs must not (vLLM's own DeepseekV32 then runs)."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != args.plugin_path]
+    if uses_plugin and args.plugin_path:
+        paths.insert(0, args.plugin_path)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if not uses_plugin and not args.plugin_path:
+        env["VLLM_PLUGINS"] = ""  # the plugin is an installed distribution here: load no plugin
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",  # engine core in the worker: llm_engine.step() and RPCs reach it
+        VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc with a function
+        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+        # NVLink multicast stays off on these hosts (shared GPUs).
+        NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+    )
+    if args.cpu_dry_run:
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+        if args.n > 1:
+            env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+    return env
+
+
+def nvidia_smi(query: str) -> list[list[str]]:
+    try:
+        text = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [[v.strip() for v in line.split(",")] for line in text.strip().splitlines()]
+
+
+def gpu_tag(gpu_name: str) -> str:
+    match = re.search(r"([A-Z]\d{2,3}[A-Z]?)", gpu_name.upper())
+    return match.group(1).lower() if match else re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+
+
+def wait_gpus_released(n: int, timeout_s: float = 30.0) -> float:
+    """Seconds until every GPU the last run used is back under 1 GiB (the next run's
+    memory profiling must see free GPUs)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        rows = nvidia_smi("memory.used")[:n]
+        if not rows or all(int(r[0]) < 1024 for r in rows):
+            break
+        time.sleep(1)
+    return round(time.monotonic() - start, 1)
+
+
+def ensure_model(args) -> tuple[Path, float]:
+    """Build the checkpoint once (a BUILD.json with the same arguments means it is complete);
+    a failed GPU draw is retried on the CPU rather than losing the whole run."""
+    model_dir = Path(args.model_dir)
+    identity = [] if args.cpu_dry_run else ["--real-dims", "--num-layers", str(args.num_layers),
+                                            "--num-nextn-predict-layers", "1"]
+    marker = model_dir / "BUILD.json"
+    if marker.exists() and json.loads(marker.read_text())["args"] == identity:
+        print(f"BUILD skipped: {model_dir} already built ({marker.read_text().strip()})", flush=True)
+        return model_dir, 0.0
+    start = time.monotonic()
+    for device in [None] if args.cpu_dry_run else list(dict.fromkeys([args.build_device, "cpu"])):
+        device_args = [] if device is None else ["--device", device]
+        proc = subprocess.run([sys.executable, str(EVAL_DIR / "make_tiny_model.py"), str(model_dir), *identity,
+                               *device_args], capture_output=True, text=True)
+        if proc.returncode == 0:
+            break
+        print(f"BUILD on {device} failed: {proc.stderr.strip()[-1500:]}", flush=True)
+    else:
+        sys.exit("checkpoint build failed")
+    marker.write_text(json.dumps({"args": identity, "device": device}) + "\n")
+    seconds = time.monotonic() - start
+    print(f"BUILD {proc.stdout.strip()} ({seconds:.1f}s wall)", flush=True)
+    return model_dir, seconds
+
+
+# Wrappers that only say "see the other process": never the line worth reporting.
+GENERIC_ERRORS = ("initialization failed", "validation error for", "See stack trace", "See root cause")
+
+
+def error_line(text: str) -> str:
+    """The last exception message in ``text`` that names a cause (worker processes log the
+    root cause; the engine re-raises a generic wrapper)."""
+    hits = [m.group(1).strip() for m in re.finditer(r"((?:\w+(?:Error|Exception)|Value error)[:,] .*)", text)
+            if not any(g in m.group(1) for g in GENERIC_ERRORS)]
+    if hits:
+        return hits[-1][:300]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def run_worker(name: str, spec: dict, env: dict, timeout_s: float, logs: Path, n: int) -> dict:
+    spec_path, log_path = logs / f"{name}.spec.json", logs / f"{name}.log"
+    result_path, progress_path = Path(spec["result_path"]), Path(spec["progress_path"])
+    for path in (result_path, progress_path):
+        path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "worker", "--spec", str(spec_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(logs),
+                                start_new_session=True)
+    shown, timed_out = 0, False
+    while proc.poll() is None:
+        time.sleep(1)
+        shown = echo_progress(progress_path, shown)
+        if time.monotonic() - start > timeout_s:
+            timed_out = True
+            break
+    stop_process_group(proc)
+    echo_progress(progress_path, shown)
+    result = json.loads(result_path.read_text()) if result_path.exists() else {"name": name}
+    log_text = log_path.read_text(errors="replace")
+    result.update(rc=proc.returncode, wall_s=round(time.monotonic() - start, 1), log=str(log_path),
+                  gpu_release_s=wait_gpus_released(n) if not spec["cpu"] else 0.0)
+    if timed_out and result.get("status") not in ("ok", "partial"):  # not when it finished at the wire
+        result["status"] = "timeout"
+        result["error"] = f"killed after {timeout_s:.0f}s (per-run timeout or budget)"
+    elif result.get("status") not in ("ok", "partial", "failed"):
+        result["status"] = "crashed"
+        result["error"] = log_text[-3000:]
+    result["error_line"] = summarize_error(result, log_text)
+    return result
+
+
+def summarize_error(result: dict, log_text: str) -> str:
+    """One line for the report: why the run failed, or which measurement failed."""
+    if result["status"] == "timeout":
+        return result["error"]
+    if result["status"] in ("failed", "crashed"):
+        return error_line(log_text + "\n" + result["error"])
+    return "; ".join(f"{phase}: {error_line(tail)}" for phase, tail in result.get("errors", {}).items())
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of the group remains; orphaned vLLM workers'
+    zombies would keep a plain killpg(pgid, 0) answering."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """End the worker and every vLLM process it started (its session), politely first."""
+    for sig, grace_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if proc.poll() is not None and not group_alive(proc.pid):
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        waited = time.monotonic()
+        while time.monotonic() - waited < grace_s and (proc.poll() is None or group_alive(proc.pid)):
+            time.sleep(0.2)
+    proc.wait()
+
+
+def echo_progress(path: Path, shown: int) -> int:
+    if not path.exists():
+        return shown
+    text = path.read_text()
+    if len(text) > shown:
+        print(text[shown:], end="", flush=True)
+    return len(text)
+
+
+def drive(args) -> None:
+    t0 = time.monotonic()
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    workload = dict(DRY_RUN_WORKLOAD if args.cpu_dry_run else GPU_WORKLOAD)
+    lengths = [parse_length(x) for x in (args.lengths or ("64,256" if args.cpu_dry_run else
+                                                          "1K,4K,16K,32K,64K")).split(",")]
+    configs = (args.configs or (DRY_RUN_CONFIGS if args.cpu_dry_run else DEFAULT_CONFIGS)).split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    phases = args.phases.split(",")
+    if any(p not in PHASES for p in phases):
+        sys.exit(f"phases must be among {PHASES}")
+    kv_dtypes = args.kv_dtypes.split(",")
+    mtp_variants = {"off": [False], "on": [True], "both": [False, True]}[args.mtp]
+
+    gpus = nvidia_smi("name,memory.total")
+    gpu_name = "cpu (dry run)" if args.cpu_dry_run else (gpus[0][0] if gpus else "unknown GPU")
+    tag = "cpu" if args.cpu_dry_run else gpu_tag(gpu_name)
+    model_dir, build_s = ensure_model(args)
+    longest = max(lengths + [n for _, n in workload["batches"]] + [workload["busy"]["new_length"],
+                  workload["decode"]["length"] + workload["decode"]["tokens"],
+                  max(workload["greedy"]["lengths"]) + workload["greedy"]["tokens"],
+                  max(workload["logprobs"]["lengths"]) + 1])
+    max_model_len = -(-(longest + 64) // 256) * 256
+    report = {
+        "meta": {
+            "gpu": gpu_name, "gpu_tag": tag, "n": args.n, "gpus": gpus[:args.n],
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "model_dir": str(model_dir), "model_config": json.loads((model_dir / "config.json").read_text()),
+            "build_s": round(build_s, 1), "budget_s": args.budget_s, "config_timeout_s": args.config_timeout_s,
+            "reps": args.reps, "lengths": lengths, "workload": workload, "phases": phases,
+            "max_model_len": max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
+            "gpu_memory_utilization": args.gpu_memory_utilization, "capture_sizes": CAPTURE_SIZES,
+            "cpu_dry_run": args.cpu_dry_run, "command": sys.argv,
+        },
+        "runs": {},
+    }
+    stem = out / f"compare_{tag}_n{args.n}"
+    runs = [(c, kv, mtp) for kv in kv_dtypes for mtp in mtp_variants for c in configs]
+    for config_name, kv_dtype, mtp in runs:
+        name = run_name(config_name, kv_dtype, mtp)
+        remaining = args.budget_s - (time.monotonic() - t0) - REPORT_RESERVE_S
+        if remaining < args.min_run_s:
+            report["runs"][name] = {"name": name, "status": "skipped",
+                                    "error_line": f"budget: {remaining:.0f}s left < --min-run-s {args.min_run_s}"}
+            print(f"SKIP {name}: {remaining:.0f}s of budget left", flush=True)
+            continue
+        timeout_s = min(args.config_timeout_s, remaining)
+        config = CONFIGS[config_name]
+        spec = {
+            "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
+            "llm": llm_kwargs(config, args, model_dir, kv_dtype, mtp, max_model_len),
+            "workload": workload, "ttft_lengths": lengths, "reps": args.reps, "phases": phases,
+            # The worker stops starting measurements a little before the driver's kill.
+            "deadline": time.time() + timeout_s - min(20.0, timeout_s / 10),
+            "result_path": str(logs / f"{name}.result.json"), "progress_path": str(logs / f"{name}.progress"),
+        }
+        print(f"RUN {name} (timeout {timeout_s:.0f}s, budget used {time.monotonic() - t0:.0f}s)", flush=True)
+        result = run_worker(name, spec, worker_env(config["plugin"], args), timeout_s, logs, args.n)
+        report["runs"][name] = result
+        print(f"END {name}: {result['status']} in {result['wall_s']}s "
+              f"(phases {result.get('phase_s', {})}) {result.get('error_line', '')}", flush=True)
+        write_report(report, stem)
+    report["meta"]["total_s"] = round(time.monotonic() - t0, 1)
+    write_report(report, stem)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no matplotlib: PNG left to eval/plot_compare.py", flush=True)
+    else:
+        from plot_compare import plot
+
+        plot(report, stem.with_suffix(".png"))
+    print(f"WROTE {stem}.json {stem}.md in {report['meta']['total_s']}s", flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def reference_run(report: dict, wanted: str, suffix: str) -> str | None:
+    """``wanted`` with the same kv / MTP variant when it measured TTFT, else None."""
+    run = report["runs"].get(wanted + suffix)
+    return wanted + suffix if run and run.get("ttft") else None
+
+
+def agreement_reference(report: dict, suffix: str) -> str | None:
+    """native-tp of the same variant, else the first run of that variant with agreement data."""
+    ref = report["runs"].get("native-tp" + suffix)
+    if ref and ref.get("greedy"):
+        return "native-tp" + suffix
+    return next((name for name, run in report["runs"].items()
+                 if variant_suffix(name) == suffix and run.get("greedy")), None)
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _gib(nbytes) -> str:
+    return _fmt(None if nbytes is None else nbytes / 2**30, ".2f")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_markdown(report: dict) -> str:
+    meta, runs = report["meta"], report["runs"]
+    names = list(runs)
+    versions = next((r["versions"] for r in runs.values() if r.get("versions")), {})
+    cfg = meta["model_config"]
+    built = f"built in {meta['build_s']}s" if meta["build_s"] else "already built"
+    lines = [
+        f"# vLLM native TP / PCP vs the plugin: {meta['gpu']}, N={meta['n']}",
+        "",
+        f"- date {meta['date']}; vLLM {versions.get('vllm', '?')}, torch {versions.get('torch', '?')}, "
+        f"CUDA {versions.get('cuda', '?')}, Python {versions.get('python', '?')}",
+        f"- model: random DeepSeek-V3.2 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"{cfg['num_attention_heads']} heads, index_topk {cfg['index_topk']}, {cfg['n_routed_experts']} experts "
+        f"top-{cfg['num_experts_per_tok']}, MTP layers {cfg['num_nextn_predict_layers']}), bf16 weights, "
+        f"`{meta['model_dir']}` ({built})",
+        f"- engine: max_model_len {meta['max_model_len']}, max_num_batched_tokens {meta['max_num_batched_tokens']}, "
+        f"max_num_seqs 16, prefix caching off, gpu_memory_utilization {meta['gpu_memory_utilization']}, "
+        f"CUDA-graph capture sizes {meta['capture_sizes']} (PCP: none)"
+        + (", enforce_eager (dry run)" if meta["cpu_dry_run"] else ""),
+        f"- TTFT = wall time of `llm.generate(max_tokens=1)`, median of {meta['reps']} after a warm-up of the "
+        f"same shape, fresh random prompts; budget {meta['budget_s']}s, used {meta.get('total_s', '(running)')}s",
+        "",
+        "## Runs",
+        "",
+    ]
+    rows = []
+    for name in names:
+        run = runs[name]
+        info, ranks = run.get("info", {}), run.get("info", {}).get("ranks") or [{}]
+        memory = run.get("memory", {})
+        smi_peak = max(memory.get("nvidia_smi_peak_mib", {}).values(), default=None)
+        transient = [r["peak_bytes"] - rank.get("allocated_bytes", 0)
+                     for r, rank in zip(memory.get("ranks") or [], ranks) if r]
+        rows.append([
+            name, run.get("status", "?"), _fmt(run.get("phase_s", {}).get("startup")),
+            (ranks[0].get("model_class") or "–").rsplit(".", 1)[-1],
+            ", ".join(ranks[0].get("attention_impls") or []) or "–",
+            (ranks[0].get("cudagraph_mode") or "–").replace("CUDAGraphMode.", ""),
+            info.get("kv_cache_dtype") or "–", _fmt(info.get("kv_capacity_tokens"), ","),
+            _gib(ranks[0].get("weights_bytes")), _fmt(None if smi_peak is None else smi_peak / 1024, ".1f"),
+            _gib(max(transient) if transient else None),
+            (run.get("error_line") or "").replace("|", "/")[:160],
+        ])
+    lines += _table(["run", "status", "startup s", "model class", "attention impl", "CUDA graphs", "KV cache",
+                     "KV capacity (tokens)", "weights GiB/rank", "peak GiB (nvidia-smi)",
+                     "transient GiB (torch)", "error"], rows)
+
+    labels = list(dict.fromkeys(label for run in runs.values() for label in run.get("ttft", {})))
+    if labels:
+        medians = {name: {lb: runs[name].get("ttft", {}).get(lb, {}).get("median_s") for lb in labels}
+                   for name in names}
+        lines += ["", "## TTFT (ms)", ""]
+        lines += _table(["workload"] + names, [[lb] + [_fmt(None if medians[n][lb] is None else medians[n][lb] * 1e3)
+                                                       for n in names] for lb in labels])
+        for wanted in ("native-tp", "plugin-inseq"):
+            lines += ["", f"## TTFT speed-up vs {wanted} of the same variant (its TTFT / this run's; > 1 = faster)",
+                      ""]
+            rows = []
+            for lb in labels:
+                row = [lb]
+                for name in names:
+                    ref = reference_run(report, wanted, variant_suffix(name))
+                    a = medians.get(ref, {}).get(lb) if ref else None
+                    b = medians[name][lb]
+                    row.append(_fmt(a / b if a and b else None, ".2f"))
+                rows.append(row)
+            lines += _table(["workload"] + names, rows)
+
+    batch_sizes = list(dict.fromkeys(b for run in runs.values() for b in run.get("decode", {})))
+    if batch_sizes:
+        lines += ["", "## Decode (ms per output token: (t(T tokens) - t(1 token)) / (T-1))", ""]
+        lines += _table(["batch"] + names, [[b] + [_fmt(runs[n].get("decode", {}).get(b, {}).get("ms_per_token"),
+                                                        ".2f") for n in names] for b in batch_sizes])
+
+    rows = []
+    for name in names:
+        run = runs[name]
+        ref_name = agreement_reference(report, variant_suffix(name))
+        if not run.get("greedy") or ref_name in (None, name):
+            continue
+        ref = runs[ref_name]
+        greedy = greedy_agreement(ref["greedy"]["tokens"], run["greedy"]["tokens"])
+        deltas = (logprob_deltas(ref["prompt_logprobs"]["logprobs"], run["prompt_logprobs"]["logprobs"])
+                  if ref.get("prompt_logprobs") and run.get("prompt_logprobs") else {})
+        rows.append([name, ref_name, f"{greedy['identical']}/{greedy['prompts']}",
+                     _fmt(greedy["mean_prefix_fraction"], ".2f"), _fmt(deltas.get("max"), ".4f"),
+                     _fmt(deltas.get("mean"), ".4f"), str(deltas.get("positions", "–"))])
+    if rows:
+        greedy = meta["workload"]["greedy"]
+        lines += ["", f"## Agreement (greedy: {greedy['tokens']} tokens for prompts of {greedy['lengths']} tokens; "
+                  f"prompt logprobs of prompts of {meta['workload']['logprobs']['lengths']} tokens)", ""]
+        lines += _table(["run", "reference", "greedy identical", "mean matching prefix", "max abs Δ logprob",
+                         "mean abs Δ logprob", "positions"], rows)
+
+    lines += ["", "## Phase timings (s)", ""]
+    lines += _table(["run", "wall"] + ["startup"] + PHASES + ["GPU release"],
+                    [[n, _fmt(runs[n].get("wall_s"))] + [_fmt(runs[n].get("phase_s", {}).get(p))
+                                                         for p in ["startup"] + PHASES]
+                     + [_fmt(runs[n].get("gpu_release_s"))] for n in names])
+    skipped = [f"{n}: {', '.join(runs[n]['skipped'])}" for n in names if runs[n].get("skipped")]
+    if skipped:
+        lines += ["", "Skipped at the deadline: " + "; ".join(skipped)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render_markdown(report))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="run one configuration (started by drive)")
+    worker.add_argument("--spec", required=True)
+    d = sub.add_parser("drive", help="run the configurations and write the report")
+    d.add_argument("--n", type=int, default=2, help="GPUs (= TP size, or PCP size for native-pcp)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (default {DEFAULT_CONFIGS})")
+    d.add_argument("--kv-dtypes", default="auto", help="comma list of auto, fp8")
+    d.add_argument("--mtp", choices=["off", "on", "both"], default="off", help="MTP variant (1 draft token)")
+    d.add_argument("--lengths", help="single-prompt TTFT lengths, e.g. 1K,4K,16K,32K,64K (the default)")
+    d.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
+    d.add_argument("--reps", type=int, default=3)
+    d.add_argument("--budget-s", type=float, default=540, help="total wall time, checkpoint build included")
+    d.add_argument("--config-timeout-s", type=float, default=300)
+    d.add_argument("--min-run-s", type=float, default=60, help="do not start a run with less budget than this")
+    d.add_argument("--model-dir", help="checkpoint directory (built there once)")
+    d.add_argument("--num-layers", type=int, default=3)
+    d.add_argument("--build-device", default="cuda", help="where make_tiny_model draws the weights")
+    d.add_argument("--plugin-path", help="directory holding the plugin as an installed distribution "
+                                         "(put on PYTHONPATH for plugin runs only)")
+    d.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    d.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    d.add_argument("--eager", action="store_true", help="enforce_eager for every run")
+    d.add_argument("--cpu-dry-run", action="store_true",
+                   help="tiny model, tiny lengths, enforce_eager, on CPU: checks the plumbing")
+    args = ap.parse_args(argv)
+    if args.command == "worker":
+        Worker(json.loads(Path(args.spec).read_text())).run()
+        return
+    if args.model_dir is None:
+        args.model_dir = "/tmp/cmp_tiny_v32" if args.cpu_dry_run else f"/tmp/cmp_real_v32_l{args.num_layers}"
+    drive(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The plugin against vLLM's own TP and PCP inside the staged real vLLM 0.32, on N GPUs of one host.
+#   (device) bash eval/run_gpu_compare.sh N [CONFIG ...]        # carry: .whl (pluggy)
+# The staged stack must already be unpacked in /tmp/vsite (eval/gpu_vllm_notes.md). CONFIGs are
+# gpu_compare.py names (default: native-tp plugin-rr plugin-inseq native-pcp); more driver flags
+# through COMPARE_ARGS, e.g. COMPARE_ARGS="--kv-dtypes auto,fp8 --lengths 4K,64K --budget-s 400".
+set -u
+cd "$(dirname "$0")/.."
+N=${1:-2}
+shift $(( $# > 0 ? 1 : 0 ))
+CONFIGS=$(IFS=,; echo "$*")
+OUT=${OUT:-/tmp/compare_out}; mkdir -p "$OUT"
+# vLLM's env, the staged NCCL (several GPUs), pytest / pluggy, and the plugin laid out as an
+# installed distribution in /tmp/cpnsa; the driver puts /tmp/cpnsa on PYTHONPATH for the
+# plugin's runs only.
+source eval/gpu_env.sh || exit 5
+REPO=$(pwd); cd /tmp  # the repo root holds vllm_cp_nsa/ without kernels/: never import it from there
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu_info.txt"
+nvidia-smi topo -m >> "$OUT/gpu_info.txt" 2>&1
+timeout "${TMO:-585}" python3 "$REPO/eval/gpu_compare.py" drive --n "$N" --out "$OUT" --plugin-path /tmp/cpnsa \
+  ${CONFIGS:+--configs "$CONFIGS"} ${COMPARE_ARGS:-} 2>&1 | tee "$OUT/compare_driver.log"
+echo "rc=${PIPESTATUS[0]}"
+cat "$OUT"/compare_*_n"$N".md 2>/dev/null
