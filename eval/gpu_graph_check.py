@@ -39,7 +39,7 @@ CONFIGS = {
 }
 
 
-def _prompts() -> list[list[int]]:
+def tiny_prompts() -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(_model()))
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prompts = _prompts()
+    prompts = tiny_prompts()
     started = time.time()
     results = []
     for name in args.names:
