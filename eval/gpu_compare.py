@@ -2,12 +2,16 @@
 
     python eval/gpu_compare.py drive --n 2 --out DIR [--configs native-tp,plugin-rr,...]
     python eval/gpu_compare.py drive --cpu-dry-run --out DIR        # plumbing check on CPU
+    python eval/gpu_compare.py drive --n 2 --out DIR --phases warmup,ttft,profile   # + a prefill profile
     python eval/gpu_compare.py worker --spec FILE                   # one configuration (drive starts it)
 
 Each configuration runs in its own process (vLLM's process-wide state never leaks between
 them) under a per-configuration timeout and a total budget. The worker writes its results
 after every measurement, and the driver rewrites compare_<gpu>_n<N>.json / .md (and .png)
 after every configuration, so a run that is cut off still leaves what it measured.
+The optional ``profile`` phase (``--phases ...,profile`` or ``--profile``; always run last)
+traces one single-prompt prefill of ``--profile-length`` tokens with vLLM's torch profiler
+into DIR/profiles/<run>/ (one trace per rank) and adds eval/profile_summary.py's tables.
 Commands, columns and caveats: eval/compare_notes.md.
 """
 
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -45,6 +50,14 @@ CONFIGS = {
 DEFAULT_CONFIGS = "native-tp,plugin-rr,plugin-inseq,native-pcp"
 DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"
 PHASES = ["warmup", "agreement", "ttft", "batches", "busy", "decode"]
+# Not in the default list. "profile" always runs last in its worker: vLLM creates the torch
+# profiler only at the first start_profile, so the phases before it run without one.
+OPTIONAL_PHASES = ["profile"]
+PROFILE_LENGTH, DRY_RUN_PROFILE_LENGTH = 16 * K, 256
+# vLLM 0.32 ProfilerConfig for the profile phase (torch_profiler_dir is added per run). No Python
+# stacks (large traces, host overhead); no key_averages table on stop (the summary is ours).
+PROFILER_CONFIG = {"profiler": "torch", "torch_profiler_with_stack": False,
+                   "torch_profiler_record_shapes": False, "torch_profiler_dump_cuda_time_total": False}
 CAPTURE_SIZES = [1, 2, 4, 8, 16]
 MTP_CONFIG = {"method": "mtp", "num_speculative_tokens": 1}
 # Seconds of the budget kept back for writing the report.
@@ -342,6 +355,30 @@ class Worker:
                                       "median_s": round(statistics.median(times), 5)}
         self.progress(f"  ttft {label}: median {statistics.median(times) * 1e3:.1f} ms")
 
+    def phase_profile(self) -> None:
+        """One single-prompt prefill (max_tokens=1) of the profile length under vLLM's torch
+        profiler (``LLM(profiler_config=...)``, ``llm.start_profile`` / ``stop_profile``), after an
+        unprofiled generate of the same shape (Triton JIT / autotuning of new shapes stays out of
+        the trace). Every rank writes ``prefill<L>_dp.._tp<T>_.._rank<R>.<ns>.pt.trace.json.gz``
+        into the run's profile folder when the profiler stops (before stop_profile returns)."""
+        profile = self.spec["profile"]
+        length, folder = profile["length"], Path(profile["dir"])
+        before = {p for p in folder.rglob("*")} if folder.exists() else set()
+        warmup_s, _ = self.generate([self.prompt("profile:warmup", length)], max_tokens=1)
+        self.llm.start_profile(profile_prefix=f"prefill{length_label(length)}")
+        try:
+            profiled_s, _ = self.generate([self.prompt("profile:0", length)], max_tokens=1)
+        finally:
+            self.llm.stop_profile()
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                       if p.is_file() and p not in before) if folder.exists() else []
+        self.result["profile"] = {"length": length, "dir": str(folder), "files": files,
+                                  "unprofiled_s": round(warmup_s, 5), "profiled_s": round(profiled_s, 5)}
+        self.progress(f"  profile {length_label(length)}: {profiled_s * 1e3:.1f} ms profiled "
+                      f"({warmup_s * 1e3:.1f} ms unprofiled), {len(files)} files in {folder}")
+        if not any(".pt.trace.json" in f for f in files):
+            raise RuntimeError(f"the torch profiler wrote no trace into {folder}")
+
     def phase_decode(self) -> None:
         decode = self.workload["decode"]
         tokens, length = decode["tokens"], decode["length"]
@@ -439,6 +476,25 @@ def worker_env(uses_plugin: bool, args) -> dict:
         if args.n > 1:
             env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
     return env
+
+
+def safe_name(name: str) -> str:
+    """A run name as a folder name of letters, digits, '.', '_' and '-' ("+" is not one)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def summarize_profile(result: dict, profile_dir: Path) -> None:
+    """eval/profile_summary.py over the run's traces, into the run's result (per rank: ms per
+    category and the top kernels); a failure is recorded, never raised."""
+    try:
+        from profile_summary import collect_runs
+
+        runs = collect_runs([profile_dir], keep_kernels=60)
+        if runs:
+            result["profile_summary"] = runs.get(profile_dir.name) or next(iter(runs.values()))
+            result["profile_summary"]["dir"] = str(profile_dir)
+    except Exception:
+        result.setdefault("errors", {})["profile_summary"] = traceback.format_exc()[-3000:]
 
 
 def nvidia_smi(query: str) -> list[list[str]]:
@@ -600,9 +656,16 @@ def drive(args) -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         sys.exit(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
-    phases = args.phases.split(",")
-    if any(p not in PHASES for p in phases):
-        sys.exit(f"phases must be among {PHASES}")
+    phases = [p for p in args.phases.split(",") if p]
+    if args.profile and "profile" not in phases:
+        phases.append("profile")
+    if any(p not in PHASES + OPTIONAL_PHASES for p in phases):
+        sys.exit(f"phases must be among {PHASES + OPTIONAL_PHASES}")
+    profile_length = None
+    if "profile" in phases:  # last, whatever the order given: nothing is timed after the profiler ran
+        phases = [p for p in phases if p != "profile"] + ["profile"]
+        profile_length = (parse_length(args.profile_length) if args.profile_length else
+                          DRY_RUN_PROFILE_LENGTH if args.cpu_dry_run else PROFILE_LENGTH)
     kv_dtypes = args.kv_dtypes.split(",")
     mtp_variants = {"off": [False], "on": [True], "both": [False, True]}[args.mtp]
 
@@ -613,7 +676,7 @@ def drive(args) -> None:
     longest = max(lengths + [n for _, n in workload["batches"]] + [workload["busy"]["new_length"],
                   workload["decode"]["length"] + workload["decode"]["tokens"],
                   max(workload["greedy"]["lengths"]) + workload["greedy"]["tokens"],
-                  max(workload["logprobs"]["lengths"]) + 1])
+                  max(workload["logprobs"]["lengths"]) + 1] + ([profile_length + 1] if profile_length else []))
     max_model_len = -(-(longest + 64) // 256) * 256
     report = {
         "meta": {
@@ -624,7 +687,8 @@ def drive(args) -> None:
             "reps": args.reps, "lengths": lengths, "workload": workload, "phases": phases,
             "max_model_len": max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
             "gpu_memory_utilization": args.gpu_memory_utilization, "capture_sizes": CAPTURE_SIZES,
-            "cpu_dry_run": args.cpu_dry_run, "command": sys.argv,
+            "cpu_dry_run": args.cpu_dry_run, "command": sys.argv, "profile_length": profile_length,
+            "profile_activities": args.profile_activities,
         },
         "runs": {},
     }
@@ -640,9 +704,16 @@ def drive(args) -> None:
             continue
         timeout_s = min(args.config_timeout_s, remaining)
         config = CONFIGS[config_name]
+        kwargs = llm_kwargs(config, args, model_dir, kv_dtype, mtp, max_model_len)
+        profile_dir = out / "profiles" / safe_name(name)
+        if profile_length:
+            shutil.rmtree(profile_dir, ignore_errors=True)  # no stale traces of an earlier call
+            kwargs["profiler_config"] = {**PROFILER_CONFIG, "torch_profiler_dir": str(profile_dir)}
+            if args.profile_activities:
+                kwargs["profiler_config"]["torch_profiler_activities"] = args.profile_activities.split(",")
         spec = {
             "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
-            "llm": llm_kwargs(config, args, model_dir, kv_dtype, mtp, max_model_len),
+            "llm": kwargs, "profile": {"length": profile_length, "dir": str(profile_dir)} if profile_length else None,
             "workload": workload, "ttft_lengths": lengths, "reps": args.reps, "phases": phases,
             # The worker stops starting measurements a little before the driver's kill.
             "deadline": time.time() + timeout_s - min(20.0, timeout_s / 10),
@@ -650,6 +721,8 @@ def drive(args) -> None:
         }
         print(f"RUN {name} (timeout {timeout_s:.0f}s, budget used {time.monotonic() - t0:.0f}s)", flush=True)
         result = run_worker(name, spec, worker_env(config["plugin"], args), timeout_s, logs, args.n)
+        if profile_length and profile_dir.exists():
+            summarize_profile(result, profile_dir)
         report["runs"][name] = result
         print(f"END {name}: {result['status']} in {result['wall_s']}s "
               f"(phases {result.get('phase_s', {})}) {result.get('error_line', '')}", flush=True)
@@ -791,10 +864,27 @@ def render_markdown(report: dict) -> str:
         lines += _table(["run", "reference", "greedy identical", "mean matching prefix", "max abs Δ logprob",
                          "mean abs Δ logprob", "positions"], rows)
 
+    profiled = {n: runs[n]["profile_summary"] for n in names
+                if (runs[n].get("profile_summary") or {}).get("ranks")}
+    if profiled:
+        from profile_summary import render_markdown as render_profile
+
+        walls = "; ".join(f"{n} {p['profiled_s'] * 1e3:.1f} / {p['unprofiled_s'] * 1e3:.1f}"
+                          for n in profiled if (p := runs[n].get("profile")))
+        baseline = next((n for n in profiled if n.startswith("native-tp")), None)
+        table = render_profile(profiled, baseline=baseline, top=10).rstrip().split("\n")
+        activities = meta.get("profile_activities") or "CPU,CUDA (CPU on a CPU host)"
+        lines += ["", table[0], "",
+                  f"One prompt of {length_label(meta['profile_length'])} tokens, `generate(max_tokens=1)` under "
+                  f"vLLM's torch profiler (activities {activities}), after an unprofiled one of the same shape; "
+                  f"wall ms profiled / unprofiled: {walls}. Traces: `profiles/<run>/`, one per rank "
+                  f"(`python3 eval/profile_summary.py profiles`)."] + table[1:]
+
+    phase_columns = PHASES + [p for p in OPTIONAL_PHASES if any(p in runs[n].get("phase_s", {}) for n in names)]
     lines += ["", "## Phase timings (s)", ""]
-    lines += _table(["run", "wall"] + ["startup"] + PHASES + ["GPU release"],
+    lines += _table(["run", "wall"] + ["startup"] + phase_columns + ["GPU release"],
                     [[n, _fmt(runs[n].get("wall_s"))] + [_fmt(runs[n].get("phase_s", {}).get(p))
-                                                         for p in ["startup"] + PHASES]
+                                                         for p in ["startup"] + phase_columns]
                      + [_fmt(runs[n].get("gpu_release_s"))] for n in names])
     skipped = [f"{n}: {', '.join(runs[n]['skipped'])}" for n in names if runs[n].get("skipped")]
     if skipped:
@@ -819,7 +909,13 @@ def main(argv=None) -> None:
     d.add_argument("--kv-dtypes", default="auto", help="comma list of auto, fp8")
     d.add_argument("--mtp", choices=["off", "on", "both"], default="off", help="MTP variant (1 draft token)")
     d.add_argument("--lengths", help="single-prompt TTFT lengths, e.g. 1K,4K,16K,32K,64K (the default)")
-    d.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
+    d.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma list of {PHASES} and the optional {OPTIONAL_PHASES} (always run last)")
+    d.add_argument("--profile", action="store_true", help="add the profile phase (same as ...,profile in --phases)")
+    d.add_argument("--profile-length", help=f"prompt tokens of the profiled prefill (default "
+                                             f"{length_label(PROFILE_LENGTH)}; dry run {DRY_RUN_PROFILE_LENGTH})")
+    d.add_argument("--profile-activities", help="torch profiler activities, e.g. CUDA (less host overhead, no "
+                                                "step annotations); default vLLM's: CPU,CUDA (CPU on a CPU host)")
     d.add_argument("--reps", type=int, default=3)
     d.add_argument("--budget-s", type=float, default=540, help="total wall time, checkpoint build included")
     d.add_argument("--config-timeout-s", type=float, default=300)

@@ -1,0 +1,334 @@
+"""Where a profiled prefill's GPU time goes: torch-profiler chrome traces, summed per kernel
+category, runs side by side.
+
+    python3 eval/profile_summary.py $OUT/profiles               # one run per sub-folder
+    python3 eval/profile_summary.py $OUT/profiles/* --top 25    # the same, more kernels listed
+    python3 eval/profile_summary.py raw.tgz --baseline native-tp  # traces inside a tar archive
+
+Inputs: folders, trace files (``*.json`` / ``*.json.gz``, what vLLM 0.32's torch profiler writes:
+``<prefix>_dp0_pp0_tp<T>_dcp0_ep<E>_rank<R>.<ns>.pt.trace.json.gz``, one per rank) or tar
+archives of them. A run is the folder a trace lies in (``profiles/<run>/...``); a rank is the
+``rank<R>`` of the file name (else the trace's ``distributedInfo``). Where a run holds several
+traces of one rank, the newest (by name) counts.
+
+Per rank: the GPU events (``cat`` kernel / gpu_memcpy / gpu_memset) summed per kernel name and
+per category (``CATEGORY_PATTERNS`` below: the first pattern that matches the name wins), the
+kernel time (sum over all streams), GPU busy (union over streams: NCCL on its own stream
+overlaps compute, so busy < sum when it does), the GPU span (first GPU event start to the last
+one's end), GPU idle in that span (span - busy: launch gaps, host syncs, eager overhead) and the
+profiled engine steps (vLLM's ``execute_context_..._generation_...`` CPU annotations). A run's
+column is the mean over its ranks. A trace with no GPU events (a CPU-only run, or a host without
+CUPTI) is summed over its CPU ops' self time instead, and says so.
+
+Standard library only: it runs on any python3 (the GPU host's, or here on the CPU).
+Used by eval/gpu_compare.py (the ``profile`` phase) and documented in eval/compare_notes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+# (regex searched in the kernel name, case-insensitive; category). The FIRST matching row wins,
+# so the specific names come before the generic ones ("indexer_k_quant_and_cache" is a KV-cache
+# write, not indexer work; "fused_moe_kernel" is MoE, not GEMM). Adjust here.
+CATEGORY_PATTERNS: list[tuple[str, str]] = [
+    (r"^memcpy|^memset", "memcpy/memset"),
+    (r"nccl|cross_device_reduce|all_?reduce|all_?gather|reduce_?scatter|one_?shot|two_?shot|multimem",
+     "collectives"),
+    # KV-cache writes: the plugin's Triton writers, vLLM's MLA / indexer cache writers.
+    (r"\b_write_(latent|indexer)_\w*kernel|concat_and_cache|indexer_k_quant_and_cache|reshape_and_cache",
+     "kv-cache write"),
+    # Indexer: the plugin's Triton logits + exact top-k; vLLM's DeepGEMM (paged) MQA logits,
+    # its top-k per row and the gather of the indexer keys for prefill.
+    (r"\b_indexer_logits_kernel|\b_topk_kernel\b|mqa_logits|clean_logits|top_?k_per_row|gather_indexer|indexer",
+     "indexer"),
+    # Sparse attention: the plugin's Triton sparse MLA + split combine; FlashMLA (dense / sparse,
+    # prefill / decode, combine) and vLLM's index conversion for it.
+    (r"\b_sparse_mla_fwd_kernel|\b_combine_splits_kernel|flash_?mla|flash_fwd|sparse|mla|req_index_to_global",
+     "sparse attention"),
+    (r"moe|expert|topkgating|topk_softmax|grouped_topk", "moe"),
+    (r"nvjet|cutlass|xmma|gemm|gemv|cublas|wgmma|onednn_mm|aten::(addmm|mm|bmm|baddbmm|_scaled_mm|linear)\b",
+     "gemm"),
+    (r"rms_?norm|layer_?norm|norm_kernel|rotary|rope|elementwise|act_and_mul|silu|gelu|quant|"
+     r"triton_(poi|per|red)_|reduce_kernel|softmax|index|gather|scatter|cat|copy|fill|arange|cumsum|sort",
+     "norm/rope/elementwise"),
+]
+OTHER = "other"
+# Row order of the tables (any category of the patterns missing here goes before "other").
+DISPLAY_ORDER = ["indexer", "sparse attention", "kv-cache write", "gemm", "moe", "collectives",
+                 "norm/rope/elementwise", "memcpy/memset"]
+CATEGORIES = list(dict.fromkeys(DISPLAY_ORDER + [c for _, c in CATEGORY_PATTERNS] + [OTHER]))
+_COMPILED = [(re.compile(p, re.IGNORECASE), c) for p, c in CATEGORY_PATTERNS]
+
+GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+STEP_ANNOTATION = re.compile(r"^execute_")  # vLLM's per-step record_function (gpu_worker.annotate_profile)
+TRACE_SUFFIXES = (".json", ".json.gz")
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+KEEP_KERNELS = 40  # per rank, in the stored summary
+
+
+def categorize(name: str) -> str:
+    for pattern, category in _COMPILED:
+        if pattern.search(name):
+            return category
+    return OTHER
+
+
+def load_trace(data: bytes) -> dict:
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return json.loads(data)
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total / 1e3
+
+
+def _cpu_self_times(events: list[dict]) -> list[tuple[str, float, float, float]]:
+    """(name, ts, end, self µs) of cpu_op events: nesting is per thread, a child's time is
+    taken off its parent's."""
+    by_thread = defaultdict(list)
+    for e in events:
+        by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    out = []
+    for thread_events in by_thread.values():
+        thread_events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+        stack: list[list] = []  # [name, ts, end, self]
+        for e in thread_events:
+            ts, end = e["ts"], e["ts"] + e.get("dur", 0)
+            while stack and stack[-1][2] <= ts + 1e-6:
+                out.append(tuple(stack.pop()))
+            if stack:
+                stack[-1][3] -= end - ts
+            stack.append([e["name"], ts, end, end - ts])
+        out.extend(tuple(s) for s in reversed(stack))
+    return out
+
+
+def summarize_trace(trace: dict) -> dict:
+    """One rank's trace: ms per category and per kernel, and the totals (module docstring)."""
+    events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict) and e.get("ph") == "X"]
+    gpu = [e for e in events if e.get("cat") in GPU_CATS]
+    steps = [e for e in events if e.get("cat") == "user_annotation" and STEP_ANNOTATION.match(e.get("name", ""))]
+    if gpu:
+        source = "gpu"
+        timed = [(e["name"], e["ts"], e["ts"] + e.get("dur", 0), e.get("dur", 0)) for e in gpu]
+    else:
+        source = "cpu_op self time (no GPU events in the trace)"
+        timed = _cpu_self_times([e for e in events if e.get("cat") == "cpu_op"])
+    kernels: dict[str, dict] = {}
+    categories = dict.fromkeys(CATEGORIES, 0.0)
+    for name, _, _, dur in timed:
+        k = kernels.setdefault(name, {"category": categorize(name), "calls": 0, "ms": 0.0})
+        k["calls"] += 1
+        k["ms"] += dur / 1e3
+        categories[k["category"]] += dur / 1e3
+    kernel_ms = sum(categories.values())
+    span_ms = (max(t[2] for t in timed) - min(t[1] for t in timed)) / 1e3 if timed else 0.0
+    busy_ms = _union_ms([(t[1], t[2]) for t in timed]) if gpu else None
+    return {
+        "source": source,
+        "kernel_ms": kernel_ms,
+        "busy_ms": busy_ms,
+        "span_ms": span_ms,
+        "idle_ms": None if busy_ms is None else span_ms - busy_ms,
+        "launches": len(timed),
+        "steps": len(steps),
+        "step_ms": sum(e.get("dur", 0) for e in steps) / 1e3 if steps else None,
+        "step_names": sorted({e["name"] for e in steps})[:4],
+        "categories": categories,
+        "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])),
+    }
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _is_trace_name(name: str) -> bool:
+    return name.endswith(TRACE_SUFFIXES)
+
+
+def _rank_of(name: str, trace: dict, fallback: int) -> str:
+    match = re.search(r"rank(\d+)", Path(name).name)
+    if match:
+        return match.group(1)
+    info = trace.get("distributedInfo") or {}
+    return str(info.get("rank", fallback))
+
+
+def _iter_sources(path: Path):
+    """(run, file name, bytes) of every trace file under ``path``."""
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.is_file() and _is_trace_name(file.name):
+                yield file.parent.name, str(file), file.read_bytes()
+            elif file.is_file() and file.name.endswith(TAR_SUFFIXES) and tarfile.is_tarfile(file):
+                yield from _iter_sources(file)
+    elif path.is_file() and _is_trace_name(path.name):
+        yield path.resolve().parent.name, str(path), path.read_bytes()
+    elif path.is_file() and tarfile.is_tarfile(path):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and _is_trace_name(member.name):
+                    parent = Path(member.name).parent.name or path.name
+                    yield parent, f"{path}:{member.name}", tar.extractfile(member).read()
+    else:
+        print(f"profile_summary: skipped {path} (no trace files)", file=sys.stderr)
+
+
+def collect_runs(paths: list[str | Path], keep_kernels: int | None = KEEP_KERNELS) -> dict:
+    """{run: {"ranks": {rank: summary}, "files": [...], "notes": [...]}} in input order."""
+    found: dict[str, dict[str, list[tuple[str, dict]]]] = {}
+    for path in paths:
+        for run, name, data in _iter_sources(Path(path)):
+            try:
+                trace = load_trace(data)
+            except (OSError, ValueError, EOFError) as exc:
+                print(f"profile_summary: skipped {name}: {exc}", file=sys.stderr)
+                continue
+            if not isinstance(trace, dict) or "traceEvents" not in trace:
+                if "trace" in Path(name).name:  # other JSON (a run's logs beside its traces) quietly
+                    print(f"profile_summary: skipped {name}: no traceEvents", file=sys.stderr)
+                continue
+            ranks = found.setdefault(run, {})
+            ranks.setdefault(_rank_of(name, trace, len(ranks)), []).append((name, trace))
+    runs = {}
+    for run, ranks in found.items():
+        entry = {"ranks": {}, "files": [], "notes": []}
+        for rank in sorted(ranks, key=int):
+            traces = sorted(ranks[rank], key=lambda nt: Path(nt[0]).name)
+            if len(traces) > 1:
+                entry["notes"].append(f"rank {rank}: {len(traces)} traces, the newest counted")
+            name, trace = traces[-1]
+            summary = summarize_trace(trace)
+            if keep_kernels is not None:
+                summary["kernels"] = dict(list(summary["kernels"].items())[:keep_kernels])
+            entry["ranks"][rank] = summary
+            entry["files"].append(name)
+        runs[run] = entry
+    return runs
+
+
+# ----------------------------------------------------------------------------- tables
+
+TOTALS = [("kernel time (sum over streams)", "kernel_ms"), ("GPU busy (union of streams)", "busy_ms"),
+          ("GPU span (first to last GPU event)", "span_ms"), ("GPU idle in span", "idle_ms"),
+          ("engine step (execute_* annotation, CPU)", "step_ms")]
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_means(run: dict) -> dict:
+    """A run's numbers as the mean over its ranks."""
+    ranks = list(run["ranks"].values())
+    out = {key: _mean([r.get(key) for r in ranks]) for _, key in TOTALS + [("", "launches"), ("", "steps")]}
+    out["categories"] = {c: _mean([r["categories"].get(c, 0.0) for r in ranks]) or 0.0 for c in CATEGORIES}
+    kernels: dict[str, dict] = {}
+    for r in ranks:
+        for name, k in r["kernels"].items():
+            entry = kernels.setdefault(name, {"category": k["category"], "calls": 0, "ms": 0.0})
+            entry["calls"] += k["calls"] / len(ranks)
+            entry["ms"] += k["ms"] / len(ranks)
+    out["kernels"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["ms"]))
+    out["sources"] = sorted({r["source"] for r in ranks})
+    return out
+
+
+def _f(value, spec=".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_markdown(runs: dict, baseline: str | None = None, top: int = 15, level: str = "##") -> str:
+    """Categories side by side (mean over ranks, ms and share of kernel time; the difference
+    to ``baseline``, default the first run), the totals, per-rank category times, and each
+    run's top kernels."""
+    runs = {name: run for name, run in runs.items() if run.get("ranks")}
+    if not runs:
+        return f"{level} Prefill profile\n\nno trace files found\n"
+    names = list(runs)
+    base = baseline if baseline in runs else names[0]
+    means = {name: run_means(runs[name]) for name in names}
+    others = [n for n in names if n != base]
+    lines = [f"{level} Prefill profile: GPU time per category (ms, mean over ranks; share of kernel time)", ""]
+    header = ["category"] + names + [f"{n} − {base}" for n in others]
+    rows = []
+    for category in CATEGORIES:
+        values = {n: means[n]["categories"][category] for n in names}
+        if not any(values.values()):
+            continue
+        row = [category]
+        for n in names:
+            total = means[n]["kernel_ms"] or 0.0
+            row.append(f"{values[n]:.2f} ({values[n] / total:.0%})" if total else _f(values[n]))
+        row += [f"{values[n] - values[base]:+.2f}" for n in others]
+        rows.append(row)
+    for label, key in TOTALS:
+        row = [f"**{label}**"] + [_f(means[n][key]) for n in names]
+        row += [_f(None if means[n][key] is None or means[base][key] is None else means[n][key] - means[base][key],
+                   "+.2f") for n in others]
+        rows.append(row)
+    rows.append(["GPU events / engine steps"] + [f"{means[n]['launches']:.0f} / {means[n]['steps']:.0f}"
+                                                  for n in names] + ["" for _ in others])
+    lines += _table(header, rows)
+    sources = {n: means[n]["sources"] for n in names if means[n]["sources"] != ["gpu"]}
+    if sources:
+        lines += ["", "Not GPU time: " + "; ".join(f"{n}: {', '.join(s)}" for n, s in sources.items())]
+    notes = [f"{n}: {note}" for n in names for note in runs[n].get("notes", [])]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes)]
+
+    lines += ["", f"{level}# Per rank (ms)", ""]
+    shown = [c for c in CATEGORIES if any(r["categories"].get(c) for run in runs.values()
+                                          for r in run["ranks"].values())]
+    rows = [[n, rank] + [_f(r["categories"].get(c, 0.0)) for c in shown]
+            + [_f(r["kernel_ms"]), _f(r["busy_ms"]), _f(r["span_ms"]), _f(r["step_ms"])]
+            for n in names for rank, r in runs[n]["ranks"].items()]
+    lines += _table(["run", "rank"] + shown + ["kernel sum", "busy", "span", "step"], rows)
+
+    for n in names:
+        lines += ["", f"{level}# Top kernels: {n} (mean over ranks)", ""]
+        total = means[n]["kernel_ms"] or 0.0
+        rows = [[name.replace("|", "/")[:90], k["category"], f"{k['calls']:g}", f"{k['ms']:.3f}",
+                 f"{k['ms'] / total:.1%}" if total else "–"]
+                for name, k in list(means[n]["kernels"].items())[:top]]
+        lines += _table(["kernel", "category", "calls", "ms", "share"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("paths", nargs="+", help="folders (a run per folder holding traces), trace files, tar archives")
+    ap.add_argument("--baseline", help="run the differences are taken against (default: the first)")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per run")
+    ap.add_argument("--json", help="also write the per-rank summaries here")
+    args = ap.parse_args(argv)
+    runs = collect_runs(args.paths)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
+    print(render_markdown(runs, baseline=args.baseline, top=args.top), end="")
+
+
+if __name__ == "__main__":
+    main()

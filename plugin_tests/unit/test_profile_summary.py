@@ -1,0 +1,181 @@
+"""eval/profile_summary.py on synthetic chrome traces: categories, sums, busy / span / idle,
+ranks, .json.gz and tar inputs, the CPU-op fallback, and the side-by-side markdown."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "eval"))
+
+import profile_summary as ps  # noqa: E402
+
+T0 = 5_000_000_000.0  # µs, like Kineto's absolute timestamps
+
+
+def kernel(name: str, ts: float, dur: float, stream: int = 7, cat: str = "kernel") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": stream, "ts": T0 + ts, "dur": dur,
+            "args": {"device": 0, "stream": stream}}
+
+
+def fake_trace(scale: float = 1.0, rank: int | None = None) -> dict:
+    """One prefill step: µs durations; the NCCL all-gather (stream 20) overlaps the GEMM."""
+    s = scale
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": "python"}},
+        {"ph": "X", "cat": "user_annotation", "name": "execute_context_1(16384)_generation_0(0)",
+         "pid": 100, "tid": 100, "ts": T0 - 50, "dur": 2000},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 100, "tid": 100, "ts": T0, "dur": 30},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 100, "tid": 100, "ts": T0, "dur": 5},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "execute_context_1(16384)_generation_0(0)",
+         "pid": 0, "tid": 7, "ts": T0, "dur": 1500},
+        {"ph": "f", "cat": "ac2g", "name": "ac2g", "pid": 0, "tid": 7, "ts": T0, "id": 1},
+        kernel("Memcpy HtoD (Pageable -> Device)", 0, 10, cat="gpu_memcpy"),
+        kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 10, 100 * s),        # gemm
+        kernel("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 50, 80, stream=20),
+        kernel("_indexer_logits_kernel", 200, 300 * s),                          # indexer
+        kernel("_topk_kernel", 500, 100 * s),                                    # indexer
+        kernel("void vllm::indexer_k_quant_and_cache_kernel<__nv_bfloat16>", 600, 20),  # kv write
+        kernel("_write_latent_plain_kernel", 620, 10),                           # kv write
+        kernel("_sparse_mla_fwd_kernel", 640, 200 * s),                          # sparse attention
+        kernel("fused_moe_kernel", 900, 150),                                    # moe
+        kernel("void vllm::rms_norm_kernel<c10::BFloat16>", 1050, 25),           # norm
+        kernel("void vllm::moe::topkGatingSoftmax<8>", 1075, 5),                 # moe
+        kernel("some_unknown_kernel", 1080, 20),                                 # other
+        kernel("Memset (Device)", 1100, 2, cat="gpu_memset"),
+    ]
+    trace = {"schemaVersion": 1, "traceEvents": events}
+    if rank is not None:
+        trace["distributedInfo"] = {"backend": "nccl", "rank": rank, "world_size": 2}
+    return trace
+
+
+def test_categorize_table_order():
+    assert ps.categorize("void vllm::indexer_k_quant_and_cache_kernel<x>") == "kv-cache write"
+    assert ps.categorize("void vllm::cp_gather_indexer_k_quant_cache_kernel<x>") == "indexer"
+    assert ps.categorize("void deep_gemm::sm90_fp8_paged_mqa_logits<1>") == "indexer"
+    assert ps.categorize("void vllm::top_k_per_row_prefill<1>") == "indexer"
+    assert ps.categorize("_topk_kernel") == "indexer"
+    assert ps.categorize("void vllm::moe::grouped_topk_fused_kernel<float>") == "moe"
+    assert ps.categorize("void flash::flash_fwd_splitkv_mla_kernel<x>") == "sparse attention"
+    assert ps.categorize("_combine_splits_kernel") == "sparse attention"
+    assert ps.categorize("void vllm::cross_device_reduce_1stage<x>") == "collectives"
+    assert ps.categorize("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
+    assert ps.categorize("triton_poi_fused_add_mul_0") == "norm/rope/elementwise"
+    assert ps.categorize("whatever") == ps.OTHER
+
+
+def test_summarize_trace_sums():
+    s = ps.summarize_trace(fake_trace())
+    c = s["categories"]
+    assert s["source"] == "gpu"
+    assert c["gemm"] == pytest.approx(0.100)
+    assert c["collectives"] == pytest.approx(0.080)
+    assert c["indexer"] == pytest.approx(0.400)
+    assert c["kv-cache write"] == pytest.approx(0.030)
+    assert c["sparse attention"] == pytest.approx(0.200)
+    assert c["moe"] == pytest.approx(0.155)
+    assert c["norm/rope/elementwise"] == pytest.approx(0.025)
+    assert c["memcpy/memset"] == pytest.approx(0.012)
+    assert c[ps.OTHER] == pytest.approx(0.020)
+    assert s["kernel_ms"] == pytest.approx(sum(c.values())) == pytest.approx(1.022)
+    # Union: the all-gather (50..130) overlaps the GEMM (10..110) by 60 µs; gaps 130..200, 110..? etc.
+    intervals = [(0, 10), (10, 110), (50, 130), (200, 500), (500, 600), (600, 620), (620, 630), (640, 840),
+                 (900, 1050), (1050, 1075), (1075, 1080), (1080, 1100), (1100, 1102)]
+    assert s["busy_ms"] == pytest.approx(ps._union_ms(intervals)) == pytest.approx(1.022 - 0.060)
+    assert s["span_ms"] == pytest.approx(1.102)
+    assert s["idle_ms"] == pytest.approx(1.102 - 0.962)
+    assert s["launches"] == 13
+    assert (s["steps"], s["step_ms"]) == (1, pytest.approx(2.0))
+    assert s["kernels"]["_indexer_logits_kernel"] == {"category": "indexer", "calls": 1, "ms": pytest.approx(0.3)}
+    # gpu_user_annotation, cuda_runtime and cpu_op events are not GPU time
+    assert "cudaLaunchKernel" not in s["kernels"] and "aten::mm" not in s["kernels"]
+
+
+def test_collect_runs_json_gz_tar_and_markdown(tmp_path):
+    profiles = tmp_path / "profiles"
+    for run, scale in (("native-tp", 1.0), ("plugin-rr", 2.0)):
+        folder = profiles / run
+        folder.mkdir(parents=True)
+        for rank in (0, 1):
+            name = f"prefill16K_dp0_pp0_tp{rank}_dcp0_ep{rank}_rank{rank}.1700000000000000000.pt.trace.json"
+            data = json.dumps(fake_trace(scale)).encode()
+            if run == "plugin-rr":  # vLLM's default: gzip
+                (folder / (name + ".gz")).write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    (profiles / "native-tp" / "stray.txt").write_text("not a trace")
+
+    runs = ps.collect_runs([profiles])
+    assert list(runs) == ["native-tp", "plugin-rr"]
+    assert list(runs["plugin-rr"]["ranks"]) == ["0", "1"]
+    means = {n: ps.run_means(r) for n, r in runs.items()}
+    assert means["native-tp"]["categories"]["indexer"] == pytest.approx(0.4)
+    assert means["plugin-rr"]["categories"]["indexer"] == pytest.approx(0.8)
+    assert means["plugin-rr"]["categories"]["sparse attention"] == pytest.approx(0.4)
+    assert means["plugin-rr"]["kernel_ms"] == pytest.approx(1.022 + 0.7)
+
+    md = ps.render_markdown(runs)
+    indexer_row = next(line for line in md.splitlines() if line.startswith("| indexer |"))
+    assert "0.40 (39%)" in indexer_row and "0.80" in indexer_row and "+0.40" in indexer_row
+    assert "plugin-rr − native-tp" in md and "Top kernels: plugin-rr" in md
+    assert "| plugin-rr | 1 |" in md  # per-rank table
+
+    # The same traces from a tar archive (how the device call brings them back), run names kept.
+    archive = tmp_path / "raw.tgz"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "plugin-rr.result.json").write_text(json.dumps({"name": "plugin-rr"}))  # not a trace: skipped
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+        tar.add(profiles, arcname="profiles")
+    from_tar = ps.collect_runs([archive])
+    assert list(from_tar) == ["native-tp", "plugin-rr"]
+    assert ps.run_means(from_tar["plugin-rr"])["categories"] == pytest.approx(means["plugin-rr"]["categories"])
+
+    # Individual files and --json through main()
+    out_json = tmp_path / "summary.json"
+    files = sorted(str(p) for p in (profiles / "plugin-rr").iterdir())
+    ps.main(files + ["--json", str(out_json), "--top", "3"])
+    stored = json.loads(out_json.read_text())
+    assert list(stored) == ["plugin-rr"] and len(stored["plugin-rr"]["ranks"]) == 2
+
+
+def test_rank_from_distributed_info_and_newest_trace(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "a.1.pt.trace.json").write_text(json.dumps(fake_trace(1.0, rank=1)))
+    (folder / "a.2.pt.trace.json").write_text(json.dumps(fake_trace(3.0, rank=1)))
+    runs = ps.collect_runs([folder])
+    assert list(runs["run"]["ranks"]) == ["1"]
+    assert runs["run"]["ranks"]["1"]["categories"]["indexer"] == pytest.approx(1.2)  # the newer one
+    assert runs["run"]["notes"]
+
+
+def test_cpu_only_trace_falls_back_to_cpu_op_self_time():
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "pid": 1, "tid": 1, "ts": 0.0, "dur": 100.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::addmm", "pid": 1, "tid": 1, "ts": 10.0, "dur": 80.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::silu", "pid": 1, "tid": 1, "ts": 120.0, "dur": 30.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::addmm", "pid": 1, "tid": 2, "ts": 5.0, "dur": 40.0},
+    ]
+    s = ps.summarize_trace({"traceEvents": events})
+    assert s["source"].startswith("cpu_op")
+    assert s["kernels"]["aten::linear"]["ms"] == pytest.approx(0.020)  # 100 - its child's 80
+    assert s["kernels"]["aten::addmm"]["ms"] == pytest.approx(0.120)
+    assert s["categories"]["gemm"] == pytest.approx(0.140)
+    assert s["kernel_ms"] == pytest.approx(0.170)
+    assert s["busy_ms"] is None
+    md = ps.render_markdown({"dry": {"ranks": {"0": s}}})
+    assert "Not GPU time" in md
+
+
+def test_empty_input(tmp_path):
+    assert ps.collect_runs([tmp_path]) == {}
+    assert "no trace files found" in ps.render_markdown({})
