@@ -1,7 +1,8 @@
 """The plugin's own extensions, registered as ordinary pluggy hook implementations.
 
-The ``vllm`` kernel provider lives in the adapter (it calls vLLM's kernels) but imports
-vLLM only inside its methods, so listing it keeps this registry importable without vLLM.
+The ``vllm`` and ``vllm-deepgemm`` kernel providers live in the adapter (they call vLLM's
+kernels) but import vLLM only inside their methods, so listing them keeps this registry
+importable without vLLM.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def cp_nsa_moe_communicators() -> list:
 
 @hookimpl
 def cp_nsa_kernel_providers() -> list:
+    from .adapter.vllm_deepgemm import VllmDeepGemmOps
     from .adapter.vllm_kernels import VllmKernelOps
     from .kernels.dispatch import builtin_providers
 
-    return [*builtin_providers(), VllmKernelOps()]
+    return [*builtin_providers(), VllmKernelOps(), VllmDeepGemmOps()]

@@ -31,7 +31,9 @@ class CpNsaConfig:
     """MoE communicator under CP: ``auto``, ``full``, ``scattered`` or an extension's."""
     kernels: str = "auto"
     """Kernel provider: ``auto``, ``torch``, ``triton``, ``vllm`` (vLLM's FlashMLA sparse
-    attention, Triton indexer) or an extension's."""
+    attention, Triton indexer), ``vllm-deepgemm`` (opt-in, never picked by ``auto``: as
+    ``vllm`` plus vLLM's DeepGEMM prefill indexer for an fp8 indexer cache; no CUDA graphs,
+    decode included) or an extension's."""
     min_tokens_for_cp: int = 0
     """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
 

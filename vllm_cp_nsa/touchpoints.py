@@ -2,7 +2,7 @@
 
 A leaf: importing this module imports nothing from vLLM. ``check_touchpoints``
 resolves each symbol so a vLLM without one fails at startup naming it (an optional one,
-used only by the ``vllm`` kernel provider, is logged instead); ``check_vllm_version``
+used only by the ``vllm`` / ``vllm-deepgemm`` kernel providers, is logged instead); ``check_vllm_version``
 warns once on an untested vLLM. A test keeps this list in sync with the adapter's imports.
 """
 
@@ -27,8 +27,9 @@ class Touchpoint:
     patched: bool = False
     """True only for the one place the plugin wraps a vLLM attribute (see plugin.py)."""
     optional: bool = False
-    """True for the kernels only the ``vllm`` kernel provider calls (lazily): without one
-    the plugin still starts, and that provider leaves the op to Triton."""
+    """True for the kernels only the ``vllm`` / ``vllm-deepgemm`` kernel providers call
+    (lazily): without one the plugin still starts, and those providers leave the op to
+    Triton."""
 
 
 TOUCHPOINTS: tuple[Touchpoint, ...] = (
@@ -74,6 +75,11 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.v1.attention.ops.flashmla", "flash_mla_sparse_fwd", "sparse MLA over a bf16 latent cache", optional=True),
     Touchpoint("vllm.v1.attention.ops.flashmla", "flash_mla_with_kvcache", "sparse MLA over an fp8_ds_mla latent cache", optional=True),
     Touchpoint("vllm.v1.attention.ops.flashmla", "get_mla_metadata", "FlashMLA tile scheduler metadata", optional=True),
+    # kernels of the opt-in `vllm-deepgemm` kernel provider (adapter/vllm_deepgemm.py)
+    Touchpoint("vllm.utils.import_utils", "has_deep_gemm", "check DeepGEMM is installed", optional=True),
+    Touchpoint("vllm._custom_ops", "cp_gather_indexer_k_quant_cache", "gather fp8 indexer keys into a contiguous buffer", optional=True),
+    Touchpoint("vllm.utils.deep_gemm", "fp8_fp4_mqa_logits", "DeepGEMM fp8 indexer logits over per-row key ranges", optional=True),
+    Touchpoint("vllm._custom_ops", "top_k_per_row_prefill", "per-row indexer top-k over [ks, ke)", optional=True),
 )
 
 
@@ -99,7 +105,7 @@ def check_touchpoints() -> None:
                 f"(needed to {point.why})"
             )
             if point.optional:
-                logger.warning("%s; the 'vllm' kernel provider leaves that op to Triton", missing)
+                logger.warning("%s; the vLLM kernel providers leave that op to Triton", missing)
                 continue
             raise VllmTouchpointError(
                 f"{missing}; the plugin was checked against vLLM {CHECKED_AGAINST}"

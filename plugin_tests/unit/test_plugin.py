@@ -65,9 +65,10 @@ def test_adapter_uses_only_listed_vllm_symbols():
     assert used <= listed, f"unlisted vLLM symbols: {sorted(used - listed)}"
 
 
-# builtins.py registers the adapter's `vllm` kernel provider, whose module imports vLLM
-# only inside functions (test_vllm_kernel_provider_imports_vllm_lazily).
-_CORE_TO_ADAPTER_IMPORTS = {("builtins.py", "adapter.vllm_kernels")}
+# builtins.py registers the adapter's `vllm` and `vllm-deepgemm` kernel providers, whose
+# modules import vLLM only inside functions (test_vllm_kernel_provider_imports_vllm_lazily).
+_KERNEL_PROVIDER_MODULES = ("vllm_kernels.py", "vllm_deepgemm.py")
+_CORE_TO_ADAPTER_IMPORTS = {("builtins.py", "adapter.vllm_kernels"), ("builtins.py", "adapter.vllm_deepgemm")}
 
 
 def test_core_never_imports_vllm():
@@ -89,16 +90,20 @@ def test_core_never_imports_vllm():
 
 
 def test_vllm_kernel_provider_imports_vllm_lazily():
-    """Module level of adapter/vllm_kernels.py imports no vLLM (the registry imports it
-    on any vLLM and without one); its kernel symbols are optional touchpoints."""
-    tree = ast.parse((ADAPTER / "vllm_kernels.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module:
-            assert node.module.split(".")[0] != "vllm", node.module
-        if isinstance(node, ast.Import):
-            assert all(a.name.split(".")[0] != "vllm" for a in node.names)
+    """Module level of adapter/vllm_kernels.py and adapter/vllm_deepgemm.py imports no vLLM
+    (the registry imports them on any vLLM and without one); their kernel symbols are
+    exactly the optional touchpoints."""
+    used = set()
+    for name in _KERNEL_PROVIDER_MODULES:
+        tree = ast.parse((ADAPTER / name).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] != "vllm", (name, node.module)
+            if isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] != "vllm" for a in node.names), name
+        used |= _vllm_imports(ADAPTER / name)
     optional = {(t.module, t.symbol) for t in touchpoints.TOUCHPOINTS if t.optional}
-    assert _vllm_imports(ADAPTER / "vllm_kernels.py") == optional
+    assert used == optional
 
 
 def test_missing_optional_symbol_only_warns(monkeypatch, caplog):

@@ -1,0 +1,476 @@
+"""Kernel provider ``vllm-deepgemm`` (adapter/vllm_deepgemm.py): vLLM's DeepGEMM prefill
+indexer (gather -> fp8_fp4_mqa_logits -> top_k_per_row_prefill), opt-in.
+
+CPU: it is registered below Triton (``auto`` never picks it), refuses CPU devices
+(``kernels='vllm-deepgemm'`` fails naming the device), reports no CUDA-graph support, hands
+CPU tensors to the Triton provider, and its pure-torch helpers (gather / chunk plan, best-
+first reordering, query quantization) match straightforward implementations, the chunk
+split matching vLLM's own ``_split_indexer_prefill_chunks``.
+
+GPU (``-m gpu``, vLLM GPU build with DeepGEMM on an SM90 / SM100 GPU): ``indexer_topk``
+against the torch reference ``indexer_topk_paged`` on fresh random CP-like rows, with the
+Triton fallback disabled so the DeepGEMM path must serve them; chunking gives identical
+picks; and the fallbacks where DeepGEMM does not apply.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vllm_cp_nsa import extensions
+from vllm_cp_nsa.adapter import vllm_deepgemm, vllm_kernels
+from vllm_cp_nsa.adapter.vllm_deepgemm import (
+    VllmDeepGemmOps,
+    best_first,
+    plan_gather,
+    quantize_indexer_q,
+    split_chunks,
+)
+from vllm_cp_nsa.adapter.vllm_kernels import VllmKernelOps
+from vllm_cp_nsa.config import CpNsaConfigError
+from vllm_cp_nsa.kernels import attention_ref, dispatch, kv_cache_ref
+from vllm_cp_nsa.kernels import indexer_topk  # noqa: F401  (import under the interpreter)
+
+NAME = "vllm-deepgemm"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    extensions.plugin_manager.cache_clear()
+    yield
+    extensions.plugin_manager.cache_clear()
+
+
+# --------------------------------------------------------------------------- CPU
+def test_registered_opt_in_and_without_cuda_graphs():
+    providers = extensions.kernel_providers()
+    ops = providers[NAME]
+    assert isinstance(ops, VllmDeepGemmOps) and isinstance(ops, VllmKernelOps)
+    assert providers["torch"].priority < ops.priority < providers["triton"].priority
+    assert ops.priority < providers["vllm"].priority
+    assert not ops.supports_cuda_graphs
+    assert providers["vllm"].supports_cuda_graphs  # the `vllm` provider is unchanged
+
+
+def test_refuses_cpu_and_kernels_option_is_a_clear_error():
+    ops = VllmDeepGemmOps()
+    assert not ops.supports("cpu", torch.bfloat16, 128)
+    assert not ops.supports(torch.device("cpu"))
+    assert not ops.supports(None, None, 0)
+    with pytest.raises(CpNsaConfigError, match=rf"kernel provider '{NAME}' does not support device=cpu"):
+        extensions.resolve_kernel_provider(NAME, torch.device("cpu"), torch.bfloat16, 128)
+
+
+def test_auto_never_picks_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert extensions.resolve_kernel_provider("auto", cpu, torch.bfloat16, 128).name == "torch"
+    # Wherever it claims support, vllm or triton rank above it ...
+    yes = lambda self, device=None, dtype=None, num_heads=0: True  # noqa: E731
+    no = lambda self, device=None, dtype=None, num_heads=0: False  # noqa: E731
+    for cls in (dispatch.NsaOps, dispatch.TritonOps, VllmKernelOps, VllmDeepGemmOps):
+        monkeypatch.setattr(cls, "supports", yes)
+    assert extensions.resolve_kernel_provider("auto", "cuda", torch.bfloat16, 128).name == "vllm"
+    monkeypatch.setattr(VllmKernelOps, "supports", no)
+    assert extensions.resolve_kernel_provider("auto", "cuda", torch.bfloat16, 128).name == "triton"
+    # ... and it never supports what triton refuses (its check is the vllm provider's).
+    monkeypatch.undo()
+    monkeypatch.setattr(vllm_kernels, "_flashmla_sparse_supported", lambda: True)
+    monkeypatch.setattr(dispatch.TritonOps, "supports", no)
+    assert not VllmDeepGemmOps().supports("cuda", torch.bfloat16, 128)
+
+
+def test_cpu_tensors_and_bf16_caches_go_to_triton(device):
+    """Inputs DeepGEMM does not take (CPU tensors; on a GPU a bf16 cache) give the Triton
+    provider's picks exactly."""
+    gen = torch.Generator().manual_seed(3)
+    ops, tops = VllmDeepGemmOps(), dispatch.get_ops("triton", device)
+    block_size, num_blocks, tokens = 8, 4, 24
+    table = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
+    keys = torch.randn(tokens, 128, generator=gen).to(torch.bfloat16).to(device)
+    fp8_cache = torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8, device=device)
+    bf16_cache = torch.zeros(num_blocks, block_size, 128, dtype=torch.bfloat16, device=device)
+    for cache, fp8 in ((fp8_cache, True), (bf16_cache, False)):
+        tops.write_indexer_cache(cache, keys, torch.arange(tokens, device=device), block_size, fp8)
+    q = torch.randn(3, 4, 128, generator=gen).to(torch.bfloat16).to(device)
+    w = torch.randn(3, 4, generator=gen).to(device)
+    row_req = torch.tensor([0, -1, 0], dtype=torch.int32, device=device)
+    row_len = torch.tensor([tokens, 0, 5], dtype=torch.int32, device=device)
+    caches = [(bf16_cache, False)] + ([(fp8_cache, True)] if device.type == "cpu" else [])
+    for cache, fp8 in caches:
+        got = ops.indexer_topk(q, w, cache, table, row_req, row_len, 8, block_size, fp8)
+        assert torch.equal(got, tops.indexer_topk(q, w, cache, table, row_req, row_len, 8, block_size, fp8))
+
+
+def _cp_rows(gen: random.Random, lens_req: list[int], mode: str) -> list[tuple[int, int]]:
+    """(request, kv_len) of one CP rank's rows: round-robin (rows of all requests
+    interleaved), in-seq (a head and a tail chunk per request) or random, with padding rows
+    (request -1) and rows of a request without keys (kv_len 0) sprinkled in."""
+    rows: list[tuple[int, int]] = []
+    if mode == "round-robin":
+        for i in range(max(lens_req)):
+            for r, n in enumerate(lens_req):
+                if i < n and i % 2 == 1:
+                    rows.append((r, i + 1))
+    elif mode == "in-seq":
+        for r, n in enumerate(lens_req):
+            half = n // 4
+            rows += [(r, p + 1) for p in range(half)] + [(r, p + 1) for p in range(n - half, n)]
+    else:
+        rows = [(gen.randrange(len(lens_req)), 0) for _ in range(60)]
+        rows = [(r, gen.randint(1, lens_req[r])) for r, _ in rows]
+    for _ in range(5):
+        rows.insert(gen.randrange(len(rows) + 1), (-1, 0))
+    rows.insert(gen.randrange(len(rows) + 1), (gen.randrange(len(lens_req)), 0))
+    return rows
+
+
+def _straightforward_plan(rows: list[tuple[int, int]]):
+    """Per request the largest kv_len of its rows, requests ascending, then each active
+    row's [ks, ke) in the concatenated buffer, rows ordered by (request, kv_len, index)."""
+    active = [(m, r, n) for m, (r, n) in enumerate(rows) if r >= 0 and n > 0]
+    reqs = sorted({r for _, r, _ in active})
+    key_len = {r: max(n for _, rr, n in active if rr == r) for r in reqs}
+    start, offset = {}, 0
+    for r in reqs:
+        start[r], offset = offset, offset + key_len[r]
+    ordered = sorted(active, key=lambda t: (t[1], t[2], t[0]))
+    return reqs, [key_len[r] for r in reqs], [(m, start[r], start[r] + n) for m, r, n in ordered]
+
+
+@pytest.mark.parametrize("mode", ["round-robin", "in-seq", "random"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gather_plan_matches_a_straightforward_one(mode, seed):
+    gen = random.Random(seed)
+    lens_req = [gen.randint(1, 300) for _ in range(gen.randint(1, 6))]
+    rows = _cp_rows(gen, lens_req, mode)
+    # requests of the batch that hold no row of this rank: ids above / between
+    row_req = torch.tensor([2 * r + 1 if r >= 0 else -1 for r, _ in rows], dtype=torch.int32)
+    row_len = torch.tensor([n for _, n in rows])
+    budget = gen.choice([1 << 30, 4 * 3000, 4 * 700])
+    max_keys = gen.choice([1 << 30, 200])
+    plan = plan_gather(row_req, row_len, budget, max_keys)
+
+    reqs, key_lens, ranges = _straightforward_plan([(2 * r + 1 if r >= 0 else -1, n) for r, n in rows])
+    assert plan.reqs.tolist() == reqs and plan.key_lens.tolist() == key_lens
+    assert plan.key_starts.tolist() == [sum(key_lens[:i]) for i in range(len(reqs) + 1)]
+    assert list(zip(plan.rows.tolist(), plan.ks.tolist(), plan.ke.tolist())) == ranges
+
+    # chunks: consecutive row ranges covering every active row once, each row in one of
+    # its chunk's requests, within the budgets unless a single request / row cannot be
+    assert [c.row_lo for c in plan.chunks[1:]] == [c.row_hi for c in plan.chunks[:-1]]
+    assert (plan.chunks[0].row_lo, plan.chunks[-1].row_hi) == (0, len(ranges))
+    req_idx = {r: i for i, r in enumerate(reqs)}
+    for c in plan.chunks:
+        chunk_reqs = [req_idx[int(row_req[m])] for m in plan.rows[c.row_lo : c.row_hi].tolist()]
+        assert all(c.req_lo <= i < c.req_hi for i in chunk_reqs)
+        keys = sum(key_lens[c.req_lo : c.req_hi])
+        if c.req_hi - c.req_lo > 1:
+            assert keys <= max_keys
+        if c.row_hi - c.row_lo > 1:
+            assert (c.row_hi - c.row_lo) * (keys + vllm_deepgemm._LOGITS_PAD) * 4 <= budget
+
+
+def test_chunk_split_is_vllms(monkeypatch):
+    """Without DeepGEMM's row padding the split is vLLM's ``_split_indexer_prefill_chunks``
+    (requests = vLLM's prefill requests, rows = their query tokens)."""
+    indexer = pytest.importorskip("vllm.v1.attention.backends.mla.indexer")
+    split = indexer.DeepseekV32IndexerMetadataBuilder._split_indexer_prefill_chunks
+    monkeypatch.setattr(vllm_deepgemm, "_LOGITS_PAD", 0)
+    gen = random.Random(7)
+    for _ in range(50):
+        n = gen.randint(1, 8)
+        key_lens = [gen.randint(1, 5000) for _ in range(n)]
+        row_counts = [gen.randint(1, 3000) for _ in range(n)]
+        budget = gen.choice([4 * 10**5, 4 * 10**6, 4 * 10**7])
+        max_keys = gen.choice([3000, 10**4, 10**6])
+        first_row = [sum(row_counts[:i]) for i in range(n)]
+        want = [
+            (rs.start, rs.stop, first_row[rs.start] + qs.start, first_row[rs.start] + qs.stop)
+            for rs, qs in split(torch.tensor(key_lens), torch.tensor(row_counts), max_keys, budget)
+        ]
+        got = [(c.req_lo, c.req_hi, c.row_lo, c.row_hi) for c in split_chunks(key_lens, row_counts, budget, max_keys)]
+        assert got == want
+
+
+def test_best_first_is_the_reference_order():
+    gen = torch.Generator().manual_seed(5)
+    rows, width, k = 40, 300, 16
+    logits = torch.randint(0, 6, (rows, width), generator=gen).float()  # many ties
+    ks = torch.randint(0, 100, (rows,), generator=gen)
+    picks = torch.full((rows, k), -1, dtype=torch.int32)
+    for m in range(rows):
+        n = int(torch.randint(0, k + 1, (1,), generator=gen))
+        pos = torch.randperm(150, generator=gen)[:n].int()
+        slots = torch.randperm(k, generator=gen)[:n]
+        picks[m, slots] = pos
+    got = best_first(picks, logits, ks)
+    for m in range(rows):
+        valid = [p for p in picks[m].tolist() if p >= 0]
+        want = sorted(valid, key=lambda p: (-logits[m, ks[m] + p].item(), p))
+        assert got[m].tolist() == want + [-1] * (k - len(want))
+
+
+def test_query_quantization_is_vllms_recipe():
+    """Per row and head a power-of-two scale 2^ceil(log2(amax / 448)) folded into the weight:
+    the scores move by fp8 noise only; fp8 queries pass unchanged."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(6, 4, 128, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.0])[None, :, None]
+    q = q.to(torch.bfloat16)
+    weights = torch.randn(6, 4, generator=gen)
+    q8, w8 = quantize_indexer_q(q, weights)
+    assert q8.dtype == torch.float8_e4m3fn and w8.dtype == torch.float32 and q8.shape == q.shape
+    scale = w8 / weights
+    amax = q.float().abs().amax(-1)
+    for s, a in zip(scale.flatten().tolist(), amax.flatten().tolist()):
+        want = 2.0 ** torch.ceil(torch.log2(torch.tensor(max(a, 1e-10) * (1 / 448.0)))).item()
+        assert s == want
+    assert torch.equal(q8.float(), (q.float() / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    keys = torch.randn(50, 128, generator=gen)
+    ks, ke = torch.zeros(6, dtype=torch.long), torch.full((6,), 50)
+    exact = attention_ref.indexer_logits(q, keys, weights, ks, ke)
+    folded = attention_ref.indexer_logits(q8.float(), keys, w8, ks, ke)
+    assert ((folded - exact).norm() / exact.norm()).item() < 0.06
+    same_q, same_w = quantize_indexer_q(q8, weights)
+    assert torch.equal(same_q.view(torch.uint8), q8.view(torch.uint8)) and torch.equal(same_w, weights)
+
+
+class _KernelStandIns:
+    """Torch stand-ins of the three vLLM kernels with their documented contracts (input
+    checks included): the CUDA gather's byte arithmetic on the ``[blocks, block_size, 132]``
+    view, DeepGEMM's logits (garbage outside ``[ks, ke)``, rows padded by 256 columns) and
+    the top-k's ``ks``-relative, unordered, ``-1``-padded output (ties to the lower
+    position, like the reference, so exact data gives the reference's sets)."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.calls = {"gather": 0, "logits": 0, "topk": 0}
+
+    def gather(self, kv_cache, dst_k, dst_scale, block_table, cu_seq_lens):
+        self.calls["gather"] += 1
+        assert kv_cache.dim() == 3 and kv_cache.shape[2] == 132 and kv_cache.dtype == torch.uint8
+        assert dst_k.dtype == torch.float8_e4m3fn and dst_k.shape[1] == 128 and dst_k.is_contiguous()
+        assert dst_scale.shape == (dst_k.shape[0], 4) and dst_scale.dtype == torch.uint8
+        assert block_table.dtype == torch.int32 and block_table.is_contiguous()
+        assert cu_seq_lens.dtype == torch.int32 and cu_seq_lens.shape == (block_table.shape[0] + 1,)
+        assert int(cu_seq_lens[0]) == 0 and int(cu_seq_lens[-1]) == dst_k.shape[0]
+        flat, bs, stride = kv_cache.reshape(-1), kv_cache.shape[1], kv_cache.stride(0)
+        for b in range(block_table.shape[0]):
+            for t in range(int(cu_seq_lens[b + 1] - cu_seq_lens[b])):
+                base = int(block_table[b, t // bs]) * stride
+                tok = int(cu_seq_lens[b]) + t
+                dst_k.view(torch.uint8)[tok] = flat[base + (t % bs) * 128 : base + (t % bs) * 128 + 128]
+                dst_scale[tok] = flat[base + bs * 128 + (t % bs) * 4 : base + bs * 128 + (t % bs) * 4 + 4]
+
+    def logits(self, q, kv, weights, ks, ke, clean_logits):
+        self.calls["logits"] += 1
+        (q_fp8, q_sf), (k, k_sf) = q, kv
+        assert q_sf is None and not clean_logits
+        assert q_fp8.dtype == torch.float8_e4m3fn and q_fp8.is_contiguous() and q_fp8.shape[1] in (32, 64)
+        assert k.is_contiguous() and k_sf.dtype == torch.float32 and k_sf.shape == (k.shape[0],)
+        assert weights.dtype == torch.float32 and weights.shape == q_fp8.shape[:2] and weights.stride(1) == 1
+        for t in (ks, ke):
+            assert t.dtype == torch.int32 and t.is_contiguous() and t.shape == (q_fp8.shape[0],)
+        assert bool((0 <= ks).all() and (ks <= ke).all() and (ke <= k.shape[0]).all())
+        keys = k.float() * k_sf[:, None]
+        exact = attention_ref.indexer_logits(q_fp8.float(), keys, weights, ks, ke)
+        out = torch.randn(q_fp8.shape[0], k.shape[0] + 256, generator=self.gen) * 1e6
+        out = out[:, : k.shape[0]]
+        inside = torch.isfinite(exact)
+        out[inside] = exact[inside]
+        return out
+
+    def topk(self, logits, ks, ke, out, num_rows, stride0, stride1, topk):
+        self.calls["topk"] += 1
+        assert out.dtype == torch.int32 and out.is_contiguous() and out.shape == (num_rows, topk)
+        assert (stride0, stride1) == logits.stride()
+        out.fill_(-1)
+        for m in range(num_rows):
+            lo, hi = int(ks[m]), int(ke[m])
+            row = logits[m, lo:hi]
+            pick = torch.sort(-row, stable=True).indices[:topk]
+            out[m, : len(pick)] = pick[torch.randperm(len(pick), generator=self.gen)].int()
+
+
+@pytest.mark.parametrize("budgets", [(1 << 30, 1 << 30), (4 * 900, 250)])
+def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budgets):
+    """The DeepGEMM path's glue (plan, quantization, gather, per-row [ks, ke), re-sort,
+    scatter back to CP row order) with the kernels replaced by stand-ins: on exactly
+    representable data (integer keys and queries, power-of-two weights: exact logits, many
+    ties) the picks are the reference's, tie rule included, one chunk or many."""
+    custom_ops = pytest.importorskip("vllm._custom_ops")
+    deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
+    kernels = _KernelStandIns(11)
+    monkeypatch.setattr(custom_ops, "cp_gather_indexer_k_quant_cache", kernels.gather)
+    monkeypatch.setattr(custom_ops, "top_k_per_row_prefill", kernels.topk)
+    monkeypatch.setattr(deep_gemm, "fp8_fp4_mqa_logits", kernels.logits)
+    monkeypatch.setattr(vllm_deepgemm, "MAX_LOGITS_BYTES", budgets[0])
+    monkeypatch.setattr(vllm_deepgemm, "MAX_GATHER_KEYS", budgets[1])
+
+    gen, rgen = torch.Generator().manual_seed(4), random.Random(4)
+    block_size, topk, heads = 8, 16, 12
+    lens_req = [70, 9, 0, 40]  # request 2 has no keys in this step
+    table = torch.randperm(40, generator=gen)[:36].view(4, 9).int()
+    cache = torch.zeros(40, block_size * 132, dtype=torch.uint8)
+    for r, n in enumerate(lens_req):
+        slots = attention_ref.slots_from_positions(table[r][None], torch.arange(n)[None], block_size)[0]
+        keys = torch.randint(-8, 9, (n, 128), generator=gen).float()
+        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+    rows = _cp_rows(rgen, [70, 9, 1, 40], "round-robin")
+    rows = [(r, n) if r != 2 else (2, 0) for r, n in rows] + [(0, 70), (3, 40), (0, 16), (0, 17)]
+    q = torch.randint(-8, 9, (len(rows), heads, 128), generator=gen).to(torch.bfloat16)
+    weights = torch.exp2(torch.randint(-6, 0, (len(rows), heads), generator=gen).float())
+    weights *= torch.randint(0, 2, weights.shape, generator=gen) * 2 - 1
+    row_req = torch.tensor([r for r, _ in rows], dtype=torch.int32)
+    row_len = torch.tensor([n for _, n in rows])
+
+    out = vllm_deepgemm._deepgemm_indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size)
+    q8, w8 = quantize_indexer_q(q, weights)
+    ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
+    assert torch.equal(out, ref)
+    chunks = plan_gather(row_req, row_len, *budgets).chunks
+    assert kernels.calls["logits"] == kernels.calls["topk"] == len(chunks)
+    assert kernels.calls["gather"] == len({(c.req_lo, c.req_hi) for c in chunks})
+    assert (len(chunks) == 1) == (budgets[0] == 1 << 30)
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.fixture
+def deepgemm_ops():
+    pytest.importorskip("vllm.utils.deep_gemm")
+    pytest.importorskip("vllm._custom_ops")
+    if not vllm_deepgemm._deepgemm_indexer_available():
+        pytest.skip("vLLM's DeepGEMM MQA logits / gather / top-k kernels are not available here")
+    return VllmDeepGemmOps()
+
+
+@pytest.fixture
+def no_triton_fallback(monkeypatch):
+    """Make an indexer call that would leave the DeepGEMM path fail loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the indexer fell back to the Triton provider")
+
+    monkeypatch.setattr(VllmKernelOps, "indexer_topk", refuse)
+
+
+def _indexer_inputs(lens_req, rows, heads, block_size, q_dtype, gen):
+    """fp8 indexer cache with requests of ``lens_req`` keys on shuffled blocks, its block
+    table, and random queries / weights for ``rows`` = [(request, kv_len)] (CPU tensors)."""
+    blocks_per_req = [-(-n // block_size) for n in lens_req]
+    num_blocks = sum(blocks_per_req) + 5
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(lens_req), max(blocks_per_req) + 2, dtype=torch.int32)
+    cache = torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8)
+    used = 0
+    for r, (n, nb) in enumerate(zip(lens_req, blocks_per_req)):
+        table[r, :nb] = perm[used : used + nb].int()
+        used += nb
+        slots = attention_ref.slots_from_positions(table[r][None], torch.arange(n)[None], block_size)[0]
+        keys = torch.randn(n, 128, generator=gen).to(torch.bfloat16)
+        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+    q = torch.randn(len(rows), heads, 128, generator=gen)
+    q = (q * 8).to(q_dtype) if q_dtype == torch.float8_e4m3fn else q.to(q_dtype)
+    weights = torch.randn(len(rows), heads, generator=gen) * heads**-0.5
+    row_req = torch.tensor([r for r, _ in rows], dtype=torch.int32)
+    row_len = torch.tensor([n for _, n in rows], dtype=torch.int64)
+    return q, weights, cache, table, row_req, row_len
+
+
+def _check_picks(out, q, weights, cache, table, row_req, row_len, topk, block_size, rel_tol):
+    """Validate ``out`` (CPU) against the torch reference on (q, weights) (CPU, fp32):
+    padding, range, no duplicates, every row with kv_len <= topk holds all its positions,
+    picks may differ from ``indexer_topk_paged``'s only among keys scoring within ``rel_tol``
+    (of the row's largest |score|) of the k-th best, best first within that tolerance.
+    Returns the share of the reference's picks that ``out`` holds."""
+    assert out.shape == (q.shape[0], topk) and out.dtype == torch.int32
+    ref = attention_ref.indexer_topk_paged(q, weights, cache, table, row_req, row_len, topk, block_size, True)
+    kept = total = 0
+    for m in range(q.shape[0]):
+        req, n = int(row_req[m]), int(row_len[m])
+        nv = min(n, topk) if req >= 0 else 0
+        assert bool((out[m, nv:] == -1).all()), f"row {m}: padding"
+        if nv == 0:
+            continue
+        sel = out[m, :nv].long()
+        assert bool((sel >= 0).all()) and bool((sel < n).all()), f"row {m}: out of range"
+        assert sel.unique().numel() == nv, f"row {m}: duplicates"
+        if n <= topk:
+            assert sorted(sel.tolist()) == list(range(n)), f"row {m}: a short row must pick all"
+        slots = attention_ref.slots_from_positions(table[req][None], torch.arange(n)[None], block_size)[0]
+        keys = kv_cache_ref.gather_indexer_keys(cache, slots, block_size, True)
+        zero = torch.zeros(1, dtype=torch.long)
+        scores = attention_ref.indexer_logits(q[m : m + 1], keys, weights[m : m + 1], zero, zero + n)[0]
+        kth = scores[ref[m, nv - 1].long()]
+        tol = rel_tol * scores.abs().max().item()
+        got = scores[sel]
+        assert bool((got >= kth - tol).all()), f"row {m}: a pick scores below the k-th"
+        assert bool((got[1:] <= got[:-1] + tol).all()), f"row {m}: not best first"
+        kept += len(set(sel.tolist()) & set(ref[m, :nv].tolist()))
+        total += nv
+    return kept / max(total, 1)
+
+
+LENS_REQ = [5000, 1200, 3000]
+
+
+def _gpu_rows(topk: int) -> list[tuple[int, int]]:
+    rows = [(0, 5000), (1, 1200), (2, 3000),  # full-length rows (the paged path's failure)
+            (0, topk - 1), (0, topk), (0, topk + 1), (2, topk), (1, 1),
+            (-1, 0), (2, 0), (0, 4999)]  # fmt: skip
+    rows += [(i % 3, [4000, 1100, 2900][i % 3] - 37 * i) for i in range(24)]  # round-robin
+    rows += [(1, 600 + i) for i in range(8)]  # a contiguous in-seq run
+    return rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,topk", [(64, 2048), (16, 64)])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_gpu_indexer_topk_matches_reference(deepgemm_ops, no_triton_fallback, monkeypatch, heads,
+                                            topk, q_dtype):  # fmt: skip
+    gen = torch.Generator().manual_seed(heads + topk + len(str(q_dtype)))
+    block_size = 64
+    rows = _gpu_rows(topk)
+    inputs = _indexer_inputs(LENS_REQ, rows, heads, block_size, q_dtype, gen)
+    q, weights, cache, table, row_req, row_len = [t.cuda() for t in inputs]
+    out = deepgemm_ops.indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, True)
+    torch.cuda.synchronize()
+    out = out.cpu()
+    assert bool((out[8] == -1).all()) and bool((out[9] == -1).all())  # padding row, no keys
+    assert out[7, :1].tolist() == [0] and bool((out[7, 1:] == -1).all())
+    # Against the scores of the queries the kernels see (vLLM's fp8 quantization):
+    # DeepGEMM's fp8 products may reorder near ties only.
+    q8, w8 = quantize_indexer_q(inputs[0], inputs[1])
+    recall = _check_picks(out, q8.float(), w8, *inputs[2:], topk, block_size, 5e-3)
+    assert recall >= 0.98, recall
+    if q_dtype == torch.bfloat16:  # and the unquantized reference still agrees broadly
+        raw_recall = _check_picks(out, inputs[0].float(), inputs[1], *inputs[2:], topk, block_size, 0.1)
+        assert raw_recall >= 0.9, raw_recall
+
+    # small budgets: one request / one row per chunk, the same picks
+    monkeypatch.setattr(vllm_deepgemm, "MAX_LOGITS_BYTES", 1 << 16)
+    monkeypatch.setattr(vllm_deepgemm, "MAX_GATHER_KEYS", 2000)
+    chunked = deepgemm_ops.indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, True)
+    assert torch.equal(chunked.cpu(), out)
+
+
+@pytest.mark.gpu
+def test_gpu_falls_back_to_triton_where_deepgemm_does_not_apply(deepgemm_ops):
+    """A bf16 indexer cache, more than 64 heads, top-k above 2048, block size 2: the Triton
+    provider's picks exactly."""
+    gen = torch.Generator().manual_seed(9)
+    tops = dispatch.get_ops("triton", "cuda")
+    cases = []
+    q, w, cache, table, rreq, rlen = [t.cuda() for t in _indexer_inputs([300, 200], [(0, 300), (1, 50), (-1, 0)],
+                                                                          16, 64, torch.bfloat16, gen)]  # fmt: skip
+    bf16_cache = torch.randn(cache.shape[0], 64, 128, generator=gen).to(torch.bfloat16).cuda()
+    cases.append((q, w, bf16_cache, table, rreq, rlen, 32, 64, False))
+    cases.append((torch.randn(3, 128, 128, generator=gen).to(torch.bfloat16).cuda(),
+                  torch.randn(3, 128, generator=gen).cuda(), cache, table, rreq, rlen, 32, 64, True))  # fmt: skip
+    cases.append((q, w, cache, table, rreq, rlen, 4096, 64, True))
+    small = [t.cuda() for t in _indexer_inputs([30], [(0, 30), (0, 7)], 16, 2, torch.bfloat16, gen)]
+    cases.append((*small, 8, 2, True))
+    for args in cases:
+        assert torch.equal(deepgemm_ops.indexer_topk(*args), tops.indexer_topk(*args))

@@ -1,0 +1,280 @@
+"""Kernel provider ``vllm-deepgemm``: the ``vllm`` provider plus vLLM's DeepGEMM prefill
+indexer. OPT-IN (priority below Triton, so ``auto`` never picks it) until its GPU test
+(``plugin_tests/kernels/test_vllm_deepgemm_provider.py -m gpu``) has passed on a GPU.
+
+Sparse MLA and the cache writes are the ``vllm`` provider's (FlashMLA sparse, Triton).
+``indexer_topk`` over an fp8 indexer cache runs the call sequence of vLLM's own V3.2
+prefill indexer (``sparse_attn_indexer``, prefill branch, in
+``vllm/model_executor/layers/sparse_attn_indexer.py``), for every local CP row (any
+request, any position, in any order):
+
+0. queries to fp8 with vLLM's recipe (``fused_indexer_q_rope_quant``): one power-of-two
+   scale per row and head, folded into that head's weight;
+1. per chunk of requests, ``vllm._custom_ops.cp_gather_indexer_k_quant_cache``: each
+   request's keys ``[0, max kv_len of its rows)`` from the paged cache into one contiguous
+   fp8 buffer + fp32 scales;
+2. ``vllm.utils.deep_gemm.fp8_fp4_mqa_logits`` over the chunk's rows, row ``m`` scoring
+   the buffer's keys ``[ks[m], ke[m]) = [request offset, request offset + kv_len[m])``;
+3. ``vllm._custom_ops.top_k_per_row_prefill``: the ``topk`` best keys of each row, as
+   positions relative to ``ks`` (= request-local positions), unordered, ``-1`` padded;
+4. here: re-sorted best first by their logits, ties to the lower position (the
+   reference's order).
+
+Rows are ordered by (request, kv_len) first, as vLLM's are, and chunked the way vLLM's
+indexer metadata builder chunks prefill (``_split_indexer_prefill_chunks``): whole
+requests while the gathered keys fit ``MAX_GATHER_KEYS`` and the fp32 logits
+``MAX_LOGITS_BYTES``; a request too large alone is split on its rows.
+
+Everything else goes to the ``vllm`` provider's indexer (Triton): a bf16 indexer cache,
+more than 64 indexer heads, ``topk > 2048``, block sizes that break the gather kernel's
+16-byte loads, and any vLLM / GPU without these kernels (DeepGEMM's MQA logits: SM90 /
+SM100).
+
+CUDA graphs: NOT supported. Sizing the gather and the logits reads ``row_req`` /
+``row_kv_len`` on the host, so the metadata builder reports NEVER for this provider: with
+``kernels='vllm-deepgemm'`` decode (and verify) batches run eagerly as well, not only
+prefill.
+
+vLLM is imported only inside functions, so this module imports on any vLLM and without one.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.kv_cache_ref import FP8_MAX, INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
+from .vllm_kernels import VllmKernelOps
+
+MAX_LOGITS_BYTES = 512 * 1024 * 1024
+"""Bound of one chunk's fp32 logits (vLLM's default ``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB``)."""
+MAX_GATHER_KEYS = 2 * 1024 * 1024
+"""Bound of the keys gathered for one chunk (132 bytes each, so 264 MiB)."""
+
+_LOGITS_PAD = 256  # DeepGEMM allocates each logits row with 256 spare columns
+_DEEPGEMM_HEADS = (32, 64)
+_MAX_TOPK = 2048  # vLLM's top-k kernel keeps 2048 final candidates
+_Q_SCALE_FLOOR = 1e-10
+_QUANT_ROWS = 4096
+
+
+class VllmDeepGemmOps(VllmKernelOps):
+    """The ``vllm`` provider with vLLM's DeepGEMM prefill indexer (opt-in)."""
+
+    name = "vllm-deepgemm"
+    priority = 5
+    supports_cuda_graphs = False
+    """The indexer reads row_req / row_kv_len on the host (see the module docstring): no
+    CUDA graphs at all with this provider, decode included."""
+
+    def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
+                     block_size, index_cache_fp8):  # fmt: skip
+        if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
+                and _deepgemm_indexer_available()):  # fmt: skip
+            return super().indexer_topk(
+                q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
+                index_cache_fp8,
+            )  # fmt: skip
+        return _deepgemm_indexer_topk(
+            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size
+        )
+
+
+@functools.cache
+def _deepgemm_indexer_available() -> bool:
+    """vLLM's gather / top-k ops and DeepGEMM are there, on an SM90 / SM100 GPU."""
+    try:
+        from vllm._custom_ops import cp_gather_indexer_k_quant_cache  # noqa: F401
+        from vllm._custom_ops import top_k_per_row_prefill  # noqa: F401
+        from vllm.utils.deep_gemm import fp8_fp4_mqa_logits  # noqa: F401
+        from vllm.utils.import_utils import has_deep_gemm
+
+        return (
+            torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] in (9, 10)
+            and has_deep_gemm()
+            and hasattr(torch.ops._C, "top_k_per_row_prefill")
+            and hasattr(torch.ops._C_cache_ops, "cp_gather_indexer_k_quant_cache")
+        )
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
+def _deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8) -> bool:
+    return (
+        index_cache_fp8
+        and q.is_cuda
+        and q.dim() == 3
+        and q.shape[2] == INDEX_HEAD_DIM
+        and 0 < q.shape[1] <= max(_DEEPGEMM_HEADS)
+        and q.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+        and 0 < topk <= _MAX_TOPK
+        # the gather kernel moves 16-byte vectors: block stride block_size * 132 and the
+        # cache base must be 16-byte aligned
+        and block_size % 4 == 0
+        and index_cache.is_contiguous()
+        and index_cache.data_ptr() % 16 == 0
+        and index_cache.numel() % (block_size * INDEXER_FP8_SLOT_BYTES) == 0
+    )
+
+
+# ------------------------------------------------------------------ host-side plan
+@dataclass(frozen=True)
+class Chunk:
+    req_lo: int
+    req_hi: int
+    """Requests ``[req_lo, req_hi)`` of the plan whose keys this chunk gathers."""
+    row_lo: int
+    row_hi: int
+    """Rows ``plan.rows[row_lo:row_hi]`` it scores."""
+
+
+@dataclass(frozen=True)
+class GatherPlan:
+    """Which keys to gather and which ``[ks, ke)`` each row scores (CPU tensors)."""
+
+    reqs: torch.Tensor
+    """[R] requests with at least one row with keys, ascending."""
+    key_lens: torch.Tensor
+    """[R] keys gathered per request: the largest kv_len among its rows."""
+    key_starts: torch.Tensor
+    """[R + 1] offset of each request's keys in the buffer of all R requests."""
+    rows: torch.Tensor
+    """[A] rows with keys, ordered by (request, kv_len); the others stay all -1."""
+    ks: torch.Tensor
+    ke: torch.Tensor
+    """[A] each row's key range in that buffer (a chunk subtracts its first offset)."""
+    chunks: list[Chunk]
+
+
+def plan_gather(row_req: torch.Tensor, row_kv_len: torch.Tensor, max_logits_bytes: int,
+                max_gather_keys: int) -> GatherPlan:  # fmt: skip
+    """The gather / chunk plan of ``indexer_topk``'s rows (reads both on the host)."""
+    row_req, kv_len = torch.stack([row_req.long(), row_kv_len.long()]).cpu()  # one sync
+    rows = torch.nonzero((row_req >= 0) & (kv_len > 0)).flatten()
+    reqs, req_of_row = torch.unique(row_req[rows], return_inverse=True)
+    kv_len = kv_len[rows]
+    key_lens = torch.zeros(len(reqs), dtype=torch.long).scatter_reduce(
+        0, req_of_row, kv_len, reduce="amax", include_self=False
+    )
+    key_starts = F.pad(torch.cumsum(key_lens, 0), (1, 0))
+    ks = key_starts[req_of_row]
+    ke = ks + kv_len
+    # Requests own disjoint, ascending ranges of the buffer and kv_len >= 1, so sorting
+    # by ke sorts by (request, kv_len): vLLM's row order (rows of a request contiguous,
+    # so DeepGEMM's per-block key ranges stay tight).
+    order = torch.argsort(ke, stable=True)
+    rows, ks, ke, req_of_row = rows[order], ks[order], ke[order], req_of_row[order]
+    rows_per_req = torch.bincount(req_of_row, minlength=len(reqs))
+    chunks = split_chunks(key_lens.tolist(), rows_per_req.tolist(), max_logits_bytes,
+                          max_gather_keys)  # fmt: skip
+    return GatherPlan(reqs, key_lens, key_starts, rows, ks, ke, chunks)
+
+
+def split_chunks(key_lens: list[int], row_counts: list[int], max_logits_bytes: int,
+                 max_gather_keys: int) -> list[Chunk]:  # fmt: skip
+    """vLLM's ``_split_indexer_prefill_chunks`` on requests in plan order: whole requests
+    while the keys fit ``max_gather_keys`` and rows x (keys + DeepGEMM's row padding) fp32
+    logits fit ``max_logits_bytes``; a request that alone does not fit is split on rows."""
+    max_elems = max_logits_bytes // 4
+    chunks: list[Chunk] = []
+    end = row0 = 0
+    while end < len(key_lens):
+        start, rows, keys = end, 0, 0
+        while end < len(key_lens):
+            new_rows, new_keys = rows + row_counts[end], keys + key_lens[end]
+            if new_keys > max_gather_keys or new_rows * (new_keys + _LOGITS_PAD) > max_elems:
+                break
+            rows, keys, end = new_rows, new_keys, end + 1
+        if end == start:
+            rows, keys, end = row_counts[end], key_lens[end], end + 1
+        step = max(1, max_elems // (keys + _LOGITS_PAD))
+        for lo in range(0, rows, step):
+            chunks.append(Chunk(start, end, row0 + lo, row0 + min(lo + step, rows)))
+        row0 += rows
+    return chunks
+
+
+# ----------------------------------------------------------------- device helpers
+def quantize_indexer_q(q: torch.Tensor, weights: torch.Tensor):
+    """(fp8 q, fp32 weights) the way vLLM's ``fused_indexer_q_rope_quant`` does it: per row
+    and head ``scale = 2^ceil(log2(max(amax, 1e-10) / 448))``, ``q / scale`` clamped to
+    +-448, ``scale`` folded into the weight (``relu(s x) w = relu(x) s w``, ``s > 0``).
+    fp8 queries pass as they are."""
+    if q.dtype == torch.float8_e4m3fn:
+        return q.contiguous(), weights.float()
+    amax = q.abs().amax(dim=-1).float()  # exact in q's dtype
+    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=_Q_SCALE_FLOOR) * (1.0 / FP8_MAX))))
+    q_fp8 = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
+    for lo in range(0, q.shape[0], _QUANT_ROWS):  # bounded fp32 temporaries
+        rows = slice(lo, lo + _QUANT_ROWS)
+        q_fp8[rows] = (q[rows].float() / scale[rows, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+    return q_fp8, weights.float() * scale
+
+
+def _pad_heads(q_fp8: torch.Tensor, weights: torch.Tensor):
+    """Zero queries with zero weights up to a head count DeepGEMM takes (32 or 64)."""
+    heads = next(h for h in _DEEPGEMM_HEADS if h >= q_fp8.shape[1])
+    missing = heads - q_fp8.shape[1]
+    if missing:  # no constant pad for fp8: pad the bytes (0 is +0.0)
+        q_fp8 = F.pad(q_fp8.view(torch.uint8), (0, 0, 0, missing)).view(torch.float8_e4m3fn)
+        weights = F.pad(weights, (0, missing))
+    return q_fp8.contiguous(), weights.contiguous()
+
+
+def best_first(picks: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Reorder each row's picks (positions relative to ``ks``, any order, -1 anywhere) the
+    reference way: logit descending, ties to the lower position, -1 last."""
+    unused = torch.iinfo(torch.int32).max
+    positions = torch.where(picks >= 0, picks, unused).sort(dim=1).values
+    valid = positions != unused
+    cols = torch.where(valid, positions.long() + ks.long()[:, None], 0)
+    scores = logits.gather(1, cols).masked_fill(~valid, float("-inf"))
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    return torch.where(valid, positions, -1).gather(1, order)
+
+
+def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk,
+                           block_size):  # fmt: skip
+    from vllm._custom_ops import cp_gather_indexer_k_quant_cache, top_k_per_row_prefill
+    from vllm.utils.deep_gemm import fp8_fp4_mqa_logits
+
+    dev = q.device
+    out = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=dev)
+    plan = plan_gather(row_req, row_kv_len, MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
+    if not plan.chunks:
+        return out
+    q_fp8, weights = _pad_heads(*quantize_indexer_q(q, weights))
+    cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
+    tables = block_table.index_select(0, plan.reqs.to(dev)).to(torch.int32).contiguous()
+    key_starts = plan.key_starts.to(dev, torch.int32)
+    rows = plan.rows.to(dev)
+    ks_all, ke_all = plan.ks.to(dev, torch.int32), plan.ke.to(dev, torch.int32)
+
+    gathered = None  # (requests, fp8 keys, fp32 scales, first offset), reused by row chunks
+    for c in plan.chunks:
+        if gathered is None or gathered[0] != (c.req_lo, c.req_hi):
+            k_lo, k_hi = int(plan.key_starts[c.req_lo]), int(plan.key_starts[c.req_hi])
+            keys = torch.empty((k_hi - k_lo, INDEX_HEAD_DIM), dtype=torch.float8_e4m3fn, device=dev)
+            scales = torch.empty((k_hi - k_lo, 4), dtype=torch.uint8, device=dev)
+            cu_seq_lens = (key_starts[c.req_lo : c.req_hi + 1] - k_lo).contiguous()
+            cp_gather_indexer_k_quant_cache(cache, keys, scales, tables[c.req_lo : c.req_hi],
+                                            cu_seq_lens)  # fmt: skip
+            gathered = ((c.req_lo, c.req_hi), keys, scales.view(torch.float32).squeeze(-1), k_lo)
+        _, keys, k_scale, k_lo = gathered
+        chunk_rows = rows[c.row_lo : c.row_hi]
+        ks = (ks_all[c.row_lo : c.row_hi] - k_lo).contiguous()
+        ke = (ke_all[c.row_lo : c.row_hi] - k_lo).contiguous()
+        logits = fp8_fp4_mqa_logits(
+            (q_fp8.index_select(0, chunk_rows), None), (keys, k_scale),
+            weights.index_select(0, chunk_rows), ks, ke, clean_logits=False,
+        )  # fmt: skip
+        num_rows = c.row_hi - c.row_lo
+        picks = torch.empty((num_rows, topk), dtype=torch.int32, device=dev)
+        top_k_per_row_prefill(logits, ks, ke, picks, num_rows, logits.stride(0),
+                              logits.stride(1), topk)  # fmt: skip
+        out[chunk_rows] = best_first(picks, logits, ks)
+    return out
