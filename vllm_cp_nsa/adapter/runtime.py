@@ -54,6 +54,14 @@ def expert_all_to_all_configured(vllm_config: VllmConfig) -> bool:
     )
 
 
+def resolve_ops_and_communicator(vllm_config: VllmConfig, device: torch.device, num_heads: int):
+    """(options, kernel provider, MoE communicator) the configuration selects."""
+    options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
+    ops = resolve_kernel_provider(options.kernels, device, vllm_config.model_config.dtype, num_heads)
+    communicator = resolve_moe_communicator(options.moe, expert_all_to_all_configured(vllm_config))
+    return options, ops, communicator
+
+
 def cuda_graph_support(vllm_config: VllmConfig) -> tuple[bool, str]:
     """Whether FULL CUDA graphs can hold the plugin's forward for uniform decode /
     verify batches, and why (for the startup log).
@@ -61,16 +69,14 @@ def cuda_graph_support(vllm_config: VllmConfig) -> tuple[bool, str]:
     Needs a kernel provider and a MoE communicator without host syncs; the split
     plan itself is staged into persistent buffers by the metadata builder.
     """
-    options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
-    model_config = vllm_config.model_config
     device = torch.device(current_platform.device_type)
     if device.type != "cuda":
         return False, f"no CUDA graphs on {device.type}"
-    ops = resolve_kernel_provider(options.kernels, device, model_config.dtype,
-                                  model_config.hf_config.num_attention_heads)
+    _, ops, communicator = resolve_ops_and_communicator(
+        vllm_config, device, vllm_config.model_config.hf_config.num_attention_heads
+    )
     if not getattr(ops, "supports_cuda_graphs", False):
         return False, f"kernel provider '{ops.name}' syncs with the host"
-    communicator = resolve_moe_communicator(options.moe, expert_all_to_all_configured(vllm_config))
     if not getattr(communicator, "supports_cuda_graphs", False):
         return False, f"MoE communicator '{communicator.name}' has data-dependent collective sizes"
     return True, f"kernels '{ops.name}', uniform decode / verify batches"
@@ -92,12 +98,6 @@ class CpNsaRuntime:
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig, device: torch.device, num_heads: int) -> "CpNsaRuntime":
-        options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
-        communicator = resolve_moe_communicator(
-            options.moe, expert_all_to_all_configured(vllm_config)
-        )
-        ops = resolve_kernel_provider(
-            options.kernels, device, vllm_config.model_config.dtype, num_heads
-        )
+        options, ops, communicator = resolve_ops_and_communicator(vllm_config, device, num_heads)
         logger.info("vllm_cp_nsa: kernel provider '%s' on %s (requested '%s')", ops.name, device, options.kernels)
         return cls(VllmTpGroup(get_tp_group()), communicator, ops)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.kv_cache_ref import FP8_MAX, INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
-from .vllm_kernels import VllmKernelOps
+from .vllm_kernels import VllmKernelOps, pad_heads
 
 MAX_LOGITS_BYTES = 512 * 1024 * 1024
 """Bound of one chunk's fp32 logits (vLLM's default ``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB``)."""
@@ -215,14 +215,11 @@ def quantize_indexer_q(q: torch.Tensor, weights: torch.Tensor):
     return q_fp8, weights.float() * scale
 
 
-def _pad_heads(q_fp8: torch.Tensor, weights: torch.Tensor):
+def _pad_indexer_heads(q_fp8: torch.Tensor, weights: torch.Tensor):
     """Zero queries with zero weights up to a head count DeepGEMM takes (32 or 64)."""
     heads = next(h for h in _DEEPGEMM_HEADS if h >= q_fp8.shape[1])
-    missing = heads - q_fp8.shape[1]
-    if missing:  # no constant pad for fp8: pad the bytes (0 is +0.0)
-        q_fp8 = F.pad(q_fp8.view(torch.uint8), (0, 0, 0, missing)).view(torch.float8_e4m3fn)
-        weights = F.pad(weights, (0, missing))
-    return q_fp8.contiguous(), weights.contiguous()
+    weights = F.pad(weights, (0, heads - q_fp8.shape[1]))
+    return pad_heads(q_fp8, heads).contiguous(), weights.contiguous()
 
 
 def best_first(picks: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
@@ -247,7 +244,7 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
     plan = plan_gather(row_req, row_kv_len, MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
     if not plan.chunks:
         return out
-    q_fp8, weights = _pad_heads(*quantize_indexer_q(q, weights))
+    q_fp8, weights = _pad_indexer_heads(*quantize_indexer_q(q, weights))
     cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
     tables = block_table.index_select(0, plan.reqs.to(dev)).to(torch.int32).contiguous()
     key_starts = plan.key_starts.to(dev, torch.int32)

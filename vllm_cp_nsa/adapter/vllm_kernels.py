@@ -132,11 +132,13 @@ def _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) -> bool:
     )
 
 
-def _pad_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+def pad_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """Zero-pad the heads dimension (-2) up to ``heads``."""
     missing = heads - t.shape[-2]
     if missing == 0:
         return t
+    if t.dtype == torch.float8_e4m3fn:  # no constant pad for fp8: pad the bytes (0 is +0.0)
+        return F.pad(t.view(torch.uint8), (0, 0, 0, missing)).view(t.dtype)
     return F.pad(t, (0, 0, 0, missing))
 
 
@@ -170,7 +172,7 @@ def _flashmla_bf16(q, kv_cache, indices, sm_scale):
     num_heads = q.shape[1]
     kv = kv_cache.view(-1, 1, LATENT_ROW_DIM)
     idx = _kernel_indices(indices, kv.shape[0])
-    q = _pad_heads(q, _flashmla_heads(num_heads))
+    q = pad_heads(q, _flashmla_heads(num_heads))
     out, _, lse = flash_mla_sparse_fwd(q, kv, idx.unsqueeze(1), sm_scale)
     return _empty_rows_to_reference(out[:, :num_heads], lse[:, :num_heads], idx)
 
@@ -183,7 +185,7 @@ def _flashmla_fp8(q, kv_cache, indices, sm_scale):
     pages = kv_cache.view(-1, _FP8_PAGE_SLOTS, 1, FP8_DS_MLA_ROW_BYTES)
     num_slots = pages.shape[0] * _FP8_PAGE_SLOTS
     idx = _kernel_indices(indices, num_slots)
-    q = _pad_heads(q, _flashmla_heads(num_heads))
+    q = pad_heads(q, _flashmla_heads(num_heads))
     schedule, _ = get_mla_metadata()
     out, lse = flash_mla_with_kvcache(
         q=q,
