@@ -39,6 +39,7 @@ K = 1024
 # name -> how the configuration differs from the common engine arguments.
 # parallel "tp": tensor_parallel_size=N; "pcp": tensor_parallel_size=1,
 # prefill_context_parallel_size=N (vLLM's PCP adds ranks, so N GPUs means TP 1 x PCP N).
+_DEEPGEMM = {"kernels": "vllm-deepgemm", "indexer_cache": "fp8"}
 CONFIGS = {
     "native-tp": {"plugin": False, "parallel": "tp"},
     "native-pcp": {"plugin": False, "parallel": "pcp"},
@@ -46,6 +47,11 @@ CONFIGS = {
     "plugin-inseq": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split"}},
     # Attention unsplit on every rank: separates the plugin's kernels from its CP split.
     "plugin-off": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"}},
+    # -dg: vLLM's DeepGEMM prefill indexer on the plugin's CP rows, over an fp8 indexer cache
+    # as native vLLM keeps it (kernels "vllm-deepgemm", indexer_cache "fp8"; see README).
+    "plugin-rr-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split", **_DEEPGEMM}},
+    "plugin-inseq-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split", **_DEEPGEMM}},
+    "plugin-off-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off", **_DEEPGEMM}},
 }
 DEFAULT_CONFIGS = "native-tp,plugin-rr,plugin-inseq,native-pcp"
 DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"

@@ -16,6 +16,7 @@ CONFIG_KEY = "cp_nsa"
 MODES_BUILTIN = ("off", "round-robin-split", "in-seq-split")
 MOE_CHOICES_BUILTIN = ("auto", "full", "scattered")
 KERNEL_CHOICES_BUILTIN = ("auto", "torch", "triton", "vllm")
+INDEXER_CACHE_CHOICES = ("auto", "fp8")
 
 
 class CpNsaConfigError(ValueError):
@@ -36,6 +37,10 @@ class CpNsaConfig:
     decode included) or an extension's."""
     min_tokens_for_cp: int = 0
     """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
+    indexer_cache: str = "auto"
+    """Indexer key cache: ``auto`` = 132-byte fp8 with an ``fp8_ds_mla`` KV cache, the model
+    dtype otherwise; ``fp8`` = always fp8, as vLLM's own V3.2 stores it (and what the
+    ``vllm-deepgemm`` indexer reads)."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "CpNsaConfig":
@@ -60,7 +65,7 @@ class CpNsaConfig:
                     f"allowed keys: {', '.join(allowed)}"
                 )
         values = dict(raw)
-        for key in ("mode", "moe", "kernels"):
+        for key in ("mode", "moe", "kernels", "indexer_cache"):
             if key in values and not isinstance(values[key], str):
                 raise CpNsaConfigError(
                     f"additional_config['{CONFIG_KEY}']['{key}'] must be a string, "
@@ -72,7 +77,16 @@ class CpNsaConfig:
                 f"additional_config['{CONFIG_KEY}']['min_tokens_for_cp'] must be a "
                 f"non-negative integer, got {min_tokens!r}"
             )
+        if values.get("indexer_cache", "auto") not in INDEXER_CACHE_CHOICES:
+            raise CpNsaConfigError(
+                f"additional_config['{CONFIG_KEY}']['indexer_cache'] = "
+                f"'{values['indexer_cache']}'; allowed values: {', '.join(INDEXER_CACHE_CHOICES)}"
+            )
         return cls(**values)
+
+    def indexer_cache_fp8(self, kv_cache_dtype: str) -> bool:
+        """Whether the indexer keys are stored as 132-byte fp8."""
+        return self.indexer_cache == "fp8" or kv_cache_dtype == "fp8_ds_mla"
 
     def check_choice(self, key: str, registered: list[str]) -> None:
         """Fail with the registered names when ``key``'s value is not one of them."""

@@ -1,6 +1,7 @@
 """FP8 KV cache (fp8_ds_mla 656 B + fp8 indexer 132 B per token per layer) end to end."""
 
 import json
+import math
 
 import pytest
 
@@ -23,7 +24,10 @@ def test_reported_kv_bytes_per_token(tiny_model, tokenizer):
     prompts = mixed_prompts(tokenizer, index_topk=64)[:2]
     fp8 = run_vllm(_spec(tiny_model, prompts, dtype="bfloat16", kv_cache_dtype="fp8"))
     auto = run_vllm(_spec(tiny_model, prompts, dtype="bfloat16"))
-    for result, latent, index in ((fp8, 656, 132), (auto, 576 * 2, 128 * 2)):
+    # bf16 latents with vLLM's own fp8 indexer keys (what the vllm-deepgemm indexer reads)
+    fp8_index = run_vllm(_spec(tiny_model, prompts, dtype="bfloat16",
+                               additional_config={"cp_nsa": {"indexer_cache": "fp8"}}))
+    for result, latent, index in ((fp8, 656, 132), (auto, 576 * 2, 128 * 2), (fp8_index, 576 * 2, 132)):
         sizes = result["info"]["kv_bytes_per_token"]
         layers = sorted({name.rsplit(".self_attn", 1)[0] for name in sizes})
         assert len(layers) == 2
@@ -31,6 +35,9 @@ def test_reported_kv_bytes_per_token(tiny_model, tokenizer):
             assert sizes[f"{layer}.self_attn.attn"] == latent
             assert sizes[f"{layer}.self_attn.indexer.k_cache"] == index
     assert fp8["info"]["kv_cache_dtype"] == "fp8_ds_mla"
+    for out in fp8_index["outputs"]:
+        assert len(out["token_ids"]) == MAX_TOKENS
+        assert all(math.isfinite(lp) for lp in out["prompt_logprobs"][1:])
 
 
 def _mean_abs_logprob_delta(run_a, run_b) -> tuple[float, float]:

@@ -2,15 +2,16 @@
 indexer (gather -> fp8_fp4_mqa_logits -> top_k_per_row_prefill), opt-in.
 
 CPU: it is registered below Triton (``auto`` never picks it), refuses CPU devices
-(``kernels='vllm-deepgemm'`` fails naming the device), reports no CUDA-graph support, hands
-CPU tensors to the Triton provider, and its pure-torch helpers (gather / chunk plan, best-
+(``kernels='vllm-deepgemm'`` fails naming the device), supports CUDA graphs by handing a
+forward being captured to the Triton indexer, hands CPU tensors to the Triton provider, and its pure-torch helpers (gather / chunk plan, best-
 first reordering, query quantization) match straightforward implementations, the chunk
 split matching vLLM's own ``_split_indexer_prefill_chunks``.
 
 GPU (``-m gpu``, vLLM GPU build with DeepGEMM on an SM90 / SM100 GPU): ``indexer_topk``
 against the torch reference ``indexer_topk_paged`` on fresh random CP-like rows, with the
 Triton fallback disabled so the DeepGEMM path must serve them; chunking gives identical
-picks; and the fallbacks where DeepGEMM does not apply.
+picks; the fallbacks where DeepGEMM does not apply; and a captured CUDA graph (Triton
+inside) replays the Triton provider's picks for new inputs.
 """
 
 from __future__ import annotations
@@ -45,14 +46,27 @@ def _fresh_registry():
 
 
 # --------------------------------------------------------------------------- CPU
-def test_registered_opt_in_and_without_cuda_graphs():
+def test_registered_opt_in_and_capturable():
     providers = extensions.kernel_providers()
     ops = providers[NAME]
     assert isinstance(ops, VllmDeepGemmOps) and isinstance(ops, VllmKernelOps)
     assert providers["torch"].priority < ops.priority < providers["triton"].priority
     assert ops.priority < providers["vllm"].priority
-    assert not ops.supports_cuda_graphs
-    assert providers["vllm"].supports_cuda_graphs  # the `vllm` provider is unchanged
+    assert ops.supports_cuda_graphs and providers["vllm"].supports_cuda_graphs
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_a_captured_forward_takes_the_triton_indexer(monkeypatch, capturing):
+    """DeepGEMM's path sizes its buffers on the host; under stream capture the call must go
+    to the parent (Triton) provider instead, and only then."""
+    calls = []
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_applies", lambda *a: True)
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_topk", lambda *a: calls.append("deepgemm"))
+    monkeypatch.setattr(VllmKernelOps, "indexer_topk", lambda *a: calls.append("triton"))
+    VllmDeepGemmOps().indexer_topk(*[None] * 9)
+    assert calls == (["triton"] if capturing else ["deepgemm"])
 
 
 def test_refuses_cpu_and_kernels_option_is_a_clear_error():
@@ -474,3 +488,28 @@ def test_gpu_falls_back_to_triton_where_deepgemm_does_not_apply(deepgemm_ops):
     cases.append((*small, 8, 2, True))
     for args in cases:
         assert torch.equal(deepgemm_ops.indexer_topk(*args), tops.indexer_topk(*args))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_the_triton_indexer(deepgemm_ops):
+    """Captured in a CUDA graph, the provider records the Triton indexer; replays on new
+    inputs written into the captured tensors give the Triton provider's picks for them."""
+    gen = torch.Generator().manual_seed(21)
+    tops = dispatch.get_ops("triton", "cuda")
+    rows = [(0, 300), (1, 77), (0, 12), (-1, 0)]
+
+    def inputs():
+        return [t.cuda() for t in _indexer_inputs([300, 200], rows, 64, 64, torch.bfloat16, gen)]
+
+    static = inputs()
+    deepgemm_ops.indexer_topk(*static, 32, 64, True)  # warm-up (JIT) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = deepgemm_ops.indexer_topk(*static, 32, 64, True)
+    for _ in range(2):
+        for dst, src in zip(static, inputs()):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, tops.indexer_topk(*static, 32, 64, True))

@@ -17,7 +17,9 @@ def test_values_are_parsed():
 
 
 @pytest.mark.parametrize("raw,expected", [
-    ({"cp_nsa": {"mdoe": "x"}}, "unknown key 'mdoe'; allowed keys: mode, moe, kernels, min_tokens_for_cp"),
+    ({"cp_nsa": {"mdoe": "x"}}, "unknown key 'mdoe'; allowed keys: mode, moe, kernels, min_tokens_for_cp, indexer_cache"),
+    ({"cp_nsa": {"indexer_cache": "bf16"}}, "['indexer_cache'] = 'bf16'; allowed values: auto, fp8"),
+    ({"cp_nsa": {"indexer_cache": 8}}, "['indexer_cache'] must be a string"),
     ({"cp_nsa": "round-robin-split"}, "must be a JSON object"),
     ({"cp_nsa": {"mode": 3}}, "['mode'] must be a string"),
     ({"cp_nsa": {"min_tokens_for_cp": -1}}, "must be a non-negative integer"),
@@ -28,6 +30,15 @@ def test_malformed_config_names_key_and_allowed_values(raw, expected):
     with pytest.raises(CpNsaConfigError) as err:
         CpNsaConfig.from_additional_config(raw)
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("indexer_cache,kv_cache_dtype,fp8", [
+    ("auto", "auto", False), ("auto", "fp8_ds_mla", True), ("fp8", "auto", True), ("fp8", "fp8_ds_mla", True),
+])
+def test_indexer_cache_follows_kv_dtype_unless_fp8_is_asked(indexer_cache, kv_cache_dtype, fp8):
+    cfg = CpNsaConfig.from_additional_config({"cp_nsa": {"indexer_cache": indexer_cache}})
+    assert cfg.indexer_cache == indexer_cache
+    assert cfg.indexer_cache_fp8(kv_cache_dtype) is fp8
 
 
 def test_check_choice_lists_registered_values():

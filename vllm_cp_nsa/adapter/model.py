@@ -31,6 +31,7 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from ..communicator import gather_token_rows
+from ..config import CpNsaConfig
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
 from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache
@@ -77,10 +78,10 @@ class CpNsaIndexer(nn.Module):
             is_neox_style=not getattr(config, "indexer_rope_interleave", False),
         )
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
-        kv_cache_dtype = vllm_config.cache_config.cache_dtype
+        options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
         self.k_cache = CpNsaIndexerCache(
             prefix=f"{prefix}.k_cache",
-            fp8=kv_cache_dtype == "fp8_ds_mla",
+            fp8=options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype),
             dtype=vllm_config.model_config.dtype,
         )
 

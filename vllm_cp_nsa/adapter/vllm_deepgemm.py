@@ -30,10 +30,10 @@ more than 64 indexer heads, ``topk > 2048``, block sizes that break the gather k
 16-byte loads, and any vLLM / GPU without these kernels (DeepGEMM's MQA logits: SM90 /
 SM100).
 
-CUDA graphs: NOT supported. Sizing the gather and the logits reads ``row_req`` /
-``row_kv_len`` on the host, so the metadata builder reports NEVER for this provider: with
-``kernels='vllm-deepgemm'`` decode (and verify) batches run eagerly as well, not only
-prefill.
+CUDA graphs: sizing the gather and the logits reads ``row_req`` / ``row_kv_len`` on the
+host, which a graph cannot replay. So a forward being captured (vLLM captures uniform decode
+/ verify batches, ``FULL_DECODE_ONLY``) takes the Triton indexer, and only eager forwards
+(prefill, mixed batches, decode batches above the largest capture size) take DeepGEMM.
 
 vLLM is imported only inside functions, so this module imports on any vLLM and without one.
 """
@@ -66,14 +66,14 @@ class VllmDeepGemmOps(VllmKernelOps):
 
     name = "vllm-deepgemm"
     priority = 5
-    supports_cuda_graphs = False
-    """The indexer reads row_req / row_kv_len on the host (see the module docstring): no
-    CUDA graphs at all with this provider, decode included."""
+    supports_cuda_graphs = True
+    """Captured forwards take the Triton indexer (see the module docstring)."""
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
         if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
-                and _deepgemm_indexer_available()):  # fmt: skip
+                and _deepgemm_indexer_available()
+                and not torch.cuda.is_current_stream_capturing()):  # fmt: skip
             return super().indexer_topk(
                 q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
                 index_cache_fp8,
