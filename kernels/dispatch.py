@@ -38,6 +38,13 @@ class NsaOps:
     priority: int = 0
     supports_cuda_graphs: bool = False
     """True when no op syncs with the host (capturable in a CUDA graph)."""
+    reads_fp8_indexer_cache: bool = False
+    """True when the fast indexer path needs the 132-byte fp8 indexer cache: with
+    ``indexer_cache: auto`` the plugin then stores the indexer keys as fp8."""
+
+    def startup_detail(self) -> str:
+        """What this provider will run here, for the startup log line."""
+        return ""
 
     def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
         """Capability check; ``dtype=None`` / ``num_heads=0`` mean "any"."""

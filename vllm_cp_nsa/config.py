@@ -38,9 +38,9 @@ class CpNsaConfig:
     min_tokens_for_cp: int = 0
     """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
     indexer_cache: str = "auto"
-    """Indexer key cache: ``auto`` = 132-byte fp8 with an ``fp8_ds_mla`` KV cache, the model
-    dtype otherwise; ``fp8`` = always fp8, as vLLM's own V3.2 stores it (and what the
-    ``vllm-deepgemm`` indexer reads)."""
+    """Indexer key cache: ``auto`` = 132-byte fp8 with an ``fp8_ds_mla`` KV cache or a kernel
+    provider whose indexer reads fp8 keys (``vllm-deepgemm``), the model dtype otherwise;
+    ``fp8`` = always fp8, as vLLM's own V3.2 stores it."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "CpNsaConfig":
@@ -84,9 +84,10 @@ class CpNsaConfig:
             )
         return cls(**values)
 
-    def indexer_cache_fp8(self, kv_cache_dtype: str) -> bool:
-        """Whether the indexer keys are stored as 132-byte fp8."""
-        return self.indexer_cache == "fp8" or kv_cache_dtype == "fp8_ds_mla"
+    def indexer_cache_fp8(self, kv_cache_dtype: str, provider_reads_fp8: bool = False) -> bool:
+        """Whether the indexer keys are stored as 132-byte fp8: asked for, an ``fp8_ds_mla``
+        KV cache, or (``auto``) a kernel provider whose indexer reads fp8 keys."""
+        return self.indexer_cache == "fp8" or kv_cache_dtype == "fp8_ds_mla" or provider_reads_fp8
 
     def check_choice(self, key: str, registered: list[str]) -> None:
         """Fail with the registered names when ``key``'s value is not one of them."""

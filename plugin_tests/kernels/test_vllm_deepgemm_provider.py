@@ -53,6 +53,17 @@ def test_registered_opt_in_and_capturable():
     assert providers["torch"].priority < ops.priority < providers["triton"].priority
     assert ops.priority < providers["vllm"].priority
     assert ops.supports_cuda_graphs and providers["vllm"].supports_cuda_graphs
+    # it reads fp8 indexer keys, so `indexer_cache: auto` stores them as fp8 for it
+    assert ops.reads_fp8_indexer_cache and not providers["vllm"].reads_fp8_indexer_cache
+    assert not providers["triton"].reads_fp8_indexer_cache
+
+
+def test_startup_detail_says_which_indexer_runs(monkeypatch):
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: True)
+    assert "DeepGEMM fp8 MQA logits" in VllmDeepGemmOps().startup_detail()
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: False)
+    assert "Triton indexer (DeepGEMM's MQA logits are not available here)" in VllmDeepGemmOps().startup_detail()
+    assert "Triton indexer" in VllmKernelOps().startup_detail()
 
 
 @pytest.mark.parametrize("capturing", [False, True])

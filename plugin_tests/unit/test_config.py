@@ -32,13 +32,15 @@ def test_malformed_config_names_key_and_allowed_values(raw, expected):
     assert expected in str(err.value)
 
 
-@pytest.mark.parametrize("indexer_cache,kv_cache_dtype,fp8", [
-    ("auto", "auto", False), ("auto", "fp8_ds_mla", True), ("fp8", "auto", True), ("fp8", "fp8_ds_mla", True),
+@pytest.mark.parametrize("indexer_cache,kv_cache_dtype,provider_reads_fp8,fp8", [
+    ("auto", "auto", False, False), ("auto", "fp8_ds_mla", False, True), ("auto", "auto", True, True),
+    ("fp8", "auto", False, True), ("fp8", "fp8_ds_mla", False, True),
 ])
-def test_indexer_cache_follows_kv_dtype_unless_fp8_is_asked(indexer_cache, kv_cache_dtype, fp8):
+def test_indexer_cache_follows_kv_dtype_and_provider_unless_fp8_is_asked(indexer_cache, kv_cache_dtype,
+                                                                        provider_reads_fp8, fp8):
     cfg = CpNsaConfig.from_additional_config({"cp_nsa": {"indexer_cache": indexer_cache}})
     assert cfg.indexer_cache == indexer_cache
-    assert cfg.indexer_cache_fp8(kv_cache_dtype) is fp8
+    assert cfg.indexer_cache_fp8(kv_cache_dtype, provider_reads_fp8) is fp8
 
 
 def test_check_choice_lists_registered_values():

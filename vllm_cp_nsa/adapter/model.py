@@ -56,7 +56,7 @@ def apply_rope(rotary_emb, positions: torch.Tensor, q: torch.Tensor, k: torch.Te
 class CpNsaIndexer(nn.Module):
     """Lightning indexer projections (replicated); keys live in ``k_cache``."""
 
-    def __init__(self, vllm_config: VllmConfig, config, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str, ops):
         super().__init__()
         self.n_heads = config.index_n_heads
         self.head_dim = config.index_head_dim
@@ -81,7 +81,8 @@ class CpNsaIndexer(nn.Module):
         options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
         self.k_cache = CpNsaIndexerCache(
             prefix=f"{prefix}.k_cache",
-            fp8=options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype),
+            fp8=options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype,
+                                          getattr(ops, "reads_fp8_indexer_cache", False)),
             dtype=vllm_config.model_config.dtype,
         )
 
@@ -137,7 +138,7 @@ class CpNsaAttention(nn.Module):
                 self.scaling *= mscale * mscale
         self.rotary_emb = get_rope(self.qk_rope_head_dim, max_position=config.max_position_embeddings,
                                    rope_parameters=rope_parameters, is_neox_style=False)
-        self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer")
+        self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer", runtime.ops)
         self.mla_attn = MLAAttention(
             num_heads=self.num_heads,
             scale=self.scaling,

@@ -99,5 +99,7 @@ class CpNsaRuntime:
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig, device: torch.device, num_heads: int) -> "CpNsaRuntime":
         options, ops, communicator = resolve_ops_and_communicator(vllm_config, device, num_heads)
-        logger.info("vllm_cp_nsa: kernel provider '%s' on %s (requested '%s')", ops.name, device, options.kernels)
+        detail = getattr(ops, "startup_detail", lambda: "")()
+        logger.info("vllm_cp_nsa: kernel provider '%s' on %s (requested '%s')%s", ops.name, device,
+                    options.kernels, f": {detail}" if detail else "")
         return cls(VllmTpGroup(get_tp_group()), communicator, ops)

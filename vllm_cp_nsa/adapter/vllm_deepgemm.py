@@ -68,6 +68,13 @@ class VllmDeepGemmOps(VllmKernelOps):
     priority = 5
     supports_cuda_graphs = True
     """Captured forwards take the Triton indexer (see the module docstring)."""
+    reads_fp8_indexer_cache = True
+
+    def startup_detail(self) -> str:
+        if _deepgemm_indexer_available():
+            return ("FlashMLA sparse attention, DeepGEMM fp8 MQA logits + vLLM top-k for eager "
+                    "forwards over the fp8 indexer cache, Triton indexer in CUDA graphs")
+        return "FlashMLA sparse attention, Triton indexer (DeepGEMM's MQA logits are not available here)"
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip

@@ -64,6 +64,9 @@ class VllmKernelOps(NsaOps):
             return False
         return _flashmla_sparse_supported() and _triton().supports(device, dtype, num_heads)
 
+    def startup_detail(self) -> str:
+        return "FlashMLA sparse attention (bf16 / fp8_ds_mla), Triton indexer and cache writes"
+
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
         return _triton().indexer_topk(
