@@ -47,22 +47,25 @@ CATEGORY_PATTERNS: list[tuple[str, str]] = [
      "kv-cache write"),
     # Indexer: the plugin's Triton logits + exact top-k; vLLM's DeepGEMM (paged) MQA logits,
     # its top-k per row and the gather of the indexer keys for prefill.
-    (r"\b_indexer_logits_kernel|\b_topk_kernel\b|mqa_logits|clean_logits|top_?k_per_row|gather_indexer|indexer",
+    (r"\b_indexer_logits_kernel|\b_topk_kernel\b|mqa_logits|clean_logits|top_?k_?per_?row|gather_indexer|indexer",
      "indexer"),
-    # Sparse attention: the plugin's Triton sparse MLA + split combine; FlashMLA (dense / sparse,
-    # prefill / decode, combine) and vLLM's index conversion for it.
-    (r"\b_sparse_mla_fwd_kernel|\b_combine_splits_kernel|flash_?mla|flash_fwd|sparse|mla|req_index_to_global",
-     "sparse attention"),
+    # Attention: the plugin's Triton sparse MLA + split combine; FlashMLA (dense / sparse,
+    # prefill / decode, combine), vLLM's index conversion for it, and the dense FlashAttention-3
+    # kernel vLLM 0.32 runs for V3.2 prefill (FlashAttnFwdSm90, which would match "cutlass").
+    (r"\b_sparse_mla_fwd_kernel|\b_combine_splits_kernel|flash_?mla|flash_fwd|flash_?attn|sparse|mla|"
+     r"req_index_to_global", "attention"),
     (r"moe|expert|topkgating|topk_softmax|grouped_topk", "moe"),
     (r"nvjet|cutlass|xmma|gemm|gemv|cublas|wgmma|onednn_mm|aten::(addmm|mm|bmm|baddbmm|_scaled_mm|linear)\b",
      "gemm"),
-    (r"rms_?norm|layer_?norm|norm_kernel|rotary|rope|elementwise|act_and_mul|silu|gelu|quant|"
+    # vLLM's Triton _fused_q_kernel: the indexer query's RoPE + fp8 quantization (the plugin
+    # does the same in separate rope / cat / quantize kernels, filed here too).
+    (r"\b_fused_q_kernel|rms_?norm|layer_?norm|norm_kernel|rotary|rope|elementwise|act_and_mul|silu|gelu|quant|"
      r"triton_(poi|per|red)_|reduce_kernel|softmax|index|gather|scatter|cat|copy|fill|arange|cumsum|sort",
      "norm/rope/elementwise"),
 ]
 OTHER = "other"
 # Row order of the tables (any category of the patterns missing here goes before "other").
-DISPLAY_ORDER = ["indexer", "sparse attention", "kv-cache write", "gemm", "moe", "collectives",
+DISPLAY_ORDER = ["indexer", "attention", "kv-cache write", "gemm", "moe", "collectives",
                  "norm/rope/elementwise", "memcpy/memset"]
 CATEGORIES = list(dict.fromkeys(DISPLAY_ORDER + [c for _, c in CATEGORY_PATTERNS] + [OTHER]))
 _COMPILED = [(re.compile(p, re.IGNORECASE), c) for p, c in CATEGORY_PATTERNS]

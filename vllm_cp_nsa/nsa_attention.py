@@ -184,17 +184,28 @@ def select_topk_slots(
     return slots_from_positions(rows_block_table, positions, meta.block_size).to(torch.int32)
 
 
+def absorbed_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor) -> torch.Tensor:
+    """[n, H, 512 + 64] attention query: q_nope absorbed into the latent space, then q_pe.
+
+    The head-batched matmul writes straight into the token-major query buffer (as vLLM's
+    MLA does), so the [n, H, 576] query is written once instead of bmm + concat."""
+    n, num_heads, _ = q_nope.shape
+    q = q_nope.new_empty((n, num_heads, w_uk_t.shape[-1] + q_pe.shape[-1]))
+    torch.bmm(q_nope.transpose(0, 1), w_uk_t, out=q[..., : w_uk_t.shape[-1]].transpose(0, 1))
+    q[..., w_uk_t.shape[-1] :] = q_pe
+    return q
+
+
 def sparse_attention(
-    q_latent: torch.Tensor,
-    q_pe: torch.Tensor,
+    q: torch.Tensor,
     topk_slots: torch.Tensor,
     meta: NsaForwardMetadata,
     caches: NsaCaches,
     sm_scale: float,
     ops,
 ) -> torch.Tensor:
-    """[rows, H, 512] sparse MLA output (decode kernel for decode / verify batches)."""
-    q = torch.cat([q_latent, q_pe], dim=-1)
+    """[rows, H, 512] sparse MLA output for q [rows, H, 576] (decode kernel for decode /
+    verify batches)."""
     if meta.use_decode_kernel:
         out, _ = ops.sparse_mla_decode(
             q.unsqueeze(1), caches.latent, topk_slots.unsqueeze(1), sm_scale, LATENT_DIM,
@@ -232,7 +243,9 @@ def nsa_attention(
     """
     write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
     topk_slots = select_topk_slots(index_q, index_weights, local_positions, meta, caches, topk, ops)
-    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk_t).transpose(0, 1)  # [n, H, 512]
-    out = sparse_attention(q_latent, q_pe, topk_slots, meta, caches, sm_scale, ops)
-    values = torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv).transpose(0, 1)  # [n, H, V]
-    return values.reshape(values.shape[0], -1)
+    out = sparse_attention(absorbed_query(q_nope, q_pe, w_uk_t), topk_slots, meta, caches, sm_scale, ops)
+    n, num_heads, v_dim = out.shape[0], w_uv.shape[0], w_uv.shape[-1]
+    values = out.new_empty((n, num_heads * v_dim), dtype=w_uv.dtype)
+    # [H, n, 512] x [H, 512, V] written token-major: no copy for the reshape to [n, H * V]
+    torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv, out=values.view(n, num_heads, v_dim).transpose(0, 1))
+    return values

@@ -43,7 +43,7 @@ def fake_trace(scale: float = 1.0, rank: int | None = None) -> dict:
         kernel("_topk_kernel", 500, 100 * s),                                    # indexer
         kernel("void vllm::indexer_k_quant_and_cache_kernel<__nv_bfloat16>", 600, 20),  # kv write
         kernel("_write_latent_plain_kernel", 620, 10),                           # kv write
-        kernel("_sparse_mla_fwd_kernel", 640, 200 * s),                          # sparse attention
+        kernel("_sparse_mla_fwd_kernel", 640, 200 * s),                          # attention
         kernel("fused_moe_kernel", 900, 150),                                    # moe
         kernel("void vllm::rms_norm_kernel<c10::BFloat16>", 1050, 25),           # norm
         kernel("void vllm::moe::topkGatingSoftmax<8>", 1075, 5),                 # moe
@@ -63,11 +63,17 @@ def test_categorize_table_order():
     assert ps.categorize("void vllm::top_k_per_row_prefill<1>") == "indexer"
     assert ps.categorize("_topk_kernel") == "indexer"
     assert ps.categorize("void vllm::moe::grouped_topk_fused_kernel<float>") == "moe"
-    assert ps.categorize("void flash::flash_fwd_splitkv_mla_kernel<x>") == "sparse attention"
-    assert ps.categorize("_combine_splits_kernel") == "sparse attention"
+    assert ps.categorize("void flash::flash_fwd_splitkv_mla_kernel<x>") == "attention"
+    assert ps.categorize("_combine_splits_kernel") == "attention"
     assert ps.categorize("void vllm::cross_device_reduce_1stage<x>") == "collectives"
     assert ps.categorize("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
     assert ps.categorize("triton_poi_fused_add_mul_0") == "norm/rope/elementwise"
+    # names seen in the 2026-11-28 H100 traces of vLLM 0.32
+    assert ps.categorize("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<x>") \
+        == "attention"
+    assert ps.categorize("void vllm::topKPerRowPrefill<512, false>(float const*, int const*)") == "indexer"
+    assert ps.categorize("_fused_q_kernel") == "norm/rope/elementwise"
+    assert ps.categorize("void sm90::prefill::sparse_fwd::sparse_attn_fwd_kernel<x>") == "attention"
     assert ps.categorize("whatever") == ps.OTHER
 
 
@@ -79,7 +85,7 @@ def test_summarize_trace_sums():
     assert c["collectives"] == pytest.approx(0.080)
     assert c["indexer"] == pytest.approx(0.400)
     assert c["kv-cache write"] == pytest.approx(0.030)
-    assert c["sparse attention"] == pytest.approx(0.200)
+    assert c["attention"] == pytest.approx(0.200)
     assert c["moe"] == pytest.approx(0.155)
     assert c["norm/rope/elementwise"] == pytest.approx(0.025)
     assert c["memcpy/memset"] == pytest.approx(0.012)
@@ -118,7 +124,7 @@ def test_collect_runs_json_gz_tar_and_markdown(tmp_path):
     means = {n: ps.run_means(r) for n, r in runs.items()}
     assert means["native-tp"]["categories"]["indexer"] == pytest.approx(0.4)
     assert means["plugin-rr"]["categories"]["indexer"] == pytest.approx(0.8)
-    assert means["plugin-rr"]["categories"]["sparse attention"] == pytest.approx(0.4)
+    assert means["plugin-rr"]["categories"]["attention"] == pytest.approx(0.4)
     assert means["plugin-rr"]["kernel_ms"] == pytest.approx(1.022 + 0.7)
 
     md = ps.render_markdown(runs)

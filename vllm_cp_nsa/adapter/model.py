@@ -91,8 +91,8 @@ class CpNsaIndexer(nn.Module):
         q = self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x)[0])
         q_pe, k_pe = apply_rope(self.rotary_emb, positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
-        q = torch.cat([q_pe, q[..., self.rope_dim :]], dim=-1)
-        k = torch.cat([k_pe, k[:, self.rope_dim :]], dim=-1)
+        q[..., : self.rope_dim] = q_pe  # in place: q and k are this layer's own outputs
+        k[:, : self.rope_dim] = k_pe
         weights = self.weights_proj(x)[0].float() * self.weight_scale
         return q, weights, k
 
