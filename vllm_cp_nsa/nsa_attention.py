@@ -10,7 +10,7 @@ Only the rows of step 1 cross ranks; queries, top-k and outputs stay local.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -36,10 +36,23 @@ class NsaForwardMetadata:
     use_decode_kernel: bool
     """Every request has at most ``1 + num_speculative_tokens`` query tokens
     (decode / target-verify): run the decode attention path."""
+    _per_forward: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def num_local_rows(self) -> int:
         return self.local_req.shape[0]
+
+    def local_kv_len(self, local_positions: torch.Tensor) -> torch.Tensor:
+        """[rows] keys each local row attends over: its position + 1, 0 for padding rows.
+
+        Every layer passes the same positions tensor, so this is computed once per forward
+        and every layer's indexer gets the same tensor (a kernel provider may key per-forward
+        host work on it, as ``vllm-deepgemm`` does)."""
+        hit = self._per_forward.get("kv_len")
+        if hit is None or hit[0] is not local_positions:
+            kv_len = torch.where(self.local_req >= 0, local_positions.long() + 1, 0)
+            hit = self._per_forward["kv_len"] = (local_positions, kv_len)
+        return hit[1]
 
 
 def build_forward_metadata(
@@ -174,10 +187,8 @@ def select_topk_slots(
     ops,
 ) -> torch.Tensor:
     """[rows, topk] cache slots each local query attends to (-1 padded)."""
-    has_req = meta.local_req >= 0
-    kv_len = torch.where(has_req, local_positions.long() + 1, torch.zeros_like(local_positions, dtype=torch.long))
     positions = ops.indexer_topk(
-        index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
+        index_q, index_weights, caches.index, meta.block_table, meta.local_req, meta.local_kv_len(local_positions),
         topk, meta.block_size, caches.index_fp8,
     )
     rows_block_table = meta.block_table[meta.local_req.clamp(min=0)]

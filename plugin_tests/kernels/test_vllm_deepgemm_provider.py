@@ -361,6 +361,40 @@ def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budge
     assert (len(chunks) == 1) == (budgets[0] == 1 << 30)
 
 
+def test_gather_plan_is_read_once_per_forward(monkeypatch):
+    """Layers of one forward pass the same row tensors: one host read (plan) for all of
+    them; new tensors (the next forward), other budgets or a freed tensor: a new plan."""
+    builds = []
+    real = vllm_deepgemm.plan_gather
+    monkeypatch.setattr(vllm_deepgemm, "plan_gather", lambda *a: builds.append(1) or real(*a))
+    cache = vllm_deepgemm.ForwardPlanCache()
+    row_req = torch.tensor([0, 1, 0, -1], dtype=torch.int32)
+    kv_len = torch.tensor([5, 3, 7, 0])
+    table = torch.arange(8, dtype=torch.int32).view(2, 4)
+    first = cache.get(row_req, kv_len, table)
+    assert all(cache.get(row_req, kv_len, table) is first for _ in range(3)) and len(builds) == 1
+    assert first.rows.tolist() == [0, 2, 1] and first.ke.tolist() == [5, 7, 10]  # (request, kv_len) order
+    same_values = kv_len.clone()  # the next forward's tensor, equal or not
+    assert cache.get(row_req, same_values, table) is not first and len(builds) == 2
+    monkeypatch.setattr(vllm_deepgemm, "MAX_GATHER_KEYS", 4)
+    assert cache.get(row_req, same_values, table).host.chunks != first.host.chunks and len(builds) == 3
+    del same_values  # freed: a weak reference never matches a new tensor at the same address
+    cache.get(row_req, kv_len.clone(), table)
+    assert len(builds) == 4
+
+
+def test_every_layer_gets_the_same_kv_len_tensor():
+    from vllm_cp_nsa.nsa_attention import build_forward_metadata
+
+    meta = build_forward_metadata([3, 2], torch.arange(5), torch.zeros(2, 4, dtype=torch.int32), 4, 2, 0,
+                                  None, 0, 1, "cpu")  # fmt: skip
+    positions = torch.tensor([0, 1, 2, 0, 1])
+    kv_len = meta.local_kv_len(positions)
+    assert kv_len.tolist() == [1, 2, 3, 1, 2] and meta.local_kv_len(positions) is kv_len
+    other = meta.local_kv_len(positions + 1)  # other positions (another forward): recomputed
+    assert other.tolist() == [2, 3, 4, 2, 3]
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.fixture
 def deepgemm_ops():

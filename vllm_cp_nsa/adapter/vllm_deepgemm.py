@@ -41,6 +41,7 @@ vLLM is imported only inside functions, so this module imports on any vLLM and w
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,9 @@ class VllmDeepGemmOps(VllmKernelOps):
     """Captured forwards take the Triton indexer (see the module docstring)."""
     reads_fp8_indexer_cache = True
 
+    def __init__(self):
+        self._plans = ForwardPlanCache()
+
     def startup_detail(self) -> str:
         if _deepgemm_indexer_available():
             return ("FlashMLA sparse attention, DeepGEMM fp8 MQA logits + vLLM top-k for eager "
@@ -86,7 +90,7 @@ class VllmDeepGemmOps(VllmKernelOps):
                 index_cache_fp8,
             )  # fmt: skip
         return _deepgemm_indexer_topk(
-            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size
+            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size, self._plans
         )
 
 
@@ -205,6 +209,54 @@ def split_chunks(key_lens: list[int], row_counts: list[int], max_logits_bytes: i
     return chunks
 
 
+class ForwardPlanCache:
+    """The last gather plan (and its device copies), reused while the same row tensors
+    come back: every layer of a forward passes the same ``local_req``, ``kv_len`` (see
+    ``NsaForwardMetadata.local_kv_len``) and block table objects, so a forward reads them on
+    the host once instead of once per layer (each read drains the GPU queue). Weak
+    references: a new forward's tensors never match a freed one's."""
+
+    def __init__(self):
+        self._key: tuple = ()
+        self._plan: DevicePlan | None = None
+
+    def get(self, row_req, row_kv_len, block_table) -> "DevicePlan":
+        tensors = (row_req, row_kv_len, block_table)
+        budgets = (MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
+        if self._plan is not None and self._key[3:] == budgets and all(
+            ref() is t for ref, t in zip(self._key[:3], tensors)
+        ):
+            return self._plan
+        self._plan = DevicePlan.build(row_req, row_kv_len, block_table)
+        self._key = (*(weakref.ref(t) for t in tensors), *budgets)
+        return self._plan
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """A ``GatherPlan`` with the per-row / per-request tensors already on the device."""
+
+    host: GatherPlan
+    tables: torch.Tensor
+    key_starts: torch.Tensor
+    rows: torch.Tensor
+    ks: torch.Tensor
+    ke: torch.Tensor
+
+    @classmethod
+    def build(cls, row_req, row_kv_len, block_table) -> "DevicePlan":
+        host = plan_gather(row_req, row_kv_len, MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
+        dev = block_table.device
+        return cls(
+            host=host,
+            tables=block_table.index_select(0, host.reqs.to(dev)).to(torch.int32).contiguous(),
+            key_starts=host.key_starts.to(dev, torch.int32),
+            rows=host.rows.to(dev),
+            ks=host.ks.to(dev, torch.int32),
+            ke=host.ke.to(dev, torch.int32),
+        )
+
+
 # ----------------------------------------------------------------- device helpers
 def quantize_indexer_q(q: torch.Tensor, weights: torch.Tensor):
     """(fp8 q, fp32 weights) the way vLLM's ``fused_indexer_q_rope_quant`` does it: per row
@@ -242,21 +294,20 @@ def best_first(picks: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor) -> t
 
 
 def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                           block_size):  # fmt: skip
+                           block_size, plans: ForwardPlanCache | None = None):  # fmt: skip
     from vllm._custom_ops import cp_gather_indexer_k_quant_cache, top_k_per_row_prefill
     from vllm.utils.deep_gemm import fp8_fp4_mqa_logits
 
     dev = q.device
     out = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=dev)
-    plan = plan_gather(row_req, row_kv_len, MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
+    device_plan = (plans or ForwardPlanCache()).get(row_req, row_kv_len, block_table)
+    plan = device_plan.host
     if not plan.chunks:
         return out
     q_fp8, weights = _pad_indexer_heads(*quantize_indexer_q(q, weights))
     cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
-    tables = block_table.index_select(0, plan.reqs.to(dev)).to(torch.int32).contiguous()
-    key_starts = plan.key_starts.to(dev, torch.int32)
-    rows = plan.rows.to(dev)
-    ks_all, ke_all = plan.ks.to(dev, torch.int32), plan.ke.to(dev, torch.int32)
+    tables, key_starts, rows = device_plan.tables, device_plan.key_starts, device_plan.rows
+    ks_all, ke_all = device_plan.ks, device_plan.ke
 
     gathered = None  # (requests, fp8 keys, fp32 scales, first offset), reused by row chunks
     for c in plan.chunks:
