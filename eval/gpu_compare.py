@@ -393,12 +393,18 @@ class Worker:
                 return [self.prompt(f"decode:{tag}:{batch}:{i}", length) for i in range(batch)]
 
             self.generate(prompts("warmup"), max_tokens=16, ignore_eos=True)
-            first_s, _ = self.generate(prompts("first"), max_tokens=1)
-            all_s, outputs = self.generate(prompts("all"), max_tokens=tokens, ignore_eos=True)
+            # median of --reps samples: one 128-token sample varied by up to 30 % between calls
+            samples = []
+            for rep in range(self.spec["reps"]):
+                first_s, _ = self.generate(prompts(f"first:{rep}"), max_tokens=1)
+                all_s, outputs = self.generate(prompts(f"all:{rep}"), max_tokens=tokens, ignore_eos=True)
+                samples.append((first_s, all_s, (all_s - first_s) / (tokens - 1) * 1e3))
             generated = [len(o.outputs[0].token_ids) for o in outputs]
-            ms = (all_s - first_s) / (tokens - 1) * 1e3
+            ms = statistics.median(m for _, _, m in samples)
             self.result["decode"][str(batch)] = {"prompt_tokens": length, "tokens": tokens, "generated": generated,
-                                                 "first_s": round(first_s, 5), "all_s": round(all_s, 5),
+                                                 "first_s": [round(f, 5) for f, _, _ in samples],
+                                                 "all_s": [round(a, 5) for _, a, _ in samples],
+                                                 "ms_per_token_reps": [round(m, 3) for _, _, m in samples],
                                                  "ms_per_token": round(ms, 3)}
             self.progress(f"  decode batch {batch}: {ms:.2f} ms/token")
             self.save()
@@ -846,7 +852,7 @@ def render_markdown(report: dict) -> str:
 
     batch_sizes = list(dict.fromkeys(b for run in runs.values() for b in run.get("decode", {})))
     if batch_sizes:
-        lines += ["", "## Decode (ms per output token: (t(T tokens) - t(1 token)) / (T-1))", ""]
+        lines += ["", "## Decode (ms per output token: (t(T tokens) - t(1 token)) / (T-1), median of --reps samples)", ""]
         lines += _table(["batch"] + names, [[b] + [_fmt(runs[n].get("decode", {}).get(b, {}).get("ms_per_token"),
                                                         ".2f") for n in names] for b in batch_sizes])
 

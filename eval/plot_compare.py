@@ -28,15 +28,18 @@ def plot(report: dict, path: Path) -> None:
     runs = {name: run for name, run in report["runs"].items() if run.get("ttft") or run.get("decode")}
     all_lengths = sorted({n for run in runs.values() for n in _single_prompt_ttft(run)[0]})
     fig, (ax_ttft, ax_speed, ax_decode) = plt.subplots(1, 3, figsize=(17, 5))
+    # one colour per run in all three panels
+    color = {name: f"C{i % 10}" for i, name in enumerate(runs)}
     for name, run in runs.items():
         lengths, ms = _single_prompt_ttft(run)
         if lengths:
-            ax_ttft.plot(lengths, ms, marker="o", label=name)
+            ax_ttft.plot(lengths, ms, marker="o", label=name, color=color[name])
         base_name = "native-tp" + name[len(name.split("+")[0]):]
         base = dict(zip(*_single_prompt_ttft(report["runs"].get(base_name, {}))))
         speed = [(n, base[n] / t) for n, t in zip(lengths, ms) if n in base]
         if speed and name != base_name:
-            ax_speed.plot([n for n, _ in speed], [s for _, s in speed], marker="o", label=f"{name} vs {base_name}")
+            ax_speed.plot([n for n, _ in speed], [s for _, s in speed], marker="o", label=f"{name} vs {base_name}",
+                          color=color[name])
     for ax in (ax_ttft, ax_speed):
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in all_lengths])
@@ -57,7 +60,7 @@ def plot(report: dict, path: Path) -> None:
         values = [run.get("decode", {}).get(str(b), {}).get("ms_per_token") for b in batch_sizes]
         xs = [j + i * width for j, v in enumerate(values) if v is not None]
         if xs:
-            ax_decode.bar(xs, [v for v in values if v is not None], width, label=name)
+            ax_decode.bar(xs, [v for v in values if v is not None], width, label=name, color=color[name])
     ax_decode.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(batch_sizes))],
                          [f"batch {b}" for b in batch_sizes])
     ax_decode.set_ylabel("ms per output token")

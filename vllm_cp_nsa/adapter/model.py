@@ -53,6 +53,13 @@ def apply_rope(rotary_emb, positions: torch.Tensor, q: torch.Tensor, k: torch.Te
     return q2.view(num_rows, num_heads, dim), k2.view(num_rows, dim)
 
 
+def write_back(dst: torch.Tensor, rotated: torch.Tensor) -> None:
+    """Put rotated dims back into ``dst``, unless vLLM's in-place rotary already rotated
+    ``dst`` itself (its slice was contiguous, e.g. one row, so no copy was made)."""
+    if rotated.data_ptr() != dst.data_ptr():
+        dst.copy_(rotated.view(dst.shape))
+
+
 class CpNsaIndexer(nn.Module):
     """Lightning indexer projections (replicated); keys live in ``k_cache``."""
 
@@ -91,8 +98,8 @@ class CpNsaIndexer(nn.Module):
         q = self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x)[0])
         q_pe, k_pe = apply_rope(self.rotary_emb, positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
-        q[..., : self.rope_dim] = q_pe  # in place: q and k are this layer's own outputs
-        k[:, : self.rope_dim] = k_pe
+        write_back(q[..., : self.rope_dim], q_pe)  # q and k are this layer's own outputs
+        write_back(k[:, : self.rope_dim], k_pe)
         weights = self.weights_proj(x)[0].float() * self.weight_scale
         return q, weights, k
 
