@@ -75,6 +75,16 @@ def fp32_to_e4m3_bits(x):
 
 
 @triton.jit
+def quantize_rows_ue8m0(x):
+    """fp32 rows [R, D] -> (e4m3fn bytes [R, D] uint8, fp32 scales [R]): per row the
+    indexer recipe, scale = max(amax, 1e-4) / 448 rounded up to a power of two (correctly
+    rounded division, as vLLM's kernels do), values x / scale, round to nearest even."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = pow2_round_up(tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0))
+    return fp32_to_e4m3_bits(x * pow2_reciprocal(scale)[:, None]).to(tl.uint8), scale
+
+
+@triton.jit
 def e4m3_bits_to_fp32(b):
     """float8_e4m3fn byte (int32 0..255) -> fp32, exact (NaN bytes not handled)."""
     sign = (b & 0x80) << 24

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast_rne, fp32_to_e4m3_bits, pow2_reciprocal, pow2_round_up
+from ._triton_utils import cast_rne, fp32_to_e4m3_bits, pow2_reciprocal, pow2_round_up, quantize_rows_ue8m0
 from .kv_cache_ref import (
     FP8_DS_MLA_ROW_BYTES,
     INDEX_HEAD_DIM,
@@ -205,9 +205,7 @@ def _write_indexer_fp8_kernel(
         mask=keep[:, None],
         other=0.0,
     ).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    scale = pow2_round_up(tl.math.div_rn(tl.maximum(amax, _SCALE_FLOOR), _FP8_MAX))
-    q = fp32_to_e4m3_bits(x * pow2_reciprocal(scale)[:, None]).to(tl.uint8)
+    q, scale = quantize_rows_ue8m0(x)
     blk = slot // block_size
     off = slot % block_size
     tl.store(

@@ -103,6 +103,27 @@ def quantize_indexer_fp8(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, scales
 
 
+def quantize_indexer_queries(
+    q: torch.Tensor, weights: torch.Tensor, num_heads_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer queries for fp8 MQA logits: q [n, H, 128] -> (fp8 [n, num_heads_out, 128],
+    fp32 weights [n, num_heads_out]). Each (row, head) is quantized like an indexer key
+    (:func:`quantize_indexer_fp8`) and its scale folded into the head's weight
+    (``relu(s x) w = relu(x) s w``, ``s > 0``); extra heads are zero with zero weight.
+    fp8 queries are taken as they are."""
+    n, num_heads, dim = q.shape
+    if q.dtype == torch.float8_e4m3fn:
+        values, folded = q, weights.float()
+    else:
+        values, scales = quantize_indexer_fp8(q.reshape(n * num_heads, dim))
+        values, folded = values.view(n, num_heads, dim), weights.float() * scales.view(n, num_heads)
+    q8 = torch.zeros((n, num_heads_out, dim), dtype=torch.float8_e4m3fn, device=q.device)
+    w8 = torch.zeros((n, num_heads_out), dtype=torch.float32, device=q.device)
+    q8[:, :num_heads] = values
+    w8[:, :num_heads] = folded
+    return q8, w8
+
+
 def _indexer_block_views(cache: torch.Tensor, block_size: int):
     """(values [blocks, block_size, 128] fp8, scales [blocks, block_size] fp32)."""
     blocks = cache.view(cache.shape[0], -1)

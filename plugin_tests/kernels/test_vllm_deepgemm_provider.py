@@ -4,7 +4,8 @@ indexer (gather -> fp8_fp4_mqa_logits -> top_k_per_row_prefill), opt-in.
 CPU: it is registered below Triton (``auto`` never picks it), refuses CPU devices
 (``kernels='vllm-deepgemm'`` fails naming the device), supports CUDA graphs by handing a
 forward being captured to the Triton indexer, hands CPU tensors to the Triton provider, and its pure-torch helpers (gather / chunk plan, best-
-first reordering, query quantization) match straightforward implementations, the chunk
+first reordering) match straightforward implementations (the query quantization kernel has
+its own test, test_indexer_q_quant.py), the chunk
 split matching vLLM's own ``_split_indexer_prefill_chunks``.
 
 GPU (``-m gpu``, vLLM GPU build with DeepGEMM on an SM90 / SM100 GPU): ``indexer_topk``
@@ -27,7 +28,6 @@ from vllm_cp_nsa.adapter.vllm_deepgemm import (
     VllmDeepGemmOps,
     best_first,
     plan_gather,
-    quantize_indexer_q,
     split_chunks,
 )
 from vllm_cp_nsa.adapter.vllm_kernels import VllmKernelOps
@@ -238,30 +238,6 @@ def test_best_first_is_the_reference_order():
         assert got[m].tolist() == want + [-1] * (k - len(want))
 
 
-def test_query_quantization_is_vllms_recipe():
-    """Per row and head a power-of-two scale 2^ceil(log2(amax / 448)) folded into the weight:
-    the scores move by fp8 noise only; fp8 queries pass unchanged."""
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(6, 4, 128, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.0])[None, :, None]
-    q = q.to(torch.bfloat16)
-    weights = torch.randn(6, 4, generator=gen)
-    q8, w8 = quantize_indexer_q(q, weights)
-    assert q8.dtype == torch.float8_e4m3fn and w8.dtype == torch.float32 and q8.shape == q.shape
-    scale = w8 / weights
-    amax = q.float().abs().amax(-1)
-    for s, a in zip(scale.flatten().tolist(), amax.flatten().tolist()):
-        want = 2.0 ** torch.ceil(torch.log2(torch.tensor(max(a, 1e-10) * (1 / 448.0)))).item()
-        assert s == want
-    assert torch.equal(q8.float(), (q.float() / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).float())
-    keys = torch.randn(50, 128, generator=gen)
-    ks, ke = torch.zeros(6, dtype=torch.long), torch.full((6,), 50)
-    exact = attention_ref.indexer_logits(q, keys, weights, ks, ke)
-    folded = attention_ref.indexer_logits(q8.float(), keys, w8, ks, ke)
-    assert ((folded - exact).norm() / exact.norm()).item() < 0.06
-    same_q, same_w = quantize_indexer_q(q8, weights)
-    assert torch.equal(same_q.view(torch.uint8), q8.view(torch.uint8)) and torch.equal(same_w, weights)
-
-
 class _KernelStandIns:
     """Torch stand-ins of the three vLLM kernels with their documented contracts (input
     checks included): the CUDA gather's byte arithmetic on the ``[blocks, block_size, 132]``
@@ -352,7 +328,7 @@ def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budge
     row_len = torch.tensor([n for _, n in rows])
 
     out = vllm_deepgemm._deepgemm_indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size)
-    q8, w8 = quantize_indexer_q(q, weights)
+    q8, w8 = kv_cache_ref.quantize_indexer_queries(q, weights, heads)
     ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
     assert torch.equal(out, ref)
     chunks = plan_gather(row_req, row_len, *budgets).chunks
@@ -501,7 +477,7 @@ def test_gpu_indexer_topk_matches_reference(deepgemm_ops, no_triton_fallback, mo
     assert out[7, :1].tolist() == [0] and bool((out[7, 1:] == -1).all())
     # Against the scores of the queries the kernels see (vLLM's fp8 quantization):
     # DeepGEMM's fp8 products may reorder near ties only.
-    q8, w8 = quantize_indexer_q(inputs[0], inputs[1])
+    q8, w8 = kv_cache_ref.quantize_indexer_queries(inputs[0], inputs[1], heads)
     recall = _check_picks(out, q8.float(), w8, *inputs[2:], topk, block_size, 5e-3)
     assert recall >= 0.98, recall
     if q_dtype == torch.bfloat16:  # and the unquantized reference still agrees broadly

@@ -8,8 +8,9 @@ prefill indexer (``sparse_attn_indexer``, prefill branch, in
 ``vllm/model_executor/layers/sparse_attn_indexer.py``), for every local CP row (any
 request, any position, in any order):
 
-0. queries to fp8 with vLLM's recipe (``fused_indexer_q_rope_quant``): one power-of-two
-   scale per row and head, folded into that head's weight;
+0. queries to fp8 with vLLM's recipe (its ``_fused_q_kernel``; here the Triton kernel
+   ``kernels/indexer_q_quant.py``): one power-of-two scale per row and head, folded into
+   that head's weight, heads zero-padded to 32 or 64;
 1. per chunk of requests, ``vllm._custom_ops.cp_gather_indexer_k_quant_cache``: each
    request's keys ``[0, max kv_len of its rows)`` from the paged cache into one contiguous
    fp8 buffer + fp32 scales;
@@ -47,8 +48,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels.kv_cache_ref import FP8_MAX, INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
-from .vllm_kernels import VllmKernelOps, pad_heads
+from ..kernels.indexer_q_quant import quantize_indexer_queries
+from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
+from .vllm_kernels import VllmKernelOps
 
 MAX_LOGITS_BYTES = 512 * 1024 * 1024
 """Bound of one chunk's fp32 logits (vLLM's default ``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB``)."""
@@ -58,8 +60,6 @@ MAX_GATHER_KEYS = 2 * 1024 * 1024
 _LOGITS_PAD = 256  # DeepGEMM allocates each logits row with 256 spare columns
 _DEEPGEMM_HEADS = (32, 64)
 _MAX_TOPK = 2048  # vLLM's top-k kernel keeps 2048 final candidates
-_Q_SCALE_FLOOR = 1e-10
-_QUANT_ROWS = 4096
 
 
 class VllmDeepGemmOps(VllmKernelOps):
@@ -258,29 +258,6 @@ class DevicePlan:
 
 
 # ----------------------------------------------------------------- device helpers
-def quantize_indexer_q(q: torch.Tensor, weights: torch.Tensor):
-    """(fp8 q, fp32 weights) the way vLLM's ``fused_indexer_q_rope_quant`` does it: per row
-    and head ``scale = 2^ceil(log2(max(amax, 1e-10) / 448))``, ``q / scale`` clamped to
-    +-448, ``scale`` folded into the weight (``relu(s x) w = relu(x) s w``, ``s > 0``).
-    fp8 queries pass as they are."""
-    if q.dtype == torch.float8_e4m3fn:
-        return q.contiguous(), weights.float()
-    amax = q.abs().amax(dim=-1).float()  # exact in q's dtype
-    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=_Q_SCALE_FLOOR) * (1.0 / FP8_MAX))))
-    q_fp8 = torch.empty(q.shape, dtype=torch.float8_e4m3fn, device=q.device)
-    for lo in range(0, q.shape[0], _QUANT_ROWS):  # bounded fp32 temporaries
-        rows = slice(lo, lo + _QUANT_ROWS)
-        q_fp8[rows] = (q[rows].float() / scale[rows, :, None]).clamp_(-FP8_MAX, FP8_MAX)
-    return q_fp8, weights.float() * scale
-
-
-def _pad_indexer_heads(q_fp8: torch.Tensor, weights: torch.Tensor):
-    """Zero queries with zero weights up to a head count DeepGEMM takes (32 or 64)."""
-    heads = next(h for h in _DEEPGEMM_HEADS if h >= q_fp8.shape[1])
-    weights = F.pad(weights, (0, heads - q_fp8.shape[1]))
-    return pad_heads(q_fp8, heads).contiguous(), weights.contiguous()
-
-
 def best_first(picks: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     """Reorder each row's picks (positions relative to ``ks``, any order, -1 anywhere) the
     reference way: logit descending, ties to the lower position, -1 last."""
@@ -304,7 +281,8 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
     plan = device_plan.host
     if not plan.chunks:
         return out
-    q_fp8, weights = _pad_indexer_heads(*quantize_indexer_q(q, weights))
+    heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
+    q_fp8, weights = quantize_indexer_queries(q, weights, heads)
     cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
     tables, key_starts, rows = device_plan.tables, device_plan.key_starts, device_plan.rows
     ks_all, ke_all = device_plan.ks, device_plan.ke
