@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.dispatch import NsaOps, get_ops
+from ..kernels.empty_rows import zero_rows_without_keys
 from ..kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, LATENT_DIM, LATENT_ROW_DIM
 
 _FLASHMLA_MAX_HEADS = 128
@@ -159,15 +160,6 @@ def _kernel_indices(indices: torch.Tensor, num_slots: int) -> torch.Tensor:
     return F.pad(idx, (0, tiles * _FLASHMLA_TOPK_MULTIPLE - topk), value=-1).contiguous()
 
 
-def _empty_rows_to_reference(out, lse, idx):
-    """Rows without one valid index: zeros and ``lse = -inf`` like the reference (FlashMLA
-    leaves +inf or undefined values there)."""
-    has_key = (idx >= 0).any(dim=-1)
-    out = out.masked_fill(~has_key[..., None, None], 0.0)
-    lse = lse.masked_fill(~has_key[..., None], float("-inf"))
-    return out, lse
-
-
 def _flashmla_bf16(q, kv_cache, indices, sm_scale):
     """q [M, H, 576] against the bf16 cache -> (out [M, H, 512], lse [M, H])."""
     from vllm.v1.attention.ops.flashmla import flash_mla_sparse_fwd
@@ -177,7 +169,7 @@ def _flashmla_bf16(q, kv_cache, indices, sm_scale):
     idx = _kernel_indices(indices, kv.shape[0])
     q = pad_heads(q, _flashmla_heads(num_heads))
     out, _, lse = flash_mla_sparse_fwd(q, kv, idx.unsqueeze(1), sm_scale)
-    return _empty_rows_to_reference(out[:, :num_heads], lse[:, :num_heads], idx)
+    return zero_rows_without_keys(out[:, :num_heads], lse[:, :num_heads], idx)
 
 
 def _flashmla_fp8(q, kv_cache, indices, sm_scale):
@@ -203,6 +195,4 @@ def _flashmla_fp8(q, kv_cache, indices, sm_scale):
         softmax_scale=sm_scale,
     )
     # lse comes as [B, H, S]
-    return _empty_rows_to_reference(
-        out[:, :, :num_heads], lse[:, :num_heads].transpose(1, 2), idx
-    )
+    return zero_rows_without_keys(out[:, :, :num_heads], lse[:, :num_heads].transpose(1, 2), idx)
