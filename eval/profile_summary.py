@@ -227,6 +227,56 @@ def collect_runs(paths: list[str | Path], keep_kernels: int | None = KEEP_KERNEL
     return runs
 
 
+# ----------------------------------------------------------------------------- attribution
+HOST_OP_CATS = {"cpu_op", "user_annotation", "python_function"}
+
+
+def attribute_kernels(trace: dict, pattern: str = ".", depth: int = 3) -> list[tuple[str, str, int, float]]:
+    """Which host ops launched the GPU work: for every kernel / memcpy / memset whose name
+    matches ``pattern``, its launch (the runtime event with the same correlation id) and
+    the innermost ``depth`` CPU ops enclosing that launch on its thread (engine-step
+    annotations left out). Returns (ops, kernel, calls, ms), most ms first. Needs a trace
+    recorded with CPU activity (vLLM's default)."""
+    events = trace.get("traceEvents", [])
+    regex = re.compile(pattern, re.IGNORECASE)
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host_ops: dict = {}
+    for e in events:
+        if e.get("cat") in HOST_OP_CATS and e.get("ph") == "X" and not STEP_ANNOTATION.match(e["name"]):
+            host_ops.setdefault(e["tid"], []).append(e)
+    totals: dict[tuple[str, str], list] = {}
+    for e in events:
+        if e.get("cat") not in GPU_CATS or not regex.search(e["name"]):
+            continue
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        if launch is None:
+            continue
+        enclosing = [op for op in host_ops.get(launch["tid"], [])
+                     if op["ts"] <= launch["ts"] and op["ts"] + op["dur"] >= launch["ts"] + launch["dur"]]
+        enclosing.sort(key=lambda op: (op["ts"], -op["dur"]))  # outermost first
+        key = (" > ".join(op["name"] for op in enclosing[-depth:]) or "(no host op)", e["name"])
+        entry = totals.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e["dur"] / 1e3
+    return sorted(((ops, name, n, ms) for (ops, name), (n, ms) in totals.items()), key=lambda r: -r[3])
+
+
+def render_attribution(paths: list[str | Path], pattern: str, top: int) -> str:
+    lines = []
+    for path in paths:
+        for run, name, data in _iter_sources(Path(path)):
+            try:
+                rows = attribute_kernels(load_trace(data), pattern)
+            except (OSError, ValueError, EOFError) as exc:
+                print(f"profile_summary: skipped {name}: {exc}", file=sys.stderr)
+                continue
+            lines += ["", f"### {run}: {Path(name).name}", ""]
+            lines += _table(["host ops (outer > inner)", "GPU work", "calls", "ms"],
+                            [[ops, kern[:60], str(n), _f(ms, ".3f")] for ops, kern, n, ms in rows[:top]])
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- tables
 
 TOTALS = [("kernel time (sum over streams)", "kernel_ms"), ("GPU busy (union of streams)", "busy_ms"),
@@ -326,7 +376,12 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", help="run the differences are taken against (default: the first)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed per run")
     ap.add_argument("--json", help="also write the per-rank summaries here")
+    ap.add_argument("--attribute", metavar="REGEX",
+                    help="instead: per trace, the host ops that launched the GPU work matching REGEX")
     args = ap.parse_args(argv)
+    if args.attribute:
+        print(render_attribution(args.paths, args.attribute, args.top), end="")
+        return
     runs = collect_runs(args.paths)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")

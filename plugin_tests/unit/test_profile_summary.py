@@ -185,3 +185,45 @@ def test_cpu_only_trace_falls_back_to_cpu_op_self_time():
 def test_empty_input(tmp_path):
     assert ps.collect_runs([tmp_path]) == {}
     assert "no trace files found" in ps.render_markdown({})
+
+
+def test_attribute_kernels_to_the_host_ops_that_launched_them(tmp_path, capsys):
+    """Kernels are matched to their launch by correlation id and to the innermost host ops
+    around that launch on its thread; step annotations and other threads do not count."""
+    def op(name, ts, dur, tid=1, cat="cpu_op"):
+        return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": T0 + ts, "dur": dur}
+
+    def launch(ts, corr, tid=1):
+        return {**op("cudaLaunchKernel", ts, 2, tid, "cuda_runtime"), "args": {"correlation": corr}}
+
+    def gpu(name, dur, corr, cat="kernel"):
+        return {**kernel(name, 1000 + corr, dur, cat=cat), "args": {"correlation": corr, "stream": 7}}
+
+    events = [
+        op("execute_context_1(16)_generation_0(0)", 0, 500, cat="user_annotation"),
+        op("aten::masked_fill", 10, 100), op("aten::clone", 12, 40), op("aten::copy_", 14, 30),
+        launch(20, 1),                                    # masked_fill > clone > copy_
+        op("aten::masked_fill_", 60, 40), launch(70, 2),  # masked_fill > masked_fill_
+        op("aten::cat", 200, 20), launch(205, 3), launch(210, 4),
+        op("aten::mm", 300, 20, tid=2), launch(305, 5, tid=2),
+        launch(400, 6),                                   # only the step annotation around it
+    ]
+    events += [gpu("Memcpy DtoD (Device -> Device)", 300, 1, "gpu_memcpy"), gpu("elementwise_kernel<128>", 500, 2),
+               gpu("CatArrayBatchedCopy", 100, 3), gpu("CatArrayBatchedCopy", 150, 4), gpu("nvjet_gemm", 900, 5),
+               gpu("elementwise_kernel<128>", 50, 6), gpu("unlaunched_kernel", 70, 99)]
+    rows = ps.attribute_kernels({"traceEvents": events})
+    assert rows == [
+        ("aten::mm", "nvjet_gemm", 1, pytest.approx(0.9)),
+        ("aten::masked_fill > aten::masked_fill_", "elementwise_kernel<128>", 1, pytest.approx(0.5)),
+        ("aten::masked_fill > aten::clone > aten::copy_", "Memcpy DtoD (Device -> Device)", 1, pytest.approx(0.3)),
+        ("aten::cat", "CatArrayBatchedCopy", 2, pytest.approx(0.25)),
+        ("(no host op)", "elementwise_kernel<128>", 1, pytest.approx(0.05)),
+    ]
+    assert [r[1] for r in ps.attribute_kernels({"traceEvents": events}, "cat|memcpy")] == \
+        ["Memcpy DtoD (Device -> Device)", "CatArrayBatchedCopy"]
+    path = tmp_path / "run" / "x_rank0.pt.trace.json.gz"
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    ps.main([str(tmp_path / "run"), "--attribute", "Cat", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "### run: x_rank0.pt.trace.json.gz" in out and "| aten::cat | CatArrayBatchedCopy | 2 | 0.250 |" in out
