@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import interpreting
-
 _BLOCK_K = 512
 _BLOCK_E = 1024
 
@@ -68,8 +66,10 @@ def _rows(t: torch.Tensor, trailing: int) -> torch.Tensor | None:
     return flat if flat.data_ptr() == t.data_ptr() else None
 
 
-def zero_rows_without_keys(out: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor):
-    """In place where the layout allows (each row's [H, D] block contiguous, fp32 lse),
+def zero_rows_without_keys(out: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor,
+                           use_triton: bool | None = None):  # fmt: skip
+    """In place by the Triton kernel for CUDA tensors (``use_triton=True``: anyway, the CPU
+    interpreter in tests) whose layout fits (each row's [H, D] block contiguous, fp32 lse),
     else the reference; returns (out, lse)."""
     if out.shape[:-2] != indices.shape[:-1] or lse.shape != out.shape[:-1]:
         raise ValueError(f"out {tuple(out.shape)}, lse {tuple(lse.shape)} and indices "
@@ -77,7 +77,7 @@ def zero_rows_without_keys(out: torch.Tensor, lse: torch.Tensor, indices: torch.
     num_heads, dim = out.shape[-2:]
     out2, lse2, idx2 = _rows(out, 2), _rows(lse, 1), _rows(indices, 1)
     fits = (
-        (out.is_cuda or interpreting())
+        (out.is_cuda if use_triton is None else use_triton)
         and None not in (out2, lse2, idx2)
         and out.stride(-1) == 1 and out.stride(-2) == dim
         and indices.stride(-1) == 1 and lse.dtype == torch.float32

@@ -54,10 +54,12 @@ def _quantize_indexer_q_kernel(
 
 
 def quantize_indexer_queries(
-    q: torch.Tensor, weights: torch.Tensor, num_heads_out: int
+    q: torch.Tensor, weights: torch.Tensor, num_heads_out: int, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [n, H, 128] (float), weights [n, H] -> (fp8 q [n, num_heads_out, 128] contiguous,
-    fp32 weights [n, num_heads_out] with the scales folded in); fp8 queries are only padded."""
+    fp32 weights [n, num_heads_out] with the scales folded in); fp8 queries are only padded.
+    Triton for CUDA tensors (``use_triton=True``: anyway, the CPU interpreter in tests), the
+    reference otherwise."""
     if q.dim() != 3 or q.shape[2] != INDEX_HEAD_DIM:
         raise ValueError(f"q must be [n, heads, {INDEX_HEAD_DIM}], got {tuple(q.shape)}")
     n, num_heads, _ = q.shape
@@ -65,7 +67,7 @@ def quantize_indexer_queries(
         raise ValueError(f"weights must be [{n}, {num_heads}], got {tuple(weights.shape)}")
     if num_heads_out < num_heads:
         raise ValueError(f"num_heads_out={num_heads_out} < {num_heads} query heads")
-    if q.dtype == torch.float8_e4m3fn or n == 0:
+    if q.dtype == torch.float8_e4m3fn or n == 0 or not (q.is_cuda if use_triton is None else use_triton):
         return quantize_indexer_queries_ref(q, weights, num_heads_out)
     if q.stride(2) != 1:
         q = q.contiguous()

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .communicator import CpGroup, gather_token_rows
-from .kernels.attention_ref import slots_from_positions
+from .kernels.slots import positions_to_slots
 from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM
 from .split_plan import SplitPlan, SplitStrategy, build_split_plan
 
@@ -191,8 +191,7 @@ def select_topk_slots(
         index_q, index_weights, caches.index, meta.block_table, meta.local_req, meta.local_kv_len(local_positions),
         topk, meta.block_size, caches.index_fp8,
     )
-    rows_block_table = meta.block_table[meta.local_req.clamp(min=0)]
-    return slots_from_positions(rows_block_table, positions, meta.block_size).to(torch.int32)
+    return positions_to_slots(positions, meta.local_req, meta.block_table, meta.block_size)
 
 
 def absorbed_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor) -> torch.Tensor:

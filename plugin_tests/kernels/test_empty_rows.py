@@ -27,7 +27,7 @@ def _case(rows, heads, padded_heads, topk, gen, dtype=torch.bfloat16):
 def _check(out, lse, idx, empty, heads, device):
     want_out, want_lse = empty_rows.rows_without_keys_ref(out[:, :heads], lse[:, :heads], idx)
     o, l = out.clone().to(device), lse.clone().to(device)  # clones: on CPU .to() would alias
-    got_out, got_lse = empty_rows.zero_rows_without_keys(o[:, :heads], l[:, :heads], idx.to(device))
+    got_out, got_lse = empty_rows.zero_rows_without_keys(o[:, :heads], l[:, :heads], idx.to(device), True)
     assert got_out.data_ptr() == o.data_ptr()  # in place
     assert torch.equal(got_out.cpu(), want_out) and torch.equal(got_lse.cpu(), want_lse)
     assert torch.equal(o[:, heads:].cpu(), out[:, heads:])  # padded heads untouched
@@ -48,19 +48,19 @@ def test_decode_layout_and_fallbacks(device):
     o4 = out.clone().to(device).unsqueeze(1)
     l4 = lse.clone().to(device).unsqueeze(-1)
     got_out, got_lse = empty_rows.zero_rows_without_keys(o4[:, :, :4], l4[:, :4].transpose(1, 2),
-                                                         idx.to(device).unsqueeze(1))  # fmt: skip
+                                                         idx.to(device).unsqueeze(1), True)  # fmt: skip
     want_out, want_lse = empty_rows.rows_without_keys_ref(out[:, :4], lse[:, :4], idx)
     assert torch.equal(got_out.cpu()[:, 0], want_out) and torch.equal(got_lse.cpu()[:, 0], want_lse)
     assert got_out.data_ptr() == o4.data_ptr()
     # the fp8 prefill path: [1, M, H, D] and lse [1, H, M] transposed (head stride M), in place
     o1, l1 = out.clone().to(device).unsqueeze(0), lse.t().contiguous().to(device).unsqueeze(0)
     got_out, got_lse = empty_rows.zero_rows_without_keys(o1[:, :, :4], l1[:, :4].transpose(1, 2),
-                                                         idx.to(device).unsqueeze(0))  # fmt: skip
+                                                         idx.to(device).unsqueeze(0), True)  # fmt: skip
     assert torch.equal(got_out.cpu()[0], want_out) and torch.equal(got_lse.cpu()[0], want_lse)
     assert got_lse.data_ptr() == l1.data_ptr()
     # a layout the kernel does not take (heads not contiguous in a row): the reference, out of place
     out_t = out.transpose(1, 2).contiguous().transpose(1, 2)
-    got_out, got_lse = empty_rows.zero_rows_without_keys(out_t, lse, idx)
+    got_out, got_lse = empty_rows.zero_rows_without_keys(out_t, lse, idx, True)
     want_out, want_lse = empty_rows.rows_without_keys_ref(out, lse, idx)
     assert torch.equal(got_out, want_out) and torch.equal(got_lse, want_lse)
     assert got_out.data_ptr() != out_t.data_ptr()

@@ -41,7 +41,7 @@ def test_kernel_bytes_equal_the_reference(n, heads, heads_out, dtype, device):
     q, weights = _inputs(n, heads, dtype, gen)
     if dtype == torch.float16:
         q = q.clamp(-60000, 60000)
-    got = indexer_q_quant.quantize_indexer_queries(q.to(device), weights.to(device), heads_out)
+    got = indexer_q_quant.quantize_indexer_queries(q.to(device), weights.to(device), heads_out, True)
     _check(got, kv_cache_ref.quantize_indexer_queries(q, weights, heads_out))
     assert bool((got[1][:, heads:] == 0).all()) and bool((got[0][:, heads:].float() == 0).all())
 
@@ -52,12 +52,12 @@ def test_strided_queries_and_special_inputs(device):
     wide = torch.randn(9, 4, 256, generator=gen).to(torch.bfloat16)
     wide[..., 64:192] = q  # a strided [9, 4, 128] view, as a slice of a projection output
     view = wide.to(device)[..., 64:192]
-    _check(indexer_q_quant.quantize_indexer_queries(view, weights.to(device), 32),
+    _check(indexer_q_quant.quantize_indexer_queries(view, weights.to(device), 32, True),
            kv_cache_ref.quantize_indexer_queries(q, weights, 32))  # fmt: skip
-    empty = indexer_q_quant.quantize_indexer_queries(q[:0].to(device), weights[:0].to(device), 32)
+    empty = indexer_q_quant.quantize_indexer_queries(q[:0].to(device), weights[:0].to(device), 32, True)
     assert empty[0].shape == (0, 32, 128) and empty[1].shape == (0, 32)
     q8 = q.float().clamp(-448, 448).to(torch.float8_e4m3fn)  # fp8 queries: padded, not requantized
-    got = indexer_q_quant.quantize_indexer_queries(q8.to(device), weights.to(device), 32)
+    got = indexer_q_quant.quantize_indexer_queries(q8.to(device), weights.to(device), 32, True)
     assert torch.equal(got[0][:, :4].cpu().view(torch.uint8), q8.view(torch.uint8))
     assert torch.equal(got[1][:, :4].cpu(), weights)
 
