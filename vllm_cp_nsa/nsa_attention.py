@@ -16,7 +16,6 @@ from typing import Sequence
 import torch
 
 from .communicator import CpGroup, gather_token_rows
-from .kernels.slots import positions_to_slots
 from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM
 from .split_plan import SplitPlan, SplitStrategy, build_split_plan
 
@@ -191,6 +190,8 @@ def select_topk_slots(
         index_q, index_weights, caches.index, meta.block_table, meta.local_req, meta.local_kv_len(local_positions),
         topk, meta.block_size, caches.index_fp8,
     )
+    from .kernels.slots import positions_to_slots  # imports triton: lazily, like every kernel module
+
     return positions_to_slots(positions, meta.local_req, meta.block_table, meta.block_size)
 
 

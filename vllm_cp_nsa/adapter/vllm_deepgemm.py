@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels.indexer_q_quant import quantize_indexer_queries
 from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 from .vllm_kernels import VllmKernelOps
 
@@ -274,6 +273,8 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
                            block_size, plans: ForwardPlanCache | None = None):  # fmt: skip
     from vllm._custom_ops import cp_gather_indexer_k_quant_cache, top_k_per_row_prefill
     from vllm.utils.deep_gemm import fp8_fp4_mqa_logits
+
+    from ..kernels.indexer_q_quant import quantize_indexer_queries  # imports triton: lazily
 
     dev = q.device
     out = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=dev)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.dispatch import NsaOps, get_ops
-from ..kernels.empty_rows import zero_rows_without_keys
 from ..kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, LATENT_DIM, LATENT_ROW_DIM
 
 _FLASHMLA_MAX_HEADS = 128
@@ -104,6 +103,13 @@ def _triton() -> NsaOps:
 
 
 # ------------------------------------------------------------------------ sparse MLA
+def _empty_rows():
+    """kernels.empty_rows, imported on first use: kernel modules import triton lazily."""
+    from ..kernels import empty_rows
+
+    return empty_rows
+
+
 def _flashmla_common_applies(q: torch.Tensor, kv_cache: torch.Tensor, d_v: int) -> bool:
     return (
         q.is_cuda
@@ -169,7 +175,7 @@ def _flashmla_bf16(q, kv_cache, indices, sm_scale):
     idx = _kernel_indices(indices, kv.shape[0])
     q = pad_heads(q, _flashmla_heads(num_heads))
     out, _, lse = flash_mla_sparse_fwd(q, kv, idx.unsqueeze(1), sm_scale)
-    return zero_rows_without_keys(out[:, :num_heads], lse[:, :num_heads], idx)
+    return _empty_rows().zero_rows_without_keys(out[:, :num_heads], lse[:, :num_heads], idx)
 
 
 def _flashmla_fp8(q, kv_cache, indices, sm_scale):
@@ -195,4 +201,4 @@ def _flashmla_fp8(q, kv_cache, indices, sm_scale):
         softmax_scale=sm_scale,
     )
     # lse comes as [B, H, S]
-    return zero_rows_without_keys(out[:, :, :num_heads], lse[:, :num_heads].transpose(1, 2), idx)
+    return _empty_rows().zero_rows_without_keys(out[:, :, :num_heads], lse[:, :num_heads].transpose(1, 2), idx)
