@@ -68,6 +68,7 @@ def build_forward_metadata(
     num_input_tokens: int | None = None,
     graph_padded: bool = False,
     buffers: "MetadataBuffers | None" = None,
+    max_seq_len: int | None = None,
 ) -> NsaForwardMetadata:
     """The forward's metadata; ``graph_padded`` for a batch vLLM padded to a FULL
     CUDA-graph size (``num_input_tokens`` rows, the extra ones with slot -1).
@@ -79,6 +80,11 @@ def build_forward_metadata(
     belong to no request (``local_req == -1``: no KV write, no keys, no effect on
     real rows). With ``buffers`` the index tensors land in persistent device
     buffers, so a replay reads this batch's values at the captured addresses.
+
+    ``max_seq_len`` (an upper bound of the batch's sequence lengths): a batch with a
+    prefill piece (never captured in a graph) keeps only the block-table columns it
+    needs, so the indexer kernels size their work by this batch, not by max_model_len.
+    Decode / verify batches keep the full table: a captured graph must fit any later one.
     """
     query_lens = [int(n) for n in query_lens]
     num_real_tokens = sum(query_lens)
@@ -96,6 +102,8 @@ def build_forward_metadata(
     if slots.shape[0] < plan.num_tokens:  # callers that pass only the real tokens' slots
         slots = torch.cat([slots, slots.new_full((plan.num_tokens - slots.shape[0],), -1)])
     use_decode = num_real_tokens > 0 and max(split_lens) <= max_decode_query_len
+    if max_seq_len is not None and not use_decode:
+        block_table = block_table[:, : max(1, -(-max_seq_len // block_size))]
     if buffers is None:
         plan, local_req, slots = plan.to(device), local_req.to(device), slots.long()
     else:

@@ -48,7 +48,7 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.v1.attention.backend", "AttentionBackend", "backend classes"),
     Touchpoint("vllm.v1.attention.backend", "AttentionMetadataBuilder", "per-step metadata (split plan)"),
     Touchpoint("vllm.v1.attention.backend", "AttentionCGSupport", "CUDA-graph support level"),
-    Touchpoint("vllm.v1.attention.backend", "CommonAttentionMetadata", "query_start_loc_cpu, slot_mapping, block_table_tensor"),
+    Touchpoint("vllm.v1.attention.backend", "CommonAttentionMetadata", "query_start_loc_cpu, slot_mapping, block_table_tensor, max_seq_len"),
     Touchpoint("vllm.v1.attention.backend", "MLAAttentionImpl", "impl base class"),
     Touchpoint("vllm.v1.attention.backend", "MultipleOf", "kernel block sizes"),
     Touchpoint("vllm.v1.kv_cache_interface", "MLAAttentionSpec", "indexer cache spec"),

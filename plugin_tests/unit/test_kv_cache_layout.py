@@ -117,3 +117,31 @@ def test_padding_rule_per_row_arrays(cp_rank):
     assert topk.shape == (rows, 4)
     assert bool((topk[pad] == -1).all())
     assert bool((topk[~pad] >= 0).any(1).all())
+
+
+@pytest.mark.parametrize("query_lens,sliced", [([5, 3, 6], True), ([1, 1, 1], False)])
+def test_prefill_batches_keep_only_the_block_table_columns_they_need(query_lens, sliced):
+    """With max_seq_len a batch with a prefill piece narrows the block table to
+    ceil(max_seq_len / block_size) columns (the indexer's work follows the batch); a
+    decode batch keeps every column (graphs captured on it must fit later batches). The
+    top-k slots are the same either way."""
+    block_size, context = 4, [7, 2, 30]  # request 2 is the longest: 30 + 6 tokens
+    seq_lens = [c + q for c, q in zip(context, query_lens)]
+    gen = torch.Generator().manual_seed(len(query_lens))
+    block_table = torch.randperm(60, generator=gen)[:48].view(3, 16).int()  # room for 64 tokens
+    slots = torch.arange(sum(query_lens))
+    kwargs = dict(block_size=block_size, cp_size=2, cp_rank=1, strategy=RoundRobinSplit(),
+                  min_tokens_for_cp=0, max_decode_query_len=1, device="cpu")  # fmt: skip
+    full = build_forward_metadata(query_lens, slots, block_table, **kwargs)
+    narrow = build_forward_metadata(query_lens, slots, block_table, max_seq_len=max(seq_lens), **kwargs)
+    assert full.block_table.shape == (3, 16)
+    assert narrow.block_table.shape == ((3, 9) if sliced else (3, 16))  # ceil(36 / 4) = 9
+    assert torch.equal(narrow.block_table, block_table[:, : narrow.block_table.shape[1]])
+    caches = NsaCaches(latent=torch.zeros(60, block_size, 576), index=torch.randn(60, block_size, 128),
+                       kv_cache_dtype="auto", index_fp8=False)  # fmt: skip
+    positions = torch.cat([c + torch.arange(q) for c, q in zip(context, query_lens)])
+    local_pos = full.plan.take_local(positions)
+    rows = full.plan.rows_per_rank
+    q, w = torch.randn(rows, 2, 128, generator=gen), torch.rand(rows, 2, generator=gen)
+    picks = [select_topk_slots(q, w, local_pos, meta, caches, 8, get_ops("torch")) for meta in (full, narrow)]
+    assert torch.equal(picks[0], picks[1]) and bool((picks[0] >= 0).any())

@@ -104,6 +104,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
             num_input_tokens=cm.num_actual_tokens,
             graph_padded=graph_padded,
             buffers=self.buffers,
+            max_seq_len=cm.max_seq_len,
         )
         if self.trace_path:
             plan = meta.plan
