@@ -33,8 +33,8 @@ class CpNsaConfig:
     kernels: str = "auto"
     """Kernel provider: ``auto``, ``torch``, ``triton``, ``vllm`` (vLLM's FlashMLA sparse
     attention, Triton indexer), ``vllm-deepgemm`` (opt-in, never picked by ``auto``: as
-    ``vllm`` plus vLLM's DeepGEMM prefill indexer for an fp8 indexer cache; no CUDA graphs,
-    decode included) or an extension's."""
+    ``vllm`` plus vLLM's DeepGEMM prefill indexer over an fp8 indexer cache in eager
+    forwards, the Triton indexer inside CUDA graphs) or an extension's."""
     min_tokens_for_cp: int = 0
     """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
     indexer_cache: str = "auto"

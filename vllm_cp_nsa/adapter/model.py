@@ -31,7 +31,6 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from ..communicator import gather_token_rows
-from ..config import CpNsaConfig
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
 from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache
@@ -63,7 +62,7 @@ def write_back(dst: torch.Tensor, rotated: torch.Tensor) -> None:
 class CpNsaIndexer(nn.Module):
     """Lightning indexer projections (replicated); keys live in ``k_cache``."""
 
-    def __init__(self, vllm_config: VllmConfig, config, prefix: str, ops):
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str, fp8_cache: bool):
         super().__init__()
         self.n_heads = config.index_n_heads
         self.head_dim = config.index_head_dim
@@ -85,11 +84,9 @@ class CpNsaIndexer(nn.Module):
             is_neox_style=not getattr(config, "indexer_rope_interleave", False),
         )
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
-        options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
         self.k_cache = CpNsaIndexerCache(
             prefix=f"{prefix}.k_cache",
-            fp8=options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype,
-                                          getattr(ops, "reads_fp8_indexer_cache", False)),
+            fp8=fp8_cache,
             dtype=vllm_config.model_config.dtype,
         )
 
@@ -145,7 +142,7 @@ class CpNsaAttention(nn.Module):
                 self.scaling *= mscale * mscale
         self.rotary_emb = get_rope(self.qk_rope_head_dim, max_position=config.max_position_embeddings,
                                    rope_parameters=rope_parameters, is_neox_style=False)
-        self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer", runtime.ops)
+        self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer", runtime.indexer_cache_fp8)
         self.mla_attn = MLAAttention(
             num_heads=self.num_heads,
             scale=self.scaling,

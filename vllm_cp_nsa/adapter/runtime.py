@@ -95,6 +95,8 @@ class CpNsaRuntime:
     group: CpGroup
     communicator: MoeCommunicator
     ops: object
+    indexer_cache_fp8: bool
+    """Indexer keys stored as 132-byte fp8 (``CpNsaConfig.indexer_cache_fp8``)."""
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig, device: torch.device, num_heads: int) -> "CpNsaRuntime":
@@ -102,4 +104,6 @@ class CpNsaRuntime:
         detail = getattr(ops, "startup_detail", lambda: "")()
         logger.info("vllm_cp_nsa: kernel provider '%s' on %s (requested '%s')%s", ops.name, device,
                     options.kernels, f": {detail}" if detail else "")
-        return cls(VllmTpGroup(get_tp_group()), communicator, ops)
+        index_fp8 = options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype,
+                                              getattr(ops, "reads_fp8_indexer_cache", False))
+        return cls(VllmTpGroup(get_tp_group()), communicator, ops, index_fp8)

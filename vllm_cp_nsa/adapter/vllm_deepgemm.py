@@ -1,6 +1,7 @@
 """Kernel provider ``vllm-deepgemm``: the ``vllm`` provider plus vLLM's DeepGEMM prefill
-indexer. OPT-IN (priority below Triton, so ``auto`` never picks it) until its GPU test
-(``plugin_tests/kernels/test_vllm_deepgemm_provider.py -m gpu``) has passed on a GPU.
+indexer. OPT-IN (priority below Triton, so ``auto`` never picks it): its GPU tests pass
+(H100, 2026-11-28), but on 4x H100 it was faster than ``vllm`` only from 32K-token prompts
+and slower for short and multi-request batches (``eval/compare_notes.md``).
 
 Sparse MLA and the cache writes are the ``vllm`` provider's (FlashMLA sparse, Triton).
 ``indexer_topk`` over an fp8 indexer cache runs the call sequence of vLLM's own V3.2
