@@ -50,5 +50,15 @@ def _triton_interpreter_env(monkeypatch):
 
 
 @pytest.fixture
+def fresh_registry():
+    """The pluggy registry rebuilt before and after the test (provider registration tests)."""
+    from vllm_cp_nsa import extensions
+
+    extensions.plugin_manager.cache_clear()
+    yield
+    extensions.plugin_manager.cache_clear()
+
+
+@pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if _HAS_CUDA else "cpu")

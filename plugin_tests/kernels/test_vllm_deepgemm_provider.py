@@ -38,11 +38,7 @@ from vllm_cp_nsa.kernels import indexer_topk  # noqa: F401  (import under the in
 NAME = "vllm-deepgemm"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_registry():
-    extensions.plugin_manager.cache_clear()
-    yield
-    extensions.plugin_manager.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 # --------------------------------------------------------------------------- CPU

@@ -27,11 +27,7 @@ from vllm_cp_nsa.kernels import indexer_topk, kv_cache, sparse_mla  # noqa: F401
 SCALE = 576**-0.5
 
 
-@pytest.fixture(autouse=True)
-def _fresh_registry():
-    extensions.plugin_manager.cache_clear()
-    yield
-    extensions.plugin_manager.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 # --------------------------------------------------------------------------- CPU
