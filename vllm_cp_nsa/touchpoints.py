@@ -51,6 +51,7 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.v1.attention.backend", "CommonAttentionMetadata", "query_start_loc_cpu, slot_mapping, block_table_tensor, max_seq_len"),
     Touchpoint("vllm.v1.attention.backend", "MLAAttentionImpl", "impl base class"),
     Touchpoint("vllm.v1.attention.backend", "MultipleOf", "kernel block sizes"),
+    Touchpoint("vllm.platforms.interface", "Platform._preferred_block_size_for_backends", "vLLM keeps 16-token blocks unless a backend rejects 16: why the backends declare MultipleOf(64) on CUDA"),
     Touchpoint("vllm.v1.kv_cache_interface", "MLAAttentionSpec", "indexer cache spec"),
     Touchpoint("vllm.v1.kv_cache_interface", "SparseCacheRole", "indexer cache role"),
     Touchpoint("vllm.forward_context", "get_forward_context", "attention metadata of the current forward"),

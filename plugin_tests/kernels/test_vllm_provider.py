@@ -92,6 +92,28 @@ def test_ops_the_vllm_kernels_cannot_take_go_to_triton(device):
         assert torch.equal(index, expected)
 
 
+def test_fp8_cache_off_whole_pages_falls_back_with_a_warning(monkeypatch, caplog):
+    """FlashMLA's fp8 kernel pages the cache in 64 slots; a cache whose slot count is not a
+    multiple of 64 goes to Triton, and the log says so once (it was silent, and cost a run
+    its FlashMLA prefill on 2x H200)."""
+    monkeypatch.setattr(vllm_kernels, "_flashmla_common_applies", lambda q, kv_cache, d_v: True)
+    vllm_kernels._warn_unpaged_fp8_cache.cache_clear()
+    q = torch.zeros(2, 4, 576, dtype=torch.bfloat16)
+    paged = torch.zeros(3, 64, 656, dtype=torch.uint8)
+    unpaged = torch.zeros(13, 16, 656, dtype=torch.uint8)
+    with caplog.at_level("WARNING", logger="vllm.cp_nsa"):
+        assert vllm_kernels._fp8_kernel_applies(q, paged, 512, "fp8_ds_mla")
+        assert not caplog.records
+        assert not vllm_kernels._fp8_kernel_applies(q, unpaged, 512, "fp8_ds_mla")
+        assert not vllm_kernels._fp8_kernel_applies(q, unpaged, 512, "fp8_ds_mla")
+        assert not vllm_kernels._fp8_kernel_applies(q, paged, 512, "auto")
+    assert [r.getMessage() for r in caplog.records] == [
+        "vllm_cp_nsa: the fp8_ds_mla cache holds 208 slots, not a multiple of FlashMLA's 64-slot "
+        "pages: sparse attention runs on the slower Triton kernels (use a --block-size that is a "
+        "multiple of 64)"
+    ]
+
+
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8_cache", "bf16_cache"])
 def test_indexer_topk_is_the_triton_providers(device, fp8):
     """``indexer_topk`` always runs on the Triton provider: the same picks, bit for bit."""

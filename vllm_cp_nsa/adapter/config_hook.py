@@ -13,7 +13,6 @@ import logging
 
 from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
-from vllm.platforms import current_platform
 
 from ..config import CpNsaConfig, CpNsaConfigError
 from ..extensions import (
@@ -27,7 +26,6 @@ from .runtime import expert_all_to_all_configured, num_speculative_tokens
 logger = logging.getLogger("vllm.cp_nsa")
 
 ARCHITECTURE = "DeepseekV32ForCausalLM"
-GPU_BLOCK_SIZE = 64
 # --kv-cache-dtype values the plugin accepts, and the cache format each selects.
 KV_CACHE_DTYPES = {
     "auto": "auto",
@@ -96,10 +94,6 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             )
         cache_config = vllm_config.cache_config
         cache_config.cache_dtype = canonical_kv_cache_dtype(cache_config.cache_dtype)
-        if cache_config.block_size is None and current_platform.is_cuda():
-            # vLLM's FlashMLA sparse fp8 kernel (the "vllm" kernel provider) pages the
-            # cache in 64-token blocks; vLLM's own V3.2 uses them too.
-            cache_config.block_size = GPU_BLOCK_SIZE
         if options.mode != "off" and parallel.tensor_parallel_size < 2:
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode

@@ -23,6 +23,7 @@ build has none of these kernels) and without vLLM.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ from ..kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, LATENT_DIM, LATENT_ROW_
 _FLASHMLA_MAX_HEADS = 128
 _FLASHMLA_TOPK_MULTIPLE = 128  # the kernels' top-k tile (64 or 128, and at least 128 on SM100)
 _FP8_PAGE_SLOTS = 64  # the fp8 decode kernel's page size off SM100
+
+logger = logging.getLogger("vllm.cp_nsa")
 
 
 @functools.cache
@@ -124,13 +127,27 @@ def _flashmla_common_applies(q: torch.Tensor, kv_cache: torch.Tensor, d_v: int) 
 
 
 def _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) -> bool:
-    return (
+    if not (
         kv_cache_dtype == "fp8_ds_mla"
         and kv_cache.dtype == torch.uint8
         and kv_cache.shape[-1] == FP8_DS_MLA_ROW_BYTES
-        and (kv_cache.numel() // FP8_DS_MLA_ROW_BYTES) % _FP8_PAGE_SLOTS == 0
         and _flashmla_common_applies(q, kv_cache, d_v)
-    )
+    ):
+        return False
+    num_slots = kv_cache.numel() // FP8_DS_MLA_ROW_BYTES
+    if num_slots % _FP8_PAGE_SLOTS:
+        _warn_unpaged_fp8_cache(num_slots)
+        return False
+    return True
+
+
+@functools.cache
+def _warn_unpaged_fp8_cache(num_slots: int) -> None:
+    logger.warning(
+        "vllm_cp_nsa: the fp8_ds_mla cache holds %d slots, not a multiple of FlashMLA's "
+        "%d-slot pages: sparse attention runs on the slower Triton kernels (use a "
+        "--block-size that is a multiple of %d)", num_slots, _FP8_PAGE_SLOTS, _FP8_PAGE_SLOTS,
+    )  # fmt: skip
 
 
 def _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) -> bool:
