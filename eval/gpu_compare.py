@@ -3,6 +3,7 @@
     python eval/gpu_compare.py drive --n 2 --out DIR [--configs native-tp,plugin-rr,...]
     python eval/gpu_compare.py drive --cpu-dry-run --out DIR        # plumbing check on CPU
     python eval/gpu_compare.py drive --n 2 --out DIR --phases warmup,ttft,profile   # + a prefill profile
+    python eval/gpu_compare.py drive --n 2 --out DIR --phases warmup,decode,profile_decode   # + decode steps
     python eval/gpu_compare.py worker --spec FILE                   # one configuration (drive starts it)
 
 Each configuration runs in its own process (vLLM's process-wide state never leaks between
@@ -11,7 +12,10 @@ after every measurement, and the driver rewrites compare_<gpu>_n<N>.json / .md (
 after every configuration, so a run that is cut off still leaves what it measured.
 The optional ``profile`` phase (``--phases ...,profile`` or ``--profile``; always run last)
 traces one single-prompt prefill of ``--profile-length`` tokens with vLLM's torch profiler
-into DIR/profiles/<run>/ (one trace per rank) and adds eval/profile_summary.py's tables.
+into DIR/profiles/<run>/ (one trace per rank) and adds eval/profile_summary.py's tables;
+``profile_decode`` traces ``DECODE_PROFILE_STEPS`` decode steps of the largest decode batch
+into the same folder (trace prefix ``decode<B>``; summarize with
+``profile_summary.py --trace-prefix decode``).
 Commands, columns and caveats: eval/compare_notes.md.
 """
 
@@ -58,8 +62,10 @@ DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"
 PHASES = ["warmup", "agreement", "ttft", "batches", "busy", "decode"]
 # Not in the default list. "profile" always runs last in its worker: vLLM creates the torch
 # profiler only at the first start_profile, so the phases before it run without one.
-OPTIONAL_PHASES = ["profile"]
+OPTIONAL_PHASES = ["profile", "profile_decode"]
 PROFILE_LENGTH, DRY_RUN_PROFILE_LENGTH = 16 * K, 256
+# profile_decode: engine steps skipped after the start (the batch's prefill), steps traced
+DECODE_PROFILE_DELAY_STEPS, DECODE_PROFILE_STEPS = 2, 8
 # vLLM 0.32 ProfilerConfig for the profile phase (torch_profiler_dir is added per run). No Python
 # stacks (large traces, host overhead); no key_averages table on stop (the summary is ours).
 PROFILER_CONFIG = {"profiler": "torch", "torch_profiler_with_stack": False,
@@ -385,6 +391,36 @@ class Worker:
         if not any(".pt.trace.json" in f for f in files):
             raise RuntimeError(f"the torch profiler wrote no trace into {folder}")
 
+    def phase_profile_decode(self) -> None:
+        """``DECODE_PROFILE_STEPS`` decode steps of the largest decode batch under the torch
+        profiler (vLLM's ``delay_iterations`` skips the batch's prefill step), after an
+        unprofiled generate of the same shape. Traces: ``decode<B>_..._rank<R>...`` in the
+        run's profile folder."""
+        decode, folder = self.workload["decode"], Path(self.spec["profile"]["dir"])
+        batch, length = max(decode["batch_sizes"]), decode["length"]
+        tokens = DECODE_PROFILE_DELAY_STEPS + DECODE_PROFILE_STEPS + 2
+        prefix = f"decode{batch}"
+
+        def prompts(tag):
+            return [self.prompt(f"profile_decode:{tag}:{i}", length) for i in range(batch)]
+
+        before = {p for p in folder.rglob("*")} if folder.exists() else set()
+        unprofiled_s, _ = self.generate(prompts("warmup"), max_tokens=tokens, ignore_eos=True)
+        self.llm.start_profile(profile_prefix=prefix, delay_iterations=DECODE_PROFILE_DELAY_STEPS,
+                               max_iterations=DECODE_PROFILE_STEPS)
+        try:
+            profiled_s, _ = self.generate(prompts("0"), max_tokens=tokens, ignore_eos=True)
+        finally:
+            self.llm.stop_profile()  # a no-op if max_iterations already stopped it
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                       if p.is_file() and p not in before) if folder.exists() else []
+        self.result["profile_decode"] = {"batch": batch, "prompt_tokens": length, "tokens": tokens,
+                                         "prefix": prefix, "steps": DECODE_PROFILE_STEPS, "files": files,
+                                         "unprofiled_s": round(unprofiled_s, 5), "profiled_s": round(profiled_s, 5)}
+        self.progress(f"  profile_decode batch {batch}: {len(files)} files in {folder}")
+        if not any(f.startswith(prefix) and ".pt.trace.json" in f for f in files):
+            raise RuntimeError(f"the torch profiler wrote no {prefix} trace into {folder}")
+
     def phase_decode(self) -> None:
         decode = self.workload["decode"]
         tokens, length = decode["tokens"], decode["length"]
@@ -495,18 +531,19 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def summarize_profile(result: dict, profile_dir: Path) -> None:
-    """eval/profile_summary.py over the run's traces, into the run's result (per rank: ms per
-    category and the top kernels); a failure is recorded, never raised."""
+def summarize_profile(result: dict, profile_dir: Path, trace_prefix: str, key: str) -> None:
+    """eval/profile_summary.py over the run's traces whose names start with ``trace_prefix``,
+    into ``result[key]`` (per rank: ms per category and the top kernels); a failure is
+    recorded, never raised."""
     try:
         from profile_summary import collect_runs
 
-        runs = collect_runs([profile_dir], keep_kernels=60)
+        runs = collect_runs([profile_dir], keep_kernels=60, trace_prefix=trace_prefix)
         if runs:
-            result["profile_summary"] = runs.get(profile_dir.name) or next(iter(runs.values()))
-            result["profile_summary"]["dir"] = str(profile_dir)
+            result[key] = runs.get(profile_dir.name) or next(iter(runs.values()))
+            result[key]["dir"] = str(profile_dir)
     except Exception:
-        result.setdefault("errors", {})["profile_summary"] = traceback.format_exc()[-3000:]
+        result.setdefault("errors", {})[key] = traceback.format_exc()[-3000:]
 
 
 def nvidia_smi(query: str) -> list[list[str]]:
@@ -674,8 +711,10 @@ def drive(args) -> None:
     if any(p not in PHASES + OPTIONAL_PHASES for p in phases):
         sys.exit(f"phases must be among {PHASES + OPTIONAL_PHASES}")
     profile_length = None
-    if "profile" in phases:  # last, whatever the order given: nothing is timed after the profiler ran
-        phases = [p for p in phases if p != "profile"] + ["profile"]
+    profiling = [p for p in OPTIONAL_PHASES if p in phases]
+    # last, whatever the order given: nothing is timed after the profiler ran
+    phases = [p for p in phases if p not in OPTIONAL_PHASES] + profiling
+    if "profile" in phases:
         profile_length = (parse_length(args.profile_length) if args.profile_length else
                           DRY_RUN_PROFILE_LENGTH if args.cpu_dry_run else PROFILE_LENGTH)
     kv_dtypes = args.kv_dtypes.split(",")
@@ -718,14 +757,14 @@ def drive(args) -> None:
         config = CONFIGS[config_name]
         kwargs = llm_kwargs(config, args, model_dir, kv_dtype, mtp, max_model_len)
         profile_dir = out / "profiles" / safe_name(name)
-        if profile_length:
+        if profiling:
             shutil.rmtree(profile_dir, ignore_errors=True)  # no stale traces of an earlier call
             kwargs["profiler_config"] = {**PROFILER_CONFIG, "torch_profiler_dir": str(profile_dir)}
             if args.profile_activities:
                 kwargs["profiler_config"]["torch_profiler_activities"] = args.profile_activities.split(",")
         spec = {
             "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
-            "llm": kwargs, "profile": {"length": profile_length, "dir": str(profile_dir)} if profile_length else None,
+            "llm": kwargs, "profile": {"length": profile_length, "dir": str(profile_dir)} if profiling else None,
             "workload": workload, "ttft_lengths": lengths, "reps": args.reps, "phases": phases,
             # The worker stops starting measurements a little before the driver's kill.
             "deadline": time.time() + timeout_s - min(20.0, timeout_s / 10),
@@ -734,7 +773,9 @@ def drive(args) -> None:
         print(f"RUN {name} (timeout {timeout_s:.0f}s, budget used {time.monotonic() - t0:.0f}s)", flush=True)
         result = run_worker(name, spec, worker_env(config["plugin"], args), timeout_s, logs, args.n)
         if profile_length and profile_dir.exists():
-            summarize_profile(result, profile_dir)
+            summarize_profile(result, profile_dir, "prefill", "profile_summary")
+        if "profile_decode" in phases and profile_dir.exists():
+            summarize_profile(result, profile_dir, "decode", "profile_decode_summary")
         report["runs"][name] = result
         print(f"END {name}: {result['status']} in {result['wall_s']}s "
               f"(phases {result.get('phase_s', {})}) {result.get('error_line', '')}", flush=True)
@@ -891,6 +932,20 @@ def render_markdown(report: dict) -> str:
                   f"vLLM's torch profiler (activities {activities}), after an unprofiled one of the same shape; "
                   f"wall ms profiled / unprofiled: {walls}. Traces: `profiles/<run>/`, one per rank "
                   f"(`python3 eval/profile_summary.py profiles`)."] + table[1:]
+
+    decode_profiled = {n: runs[n]["profile_decode_summary"] for n in names
+                       if (runs[n].get("profile_decode_summary") or {}).get("ranks")}
+    if decode_profiled:
+        from profile_summary import render_markdown as render_profile
+
+        baseline = next((n for n in decode_profiled if n.startswith("native-tp")), None)
+        table = render_profile(decode_profiled, baseline=baseline, top=10, title="Decode profile").rstrip().split("\n")
+        shape = next(p for n in decode_profiled if (p := runs[n].get("profile_decode")))
+        lines += ["", table[0], "",
+                  f"{shape['steps']} decode steps of a batch of {shape['batch']} prompts of "
+                  f"{shape['prompt_tokens']} tokens under vLLM's torch profiler (the batch's prefill "
+                  f"skipped); totals over the traced steps. Traces: `profiles/<run>/decode*` "
+                  f"(`python3 eval/profile_summary.py profiles --trace-prefix decode`)."] + table[1:]
 
     phase_columns = PHASES + [p for p in OPTIONAL_PHASES if any(p in runs[n].get("phase_s", {}) for n in names)]
     lines += ["", "## Phase timings (s)", ""]

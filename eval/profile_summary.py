@@ -194,11 +194,16 @@ def _iter_sources(path: Path):
         print(f"profile_summary: skipped {path} (no trace files)", file=sys.stderr)
 
 
-def collect_runs(paths: list[str | Path], keep_kernels: int | None = KEEP_KERNELS) -> dict:
-    """{run: {"ranks": {rank: summary}, "files": [...], "notes": [...]}} in input order."""
+def collect_runs(paths: list[str | Path], keep_kernels: int | None = KEEP_KERNELS,
+                 trace_prefix: str | None = None) -> dict:
+    """{run: {"ranks": {rank: summary}, "files": [...], "notes": [...]}} in input order; with
+    ``trace_prefix`` only the trace files whose names start with it (vLLM names a trace
+    ``<profile_prefix>_dp..``: ``prefill16K_...``, ``decode8_...``)."""
     found: dict[str, dict[str, list[tuple[str, dict]]]] = {}
     for path in paths:
         for run, name, data in _iter_sources(Path(path)):
+            if trace_prefix and not Path(name.rsplit(":", 1)[-1]).name.startswith(trace_prefix):
+                continue
             try:
                 trace = load_trace(data)
             except (OSError, ValueError, EOFError) as exc:
@@ -313,18 +318,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def render_markdown(runs: dict, baseline: str | None = None, top: int = 15, level: str = "##") -> str:
+def render_markdown(runs: dict, baseline: str | None = None, top: int = 15, level: str = "##",
+                    title: str = "Prefill profile") -> str:
     """Categories side by side (mean over ranks, ms and share of kernel time; the difference
     to ``baseline``, default the first run), the totals, per-rank category times, and each
     run's top kernels."""
     runs = {name: run for name, run in runs.items() if run.get("ranks")}
     if not runs:
-        return f"{level} Prefill profile\n\nno trace files found\n"
+        return f"{level} {title}\n\nno trace files found\n"
     names = list(runs)
     base = baseline if baseline in runs else names[0]
     means = {name: run_means(runs[name]) for name in names}
     others = [n for n in names if n != base]
-    lines = [f"{level} Prefill profile: GPU time per category (ms, mean over ranks; share of kernel time)", ""]
+    lines = [f"{level} {title}: GPU time per category (ms, mean over ranks; share of kernel time)", ""]
     header = ["category"] + names + [f"{n} − {base}" for n in others]
     rows = []
     for category in CATEGORIES:
@@ -376,16 +382,19 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", help="run the differences are taken against (default: the first)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed per run")
     ap.add_argument("--json", help="also write the per-rank summaries here")
+    ap.add_argument("--trace-prefix", help="only trace files whose names start with this "
+                                           "(e.g. prefill, decode: a run folder holding both profiles)")
+    ap.add_argument("--title", default="Prefill profile", help="heading of the tables")
     ap.add_argument("--attribute", metavar="REGEX",
                     help="instead: per trace, the host ops that launched the GPU work matching REGEX")
     args = ap.parse_args(argv)
     if args.attribute:
         print(render_attribution(args.paths, args.attribute, args.top), end="")
         return
-    runs = collect_runs(args.paths)
+    runs = collect_runs(args.paths, trace_prefix=args.trace_prefix)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
-    print(render_markdown(runs, baseline=args.baseline, top=args.top), end="")
+    print(render_markdown(runs, baseline=args.baseline, top=args.top, title=args.title), end="")
 
 
 if __name__ == "__main__":

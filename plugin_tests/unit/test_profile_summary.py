@@ -227,3 +227,25 @@ def test_attribute_kernels_to_the_host_ops_that_launched_them(tmp_path, capsys):
     ps.main([str(tmp_path / "run"), "--attribute", "Cat", "--top", "3"])
     out = capsys.readouterr().out
     assert "### run: x_rank0.pt.trace.json.gz" in out and "| aten::cat | CatArrayBatchedCopy | 2 | 0.250 |" in out
+
+
+def test_trace_prefix_separates_prefill_and_decode_profiles(tmp_path, capsys):
+    """gpu_compare's profile and profile_decode phases write into one run folder; each summary
+    reads only its own traces (by vLLM's profile_prefix), also from a tar archive."""
+    folder = tmp_path / "profiles" / "plugin-rr"
+    folder.mkdir(parents=True)
+    for prefix, scale in (("prefill16K", 1.0), ("decode8", 5.0)):
+        name = f"{prefix}_dp0_pp0_tp0_dcp0_ep0_rank0.1700000000000000000.pt.trace.json"
+        (folder / name).write_text(json.dumps(fake_trace(scale)))
+    indexer = {p: ps.run_means(ps.collect_runs([folder.parent], trace_prefix=p)["plugin-rr"])["categories"]["indexer"]
+               for p in ("prefill", "decode")}
+    assert indexer == {"prefill": pytest.approx(0.4), "decode": pytest.approx(2.0)}
+    assert ps.collect_runs([folder.parent], trace_prefix="verify") == {}
+    archive = tmp_path / "raw.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder.parent, arcname="profiles")
+    from_tar = ps.collect_runs([archive], trace_prefix="decode")
+    assert ps.run_means(from_tar["plugin-rr"])["categories"]["indexer"] == pytest.approx(2.0)
+    ps.main([str(folder.parent), "--trace-prefix", "decode", "--title", "Decode profile"])
+    out = capsys.readouterr().out
+    assert out.startswith("## Decode profile: GPU time per category") and "2.00" in out
