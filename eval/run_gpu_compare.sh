@@ -4,6 +4,8 @@
 # The staged stack must already be unpacked in /tmp/vsite (eval/gpu_vllm_notes.md). CONFIGs are
 # gpu_compare.py names (default: native-tp plugin-rr plugin-inseq native-pcp); more driver flags
 # through COMPARE_ARGS, e.g. COMPARE_ARGS="--kv-dtypes auto,fp8 --lengths 4K,64K --budget-s 400".
+# What comes back in $OUT: compare_<gpu>_n<N>.{json,md,png}, compare_driver.log, gpu_info.txt,
+# profile_summary.md / decode_profile.md (profiling phases), raw.tgz (per-run logs and traces).
 set -u
 cd "$(dirname "$0")/.."
 N=${1:-2}
@@ -21,3 +23,12 @@ timeout "${TMO:-585}" python3 "$REPO/eval/gpu_compare.py" drive --n "$N" --out "
   ${CONFIGS:+--configs "$CONFIGS"} ${COMPARE_ARGS:-} 2>&1 | tee "$OUT/compare_driver.log"
 echo "rc=${PIPESTATUS[0]}"
 cat "$OUT"/compare_*_n"$N".md 2>/dev/null
+# A device call brings back at most 8 files from $OUT: summarize the traces, then pack the
+# per-run logs and traces into raw.tgz (KEEP_RAW=1 leaves them as they are).
+if [ -d "$OUT/profiles" ]; then
+  python3 "$REPO/eval/profile_summary.py" "$OUT/profiles" --trace-prefix prefill --top 12 > "$OUT/profile_summary.md" 2>&1
+  python3 "$REPO/eval/profile_summary.py" "$OUT/profiles" --trace-prefix decode --top 12 --title "Decode profile" > "$OUT/decode_profile.md" 2>&1
+fi
+if [ "${KEEP_RAW:-0}" != 1 ]; then
+  tar -C "$OUT" -czf "$OUT/raw.tgz" $(cd "$OUT" && ls -d logs profiles 2>/dev/null) && rm -rf "$OUT/logs" "$OUT/profiles"
+fi
