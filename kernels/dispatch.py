@@ -6,7 +6,7 @@
   ``TRITON_INTERPRET=1``, which is how CI tests them on CPU);
 - ``"auto"``: ``triton`` on a CUDA device when triton imports, ``torch`` otherwise.
 
-Every provider exposes the same five ops with the references' semantics, a ``name`` and a
+Every provider exposes the same ops with the references' semantics, a ``name`` and a
 capability check ``supports(device, dtype, num_heads)``. Triton is imported lazily, so this
 module (and the package) import without it. The provider classes are deliberately small so
 they can later be wrapped as pluggy hook implementations.
@@ -79,6 +79,27 @@ class NsaOps:
         kv_cache_dtype: str = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return attention_ref.sparse_mla(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+
+    # 2b. sparse MLA for prefill rows given request-local top-k positions [M, K]
+    def sparse_mla_prefill_positions(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        positions: torch.Tensor,
+        row_req: torch.Tensor,
+        block_table: torch.Tensor,
+        block_size: int,
+        sm_scale: float,
+        d_v: int = 512,
+        kv_cache_dtype: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sparse_mla_prefill`` over the cache slots of ``positions`` of request
+        ``row_req[m]`` (-1: no key / no request). A provider may attend without slots (the
+        ``vllm`` provider reads an fp8 cache through a bf16 workspace of the batch's blocks)."""
+        from .slots import positions_to_slots  # imports triton: lazily, like every kernel module
+
+        slots = positions_to_slots(positions, row_req, block_table, block_size)
+        return self.sparse_mla_prefill(q, kv_cache, slots, sm_scale, d_v, kv_cache_dtype)
 
     # 3. sparse MLA, decode / verify rows [B, S, H, 576] / indices [B, S, K]
     def sparse_mla_decode(

@@ -184,7 +184,7 @@ def write_new_tokens(
     ops.write_indexer_cache(caches.index, key, meta.slot_mapping, meta.block_size, caches.index_fp8)
 
 
-def select_topk_slots(
+def select_topk_positions(
     index_q: torch.Tensor,
     index_weights: torch.Tensor,
     local_positions: torch.Tensor,
@@ -193,14 +193,11 @@ def select_topk_slots(
     topk: int,
     ops,
 ) -> torch.Tensor:
-    """[rows, topk] cache slots each local query attends to (-1 padded)."""
-    positions = ops.indexer_topk(
+    """[rows, topk] request-local positions each local query attends to (-1 padded)."""
+    return ops.indexer_topk(
         index_q, index_weights, caches.index, meta.block_table, meta.local_req, meta.local_kv_len(local_positions),
         topk, meta.block_size, caches.index_fp8,
-    )
-    from .kernels.slots import positions_to_slots  # imports triton: lazily, like every kernel module
-
-    return positions_to_slots(positions, meta.local_req, meta.block_table, meta.block_size)
+    )  # fmt: skip
 
 
 def absorbed_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor) -> torch.Tensor:
@@ -217,21 +214,26 @@ def absorbed_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tenso
 
 def sparse_attention(
     q: torch.Tensor,
-    topk_slots: torch.Tensor,
+    topk_positions: torch.Tensor,
     meta: NsaForwardMetadata,
     caches: NsaCaches,
     sm_scale: float,
     ops,
 ) -> torch.Tensor:
     """[rows, H, 512] sparse MLA output for q [rows, H, 576] (decode kernel for decode /
-    verify batches)."""
+    verify batches, over cache slots; prefill rows hand the provider their positions)."""
     if meta.use_decode_kernel:
+        from .kernels.slots import positions_to_slots  # imports triton: lazily, like every kernel module
+
+        slots = positions_to_slots(topk_positions, meta.local_req, meta.block_table, meta.block_size)
         out, _ = ops.sparse_mla_decode(
-            q.unsqueeze(1), caches.latent, topk_slots.unsqueeze(1), sm_scale, LATENT_DIM,
-            caches.kv_cache_dtype,
-        )
+            q.unsqueeze(1), caches.latent, slots.unsqueeze(1), sm_scale, LATENT_DIM, caches.kv_cache_dtype,
+        )  # fmt: skip
         return out.squeeze(1)
-    out, _ = ops.sparse_mla_prefill(q, caches.latent, topk_slots, sm_scale, LATENT_DIM, caches.kv_cache_dtype)
+    out, _ = ops.sparse_mla_prefill_positions(
+        q, caches.latent, topk_positions, meta.local_req, meta.block_table, meta.block_size, sm_scale,
+        LATENT_DIM, caches.kv_cache_dtype,
+    )  # fmt: skip
     return out
 
 
@@ -261,8 +263,8 @@ def nsa_attention(
     index_k [n, 128] (roped); w_uk_t [H, P, 512], w_uv [H, 512, V].
     """
     write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
-    topk_slots = select_topk_slots(index_q, index_weights, local_positions, meta, caches, topk, ops)
-    out = sparse_attention(absorbed_query(q_nope, q_pe, w_uk_t), topk_slots, meta, caches, sm_scale, ops)
+    topk_positions = select_topk_positions(index_q, index_weights, local_positions, meta, caches, topk, ops)
+    out = sparse_attention(absorbed_query(q_nope, q_pe, w_uk_t), topk_positions, meta, caches, sm_scale, ops)
     n, num_heads, v_dim = out.shape[0], w_uv.shape[0], w_uv.shape[-1]
     values = out.new_empty((n, num_heads * v_dim), dtype=w_uv.dtype)
     # [H, n, 512] x [H, 512, V] written token-major: no copy for the reshape to [n, H * V]

@@ -20,7 +20,7 @@ from cp_gloo_harness import (
 )
 from vllm_cp_nsa.communicator import gather_token_rows
 from vllm_cp_nsa.kernels.dispatch import get_ops
-from vllm_cp_nsa.nsa_attention import build_forward_metadata, select_topk_slots, write_new_tokens
+from vllm_cp_nsa.nsa_attention import build_forward_metadata, select_topk_positions, write_new_tokens
 from vllm_cp_nsa.reference_model import Dims, NsaLayer, make_caches, random_hidden
 from vllm_cp_nsa.split_plan import InSeqSplit, RoundRobinSplit
 
@@ -109,7 +109,7 @@ def _topk_selections(group):
             xl, pl = plan.take_local(x), plan.take_local(batch.positions)
             q_nope, q_pe, kv_c, k_pe, iq, iw, ik = layer.project(xl, pl)
             write_new_tokens(kv_c, k_pe, ik, meta, cache, group, ops)
-            sel = select_topk_slots(iq, iw, pl, meta, cache, DIMS.topk, ops)
+            sel = select_topk_positions(iq, iw, pl, meta, cache, DIMS.topk, ops)
             # Gather every rank's selection with its plan's local_token_idx.
             if plan.is_split:
                 all_sel = group.all_gather(sel)

@@ -74,3 +74,27 @@ def test_triton_provider_equals_torch_provider(device):
         b = xops.indexer_topk(qi, w, icaches[0], bt, rreq, rlen, 16, block_size, fp8)
         for m in range(3):  # sets equal (random data: no ties)
             assert set(a[m].tolist()) == set(b[m].tolist())
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_prefill_over_positions_is_prefill_over_their_slots(name, device):
+    """The default ``sparse_mla_prefill_positions``: the positions' slots through the
+    provider's ``sparse_mla_prefill`` (padding rows and -1 picks attend to nothing)."""
+    gen = torch.Generator().manual_seed(6)
+    block_size, topk = 4, 6
+    table = torch.tensor([[5, 2, 7], [0, 3, 1]], dtype=torch.int32)
+    cache = torch.randn(8, block_size, 576, generator=gen).to(torch.bfloat16)
+    positions = torch.randint(0, 12, (5, topk), generator=gen, dtype=torch.int32)
+    positions[0, :2] = -1
+    row_req = torch.tensor([0, 1, -1, 1, 0])
+    q = torch.randn(5, 2, 576, generator=gen).to(torch.bfloat16)
+    ops = dispatch.get_ops(name, device)
+    to = (lambda t: t.to(device))
+    out, lse = ops.sparse_mla_prefill_positions(to(q), to(cache), to(positions), to(row_req), to(table), block_size,
+                                                0.05, 512, "auto")  # fmt: skip
+    slots = torch.where((row_req >= 0)[:, None] & (positions >= 0),
+                        table[row_req.clamp(min=0)].gather(1, (positions.clamp(min=0) // block_size).long())
+                        * block_size + positions % block_size, -1).int()  # fmt: skip
+    want_out, want_lse = ops.sparse_mla_prefill(to(q), to(cache), to(slots), 0.05, 512, "auto")
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert bool(torch.isinf(lse[2]).all()) and bool((out[2] == 0).all())

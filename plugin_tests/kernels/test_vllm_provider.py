@@ -114,6 +114,62 @@ def test_fp8_cache_off_whole_pages_falls_back_with_a_warning(monkeypatch, caplog
     ]
 
 
+def _positions(rows, topk, gen):
+    """[M, topk] int32 request-local positions: each row's distinct random picks of its
+    request's ``kv_len`` keys, -1 for the rest (shuffled in); rows of request -1 get none."""
+    pos = torch.full((len(rows), topk), -1, dtype=torch.int32)
+    for m, (req, kv_len) in enumerate(rows):
+        if req >= 0:
+            n = min(kv_len, topk)
+            pos[m, :n] = torch.randperm(kv_len, generator=gen)[:n].int()
+            pos[m] = pos[m][torch.randperm(topk, generator=gen)]
+    return pos
+
+
+def test_fp8_prefill_reads_the_batchs_blocks_through_a_bf16_workspace(monkeypatch):
+    """With an fp8_ds_mla cache, prefill rows attend over the batch's blocks dequantized into
+    a bf16 workspace (row = request * width + position) with FlashMLA's bf16 kernel: here a
+    torch stand-in for that kernel, so the mapping is checked on CPU against the torch
+    provider over slots of the fp8 cache (same values: an fp8 value times a power-of-two
+    scale is exact in bf16)."""
+    monkeypatch.setattr(vllm_kernels, "_flashmla_common_applies", lambda q, kv_cache, d_v: True)
+    seen = {}
+
+    def bf16_kernel(q, kv, indices, sm_scale):
+        seen["kv"] = (kv.dtype, tuple(kv.shape))
+        return attention_ref.sparse_mla(q, kv, indices, sm_scale, 512, "auto")
+
+    monkeypatch.setattr(vllm_kernels, "_flashmla_bf16", bf16_kernel)
+    gen = torch.Generator().manual_seed(4)
+    block_size, topk = 8, 24
+    lens_req = [40, 13, 30]
+    table = _paged_requests(lens_req, block_size, 16, gen)
+    cache = torch.zeros(16, block_size, 656, dtype=torch.uint8)
+    kv_cache_ref.write_latent_cache(cache, torch.randn(128, 512, generator=gen), torch.randn(128, 64, generator=gen),
+                                    torch.arange(128), "fp8_ds_mla")  # fmt: skip
+    rows = [(0, 40), (2, 30), (-1, 0), (1, 13), (1, 1), (0, topk + 3), (2, 0)]
+    positions = _positions(rows, topk, gen)
+    row_req = torch.tensor([r for r, _ in rows])
+    q = torch.randn(len(rows), 4, 576, generator=gen).to(torch.bfloat16)
+
+    ops = VllmKernelOps()
+    out, lse = ops.sparse_mla_prefill_positions(q, cache, positions, row_req, table, block_size, SCALE, 512,
+                                                "fp8_ds_mla")  # fmt: skip
+    assert seen["kv"] == (torch.bfloat16, (3 * table.shape[1] * block_size, 576))
+    slots = attention_ref.slots_from_positions(table[row_req.clamp(min=0)], positions, block_size)
+    slots = torch.where((row_req >= 0)[:, None], slots, -1)
+    ref_out, ref_lse = dispatch.get_ops("torch").sparse_mla_prefill(q, cache, slots, SCALE, 512, "fp8_ds_mla")
+    assert _rel(out, ref_out) <= 1e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and bool(torch.isinf(lse[2]).all())
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-5
+    # Past the workspace cap, or with a bf16 cache, the op keeps the slot path.
+    assert vllm_kernels._workspace_applies(q, cache, table, block_size, 512, "fp8_ds_mla")
+    monkeypatch.setattr(vllm_kernels, "MAX_WORKSPACE_BYTES", table.numel() * block_size * 1152 - 1)
+    assert not vllm_kernels._workspace_applies(q, cache, table, block_size, 512, "fp8_ds_mla")
+    assert not vllm_kernels._workspace_applies(q, cache, table, block_size, 512, "auto")
+
+
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8_cache", "bf16_cache"])
 def test_indexer_topk_is_the_triton_providers(device, fp8):
     """``indexer_topk`` always runs on the Triton provider: the same picks, bit for bit."""
@@ -235,6 +291,31 @@ def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, kv_cache
     )
     assert dec_out.shape == (batch, s_q, heads, 512) and dec_lse.shape == (batch, s_q, heads)
     _check_attention(dec_out.flatten(0, 1), dec_lse.flatten(0, 1), ref_out, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,topk,block_size", [(128, 2048, 64), (8, 100, 16)])
+def test_gpu_fp8_prefill_positions_matches_reference(vllm_ops, no_triton_fallback, heads, topk, block_size):
+    """FlashMLA's bf16 prefill kernel over the dequantized workspace (Triton dequant kernel)
+    against the torch reference over the fp8 cache's slots."""
+    gen = torch.Generator().manual_seed(heads + topk)
+    num_blocks = 4096 // block_size
+    lens_req = [3000, 700, 90]
+    table = _paged_requests(lens_req, block_size, num_blocks, gen)
+    cache = _latent_cache(num_blocks, block_size, "fp8_ds_mla", gen)
+    rows = [(0, 3000), (0, 2999), (-1, 0), (1, 700), (2, 90), (2, 1), (0, 2048), (1, 650)] * 4
+    positions = _positions(rows, topk, gen)
+    row_req = torch.tensor([r for r, _ in rows])
+    q = torch.randn(len(rows), heads, 576, generator=gen).to(torch.bfloat16).cuda()
+    slots = attention_ref.slots_from_positions(table[row_req.clamp(min=0)], positions, block_size)
+    slots = torch.where((row_req >= 0)[:, None], slots, -1).int().cuda()
+
+    out, lse = vllm_ops.sparse_mla_prefill_positions(
+        q, cache, positions.cuda(), row_req.cuda(), table.cuda(), block_size, SCALE, 512, "fp8_ds_mla"
+    )
+    ref_out, ref_lse = attention_ref.sparse_mla(q, cache, slots, SCALE, 512, "fp8_ds_mla")
+    _check_attention(out, lse, ref_out, ref_lse)
+    assert bool((out[2] == 0).all()) and bool((lse[2] == float("-inf")).all())  # fully padded row
 
 
 def _indexer_inputs(lens_req, rows, heads, block_size, q_dtype, gen, fp8=True, device="cuda"):

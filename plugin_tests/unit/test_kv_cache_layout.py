@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_cp_nsa.kernels import kv_cache_ref as ref
-from vllm_cp_nsa.nsa_attention import build_forward_metadata, select_topk_slots, NsaCaches
+from vllm_cp_nsa.nsa_attention import build_forward_metadata, select_topk_positions, NsaCaches
 from vllm_cp_nsa.split_plan import RoundRobinSplit
 from vllm_cp_nsa.kernels.dispatch import get_ops
 
@@ -112,7 +112,7 @@ def test_padding_rule_per_row_arrays(cp_rank):
     )
     positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5])
     local_pos = meta.plan.take_local(positions)
-    topk = select_topk_slots(torch.randn(rows, 2, 128), torch.rand(rows, 2), local_pos, meta, caches, 4,
+    topk = select_topk_positions(torch.randn(rows, 2, 128), torch.rand(rows, 2), local_pos, meta, caches, 4,
                              get_ops("torch"))
     assert topk.shape == (rows, 4)
     assert bool((topk[pad] == -1).all())
@@ -124,7 +124,7 @@ def test_prefill_batches_keep_only_the_block_table_columns_they_need(query_lens,
     """With max_seq_len a batch with a prefill piece narrows the block table to
     ceil(max_seq_len / block_size) columns (the indexer's work follows the batch); a
     decode batch keeps every column (graphs captured on it must fit later batches). The
-    top-k slots are the same either way."""
+    top-k picks are the same either way."""
     block_size, context = 4, [7, 2, 30]  # request 2 is the longest: 30 + 6 tokens
     seq_lens = [c + q for c, q in zip(context, query_lens)]
     gen = torch.Generator().manual_seed(len(query_lens))
@@ -143,5 +143,5 @@ def test_prefill_batches_keep_only_the_block_table_columns_they_need(query_lens,
     local_pos = full.plan.take_local(positions)
     rows = full.plan.rows_per_rank
     q, w = torch.randn(rows, 2, 128, generator=gen), torch.rand(rows, 2, generator=gen)
-    picks = [select_topk_slots(q, w, local_pos, meta, caches, 8, get_ops("torch")) for meta in (full, narrow)]
+    picks = [select_topk_positions(q, w, local_pos, meta, caches, 8, get_ops("torch")) for meta in (full, narrow)]
     assert torch.equal(picks[0], picks[1]) and bool((picks[0] >= 0).any())

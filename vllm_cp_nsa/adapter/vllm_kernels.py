@@ -6,7 +6,11 @@
 - the same ops, ``fp8_ds_mla`` cache: FlashMLA's sparse fp8 decode kernel
   (``flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...)``) over the cache viewed
   as 64-slot pages ``[pages, 64, 1, 656]``; prefill rows go in as one batch of ``M`` queries
-  (vLLM's "mixed batch" mode).
+  (vLLM's "mixed batch" mode);
+- ``sparse_mla_prefill_positions``, ``fp8_ds_mla`` cache: the batch's blocks dequantized into a
+  bf16 workspace (``kernels/latent_workspace.py``), then FlashMLA's bf16 sparse prefill kernel
+  over it (vLLM's "separate prefill" mode, which it picks for >= 32 heads per rank; CP ranks
+  have all heads). Above ``MAX_WORKSPACE_BYTES`` the fp8 kernel over slots.
 
 FlashMLA takes 64 or 128 query heads here, so fewer heads are zero-padded and sliced back.
 Everything else goes to the Triton provider: ``indexer_topk`` (always), the cache writes,
@@ -34,6 +38,10 @@ from ..kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, LATENT_DIM, LATENT_ROW_
 _FLASHMLA_MAX_HEADS = 128
 _FLASHMLA_TOPK_MULTIPLE = 128  # the kernels' top-k tile (64 or 128, and at least 128 on SM100)
 _FP8_PAGE_SLOTS = 64  # the fp8 decode kernel's page size off SM100
+MAX_WORKSPACE_BYTES = 256 * 1024**2
+"""Largest bf16 workspace an fp8 prefill allocates (1152 bytes per block-table slot: about
+233K tokens). It is transient memory vLLM's startup profile does not see, so it stays well
+inside the headroom gpu_memory_utilization leaves; larger batches keep the fp8 kernel."""
 
 logger = logging.getLogger("vllm.cp_nsa")
 
@@ -68,7 +76,8 @@ class VllmKernelOps(NsaOps):
         return _flashmla_sparse_supported() and _triton().supports(device, dtype, num_heads)
 
     def startup_detail(self) -> str:
-        return "FlashMLA sparse attention (bf16 / fp8_ds_mla), Triton indexer and cache writes"
+        return ("FlashMLA sparse attention (an fp8_ds_mla cache: bf16 prefill over its dequantized "
+                "blocks, fp8 decode), Triton indexer and cache writes")
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
@@ -84,6 +93,18 @@ class VllmKernelOps(NsaOps):
         if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
             return _flashmla_bf16(q, kv_cache, indices, sm_scale)
         return _triton().sparse_mla_prefill(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+
+    def sparse_mla_prefill_positions(self, q, kv_cache, positions, row_req, block_table, block_size,
+                                     sm_scale, d_v=512, kv_cache_dtype="auto"):  # fmt: skip
+        if _workspace_applies(q, kv_cache, block_table, block_size, d_v, kv_cache_dtype):
+            from ..kernels.latent_workspace import latent_workspace, workspace_rows
+
+            workspace = latent_workspace(kv_cache, block_table, block_size)
+            rows = workspace_rows(positions, row_req, block_table.shape[1] * block_size)
+            return _flashmla_bf16(q, workspace, rows, sm_scale)
+        return super().sparse_mla_prefill_positions(
+            q, kv_cache, positions, row_req, block_table, block_size, sm_scale, d_v, kv_cache_dtype,
+        )  # fmt: skip
 
     def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
         if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
@@ -148,6 +169,16 @@ def _warn_unpaged_fp8_cache(num_slots: int) -> None:
         "%d-slot pages: sparse attention runs on the slower Triton kernels (use a "
         "--block-size that is a multiple of %d)", num_slots, _FP8_PAGE_SLOTS, _FP8_PAGE_SLOTS,
     )  # fmt: skip
+
+
+def _workspace_applies(q, kv_cache, block_table, block_size, d_v, kv_cache_dtype) -> bool:
+    return (
+        kv_cache_dtype == "fp8_ds_mla"
+        and kv_cache.dtype == torch.uint8
+        and kv_cache.shape[-1] == FP8_DS_MLA_ROW_BYTES
+        and 0 < block_table.numel() * block_size * LATENT_ROW_DIM * 2 <= MAX_WORKSPACE_BYTES
+        and _flashmla_common_applies(q, kv_cache, d_v)
+    )
 
 
 def _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) -> bool:
