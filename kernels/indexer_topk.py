@@ -26,6 +26,8 @@ Two kernels per chunk of rows (the fp32 logits buffer of a chunk stays under
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -286,6 +288,37 @@ def _row_groups(row_req: torch.Tensor, row_len: torch.Tensor, group: int):
     return starts[:m].contiguous(), group_id.contiguous(), num_groups
 
 
+class _RowPrep:
+    """The int32 row / block-table tensors and each chunk's row groups of the last call,
+    reused while the same ``row_req``, ``row_kv_len`` and ``block_table`` objects come back:
+    every layer of a forward passes the same ones (``NsaForwardMetadata``), so a forward
+    builds them once instead of once per layer (about 20 small device ops per chunk, each a
+    kernel launch on the host's critical path). Weak references: a new forward's tensors
+    never match a freed one's."""
+
+    def __init__(self):
+        self._key: tuple = ()
+        self._value: tuple | None = None
+
+    def get(self, row_req, row_kv_len, block_table, group: int, chunk: int):
+        tensors = (row_req, row_kv_len, block_table)
+        if self._value is not None and self._key[3:] == (group, chunk) and all(
+            ref() is t for ref, t in zip(self._key[:3], tensors)
+        ):
+            return self._value
+        table = block_table.to(torch.int32).contiguous()
+        req = row_req.to(torch.int32).contiguous()
+        length = row_kv_len.to(torch.int32).contiguous()
+        groups = [_row_groups(req[row0 : row0 + chunk], length[row0 : row0 + chunk], group)
+                  for row0 in range(0, req.shape[0], chunk)]  # fmt: skip
+        self._value = (table, req, length, groups)
+        self._key = (*(weakref.ref(t) for t in tensors), group, chunk)
+        return self._value
+
+
+_ROW_PREP = _RowPrep()
+
+
 def _index_cache_views(index_cache: torch.Tensor, block_size: int, fp8: bool):
     if not index_cache.is_contiguous():
         raise ValueError("indexer cache must be contiguous")
@@ -356,9 +389,6 @@ def indexer_topk(
     weights = weights.float()
     if weights.stride(1) != 1:
         weights = weights.contiguous()
-    block_table = block_table.to(torch.int32).contiguous()
-    row_req = row_req.to(torch.int32).contiguous()
-    row_len = row_kv_len.to(torch.int32).contiguous()
     k_flat, k_scale = _index_cache_views(index_cache, block_size, index_cache_fp8)
     if q.dtype == torch.float8_e4m3fn:
         # exact in bf16; fp8 x fp8 tensor-core products accumulate with reduced precision on
@@ -399,11 +429,9 @@ def indexer_topk(
     scratch = torch.empty(chunk, kp, dtype=torch.int32, device=dev)
     num_splits = triton.cdiv(width, kps)
     ieee = q.dtype == torch.float32
-    for row0 in range(0, num_rows, chunk):
+    block_table, row_req, row_len, groups = _ROW_PREP.get(row_req, row_kv_len, block_table, group, chunk)
+    for row0, (g_start, g_id, n_groups) in zip(range(0, num_rows, chunk), groups):
         rows = min(chunk, num_rows - row0)
-        g_start, g_id, n_groups = _row_groups(
-            row_req[row0 : row0 + rows], row_len[row0 : row0 + rows], group
-        )
         _indexer_logits_kernel[(rows, num_splits)](
             q, q.stride(0), q.stride(1), weights, weights.stride(0),
             k_flat, k_scale, block_table, block_table.stride(0),

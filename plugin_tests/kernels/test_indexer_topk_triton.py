@@ -136,6 +136,31 @@ def test_topk_larger_than_keys_and_padding(device):
     _check_topk(out, *args, 16, 4, True)
 
 
+def test_layers_of_one_forward_share_the_row_prep(device, monkeypatch):
+    """Calls with the same row_req / row_kv_len / block_table objects (every layer of a
+    forward) build the row groups once; new objects with the same values (the next forward)
+    or new contents behind new objects rebuild them; results equal a fresh build's."""
+    gen = torch.Generator().manual_seed(8)
+    rows = [(0, 30), (0, 17), (1, 9), (-1, 0), (1, 20), (0, 29)]
+    q, w, cache, bt, rreq, rlen = _build([30, 20], 2, rows, 4, False, torch.float32, device, gen)
+    calls = []
+    real = indexer_topk._row_groups
+    monkeypatch.setattr(indexer_topk, "_row_groups", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(indexer_topk, "_ROW_PREP", indexer_topk._RowPrep())
+    kw = dict(max_logits_bytes=4 * 32 * 4)  # chunks of 4 rows: two chunks
+    first = indexer_topk.indexer_topk(q, w, cache, bt, rreq, rlen, 8, 4, False, **kw)
+    assert len(calls) == 2
+    second = indexer_topk.indexer_topk(q * 2, w, cache, bt, rreq, rlen, 8, 4, False, **kw)  # next layer
+    assert len(calls) == 2
+    ref = attention_ref.indexer_topk_paged(q * 2, w, cache, bt, rreq, rlen, 8, 4, False)
+    assert torch.equal(second.cpu(), ref.cpu())
+    shorter = rlen.clone()
+    shorter[0] = 5  # the next forward: new objects
+    third = indexer_topk.indexer_topk(q, w, cache, bt, rreq.clone(), shorter, 8, 4, False, **kw)
+    assert len(calls) == 4
+    assert int((third[0] >= 0).sum()) == 5 and torch.equal(third[1:].cpu(), first[1:].cpu())
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8,q_dtype", [(True, torch.bfloat16), (False, torch.bfloat16),
