@@ -56,6 +56,10 @@ CONFIGS = {
     "plugin-rr-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split", **_DEEPGEMM}},
     "plugin-inseq-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split", **_DEEPGEMM}},
     "plugin-off-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off", **_DEEPGEMM}},
+    # -tpdec: decode / verify batches unsplit, attention heads split over the ranks
+    # (decode_attention "tp", SGLang's --enable-cp-decode-attn-tp); prefill as plugin-rr-dg.
+    "plugin-rr-dg-tpdec": {"plugin": True, "parallel": "tp",
+                           "cp_nsa": {"mode": "round-robin-split", "decode_attention": "tp", **_DEEPGEMM}},
 }
 DEFAULT_CONFIGS = "native-tp,plugin-rr,plugin-inseq,native-pcp"
 DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-# name -> (tp, cp mode, kv cache dtype, num speculative tokens, dtype)
+# name -> (tp, cp mode, kv cache dtype, num speculative tokens, dtype[, more cp_nsa options])
 CONFIGS = {
     "tp1-bf16": (1, "off", "auto", 0, "bfloat16"),
     "tp1-fp32-mtp1": (1, "off", "auto", 1, "float32"),
@@ -36,6 +36,7 @@ CONFIGS = {
     "tp2-inseq-fp32-mtp1": (2, "in-seq-split", "auto", 1, "float32"),
     "tp2-rr-fp8": (2, "round-robin-split", "fp8", 0, "bfloat16"),
     "tp2-rr-fp32-mtp2": (2, "round-robin-split", "auto", 2, "float32"),
+    "tp2-rr-tpdecode-fp32-mtp1": (2, "round-robin-split", "auto", 1, "float32", {"decode_attention": "tp"}),
 }
 
 
@@ -55,14 +56,14 @@ def _model() -> Path:
 
 
 def run_one(name: str, eager: bool, out_dir: Path, prompts, max_tokens: int, timeout_s: float) -> dict:
-    tp, mode, kv_dtype, num_spec, dtype = CONFIGS[name]
+    tp, mode, kv_dtype, num_spec, dtype, *more = CONFIGS[name]
     tag = f"{name}-{'eager' if eager else 'graph'}"
     trace = f"/tmp/cpnsa_trace_{tag}"
     for old in glob.glob(trace + ".rank*"):
         os.remove(old)
     llm = {"model": str(_model()), "dtype": dtype, "tensor_parallel_size": tp, "max_model_len": 2048,
            "enforce_eager": eager, "max_num_seqs": 8, "gpu_memory_utilization": 0.3, "seed": 0,
-           "kv_cache_dtype": kv_dtype, "additional_config": {"cp_nsa": {"mode": mode}}}
+           "kv_cache_dtype": kv_dtype, "additional_config": {"cp_nsa": {"mode": mode, **(more[0] if more else {})}}}
     if num_spec:
         llm["speculative_config"] = {"method": "mtp", "num_speculative_tokens": num_spec}
     spec = {"llm": llm, "prompts": prompts,

@@ -17,6 +17,7 @@ MODES_BUILTIN = ("off", "round-robin-split", "in-seq-split")
 MOE_CHOICES_BUILTIN = ("auto", "full", "scattered")
 KERNEL_CHOICES_BUILTIN = ("auto", "torch", "triton", "vllm")
 INDEXER_CACHE_CHOICES = ("auto", "fp8")
+DECODE_ATTENTION_CHOICES = ("split", "tp")
 
 
 class CpNsaConfigError(ValueError):
@@ -41,6 +42,12 @@ class CpNsaConfig:
     """Indexer key cache: ``auto`` = 132-byte fp8 with an ``fp8_ds_mla`` KV cache or a kernel
     provider whose indexer reads fp8 keys (``vllm-deepgemm``), the model dtype otherwise;
     ``fp8`` = always fp8, as vLLM's own V3.2 stores it."""
+    decode_attention: str = "split"
+    """``split``: decode / verify rows are split over the ranks like prefill rows, each rank
+    running all heads with the replicated attention weights. ``tp``: decode / verify batches
+    run unsplit and their attention (that of every unsplit batch) splits the heads over the
+    ranks as vLLM's TP does, reading 1/N of the attention weights per rank (SGLang's
+    ``--enable-cp-decode-attn-tp``). Needs unquantized attention projections."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "CpNsaConfig":
@@ -65,7 +72,7 @@ class CpNsaConfig:
                     f"allowed keys: {', '.join(allowed)}"
                 )
         values = dict(raw)
-        for key in ("mode", "moe", "kernels", "indexer_cache"):
+        for key in ("mode", "moe", "kernels", "indexer_cache", "decode_attention"):
             if key in values and not isinstance(values[key], str):
                 raise CpNsaConfigError(
                     f"additional_config['{CONFIG_KEY}']['{key}'] must be a string, "
@@ -81,6 +88,11 @@ class CpNsaConfig:
             raise CpNsaConfigError(
                 f"additional_config['{CONFIG_KEY}']['indexer_cache'] = "
                 f"'{values['indexer_cache']}'; allowed values: {', '.join(INDEXER_CACHE_CHOICES)}"
+            )
+        if values.get("decode_attention", "split") not in DECODE_ATTENTION_CHOICES:
+            raise CpNsaConfigError(
+                f"additional_config['{CONFIG_KEY}']['decode_attention'] = "
+                f"'{values['decode_attention']}'; allowed values: {', '.join(DECODE_ATTENTION_CHOICES)}"
             )
         return cls(**values)
 

@@ -17,7 +17,7 @@ import torch
 
 from .communicator import CpGroup, gather_token_rows
 from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM
-from .split_plan import SplitPlan, SplitStrategy, build_split_plan
+from .split_plan import SplitPlan, SplitStrategy, build_split_plan, unsplit_plan
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ def build_forward_metadata(
     graph_padded: bool = False,
     buffers: "MetadataBuffers | None" = None,
     max_seq_len: int | None = None,
+    split_decode: bool = True,
 ) -> NsaForwardMetadata:
     """The forward's metadata; ``graph_padded`` for a batch vLLM padded to a FULL
     CUDA-graph size (``num_input_tokens`` rows, the extra ones with slot -1).
@@ -85,13 +86,20 @@ def build_forward_metadata(
     prefill piece (never captured in a graph) keeps only the block-table columns it
     needs, so the indexer kernels size their work by this batch, not by max_model_len.
     Decode / verify batches keep the full table: a captured graph must fit any later one.
+
+    ``split_decode=False`` (``decode_attention: tp``): decode / verify batches run unsplit,
+    every rank holding every row (their attention then splits the heads instead).
     """
     query_lens = [int(n) for n in query_lens]
     num_real_tokens = sum(query_lens)
     split_lens = query_lens
     if graph_padded and num_input_tokens is not None and num_input_tokens > num_real_tokens:
         split_lens = query_lens + _padding_requests(num_input_tokens - num_real_tokens, max_decode_query_len)
-    plan = build_split_plan(split_lens, cp_size, cp_rank, strategy, min_tokens_for_cp, num_input_tokens)
+    is_decode = num_real_tokens > 0 and max(split_lens) <= max_decode_query_len
+    if is_decode and not split_decode and cp_size > 1:
+        plan = unsplit_plan(sum(split_lens), cp_size, cp_rank, "decode attention on a TP partition")
+    else:
+        plan = build_split_plan(split_lens, cp_size, cp_rank, strategy, min_tokens_for_cp, num_input_tokens)
     token_req = torch.full((plan.num_tokens,), -1, dtype=torch.long)
     token_req[:num_real_tokens] = torch.repeat_interleave(
         torch.arange(len(query_lens)), torch.as_tensor(query_lens, dtype=torch.long)
@@ -101,8 +109,7 @@ def build_forward_metadata(
     slots = slot_mapping[: plan.num_tokens]
     if slots.shape[0] < plan.num_tokens:  # callers that pass only the real tokens' slots
         slots = torch.cat([slots, slots.new_full((plan.num_tokens - slots.shape[0],), -1)])
-    use_decode = num_real_tokens > 0 and max(split_lens) <= max_decode_query_len
-    if max_seq_len is not None and not use_decode:
+    if max_seq_len is not None and not is_decode:
         block_table = block_table[:, : max(1, -(-max_seq_len // block_size))]
     if buffers is None:
         plan, local_req, slots = plan.to(device), local_req.to(device), slots.long()
@@ -114,7 +121,7 @@ def build_forward_metadata(
         block_table=block_table[: len(query_lens)],
         block_size=block_size,
         local_req=local_req,
-        use_decode_kernel=use_decode,
+        use_decode_kernel=is_decode,
     )
 
 

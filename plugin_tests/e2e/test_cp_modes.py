@@ -39,6 +39,10 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
         "round-robin-split moe=scattered": {"mode": "round-robin-split", "moe": "scattered"},
         # Decode steps (8 tokens) and small chunks run unsplit, large chunks split.
         "round-robin min_tokens_for_cp=64": {"mode": "round-robin-split", "min_tokens_for_cp": 64},
+        # Decode steps unsplit with the attention heads split over the ranks (as are the
+        # small chunks that run unsplit); large chunks split by tokens.
+        "round-robin decode_attention=tp": {"mode": "round-robin-split", "min_tokens_for_cp": 64,
+                                            "decode_attention": "tp"},
     }
     results = {name: _generate(tiny_model, prompts, cfg, tmp_path / f"plans{i}")
                for i, (name, cfg) in enumerate(configs.items())}
@@ -52,8 +56,11 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
         else:
             assert split and all(p["strategy"] == configs[name]["mode"] for p in split), name
         if "min_tokens_for_cp" in configs[name]:
-            assert skipped and all(p["num_tokens"] < 64 for p in skipped)
+            assert skipped and all(p["num_tokens"] < 64 or p["decode_kernel"] for p in skipped)
             assert all(p["num_tokens"] >= 64 for p in split)
+        if "decode_attention" in configs[name]:
+            decode = [p for p in plans[0] if p["decode_kernel"]]
+            assert decode and all(p["skip_reason"] == "decode attention on a TP partition" for p in decode)
     tokens = {name: [o["token_ids"] for o in r["outputs"]] for name, r in results.items()}
     assert results["off"]["info"]["enable_chunked_prefill"]
     hf = load_hf_model(tiny_model)

@@ -15,7 +15,7 @@ from gpu_graph_check import CONFIGS, compare, run_one, tiny_prompts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
 
-CASES = ["tp1-bf16", "tp2-rr-fp32-mtp1", "tp2-inseq-fp32-mtp1"]
+CASES = ["tp1-bf16", "tp2-rr-fp32-mtp1", "tp2-inseq-fp32-mtp1", "tp2-rr-tpdecode-fp32-mtp1"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -30,3 +30,15 @@ def test_graph_replays_equal_eager(name, tmp_path):
     assert compare(eager, graph)["equal"]
     assert graph["graph_padded_forwards"] > 0  # padded FULL-graph batches were replayed
     assert "CUDA graphs FULL" in (graph["plugin_graph_line"] or "")
+
+
+def test_decode_attention_tp_equals_split_decode(tmp_path):
+    """decode_attention='tp' (decode / verify batches unsplit, heads split over the ranks,
+    views of the replicated weights on a GPU) gives the greedy tokens of the split decode."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    prompts = tiny_prompts()
+    split = run_one("tp2-rr-fp32-mtp1", True, tmp_path, prompts, max_tokens=16, timeout_s=300)
+    heads = run_one("tp2-rr-tpdecode-fp32-mtp1", True, tmp_path, prompts, max_tokens=16, timeout_s=300)
+    assert "tokens" in split and "tokens" in heads, heads.get("error") or split.get("error")
+    assert compare(split, heads)["equal"]

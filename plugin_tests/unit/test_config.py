@@ -17,7 +17,10 @@ def test_values_are_parsed():
 
 
 @pytest.mark.parametrize("raw,expected", [
-    ({"cp_nsa": {"mdoe": "x"}}, "unknown key 'mdoe'; allowed keys: mode, moe, kernels, min_tokens_for_cp, indexer_cache"),
+    ({"cp_nsa": {"mdoe": "x"}}, "unknown key 'mdoe'; allowed keys: mode, moe, kernels, min_tokens_for_cp, indexer_cache, "
+                                  "decode_attention"),
+    ({"cp_nsa": {"decode_attention": "heads"}}, "['decode_attention'] = 'heads'; allowed values: split, tp"),
+    ({"cp_nsa": {"decode_attention": True}}, "['decode_attention'] must be a string"),
     ({"cp_nsa": {"indexer_cache": "bf16"}}, "['indexer_cache'] = 'bf16'; allowed values: auto, fp8"),
     ({"cp_nsa": {"indexer_cache": 8}}, "['indexer_cache'] must be a string"),
     ({"cp_nsa": "round-robin-split"}, "must be a JSON object"),

@@ -54,3 +54,25 @@ def test_verify_batch_uses_decode_path_and_matches_prefill_path(kv_cache_dtype, 
     mixed = build_forward_metadata([1 + num_spec, 9], torch.arange(10 + num_spec), batch.block_table[:2], 16, 1, 0,
                                    None, 0, 1 + num_spec, "cpu")
     assert not mixed.use_decode_kernel
+
+
+@pytest.mark.parametrize("graph_padded", [False, True])
+def test_decode_attention_tp_leaves_decode_batches_unsplit(graph_padded):
+    """split_decode=False: a decode / verify batch is not split (every rank holds every row,
+    graph padding included, as padding rows); a batch with a prefill piece still is."""
+    from vllm_cp_nsa.split_plan import RoundRobinSplit
+
+    kwargs = dict(block_table=torch.zeros(4, 8, dtype=torch.int32), block_size=16, cp_size=2, cp_rank=1,
+                  strategy=RoundRobinSplit(), min_tokens_for_cp=0, max_decode_query_len=2, device="cpu",
+                  split_decode=False)  # fmt: skip
+    num_input = 8 if graph_padded else 6
+    decode = build_forward_metadata([2, 2, 2], torch.arange(num_input), num_input_tokens=num_input,
+                                    graph_padded=graph_padded, **kwargs)  # fmt: skip
+    assert decode.use_decode_kernel and not decode.plan.is_split
+    assert decode.plan.skip_reason == "decode attention on a TP partition"
+    assert decode.plan.num_tokens == num_input and decode.num_local_rows == num_input
+    assert decode.local_req.tolist() == [0, 0, 1, 1, 2, 2] + [-1] * (num_input - 6)
+    prefill = build_forward_metadata([5, 2, 2], torch.arange(9), **kwargs)
+    assert not prefill.use_decode_kernel and prefill.plan.is_split
+    split_too = build_forward_metadata([2, 2, 2], torch.arange(6), **{**kwargs, "split_decode": True})
+    assert split_too.plan.is_split

@@ -159,3 +159,30 @@ def test_hook_sets_full_decode_only(tmp_path, caplog):
     cfg._set_cudagraph_sizes()
     compilation.adjust_cudagraph_sizes_for_spec_decode(3)
     assert compilation.cudagraph_capture_sizes == ours
+
+
+def test_decode_attention_tp_sizes_follow_only_the_verify_length(tmp_path):
+    """decode_attention='tp': FULL_DECODE_ONLY graphs hold unsplit decode batches, so the
+    sizes need only be multiples of 1+k (3 here), not of lcm(4, 3) = 12."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
+    from make_tiny_model import build_tiny_model
+    from vllm.config import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_cp_nsa.adapter.config_hook import set_cp_capture_sizes
+
+    model = build_tiny_model(tmp_path / "v32", seed=0)
+    cfg = EngineArgs(model=str(model), tensor_parallel_size=4, max_model_len=1024, max_num_seqs=16,
+                     additional_config={"cp_nsa": {"mode": "round-robin-split", "decode_attention": "tp"}},
+                     speculative_config={"method": "mtp", "num_speculative_tokens": 2}).create_engine_config()
+    compilation = cfg.compilation_config
+    compilation.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
+    for split_decode, multiple in ((True, 12), (False, 3)):
+        compilation.cudagraph_capture_sizes, compilation.max_cudagraph_capture_size = None, None
+        set_cp_capture_sizes(cfg, split_decode=split_decode)
+        sizes = list(compilation.cudagraph_capture_sizes)
+        assert all(s % multiple == 0 for s in sizes), (split_decode, sizes)
+        assert (3 in sizes) is (not split_decode)

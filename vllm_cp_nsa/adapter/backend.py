@@ -71,6 +71,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         self.cp_size, self.cp_rank = tp.world_size, tp.rank_in_group
         self.strategy = resolve_split_strategy(options.mode) if self.cp_size > 1 else None
         self.min_tokens_for_cp = options.min_tokens_for_cp
+        self.split_decode = options.decode_attention != "tp"
         self.max_decode_query_len = 1 + num_speculative_tokens(vllm_config)
         self.block_size = kv_cache_spec.block_size
         scheduler = vllm_config.scheduler_config
@@ -107,6 +108,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
             graph_padded=graph_padded,
             buffers=self.buffers,
             max_seq_len=cm.max_seq_len,
+            split_decode=self.split_decode,
         )
         if self.trace_path:
             plan = meta.plan

@@ -68,6 +68,8 @@ def describe_decision(vllm_config: VllmConfig, options: CpNsaConfig) -> str:
     return (
         f"vllm_cp_nsa: {split}; moe={moe} (requested {options.moe}: {moe_why}); "
         f"kernels={options.kernels}; kv cache {vllm_config.cache_config.cache_dtype}"
+        + ("; decode_attention=tp: decode / verify batches run unsplit with the attention heads "
+           "split over the ranks" if options.decode_attention == "tp" and tp > 1 else "")
     )
 
 
@@ -100,7 +102,7 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             )
         set_cudagraph_mode(vllm_config)
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
-            set_cp_capture_sizes(vllm_config)
+            set_cp_capture_sizes(vllm_config, split_decode=options.decode_attention != "tp")
         logger.info(describe_decision(vllm_config, options))
 
 
@@ -130,20 +132,23 @@ def set_cudagraph_mode(vllm_config: VllmConfig) -> None:
     compilation.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
 
 
-def set_cp_capture_sizes(vllm_config: VllmConfig) -> None:
+def set_cp_capture_sizes(vllm_config: VllmConfig, split_decode: bool = True) -> None:
     """Capture sizes usable under CP and MTP, set before vLLM computes its own
     (explicit sizes win there, so vLLM keeps ours); a user's explicit sizes are
-    kept but rounded, with a warning listing every change."""
+    kept but rounded, with a warning listing every change. With FULL_DECODE_ONLY graphs
+    and ``decode_attention: tp`` (decode batches never split) only 1+k matters."""
     compilation = vllm_config.compilation_config
     requested = compilation.cudagraph_capture_sizes
+    decode_only = compilation.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY
+    cp_size = vllm_config.parallel_config.tensor_parallel_size
     sizes = cp_capture_sizes(
-        cp_size=vllm_config.parallel_config.tensor_parallel_size,
+        cp_size=cp_size if split_decode or not decode_only else 1,
         num_speculative_tokens=num_speculative_tokens(vllm_config),
         max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
         max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
         max_capture_size=compilation.max_cudagraph_capture_size,
         requested_sizes=list(requested) if requested else None,
-        decode_only=compilation.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY,
+        decode_only=decode_only,
     )
     if sizes.changes:
         logger.warning(

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vllm.config import VllmConfig
@@ -21,7 +22,7 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.fused_moe import fused_moe_make_expert_params_mapping
 from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
-from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.layers.linear import ReplicatedLinear, UnquantizedLinearMethod
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -31,6 +32,7 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from ..communicator import gather_token_rows
+from ..config import CpNsaConfigError
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
 from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache
@@ -158,11 +160,29 @@ class CpNsaAttention(nn.Module):
             attn_backend=CpNsaBackend,
             use_sparse=True,
         )
+        if runtime.heads_split_when_unsplit and not all(
+            isinstance(layer.quant_method, UnquantizedLinearMethod) for layer in (self.q_b_proj, self.o_proj)
+        ):
+            raise CpNsaConfigError(
+                "vllm_cp_nsa: decode_attention='tp' slices the replicated q_b_proj / o_proj "
+                "weights by head and needs them unquantized; this checkpoint quantizes them "
+                f"({type(self.q_b_proj.quant_method).__name__}). Use decode_attention='split'."
+            )
+
+    def _head_slice(self, meta: NsaForwardMetadata | None) -> slice | None:
+        """This rank's heads when the batch runs unsplit under ``decode_attention: tp``
+        (every rank holds every row, so the heads are what gets split); None: all heads."""
+        group = self.runtime.group
+        if not self.runtime.heads_split_when_unsplit or meta is None or meta.plan.is_split:
+            return None
+        per_rank = self.num_heads // group.world_size
+        return slice(group.rank * per_rank, (group.rank + 1) * per_rank)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: NsaForwardMetadata | None) -> torch.Tensor:
         num_rows = x.shape[0]
+        heads = self._head_slice(meta)
         q_c = self.q_a_layernorm(self.q_a_proj(x)[0])
-        q = self.q_b_proj(q_c)[0].view(num_rows, self.num_heads, self.qk_head_dim)
+        q = self._q_b(q_c, heads).view(num_rows, -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv_c, k_pe = self.kv_a_proj_with_mqa(x)[0].split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_c = self.kv_a_layernorm(kv_c.contiguous())
@@ -187,8 +207,8 @@ class CpNsaAttention(nn.Module):
             index_weights=index_weights,
             index_k=index_k,
             local_positions=positions,
-            w_uk_t=self.mla_attn.W_UK_T,
-            w_uv=self.mla_attn.W_UV,
+            w_uk_t=self.mla_attn.W_UK_T if heads is None else self.mla_attn.W_UK_T[heads],
+            w_uv=self.mla_attn.W_UV if heads is None else self.mla_attn.W_UV[heads],
             meta=meta,
             caches=caches,
             topk=self.topk,
@@ -196,7 +216,37 @@ class CpNsaAttention(nn.Module):
             group=self.runtime.group,
             ops=self.runtime.ops,
         )
-        return self.o_proj(out.to(x.dtype))[0]
+        if heads is None:
+            return self.o_proj(out.to(x.dtype))[0]
+        # this rank's heads' share of o_proj, then the sum over ranks (as vLLM's TP does)
+        return self.runtime.group.all_reduce(self._o_proj_partial(out.to(x.dtype), heads))
+
+    def _q_b(self, q_c: torch.Tensor, heads: slice | None) -> torch.Tensor:
+        """q_b_proj for all heads, or for ``heads`` through a view of its weight's rows."""
+        weight = _dense_weight(self.q_b_proj)
+        if heads is None:
+            return self.q_b_proj(q_c)[0]
+        if weight is None:  # vLLM's CPU build repacks the weight: project all heads, keep ours
+            return self.q_b_proj(q_c)[0].view(q_c.shape[0], self.num_heads, -1)[:, heads].flatten(1)
+        return F.linear(q_c, weight[heads.start * self.qk_head_dim : heads.stop * self.qk_head_dim])
+
+    def _o_proj_partial(self, out: torch.Tensor, heads: slice) -> torch.Tensor:
+        """``out`` [n, len(heads) * V] through the o_proj columns of ``heads``: this rank's
+        partial sum of the full projection."""
+        cols = slice(heads.start * self.v_head_dim, heads.stop * self.v_head_dim)
+        weight = _dense_weight(self.o_proj)
+        if weight is None:  # vLLM's CPU build repacks the weight: zeros for the other heads
+            full = out.new_zeros(out.shape[0], self.num_heads * self.v_head_dim)
+            full[:, cols] = out
+            return self.o_proj(full)[0]
+        return F.linear(out, weight[:, cols])
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's [out, in] weight, or None where vLLM moved it into a packed form (its
+    CPU build does, after loading)."""
+    weight = getattr(layer, "weight", None)
+    return weight if weight is not None and weight.dim() == 2 and weight.numel() > 0 else None
 
 
 class CpNsaDecoderLayer(nn.Module):

@@ -14,7 +14,7 @@ from vllm.distributed import get_tp_group
 from vllm.platforms import current_platform
 
 from ..communicator import CpGroup, MoeCommunicator
-from ..config import CpNsaConfig
+from ..config import CpNsaConfig, CpNsaConfigError
 from ..extensions import resolve_kernel_provider, resolve_moe_communicator
 
 logger = logging.getLogger("vllm.cp_nsa")
@@ -97,6 +97,9 @@ class CpNsaRuntime:
     ops: object
     indexer_cache_fp8: bool
     """Indexer keys stored as 132-byte fp8 (``CpNsaConfig.indexer_cache_fp8``)."""
+    heads_split_when_unsplit: bool = False
+    """``decode_attention: tp``: a batch that runs unsplit (decode / verify batches among
+    them) splits the attention heads over the ranks instead of repeating all of them."""
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig, device: torch.device, num_heads: int) -> "CpNsaRuntime":
@@ -106,4 +109,11 @@ class CpNsaRuntime:
                     options.kernels, f": {detail}" if detail else "")
         index_fp8 = options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype,
                                               getattr(ops, "reads_fp8_indexer_cache", False))
-        return cls(VllmTpGroup(get_tp_group()), communicator, ops, index_fp8)
+        group = VllmTpGroup(get_tp_group())
+        heads_split = options.decode_attention == "tp" and group.world_size > 1
+        if heads_split and num_heads % group.world_size:
+            raise CpNsaConfigError(
+                f"vllm_cp_nsa: decode_attention='tp' splits the {num_heads} attention heads over "
+                f"the {group.world_size} ranks; {num_heads} is not a multiple of {group.world_size}"
+            )
+        return cls(group, communicator, ops, index_fp8, heads_split)
