@@ -101,6 +101,18 @@ class CpNsaConfig:
         KV cache, or (``auto``) a kernel provider whose indexer reads fp8 keys."""
         return self.indexer_cache == "fp8" or kv_cache_dtype == "fp8_ds_mla" or provider_reads_fp8
 
+    def heads_split_when_unsplit(self, num_heads: int, num_ranks: int) -> bool:
+        """Whether unsplit batches split the attention heads (``decode_attention: tp`` on
+        more than one rank); fails when the heads do not divide over the ranks."""
+        if self.decode_attention != "tp" or num_ranks < 2:
+            return False
+        if num_heads % num_ranks:
+            raise CpNsaConfigError(
+                f"vllm_cp_nsa: decode_attention='tp' splits the {num_heads} attention heads over "
+                f"the {num_ranks} ranks; {num_heads} is not a multiple of {num_ranks}"
+            )
+        return True
+
     def check_choice(self, key: str, registered: list[str]) -> None:
         """Fail with the registered names when ``key``'s value is not one of them."""
         value = getattr(self, key)

@@ -50,3 +50,12 @@ def test_check_choice_lists_registered_values():
     with pytest.raises(CpNsaConfigError, match="allowed values: auto, torch"):
         CpNsaConfig(kernels="cuda").check_choice("kernels", ["auto", "torch"])
     CpNsaConfig(kernels="torch").check_choice("kernels", ["auto", "torch"])
+
+
+def test_decode_attention_tp_needs_heads_divisible_by_the_ranks():
+    tp = CpNsaConfig.from_additional_config({"cp_nsa": {"mode": "round-robin-split", "decode_attention": "tp"}})
+    assert tp.heads_split_when_unsplit(128, 4) and tp.heads_split_when_unsplit(128, 2)
+    assert not tp.heads_split_when_unsplit(128, 1)  # one rank: nothing to split
+    assert not CpNsaConfig().heads_split_when_unsplit(128, 4)  # default: split decode rows
+    with pytest.raises(CpNsaConfigError, match="128 attention heads over the 3 ranks; 128 is not a multiple of 3"):
+        tp.heads_split_when_unsplit(128, 3)

@@ -160,14 +160,8 @@ class CpNsaAttention(nn.Module):
             attn_backend=CpNsaBackend,
             use_sparse=True,
         )
-        if runtime.heads_split_when_unsplit and not all(
-            isinstance(layer.quant_method, UnquantizedLinearMethod) for layer in (self.q_b_proj, self.o_proj)
-        ):
-            raise CpNsaConfigError(
-                "vllm_cp_nsa: decode_attention='tp' slices the replicated q_b_proj / o_proj "
-                "weights by head and needs them unquantized; this checkpoint quantizes them "
-                f"({type(self.q_b_proj.quant_method).__name__}). Use decode_attention='split'."
-            )
+        if runtime.heads_split_when_unsplit:
+            check_heads_sliceable(self.q_b_proj, self.o_proj)
 
     def _head_slice(self, meta: NsaForwardMetadata | None) -> slice | None:
         """This rank's heads when the batch runs unsplit under ``decode_attention: tp``
@@ -240,6 +234,19 @@ class CpNsaAttention(nn.Module):
             full[:, cols] = out
             return self.o_proj(full)[0]
         return F.linear(out, weight[:, cols])
+
+
+def check_heads_sliceable(*layers: nn.Module) -> None:
+    """``decode_attention: tp`` slices these replicated projections by head: only plain
+    (unquantized) weights can be sliced that way."""
+    quantized = [type(layer.quant_method).__name__ for layer in layers
+                 if not isinstance(layer.quant_method, UnquantizedLinearMethod)]  # fmt: skip
+    if quantized:
+        raise CpNsaConfigError(
+            "vllm_cp_nsa: decode_attention='tp' slices the replicated q_b_proj / o_proj weights "
+            f"by head and needs them unquantized; this checkpoint quantizes them ({quantized[0]}). "
+            "Use decode_attention='split'."
+        )
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ from vllm.distributed import get_tp_group
 from vllm.platforms import current_platform
 
 from ..communicator import CpGroup, MoeCommunicator
-from ..config import CpNsaConfig, CpNsaConfigError
+from ..config import CpNsaConfig
 from ..extensions import resolve_kernel_provider, resolve_moe_communicator
 
 logger = logging.getLogger("vllm.cp_nsa")
@@ -110,10 +110,5 @@ class CpNsaRuntime:
         index_fp8 = options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype,
                                               getattr(ops, "reads_fp8_indexer_cache", False))
         group = VllmTpGroup(get_tp_group())
-        heads_split = options.decode_attention == "tp" and group.world_size > 1
-        if heads_split and num_heads % group.world_size:
-            raise CpNsaConfigError(
-                f"vllm_cp_nsa: decode_attention='tp' splits the {num_heads} attention heads over "
-                f"the {group.world_size} ranks; {num_heads} is not a multiple of {group.world_size}"
-            )
+        heads_split = options.heads_split_when_unsplit(num_heads, group.world_size)
         return cls(group, communicator, ops, index_fp8, heads_split)
