@@ -371,36 +371,42 @@ class Worker:
                                       "median_s": round(statistics.median(times), 5)}
         self.progress(f"  ttft {label}: median {statistics.median(times) * 1e3:.1f} ms")
 
-    def phase_profile(self) -> None:
-        """One single-prompt prefill (max_tokens=1) of the profile length under vLLM's torch
-        profiler (``LLM(profiler_config=...)``, ``llm.start_profile`` / ``stop_profile``), after an
-        unprofiled generate of the same shape (Triton JIT / autotuning of new shapes stays out of
-        the trace). Every rank writes ``prefill<L>_dp.._tp<T>_.._rank<R>.<ns>.pt.trace.json.gz``
-        into the run's profile folder when the profiler stops (before stop_profile returns)."""
-        profile = self.spec["profile"]
-        length, folder = profile["length"], Path(profile["dir"])
+    def _profiled_generate(self, warmup_prompts, prompts, max_tokens: int, prefix: str, **window):
+        """An unprofiled generate of ``warmup_prompts`` (Triton JIT / autotuning of new shapes
+        stays out of the trace), then ``prompts`` under vLLM's torch profiler (``LLM(profiler_config=
+        ...)``, ``start_profile(prefix, **window)`` / ``stop_profile``). Every rank writes
+        ``<prefix>_dp.._tp<T>_.._rank<R>.<ns>.pt.trace.json.gz`` into the run's profile folder when
+        the profiler stops. Returns (unprofiled s, profiled s, the new files there)."""
+        folder = Path(self.spec["profile"]["dir"])
         before = {p for p in folder.rglob("*")} if folder.exists() else set()
-        warmup_s, _ = self.generate([self.prompt("profile:warmup", length)], max_tokens=1)
-        self.llm.start_profile(profile_prefix=f"prefill{length_label(length)}")
+        unprofiled_s, _ = self.generate(warmup_prompts, max_tokens=max_tokens, ignore_eos=True)
+        self.llm.start_profile(profile_prefix=prefix, **window)
         try:
-            profiled_s, _ = self.generate([self.prompt("profile:0", length)], max_tokens=1)
+            profiled_s, _ = self.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
         finally:
-            self.llm.stop_profile()
+            self.llm.stop_profile()  # a no-op if max_iterations already stopped it
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                        if p.is_file() and p not in before) if folder.exists() else []
-        self.result["profile"] = {"length": length, "dir": str(folder), "files": files,
+        if not any(f.startswith(prefix) and ".pt.trace.json" in f for f in files):
+            raise RuntimeError(f"the torch profiler wrote no {prefix} trace into {folder}")
+        return unprofiled_s, profiled_s, files
+
+    def phase_profile(self) -> None:
+        """One single-prompt prefill (max_tokens=1) of the profile length under the profiler."""
+        profile = self.spec["profile"]
+        length, folder = profile["length"], profile["dir"]
+        warmup_s, profiled_s, files = self._profiled_generate(
+            [self.prompt("profile:warmup", length)], [self.prompt("profile:0", length)], 1,
+            f"prefill{length_label(length)}")
+        self.result["profile"] = {"length": length, "dir": folder, "files": files,
                                   "unprofiled_s": round(warmup_s, 5), "profiled_s": round(profiled_s, 5)}
         self.progress(f"  profile {length_label(length)}: {profiled_s * 1e3:.1f} ms profiled "
                       f"({warmup_s * 1e3:.1f} ms unprofiled), {len(files)} files in {folder}")
-        if not any(".pt.trace.json" in f for f in files):
-            raise RuntimeError(f"the torch profiler wrote no trace into {folder}")
 
     def phase_profile_decode(self) -> None:
-        """``DECODE_PROFILE_STEPS`` decode steps of the largest decode batch under the torch
-        profiler (vLLM's ``delay_iterations`` skips the batch's prefill step), after an
-        unprofiled generate of the same shape. Traces: ``decode<B>_..._rank<R>...`` in the
-        run's profile folder."""
-        decode, folder = self.workload["decode"], Path(self.spec["profile"]["dir"])
+        """``DECODE_PROFILE_STEPS`` decode steps of the largest decode batch under the profiler
+        (vLLM's ``delay_iterations`` skips the batch's prefill step). Traces: ``decode<B>_...``."""
+        decode = self.workload["decode"]
         batch, length = max(decode["batch_sizes"]), decode["length"]
         tokens = DECODE_PROFILE_DELAY_STEPS + DECODE_PROFILE_STEPS + 2
         prefix = f"decode{batch}"
@@ -408,22 +414,13 @@ class Worker:
         def prompts(tag):
             return [self.prompt(f"profile_decode:{tag}:{i}", length) for i in range(batch)]
 
-        before = {p for p in folder.rglob("*")} if folder.exists() else set()
-        unprofiled_s, _ = self.generate(prompts("warmup"), max_tokens=tokens, ignore_eos=True)
-        self.llm.start_profile(profile_prefix=prefix, delay_iterations=DECODE_PROFILE_DELAY_STEPS,
-                               max_iterations=DECODE_PROFILE_STEPS)
-        try:
-            profiled_s, _ = self.generate(prompts("0"), max_tokens=tokens, ignore_eos=True)
-        finally:
-            self.llm.stop_profile()  # a no-op if max_iterations already stopped it
-        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                       if p.is_file() and p not in before) if folder.exists() else []
+        unprofiled_s, profiled_s, files = self._profiled_generate(
+            prompts("warmup"), prompts("0"), tokens, prefix,
+            delay_iterations=DECODE_PROFILE_DELAY_STEPS, max_iterations=DECODE_PROFILE_STEPS)
         self.result["profile_decode"] = {"batch": batch, "prompt_tokens": length, "tokens": tokens,
                                          "prefix": prefix, "steps": DECODE_PROFILE_STEPS, "files": files,
                                          "unprofiled_s": round(unprofiled_s, 5), "profiled_s": round(profiled_s, 5)}
-        self.progress(f"  profile_decode batch {batch}: {len(files)} files in {folder}")
-        if not any(f.startswith(prefix) and ".pt.trace.json" in f for f in files):
-            raise RuntimeError(f"the torch profiler wrote no {prefix} trace into {folder}")
+        self.progress(f"  profile_decode batch {batch}: {len(files)} files in {self.spec['profile']['dir']}")
 
     def phase_decode(self) -> None:
         decode = self.workload["decode"]

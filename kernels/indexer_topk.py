@@ -26,13 +26,12 @@ Two kernels per chunk of rows (the fp32 logits buffer of a chunk stays under
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_utils import interpreting, load_fp8_as_f32, native_fp8, next_pow2, num_sms
+from .forward_cache import SameTensorsCache
 from .kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 
 MAX_LOGITS_BYTES = 256 * 1024 * 1024
@@ -288,35 +287,19 @@ def _row_groups(row_req: torch.Tensor, row_len: torch.Tensor, group: int):
     return starts[:m].contiguous(), group_id.contiguous(), num_groups
 
 
-class _RowPrep:
-    """The int32 row / block-table tensors and each chunk's row groups of the last call,
-    reused while the same ``row_req``, ``row_kv_len`` and ``block_table`` objects come back:
-    every layer of a forward passes the same ones (``NsaForwardMetadata``), so a forward
-    builds them once instead of once per layer (about 20 small device ops per chunk, each a
-    kernel launch on the host's critical path). Weak references: a new forward's tensors
-    never match a freed one's."""
-
-    def __init__(self):
-        self._key: tuple = ()
-        self._value: tuple | None = None
-
-    def get(self, row_req, row_kv_len, block_table, group: int, chunk: int):
-        tensors = (row_req, row_kv_len, block_table)
-        if self._value is not None and self._key[3:] == (group, chunk) and all(
-            ref() is t for ref, t in zip(self._key[:3], tensors)
-        ):
-            return self._value
-        table = block_table.to(torch.int32).contiguous()
-        req = row_req.to(torch.int32).contiguous()
-        length = row_kv_len.to(torch.int32).contiguous()
-        groups = [_row_groups(req[row0 : row0 + chunk], length[row0 : row0 + chunk], group)
-                  for row0 in range(0, req.shape[0], chunk)]  # fmt: skip
-        self._value = (table, req, length, groups)
-        self._key = (*(weakref.ref(t) for t in tensors), group, chunk)
-        return self._value
+def _row_prep(row_req, row_kv_len, block_table, group: int, chunk: int):
+    """The int32 row / block-table tensors and each chunk's row groups. Built once per
+    forward (``_ROW_PREP``): about 20 small device ops per chunk, each a kernel launch on
+    the host's critical path, that every layer would otherwise repeat."""
+    table = block_table.to(torch.int32).contiguous()
+    req = row_req.to(torch.int32).contiguous()
+    length = row_kv_len.to(torch.int32).contiguous()
+    groups = [_row_groups(req[row0 : row0 + chunk], length[row0 : row0 + chunk], group)
+              for row0 in range(0, req.shape[0], chunk)]  # fmt: skip
+    return table, req, length, groups
 
 
-_ROW_PREP = _RowPrep()
+_ROW_PREP: SameTensorsCache = SameTensorsCache()
 
 
 def _index_cache_views(index_cache: torch.Tensor, block_size: int, fp8: bool):
@@ -429,7 +412,10 @@ def indexer_topk(
     scratch = torch.empty(chunk, kp, dtype=torch.int32, device=dev)
     num_splits = triton.cdiv(width, kps)
     ieee = q.dtype == torch.float32
-    block_table, row_req, row_len, groups = _ROW_PREP.get(row_req, row_kv_len, block_table, group, chunk)
+    block_table, row_req, row_len, groups = _ROW_PREP.get(
+        (row_req, row_kv_len, block_table), (group, chunk),
+        lambda: _row_prep(row_req, row_kv_len, block_table, group, chunk),
+    )
     for row0, (g_start, g_id, n_groups) in zip(range(0, num_rows, chunk), groups):
         rows = min(chunk, num_rows - row0)
         _indexer_logits_kernel[(rows, num_splits)](

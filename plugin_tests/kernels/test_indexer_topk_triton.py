@@ -146,7 +146,7 @@ def test_layers_of_one_forward_share_the_row_prep(device, monkeypatch):
     calls = []
     real = indexer_topk._row_groups
     monkeypatch.setattr(indexer_topk, "_row_groups", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(indexer_topk, "_ROW_PREP", indexer_topk._RowPrep())
+    monkeypatch.setattr(indexer_topk, "_ROW_PREP", indexer_topk.SameTensorsCache())
     kw = dict(max_logits_bytes=4 * 32 * 4)  # chunks of 4 rows: two chunks
     first = indexer_topk.indexer_topk(q, w, cache, bt, rreq, rlen, 8, 4, False, **kw)
     assert len(calls) == 2

@@ -217,9 +217,9 @@ class CpNsaAttention(nn.Module):
 
     def _q_b(self, q_c: torch.Tensor, heads: slice | None) -> torch.Tensor:
         """q_b_proj for all heads, or for ``heads`` through a view of its weight's rows."""
-        weight = _dense_weight(self.q_b_proj)
         if heads is None:
             return self.q_b_proj(q_c)[0]
+        weight = _dense_weight(self.q_b_proj)
         if weight is None:  # vLLM's CPU build repacks the weight: project all heads, keep ours
             return self.q_b_proj(q_c)[0].view(q_c.shape[0], self.num_heads, -1)[:, heads].flatten(1)
         return F.linear(q_c, weight[heads.start * self.qk_head_dim : heads.stop * self.qk_head_dim])

@@ -43,12 +43,12 @@ vLLM is imported only inside functions, so this module imports on any vLLM and w
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.forward_cache import SameTensorsCache
 from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 from .vllm_kernels import VllmKernelOps
 
@@ -213,23 +213,14 @@ class ForwardPlanCache:
     """The last gather plan (and its device copies), reused while the same row tensors
     come back: every layer of a forward passes the same ``local_req``, ``kv_len`` (see
     ``NsaForwardMetadata.local_kv_len``) and block table objects, so a forward reads them on
-    the host once instead of once per layer (each read drains the GPU queue). Weak
-    references: a new forward's tensors never match a freed one's."""
+    the host once instead of once per layer (each read drains the GPU queue)."""
 
     def __init__(self):
-        self._key: tuple = ()
-        self._plan: DevicePlan | None = None
+        self._cache: SameTensorsCache[DevicePlan] = SameTensorsCache()
 
     def get(self, row_req, row_kv_len, block_table) -> "DevicePlan":
-        tensors = (row_req, row_kv_len, block_table)
-        budgets = (MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
-        if self._plan is not None and self._key[3:] == budgets and all(
-            ref() is t for ref, t in zip(self._key[:3], tensors)
-        ):
-            return self._plan
-        self._plan = DevicePlan.build(row_req, row_kv_len, block_table)
-        self._key = (*(weakref.ref(t) for t in tensors), *budgets)
-        return self._plan
+        return self._cache.get((row_req, row_kv_len, block_table), (MAX_LOGITS_BYTES, MAX_GATHER_KEYS),
+                               lambda: DevicePlan.build(row_req, row_kv_len, block_table))  # fmt: skip
 
 
 @dataclass(frozen=True)

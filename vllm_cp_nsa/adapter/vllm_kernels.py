@@ -147,13 +147,18 @@ def _flashmla_common_applies(q: torch.Tensor, kv_cache: torch.Tensor, d_v: int) 
     )
 
 
-def _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) -> bool:
-    if not (
+def _fp8_cache_applies(q, kv_cache, d_v, kv_cache_dtype) -> bool:
+    """An fp8_ds_mla cache and a query FlashMLA takes."""
+    return (
         kv_cache_dtype == "fp8_ds_mla"
         and kv_cache.dtype == torch.uint8
         and kv_cache.shape[-1] == FP8_DS_MLA_ROW_BYTES
         and _flashmla_common_applies(q, kv_cache, d_v)
-    ):
+    )
+
+
+def _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) -> bool:
+    if not _fp8_cache_applies(q, kv_cache, d_v, kv_cache_dtype):
         return False
     num_slots = kv_cache.numel() // FP8_DS_MLA_ROW_BYTES
     if num_slots % _FP8_PAGE_SLOTS:
@@ -173,11 +178,8 @@ def _warn_unpaged_fp8_cache(num_slots: int) -> None:
 
 def _workspace_applies(q, kv_cache, block_table, block_size, d_v, kv_cache_dtype) -> bool:
     return (
-        kv_cache_dtype == "fp8_ds_mla"
-        and kv_cache.dtype == torch.uint8
-        and kv_cache.shape[-1] == FP8_DS_MLA_ROW_BYTES
-        and 0 < block_table.numel() * block_size * LATENT_ROW_DIM * 2 <= MAX_WORKSPACE_BYTES
-        and _flashmla_common_applies(q, kv_cache, d_v)
+        0 < block_table.numel() * block_size * LATENT_ROW_DIM * 2 <= MAX_WORKSPACE_BYTES
+        and _fp8_cache_applies(q, kv_cache, d_v, kv_cache_dtype)
     )
 
 
