@@ -824,6 +824,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _profile_section(runs: dict, names: list[str], summary_key: str, title: str, caption) -> list[str]:
+    """eval/profile_summary.py's tables of the runs holding ``summary_key`` (differences against
+    the first native-tp run), with ``caption(profiled run names)`` under the heading; [] if none."""
+    profiled = {n: runs[n][summary_key] for n in names if (runs[n].get(summary_key) or {}).get("ranks")}
+    if not profiled:
+        return []
+    from profile_summary import render_markdown as render_profile
+
+    baseline = next((n for n in profiled if n.startswith("native-tp")), None)
+    table = render_profile(profiled, baseline=baseline, top=10, title=title).rstrip().split("\n")
+    return ["", table[0], "", caption(profiled)] + table[1:]
+
+
 def render_markdown(report: dict) -> str:
     meta, runs = report["meta"], report["runs"]
     names = list(runs)
@@ -918,35 +931,23 @@ def render_markdown(report: dict) -> str:
         lines += _table(["run", "reference", "greedy identical", "mean matching prefix", "max abs Δ logprob",
                          "mean abs Δ logprob", "positions"], rows)
 
-    profiled = {n: runs[n]["profile_summary"] for n in names
-                if (runs[n].get("profile_summary") or {}).get("ranks")}
-    if profiled:
-        from profile_summary import render_markdown as render_profile
-
-        walls = "; ".join(f"{n} {p['profiled_s'] * 1e3:.1f} / {p['unprofiled_s'] * 1e3:.1f}"
-                          for n in profiled if (p := runs[n].get("profile")))
-        baseline = next((n for n in profiled if n.startswith("native-tp")), None)
-        table = render_profile(profiled, baseline=baseline, top=10).rstrip().split("\n")
-        activities = meta.get("profile_activities") or "CPU,CUDA (CPU on a CPU host)"
-        lines += ["", table[0], "",
-                  f"One prompt of {length_label(meta['profile_length'])} tokens, `generate(max_tokens=1)` under "
-                  f"vLLM's torch profiler (activities {activities}), after an unprofiled one of the same shape; "
-                  f"wall ms profiled / unprofiled: {walls}. Traces: `profiles/<run>/`, one per rank "
-                  f"(`python3 eval/profile_summary.py profiles`)."] + table[1:]
-
-    decode_profiled = {n: runs[n]["profile_decode_summary"] for n in names
-                       if (runs[n].get("profile_decode_summary") or {}).get("ranks")}
-    if decode_profiled:
-        from profile_summary import render_markdown as render_profile
-
-        baseline = next((n for n in decode_profiled if n.startswith("native-tp")), None)
-        table = render_profile(decode_profiled, baseline=baseline, top=10, title="Decode profile").rstrip().split("\n")
-        shape = next(p for n in decode_profiled if (p := runs[n].get("profile_decode")))
-        lines += ["", table[0], "",
-                  f"{shape['steps']} decode steps of a batch of {shape['batch']} prompts of "
-                  f"{shape['prompt_tokens']} tokens under vLLM's torch profiler (the batch's prefill "
-                  f"skipped); totals over the traced steps. Traces: `profiles/<run>/decode*` "
-                  f"(`python3 eval/profile_summary.py profiles --trace-prefix decode`)."] + table[1:]
+    activities = meta.get("profile_activities") or "CPU,CUDA (CPU on a CPU host)"
+    lines += _profile_section(
+        runs, names, "profile_summary", "Prefill profile",
+        lambda profiled: (
+            f"One prompt of {length_label(meta['profile_length'])} tokens, `generate(max_tokens=1)` under "
+            f"vLLM's torch profiler (activities {activities}), after an unprofiled one of the same shape; "
+            "wall ms profiled / unprofiled: "
+            + "; ".join(f"{n} {p['profiled_s'] * 1e3:.1f} / {p['unprofiled_s'] * 1e3:.1f}"
+                        for n in profiled if (p := runs[n].get("profile")))
+            + ". Traces: `profiles/<run>/`, one per rank (`python3 eval/profile_summary.py profiles`)."))
+    lines += _profile_section(
+        runs, names, "profile_decode_summary", "Decode profile",
+        lambda profiled: (
+            "{steps} decode steps of a batch of {batch} prompts of {prompt_tokens} tokens under vLLM's "
+            "torch profiler (the batch's prefill skipped); totals over the traced steps. Traces: "
+            "`profiles/<run>/decode*` (`python3 eval/profile_summary.py profiles --trace-prefix decode`)."
+        ).format(**next(p for n in profiled if (p := runs[n].get("profile_decode")))))
 
     phase_columns = PHASES + [p for p in OPTIONAL_PHASES if any(p in runs[n].get("phase_s", {}) for n in names)]
     lines += ["", "## Phase timings (s)", ""]
