@@ -54,7 +54,7 @@ from server import Server, start_server  # noqa: E402
 
 SETUP_SCRIPT = Path(__file__).with_name("setup_lmeval.sh")
 DEFAULT_LMEVAL_VENV = REPO / ".venv-lmeval"
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+DEFAULT_DATA_DIR = Path(__file__).resolve().with_name("data")  # in-repo copy, see data/README.md
 LOCAL_TASK = "gsm8k_local"
 LMEVAL_VERSION = "0.4.13"
 FILTERS = ("strict-match", "flexible-extract")
@@ -469,10 +469,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "on the current one (default 2; 1 = strictly one after another)")
     ev = ap.add_argument_group("evaluation")
     ev.add_argument("--dataset", choices=["local", "hub"], default="local",
-                    help="local: JSONL files from --data-dir (offline); hub: lm-eval's stock gsm8k task "
+                    help="local: JSONL files from --data (offline); hub: lm-eval's stock gsm8k task "
                          "(needs the Hugging Face dataset hub)")
-    ev.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
-                    help="directory with GSM8K test.jsonl and train.jsonl (default ../shared/data/gsm8k)")
+    ev.add_argument("--data", "--data-dir", dest="data_dir", default=str(DEFAULT_DATA_DIR),
+                    help="directory with GSM8K test.jsonl and train.jsonl (default: the in-repo copy, "
+                         "eval/gsm8k/data)")
     ev.add_argument("--limit", type=int, default=None, help="first N test questions (default: all 1319)")
     ev.add_argument("--num-fewshot", type=int, default=1,
                     help="few-shot examples (default 1; the tiny model's tokenizer needs ~290 tokens a shot, "
@@ -522,7 +523,7 @@ def main(argv=None) -> int:
     if offline:
         missing = [f for f in ("train.jsonl", "test.jsonl") if not (data_dir / f).is_file()]
         if missing:
-            raise SystemExit(f"--data-dir {data_dir} lacks {', '.join(missing)}")
+            raise SystemExit(f"--data {data_dir} lacks {', '.join(missing)}")
     task = LOCAL_TASK if offline else "gsm8k"
 
     configs = configs_from_args(a)

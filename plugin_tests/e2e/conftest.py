@@ -19,7 +19,7 @@ RUNNER = Path(__file__).with_name("vllm_runner.py")
 
 
 def vllm_env(tp: int = 1, **extra: str) -> dict[str, str]:
-    """The verified vLLM-on-CPU environment (../shared/docs/cpu_setup.md)."""
+    """The verified vLLM-on-CPU environment (README: vLLM 0.32 on CPU)."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",

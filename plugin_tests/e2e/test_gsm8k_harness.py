@@ -20,7 +20,7 @@ from make_tiny_model import build_tiny_model
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = (REPO / ".." / "shared" / "data" / "gsm8k").resolve()
+DATA_DIR = REPO / "eval" / "gsm8k" / "data"
 CONFIGS = ["off", "round-robin-split", "in-seq-split", "fp8", "mtp"]
 LIMIT = 5
 
@@ -65,7 +65,7 @@ def test_gsm8k_comparison_all_configurations_agree_with_off(mtp_tiny_model, tmp_
     assert (DATA_DIR / "test.jsonl").is_file(), f"GSM8K data missing at {DATA_DIR}"
     out = tmp_path / "gsm8k"
     cmd = [sys.executable, "-m", "eval.gsm8k", "--model", str(mtp_tiny_model), "--tp", "2", "--dtype", "float32",
-           "--compare", ",".join(CONFIGS), "--data-dir", str(DATA_DIR), "--limit", str(LIMIT),
+           "--compare", ",".join(CONFIGS), "--limit", str(LIMIT),
            "--num-fewshot", "1", "--max-gen-toks", "24", "--max-num-batched-tokens", "128", "--out", str(out)]
     lmeval_was_there = (REPO / ".venv-lmeval" / "bin" / "lm_eval").exists()
     started = time.perf_counter()
@@ -80,7 +80,7 @@ def test_gsm8k_comparison_all_configurations_agree_with_off(mtp_tiny_model, tmp_
     assert report["versions"]["vllm_cp_nsa"] and report["versions"]["lm_eval"] == "0.4.13"
     settings = report["settings"]
     assert (settings["tp"], settings["dtype"], settings["dataset"], settings["limit"]) == (2, "float32", "local", LIMIT)
-    assert settings["data_dir"] == str(DATA_DIR)
+    assert settings["data_dir"] == str(DATA_DIR)  # the default: the in-repo copy
     assert [c["name"] for c in report["configs"]] == CONFIGS
     by_name = {c["name"]: c for c in report["configs"]}
     assert by_name["in-seq-split"]["cp_nsa"] == {"mode": "in-seq-split"}
