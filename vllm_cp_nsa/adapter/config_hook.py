@@ -1,31 +1,41 @@
-"""Startup configuration for DeepSeek-V3.2 under the plugin.
+"""Startup configuration for DeepSeek-V3.2 with the plugin installed.
 
-``CpNsaV32ConfigHook`` replaces vLLM's ``MODELS_CONFIG_MAP`` entry for the
-``DeepseekV32ForCausalLM`` architecture (vLLM runs it in
-``VllmConfig.__post_init__`` before CUDA-graph sizes are computed). It keeps
-vLLM's own checks, validates ``additional_config["cp_nsa"]``, canonicalizes the
-KV-cache dtype and logs what the plugin decided, once.
+``CpNsaV32ConfigHook`` holds vLLM's ``MODELS_CONFIG_MAP`` entry for the architecture
+(vLLM runs it once, in ``VllmConfig.__post_init__`` of the process that builds the
+config, before CUDA-graph sizes are computed) and always runs vLLM's own hook first.
+When the plugin is not active (``plugin.plugin_active``) that is all it does, and it says
+so in one line. When active it validates ``additional_config["cp_nsa"]``, refuses at
+startup what the plugin's model does not support (the model info vLLM checks is that of
+its own V3.2 class, see ``handover``), canonicalizes the KV-cache dtype, sets the
+CUDA-graph mode and sizes, and logs what it decided, once.
+
+Imports only ``VerifyAndUpdateConfig`` from vLLM at module level, so the entry point can
+install the hook, and refuse a ``cp_nsa`` launch with the reason, on a vLLM that lacks
+other symbols the plugin needs.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
+from .. import plugin
 from ..config import CpNsaConfig, CpNsaConfigError
 from ..extensions import (
     kernel_providers,
+    resolve_kernel_provider,
     resolve_moe_communicator,
     resolve_split_strategy,
 )
 from ..graph_sizing import cp_capture_sizes
-from .runtime import expert_all_to_all_configured, num_speculative_tokens
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 logger = logging.getLogger("vllm.cp_nsa")
 
-ARCHITECTURE = "DeepseekV32ForCausalLM"
 # --kv-cache-dtype values the plugin accepts, and the cache format each selects.
 KV_CACHE_DTYPES = {
     "auto": "auto",
@@ -34,6 +44,11 @@ KV_CACHE_DTYPES = {
     "fp8_e4m3": "fp8_ds_mla",
     "fp8_ds_mla": "fp8_ds_mla",
 }
+# Speculative methods whose drafter reads the target's auxiliary hidden states (vLLM's
+# SupportsEagle3 interface), which the plugin's model does not expose.
+AUX_HIDDEN_STATE_METHODS = ("eagle3", "dflash", "extract_hidden_states")
+# The plugin's MoE communicators; their collectives span only the CP (= TP) group.
+TP_GROUP_MOE_COMMUNICATORS = ("full", "scattered")
 
 
 def canonical_kv_cache_dtype(requested: str) -> str:
@@ -46,11 +61,29 @@ def canonical_kv_cache_dtype(requested: str) -> str:
     return KV_CACHE_DTYPES[requested]
 
 
-def describe_decision(vllm_config: VllmConfig, options: CpNsaConfig) -> str:
-    parallel = vllm_config.parallel_config
-    tp = parallel.tensor_parallel_size
-    all_to_all = expert_all_to_all_configured(vllm_config)
-    moe = resolve_moe_communicator(options.moe, all_to_all).name
+def describe_moe(vllm_config: VllmConfig, options: CpNsaConfig, communicator, all_to_all: bool) -> str:
+    """What the MoE runs and why: ``auto`` names the setting it followed, ``scattered``
+    says it moves rows with torch all-to-all (never the configured EP backend), and a
+    communicator that cannot be captured says CUDA graphs are off."""
+    backend = vllm_config.parallel_config.all2all_backend
+    if options.moe == "auto":
+        why = (f"expert parallelism with the all-to-all backend '{backend}' is set" if all_to_all
+               else "no expert-parallel all-to-all backend is set: fused MoE stays TP-sharded")
+        line = f"moe={communicator.name} (auto: {why})"
+    else:
+        line = f"moe={communicator.name}"
+    if communicator.name == "scattered":
+        line += (", moving token rows with torch all-to-all over the TP ranks"
+                 + (f" (not with '{backend}')" if all_to_all else ""))
+    if not getattr(communicator, "supports_cuda_graphs", False):
+        line += ", CUDA graphs off (its collective sizes follow the routing)"
+    return line
+
+
+def describe_decision(vllm_config: VllmConfig, options: CpNsaConfig, kernels, moe: str) -> str:
+    """The startup line: split, MoE (``describe_moe``), the kernel provider that resolved
+    and the KV cache."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
     if options.mode == "off":
         split = "mode=off: attention runs unsplit on every rank"
     elif tp < 2:
@@ -60,17 +93,79 @@ def describe_decision(vllm_config: VllmConfig, options: CpNsaConfig) -> str:
             f"mode={options.mode} over the {tp} TP ranks "
             f"(batches with < {max(tp, options.min_tokens_for_cp)} real tokens run unsplit)"
         )
-    moe_why = (
-        "expert parallelism with an all-to-all backend is configured"
-        if all_to_all
-        else "fused MoE stays TP-sharded"
-    )
+    requested = "" if options.kernels == kernels.name else f" (requested {options.kernels})"
     return (
-        f"vllm_cp_nsa: {split}; moe={moe} (requested {options.moe}: {moe_why}); "
-        f"kernels={options.kernels}; kv cache {vllm_config.cache_config.cache_dtype}"
+        f"vllm_cp_nsa: {split}; {moe}; kernels={kernels.name}{requested}; "
+        f"kv cache {vllm_config.cache_config.cache_dtype}"
         + ("; decode_attention=tp: decode / verify batches run unsplit with the attention heads "
            "split over the ranks" if options.decode_attention == "tp" and tp > 1 else "")
     )
+
+
+def refuse_unsupported(vllm_config: VllmConfig, options: CpNsaConfig) -> None:
+    """Fail at startup, naming the fix, on what vLLM's own V3.2 accepts (its model info is
+    what vLLM checks) but the plugin's model does not support."""
+    parallel = vllm_config.parallel_config
+    refused = []
+    if parallel.pipeline_parallel_size > 1:
+        refused.append(f"pipeline parallelism (--pipeline-parallel-size {parallel.pipeline_parallel_size}): "
+                       "use 1 and put the ranks in -tp (CP runs over the TP ranks)")
+    for flag, size in (("--prefill-context-parallel-size", parallel.prefill_context_parallel_size),
+                       ("--decode-context-parallel-size", parallel.decode_context_parallel_size)):
+        if size > 1:
+            refused.append(f"vLLM's own context parallelism ({flag} {size}): use 1; the plugin's CP "
+                           "runs over the -tp ranks (cp_nsa mode)")
+    if vllm_config.lora_config is not None:
+        refused.append("LoRA (--enable-lora): serve without LoRA adapters")
+    if parallel.enable_eplb:
+        refused.append("expert load balancing (--enable-eplb): drop the flag")
+    spec = vllm_config.speculative_config
+    if spec is not None and spec.method in AUX_HIDDEN_STATE_METHODS:
+        refused.append(f"speculative method '{spec.method}' (its drafter reads the target's auxiliary "
+                       "hidden states): use method 'mtp'")
+    if parallel.data_parallel_size > 1 and options.mode != "off":
+        communicator = resolve_moe_communicator(options.moe, _expert_all_to_all(vllm_config)).name
+        if communicator in TP_GROUP_MOE_COMMUNICATORS:
+            refused.append(
+                f"moe='{communicator}' cannot run with data parallelism (--data-parallel-size "
+                f"{parallel.data_parallel_size}): its collectives span only the CP (= TP) group, so the "
+                "MoE would miss the other DP groups' tokens (no plugin MoE communicator has run under "
+                "DP); use --data-parallel-size 1 and put the ranks in -tp"
+            )
+    if refused:
+        alternative = ("; or remove cp_nsa from --additional-config to run vLLM's own DeepSeek-V3.2"
+                       if plugin.vllm_serves_v32_here() else "")
+        raise CpNsaConfigError(
+            "vllm_cp_nsa: the plugin's DeepSeek-V3.2 does not support " + "; ".join(refused) + alternative
+        )
+
+
+def resolve_kernels(vllm_config: VllmConfig, options: CpNsaConfig):
+    """The kernel provider the workers will resolve (the same call with the same arguments
+    as ``runtime.resolve_ops_and_communicator``), so a provider that cannot run the model
+    fails here, at startup, and the startup line names the provider that runs."""
+    import torch
+    from vllm.platforms import current_platform
+
+    return resolve_kernel_provider(
+        options.kernels, torch.device(current_platform.device_type), vllm_config.model_config.dtype,
+        vllm_config.model_config.hf_config.num_attention_heads,
+    )
+
+
+def _expert_all_to_all(vllm_config: VllmConfig) -> bool:
+    from .runtime import expert_all_to_all_configured
+
+    return expert_all_to_all_configured(vllm_config)
+
+
+_logged_lines: set[str] = set()
+
+
+def _log_once(line: str) -> None:
+    if line not in _logged_lines:
+        _logged_lines.add(line)
+        logger.info(line)
 
 
 class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
@@ -80,54 +175,54 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
     def verify_and_update_config(cls, vllm_config: VllmConfig) -> None:
         if cls.previous is not None:
             cls.previous.verify_and_update_config(vllm_config)
+        if not plugin.plugin_active(vllm_config.additional_config):
+            _log_once(plugin.inactive_line())
+            return
+        if not plugin.cp_nsa_requested(vllm_config.additional_config):
+            _log_once(plugin.serves_without_cp_nsa_line())
         options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
         resolve_split_strategy(options.mode)
         if options.kernels != "auto":
             options.check_choice("kernels", ["auto", *kernel_providers()])
-        parallel = vllm_config.parallel_config
-        communicator = resolve_moe_communicator(options.moe, expert_all_to_all_configured(vllm_config))
-        if communicator.name == "full" and parallel.data_parallel_size > 1 and options.mode != "off":
-            raise CpNsaConfigError(
-                "vllm_cp_nsa: moe='full' cannot run with data parallelism "
-                f"(--data-parallel-size {parallel.data_parallel_size}): its all-gather and "
-                "reduce-scatter span only the CP (= TP) group, so the TP-sharded MoE would miss "
-                "the other DP groups' tokens and their partial sums. Use DP=1, or expert "
-                "parallelism with an all-to-all backend and moe='scattered'."
-            )
+        refuse_unsupported(vllm_config, options)
+        kernels = resolve_kernels(vllm_config, options)
+        all_to_all = _expert_all_to_all(vllm_config)
+        communicator = resolve_moe_communicator(options.moe, all_to_all)
         cache_config = vllm_config.cache_config
         cache_config.cache_dtype = canonical_kv_cache_dtype(cache_config.cache_dtype)
+        parallel = vllm_config.parallel_config
         if options.mode != "off" and parallel.tensor_parallel_size < 2:
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
-        set_cudagraph_mode(vllm_config)
+        set_cudagraph_mode(vllm_config, split=options.mode != "off")
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
             set_cp_capture_sizes(vllm_config, split_decode=options.decode_attention != "tp")
-        logger.info(describe_decision(vllm_config, options))
+        logger.info(describe_decision(
+            vllm_config, options, kernels, describe_moe(vllm_config, options, communicator, all_to_all)))
 
 
-# Modes that capture only uniform decode / verify batches (FULL) or nothing.
-_DECODE_ONLY_MODES = (CUDAGraphMode.NONE, CUDAGraphMode.FULL_DECODE_ONLY)
-
-
-def set_cudagraph_mode(vllm_config: VllmConfig) -> None:
+def set_cudagraph_mode(vllm_config: VllmConfig, split: bool = True) -> None:
     """FULL graphs for uniform decode / verify batches only.
 
-    The model is not torch-compiled and vLLM enables breakable CUDA graphs for
-    this architecture, so a PIECEWISE mode would capture the whole forward of a
-    mixed batch, split plan included, and replay it for other batches of that
-    size. A user's NONE or FULL_DECODE_ONLY is kept; other modes are changed with
+    The model is not torch-compiled and vLLM enables breakable CUDA graphs for this
+    architecture, so a PIECEWISE mode would capture the whole forward of a mixed batch (its
+    attention metadata and, with ``split``, its split plan) and replay it for other batches
+    of that size. A user's NONE or FULL_DECODE_ONLY is kept; other modes are changed with
     a warning.
     """
+    from vllm.config import CUDAGraphMode
+
     compilation = vllm_config.compilation_config
     requested = compilation.cudagraph_mode
-    if requested in _DECODE_ONLY_MODES:
+    if requested in (CUDAGraphMode.NONE, CUDAGraphMode.FULL_DECODE_ONLY):
         return
     if requested is not None:
         logger.warning(
             "vllm_cp_nsa: cudagraph_mode %s -> FULL_DECODE_ONLY: mixed and prefill batches of the "
-            "plugin's DeepSeek-V3.2 run eagerly (their split plan depends on the batch)",
-            requested.name,
+            "plugin's DeepSeek-V3.2 run eagerly (the model is not torch-compiled, so a graph captured "
+            "for one mixed batch would replay its attention metadata%s for another)",
+            requested.name, " and split plan" if split else "",
         )
     compilation.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
 
@@ -137,6 +232,10 @@ def set_cp_capture_sizes(vllm_config: VllmConfig, split_decode: bool = True) -> 
     (explicit sizes win there, so vLLM keeps ours); a user's explicit sizes are
     kept but rounded, with a warning listing every change. With FULL_DECODE_ONLY graphs
     and ``decode_attention: tp`` (decode batches never split) only 1+k matters."""
+    from vllm.config import CUDAGraphMode
+
+    from .runtime import num_speculative_tokens
+
     compilation = vllm_config.compilation_config
     requested = compilation.cudagraph_capture_sizes
     decode_only = compilation.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY

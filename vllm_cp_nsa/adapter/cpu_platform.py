@@ -4,7 +4,8 @@ Why: on hosts without AMX, vLLM's CPU platform turns chunked prefill and prefix
 caching off for *every* MLA model (its CPU_MLA reference backend supports
 neither) and nothing configurable runs after that platform hook. The plugin's
 NSA backend supports both.
-What: for the plugin's DeepSeek-V3.2 only, the wrapper restores the scheduler's
+What: for DeepSeek-V3.2 only (installed only on CPU, where the plugin always serves it:
+``plugin.register``), the wrapper restores the scheduler's
 ``enable_chunked_prefill`` / ``max_num_batched_tokens`` and the cache's
 ``enable_prefix_caching`` to what they were before the platform hook ran.
 When it can go: once vLLM asks the attention backend (or the model) whether it
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("vllm.cp_nsa")
+from ..architectures import ARCHITECTURE
 
-ARCHITECTURE = "DeepseekV32ForCausalLM"
+logger = logging.getLogger("vllm.cp_nsa")
 
 
 def keep_chunked_prefill_for_plugin_model() -> None:
