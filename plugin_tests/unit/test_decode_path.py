@@ -1,58 +1,77 @@
 """Target-verify batches (1+k query tokens per request) take the decode attention path;
-it gives the same outputs as the prefill path on the same inputs."""
+it attends like softmax attention over the picked keys, computed here from the cache bytes."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from vllm_cp_nsa.communicator import gather_token_rows
 from vllm_cp_nsa.kernels.dispatch import get_ops
-from vllm_cp_nsa.nsa_attention import build_forward_metadata
-from vllm_cp_nsa.reference_model import Dims, NsaLayer, PagedBatch, make_caches, random_hidden
+from vllm_cp_nsa.nsa_attention import NsaCaches, build_forward_metadata, sparse_attention
+from vllm_cp_nsa.reference_model import PagedBatch
+
+BLOCK, MAX_BLOCKS, HEADS, TOPK = 16, 8, 4, 16
 
 
-class _SoloGroup:
-    world_size, rank = 1, 0
+def _latent_rows(cache: torch.Tensor, slots: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
+    """[len(slots), 576] float64 latent rows at ``slots``: plain rows, or fp8_ds_mla's 656
+    bytes (512 fp8 values, 4 fp32 scales of 128 values each, 64 bf16 rope values)."""
+    if kv_cache_dtype != "fp8_ds_mla":
+        return cache.reshape(-1, 576)[slots].double()
+    raw = cache.reshape(-1, 656)[slots]
+    values = raw[:, :512].contiguous().view(torch.float8_e4m3fn).double()
+    scales = raw[:, 512:528].contiguous().view(torch.float32).double().repeat_interleave(128, dim=1)
+    rope = raw[:, 528:].contiguous().view(torch.bfloat16).double()
+    return torch.cat([values * scales, rope], dim=1)
 
-    def all_gather(self, x):
-        return x
 
-    def all_reduce(self, x):
-        return x
+def _expected(q, positions, local_req, block_table, cache, kv_cache_dtype, scale):
+    """Softmax attention of each row over its picked positions' latent rows (values: the
+    first 512 dims); a row with no picks gives zeros."""
+    out = torch.zeros(q.shape[0], HEADS, 512, dtype=torch.float64)
+    for m in range(q.shape[0]):
+        picked = positions[m][positions[m] >= 0].long()
+        if local_req[m] < 0 or picked.numel() == 0:
+            continue
+        slots = block_table[local_req[m], picked // BLOCK].long() * BLOCK + picked % BLOCK
+        rows = _latent_rows(cache, slots, kv_cache_dtype)
+        probs = torch.softmax(q[m].double() @ rows.T * scale, dim=-1)  # [H, k]
+        out[m] = probs @ rows[:, :512]
+    return out
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_ds_mla"])
 @pytest.mark.parametrize("num_spec", [1, 3])
-def test_verify_batch_uses_decode_path_and_matches_prefill_path(kv_cache_dtype, num_spec):
-    dims = Dims(topk=16)
-    layer = NsaLayer(dims, torch.Generator().manual_seed(0))
-    batch = PagedBatch(query_lens=[1 + num_spec] * 4, context_lens=[40, 5, 23, 70], block_size=16,
-                       max_blocks_per_req=8)
-    x = random_hidden(sum(batch.query_lens), dims.hidden, seed=1)
-    outs = {}
-    for forced in ("decode", "prefill"):
-        caches = make_caches(dims, 1, batch.num_blocks, 16, kv_cache_dtype, torch.float32, "cpu")[0]
-        # Same cached context for both runs.
-        gen = torch.Generator().manual_seed(2)
-        ops = get_ops("torch")
-        for r, c in enumerate(batch.context_lens):
-            slots = r * 8 * 16 + torch.arange(c)
-            ops.write_latent_cache(caches.latent, torch.randn(c, 512, generator=gen), torch.randn(c, 64, generator=gen),
-                                   slots, kv_cache_dtype)
-            ops.write_indexer_cache(caches.index, torch.randn(c, 128, generator=gen), slots, 16,
-                                    kv_cache_dtype == "fp8_ds_mla")
-        meta = build_forward_metadata(batch.query_lens, batch.slot_mapping, batch.block_table, 16, 1, 0, None, 0,
-                                      1 + num_spec, "cpu")
-        assert meta.use_decode_kernel  # a verify batch is routed to the decode path
-        if forced == "prefill":
-            meta = dataclasses.replace(meta, use_decode_kernel=False)
-        out = layer(x, batch.positions, meta, caches, _SoloGroup(), ops)
-        outs[forced] = gather_token_rows(out, meta.plan, _SoloGroup())
-    assert torch.allclose(outs["decode"], outs["prefill"], rtol=1e-5, atol=1e-6)
+def test_verify_batch_takes_the_decode_path_and_attends_over_its_picks(kv_cache_dtype, num_spec):
+    gen = torch.Generator().manual_seed(num_spec)
+    batch = PagedBatch(query_lens=[1 + num_spec] * 4, context_lens=[40, 5, 23, 70], block_size=BLOCK,
+                       max_blocks_per_req=MAX_BLOCKS)
+    fp8 = kv_cache_dtype == "fp8_ds_mla"
+    latent = torch.zeros(batch.num_blocks, BLOCK, 656 if fp8 else 576, dtype=torch.uint8 if fp8 else torch.float32)
+    ops = get_ops("torch")
+    num_slots = batch.num_blocks * BLOCK
+    ops.write_latent_cache(latent, torch.randn(num_slots, 512, generator=gen), torch.randn(num_slots, 64, generator=gen),
+                           torch.arange(num_slots), kv_cache_dtype)  # fmt: skip
+    caches = NsaCaches(latent, torch.zeros(0), kv_cache_dtype, fp8)
+    meta = build_forward_metadata(batch.query_lens, batch.slot_mapping, batch.block_table, BLOCK, 1, 0, None, 0,
+                                  1 + num_spec, "cpu")  # fmt: skip
+    assert meta.use_decode_kernel  # a verify batch is routed to the decode path
+    rows = batch.positions.shape[0]
+    positions = torch.full((rows, TOPK), -1, dtype=torch.int32)
+    for m, pos in enumerate(batch.positions.tolist()):  # distinct causal picks, some -1 left
+        picks = torch.randperm(pos + 1, generator=gen)[: min(pos + 1, TOPK - 2)]
+        positions[m, : picks.numel()] = picks.int()
+    q = torch.randn(rows, HEADS, 576, generator=gen)
+    scale = 576**-0.5
+    expected = _expected(q, positions, meta.local_req, batch.block_table, latent, kv_cache_dtype, scale)
+    decode = sparse_attention(q, positions, meta, caches, scale, ops)
+    assert torch.allclose(decode.double(), expected, rtol=1e-4, atol=1e-5)
+    prefill_meta = dataclasses.replace(meta, use_decode_kernel=False)
+    assert torch.allclose(sparse_attention(q, positions, prefill_meta, caches, scale, ops).double(), expected,
+                          rtol=1e-4, atol=1e-5)  # fmt: skip
     # A mixed batch (one prefill chunk) takes the prefill path.
-    mixed = build_forward_metadata([1 + num_spec, 9], torch.arange(10 + num_spec), batch.block_table[:2], 16, 1, 0,
-                                   None, 0, 1 + num_spec, "cpu")
+    mixed = build_forward_metadata([1 + num_spec, 9], torch.arange(10 + num_spec), batch.block_table[:2], BLOCK, 1, 0,
+                                   None, 0, 1 + num_spec, "cpu")  # fmt: skip
     assert not mixed.use_decode_kernel
 
 
