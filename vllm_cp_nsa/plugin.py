@@ -94,7 +94,8 @@ def plugin_active(additional_config: Any) -> bool:
 def inactive_line() -> str:
     reason = unavailable()
     if reason:
-        return f"vllm_cp_nsa: installed but not active: {reason}; vLLM's own DeepSeek-V3.2 runs"
+        return (f"vllm_cp_nsa: installed but not active: {reason.removeprefix('vllm_cp_nsa: ')}; "
+                "vLLM's own DeepSeek-V3.2 runs")
     return ("vllm_cp_nsa: installed but not active: no cp_nsa in --additional-config; "
             "vLLM's own DeepSeek-V3.2 runs")
 

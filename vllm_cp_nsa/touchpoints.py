@@ -1,7 +1,8 @@
 """Every vLLM symbol the plugin depends on, and the vLLM version it was checked against.
 
 A leaf: importing this module imports nothing from vLLM. ``check_touchpoints``
-resolves each symbol so a vLLM without one fails at startup naming it (an optional one,
+resolves each symbol: on a vLLM without one the plugin stays inactive and says why, and a
+launch that asks for ``cp_nsa`` fails naming it (an optional one,
 used only by the ``vllm`` / ``vllm-deepgemm`` kernel providers, is logged instead); ``check_vllm_version``
 warns once on an untested vLLM. A test keeps this list in sync with the adapter's imports.
 """
@@ -35,6 +36,8 @@ class Touchpoint:
 TOUCHPOINTS: tuple[Touchpoint, ...] = (
     # registration and configuration
     Touchpoint("vllm.model_executor.models", "ModelRegistry", "register the V3.2 model class over the architecture"),
+    Touchpoint("vllm.models.deepseek_v32", "DeepseekV32ForCausalLM", "subclass vLLM's own V3.2 for this platform in the hand-over class (adapter/handover.py)"),
+    Touchpoint("vllm.models.deepseek_v32", "DeepseekV32MTP", "subclass vLLM's own V3.2 MTP draft for this platform in the MTP hand-over class"),
     Touchpoint("vllm.model_executor.models.config", "MODELS_CONFIG_MAP", "config hook keyed on the architecture name"),
     Touchpoint("vllm.model_executor.models.config", "VerifyAndUpdateConfig", "base class of the config hook"),
     Touchpoint("vllm.config", "VllmConfig", "additional_config, cache/parallel/scheduler configs"),
@@ -95,23 +98,39 @@ def _installed_vllm_version() -> str:
     return getattr(vllm, "__version__", "unknown")
 
 
-def check_touchpoints() -> None:
+def check_touchpoints() -> tuple[Touchpoint, ...]:
+    """The required touchpoints the installed vLLM lacks (empty when every one resolves).
+
+    Never raises: the entry point stays inactive on a vLLM without one, so other models
+    still launch, and only a launch that asks for ``cp_nsa`` fails (with
+    ``unavailable_reason``). A missing optional one is logged: the vLLM kernel providers
+    leave that op to Triton.
+    """
+    missing = []
     for point in TOUCHPOINTS:
         try:
             obj = importlib.import_module(point.module)
             for part in point.symbol.split("."):
                 obj = getattr(obj, part)
-        except (ImportError, AttributeError) as exc:
-            missing = (
-                f"vllm_cp_nsa: vLLM {_installed_vllm_version()} has no {point.module}.{point.symbol} "
-                f"(needed to {point.why})"
-            )
+        except Exception:  # noqa: BLE001 - any failure to resolve it means the same: absent
             if point.optional:
-                logger.warning("%s; the vLLM kernel providers leave that op to Triton", missing)
+                logger.warning(
+                    "vllm_cp_nsa: vLLM %s has no %s.%s (needed to %s); the vLLM kernel providers "
+                    "leave that op to Triton", _installed_vllm_version(), point.module, point.symbol,
+                    point.why,
+                )
                 continue
-            raise VllmTouchpointError(
-                f"{missing}; the plugin was checked against vLLM {CHECKED_AGAINST}"
-            ) from exc
+            missing.append(point)
+    return tuple(missing)
+
+
+def unavailable_reason(missing: tuple[Touchpoint, ...]) -> str:
+    """Why the plugin cannot run on this vLLM, naming every missing symbol."""
+    names = "; ".join(f"{p.module}.{p.symbol} (needed to {p.why})" for p in missing)
+    return (
+        f"vllm_cp_nsa: vLLM {_installed_vllm_version()} has no {names}; the plugin was checked "
+        f"against vLLM {CHECKED_AGAINST}"
+    )
 
 
 def check_vllm_version() -> bool:

@@ -1,4 +1,5 @@
-"""Plugin compatibility: discovery, idempotent registration, touchpoints, version guard."""
+"""Plugin compatibility: discovery, idempotent registration, touchpoints (a missing one
+leaves the plugin inactive without raising), version guard."""
 
 import ast
 import logging
@@ -9,6 +10,7 @@ import pytest
 
 import vllm_cp_nsa.plugin as plugin
 from vllm_cp_nsa import touchpoints
+from vllm_cp_nsa.architectures import ARCHITECTURE, MTP_ARCHITECTURE
 
 ADAPTER = Path(plugin.__file__).parent / "adapter"
 
@@ -25,29 +27,91 @@ def test_register_is_idempotent_and_only_touches_v32():
 
     before = {arch: ModelRegistry.models[arch] for arch in ("LlamaForCausalLM", "DeepseekV3ForCausalLM")}
     plugin.register()
-    hook = MODELS_CONFIG_MAP["DeepseekV32ForCausalLM"]
-    model = ModelRegistry.models["DeepseekV32ForCausalLM"]
+    hook = MODELS_CONFIG_MAP[ARCHITECTURE]
+    model = ModelRegistry.models[ARCHITECTURE]
     plugin.register()
     plugin._registered = False  # force the body to run again
     plugin.register()
-    assert MODELS_CONFIG_MAP["DeepseekV32ForCausalLM"] is hook
+    assert MODELS_CONFIG_MAP[ARCHITECTURE] is hook
     assert hook.previous is not hook and hook.previous is not None
-    assert ModelRegistry.models["DeepseekV32ForCausalLM"].class_name == model.class_name
-    assert model.module_name == "vllm_cp_nsa.adapter.model"
+    assert ModelRegistry.models[ARCHITECTURE].class_name == model.class_name
+    assert f"{model.module_name}:{model.class_name}" == plugin.HANDOVER_MODEL
+    mtp = ModelRegistry.models[MTP_ARCHITECTURE]
+    assert f"{mtp.module_name}:{mtp.class_name}" == plugin.HANDOVER_MTP
     assert {arch: ModelRegistry.models[arch] for arch in before} == before
 
 
 def test_every_touchpoint_exists_in_installed_vllm():
-    touchpoints.check_touchpoints()
+    assert touchpoints.check_touchpoints() == ()
 
 
-def test_missing_symbol_fails_naming_it(monkeypatch):
+def test_missing_symbol_is_reported_not_raised(monkeypatch):
     fake = touchpoints.Touchpoint("vllm.v1.attention.backend", "NoSuchBackendBase", "test")
     monkeypatch.setattr(touchpoints, "TOUCHPOINTS", touchpoints.TOUCHPOINTS + (fake,))
+    missing = touchpoints.check_touchpoints()
+    assert missing == (fake,)
+    reason = touchpoints.unavailable_reason(missing)
+    assert "vllm.v1.attention.backend.NoSuchBackendBase" in reason
+    assert touchpoints.CHECKED_AGAINST in reason
+
+
+@pytest.fixture
+def fresh_registration(monkeypatch):
+    """register() and the touchpoint check run again in this test; vLLM's registry and
+    config map are restored afterwards."""
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    monkeypatch.setattr(ModelRegistry, "models", dict(ModelRegistry.models))
+    monkeypatch.setitem(MODELS_CONFIG_MAP, ARCHITECTURE, MODELS_CONFIG_MAP[ARCHITECTURE])
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.delenv(plugin._UNAVAILABLE_WARNED_ENV, raising=False)
+    plugin.missing_touchpoints.cache_clear()
+    yield ModelRegistry, MODELS_CONFIG_MAP
+    plugin.missing_touchpoints.cache_clear()
+
+
+def _capture_plugin_log(monkeypatch, caplog):
+    # vLLM's logging config stops propagation of "vllm.*" loggers to the root
+    monkeypatch.setattr(logging.getLogger("vllm.cp_nsa"), "handlers",
+                        [*logging.getLogger("vllm.cp_nsa").handlers, caplog.handler])
+    caplog.set_level(logging.INFO, logger="vllm.cp_nsa")
+
+
+def test_register_with_a_missing_symbol_logs_and_stays_inactive(monkeypatch, caplog, fresh_registration):
+    """register() does not raise; it says why the plugin is inactive; only a launch that
+    asks for cp_nsa fails, with that reason and the fix."""
+    fake = touchpoints.Touchpoint("vllm.v1.attention.backend", "NoSuchBackendBase", "test")
+    monkeypatch.setattr(touchpoints, "TOUCHPOINTS", touchpoints.TOUCHPOINTS + (fake,))
+    _capture_plugin_log(monkeypatch, caplog)
+    plugin.register()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("NoSuchBackendBase" in w and "stays inactive" in w for w in warnings), warnings
+    assert plugin.plugin_active({}) is False  # even on CPU: vLLM's own path, whatever it does
+    assert plugin.plugin_active(None) is False
     with pytest.raises(touchpoints.VllmTouchpointError) as err:
-        touchpoints.check_touchpoints()
-    assert "vllm.v1.attention.backend.NoSuchBackendBase" in str(err.value)
-    assert touchpoints.CHECKED_AGAINST in str(err.value)
+        plugin.plugin_active({"cp_nsa": {}})
+    assert "NoSuchBackendBase" in str(err.value) and touchpoints.TESTED_RANGE in str(err.value)
+    assert plugin.inactive_line().startswith("vllm_cp_nsa: installed but not active: vLLM ")
+    assert "NoSuchBackendBase" in plugin.inactive_line()
+
+
+def test_missing_registration_symbol_leaves_vllms_entry(monkeypatch, fresh_registration):
+    """Without vLLM's own V3.2 class to subclass, the hand-over is not registered (vLLM's
+    entry stays), while the config hook is still installed to refuse a cp_nsa launch."""
+    registry, config_map = fresh_registration
+    monkeypatch.setitem(registry.models, ARCHITECTURE, "vllm's own entry")
+    monkeypatch.setitem(config_map, ARCHITECTURE, config_map[ARCHITECTURE].previous)
+    parent = next(t for t in touchpoints.TOUCHPOINTS if t.symbol == "DeepseekV32ForCausalLM")
+    monkeypatch.setattr(touchpoints, "TOUCHPOINTS", tuple(
+        touchpoints.Touchpoint(t.module, "NoSuchV32Class", t.why) if t is parent else t
+        for t in touchpoints.TOUCHPOINTS))
+    monkeypatch.setattr(plugin, "_HANDOVER_NEEDS", plugin._HANDOVER_NEEDS | {(parent.module, "NoSuchV32Class")})
+    plugin.register()
+    assert registry.models[ARCHITECTURE] == "vllm's own entry"
+    from vllm_cp_nsa.adapter.config_hook import CpNsaV32ConfigHook
+
+    assert config_map[ARCHITECTURE] is CpNsaV32ConfigHook
 
 
 def _vllm_imports(path: Path) -> set[tuple[str, str]]:
@@ -65,28 +129,10 @@ def test_adapter_uses_only_listed_vllm_symbols():
     assert used <= listed, f"unlisted vLLM symbols: {sorted(used - listed)}"
 
 
-# builtins.py registers the adapter's `vllm` and `vllm-deepgemm` kernel providers, whose
-# modules import vLLM only inside functions (test_vllm_kernel_provider_imports_vllm_lazily).
+# The adapter's kernel provider modules import vLLM only inside functions (the registry,
+# adapter/builtins.py, imports them on any vLLM). Core never importing vLLM or the adapter:
+# plugin_tests/unit/test_layering.py.
 _KERNEL_PROVIDER_MODULES = ("vllm_kernels.py", "vllm_deepgemm.py")
-_CORE_TO_ADAPTER_IMPORTS = {("builtins.py", "adapter.vllm_kernels"), ("builtins.py", "adapter.vllm_deepgemm")}
-
-
-def test_core_never_imports_vllm():
-    """Only the adapter imports vLLM; plugin.py (entry point) and touchpoints.py
-    (resolves the listed symbols lazily) touch it from inside functions."""
-    core = Path(plugin.__file__).parent
-    kernels = core.parent / "kernels"
-    for path in [*core.glob("*.py"), *kernels.glob("*.py")]:
-        if path.name in ("plugin.py", "touchpoints.py"):
-            continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                assert node.module.split(".")[0] != "vllm", path
-                if (path.name, node.module) not in _CORE_TO_ADAPTER_IMPORTS:
-                    assert "adapter" not in node.module.split("."), path
-            if isinstance(node, ast.Import):
-                assert all(a.name.split(".")[0] != "vllm" for a in node.names), path
 
 
 def test_vllm_kernel_provider_imports_vllm_lazily():
