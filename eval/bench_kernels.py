@@ -21,6 +21,7 @@ Timing: ``triton.testing.do_bench`` medians (it flushes L2 between reps).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -51,6 +52,45 @@ def log(*a):
 def note(msg: str):
     log("NOTE:", msg)
     RESULTS["notes"].append(msg)
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def launch_overrides(module, **cfg):
+    """Force launch parameters of one kernel module while the block runs (the sweeps), by
+    wrapping its default-config function: ``sparse_mla._default_config`` (``block_h``,
+    ``block_n``, ``num_warps``, ``num_stages``) or ``indexer_topk._launch_config`` (its keys);
+    ``skip_topk=1`` on the indexer launches no top-k kernel (times the logits alone). The
+    production modules keep no benchmark state."""
+    cfg = {k: int(v) for k, v in cfg.items() if v is not None}
+    saved = {}
+    if module is sparse_mla:
+        default = sparse_mla._default_config
+
+        def patched(*args):
+            keys = ("block_h", "block_n", "num_warps", "num_stages")
+            return tuple(cfg.get(k, v) for k, v in zip(keys, default(*args)))
+
+        saved["_default_config"] = default
+        sparse_mla._default_config = patched
+    else:
+        launch = indexer_topk._launch_config
+        if cfg.pop("skip_topk", 0):
+            saved["_topk_kernel"] = indexer_topk._topk_kernel
+            indexer_topk._topk_kernel = _NoLaunch()
+        saved["_launch_config"] = launch
+        indexer_topk._launch_config = lambda *args: {**launch(*args), **cfg}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def bench(fn, warmup=10, rep=60) -> float:
@@ -162,24 +202,22 @@ def bench_mla_prefill(fm, quick, sweep):
                 name = "triton" + ("" if cfg is None else " " + ",".join(f"{k}={v}" for k, v in cfg.items()))
                 name += " bf16" if kvd == "auto" else " fp8"
                 try:
-                    sparse_mla.set_config_override(**(cfg or {}))
-                    fn = lambda: sparse_mla.sparse_mla_prefill(q, cache, idx, SCALE, 512, kvd)  # noqa: E731
-                    out, lse = fn()
-                    torch.cuda.synchronize()
-                    if ref_out is None:
-                        r = min(rows, 32)
-                        ro, rl = attention_ref.sparse_mla(q[:r], cache, idx[:r], SCALE, 512, kvd)
-                        err = rel(out[:r], ro)
-                        ref_out = ro
-                    else:
-                        err = rel(out[: ref_out.shape[0]], ref_out)
-                    ms = bench(fn)
+                    with launch_overrides(sparse_mla, **(cfg or {})):
+                        fn = lambda: sparse_mla.sparse_mla_prefill(q, cache, idx, SCALE, 512, kvd)  # noqa: E731
+                        out, lse = fn()
+                        torch.cuda.synchronize()
+                        if ref_out is None:
+                            r = min(rows, 32)
+                            ro, rl = attention_ref.sparse_mla(q[:r], cache, idx[:r], SCALE, 512, kvd)
+                            err = rel(out[:r], ro)
+                            ref_out = ro
+                        else:
+                            err = rel(out[: ref_out.shape[0]], ref_out)
+                        ms = bench(fn)
                     add_row("mla_prefill", case, name, ms, tflops=flops / ms / 1e9,
                             extra=f"relerr={err:.2e}")  # fmt: skip
                 except Exception as e:
                     note(f"mla prefill {case} {name} failed: {str(e)[:300]}")
-                finally:
-                    sparse_mla.set_config_override()
             if fm is not None and kvd == "auto":
                 try:
                     kv = cache.view(-1, 1, 576)
@@ -317,24 +355,21 @@ def bench_indexer(dg, quick, sweep):
             for cfg in configs if qname == "q bf16" else [None]:
                 name = f"triton {qname}" + ("" if cfg is None else " " + ",".join(f"{k}={v}" for k, v in cfg.items()))
                 try:
-                    indexer_topk.set_config_override(**(cfg or {}))
-                    fn = lambda: indexer_topk.indexer_topk(qq, w, cache, bt, rreq, rlen, topk, bs, True, max_kv_len=L)  # noqa: E731
-                    out = fn()
-                    torch.cuda.synchronize()
-                    if cfg and cfg.get("skip_topk"):
+                    with launch_overrides(indexer_topk, **(cfg or {})):
+                        fn = lambda: indexer_topk.indexer_topk(qq, w, cache, bt, rreq, rlen, topk, bs, True, max_kv_len=L)  # noqa: E731
+                        out = fn()
+                        torch.cuda.synchronize()
                         ms = bench(fn)
+                    if cfg and cfg.get("skip_topk"):
                         add_row("indexer", case, name + " (logits only)", ms, tflops=flops / ms / 1e9)
                         continue
                     sub = slice(0, t, max(1, t // 8))
                     ref = attention_ref.indexer_topk_paged(qq[sub], w[sub], cache, bt, rreq[sub], rlen[sub], topk, bs, True)
                     same = sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(out[sub], ref))
-                    ms = bench(fn)
                     add_row("indexer", case, name + " (logits+topk)", ms, tflops=flops / ms / 1e9,
                             extra=f"sets-equal {same}/{ref.shape[0]}")  # fmt: skip
                 except Exception as e:
                     note(f"indexer {case} {name} failed: {str(e)[:400]}")
-                finally:
-                    indexer_topk.set_config_override()
         # top-k alone on a logits buffer
         try:
             logits = torch.randn(t, L, device="cuda")

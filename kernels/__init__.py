@@ -5,15 +5,6 @@ root). Only torch is needed to import this package; triton is imported lazily.
 """
 
 from . import attention_ref, kv_cache_ref
-from .dispatch import PROVIDERS, NsaOps, TritonOps, available_providers, builtin_providers, get_ops
+from .dispatch import NsaOps, TritonOps, builtin_providers, get_ops
 
-__all__ = [
-    "attention_ref",
-    "kv_cache_ref",
-    "NsaOps",
-    "TritonOps",
-    "PROVIDERS",
-    "available_providers",
-    "builtin_providers",
-    "get_ops",
-]
+__all__ = ["attention_ref", "kv_cache_ref", "NsaOps", "TritonOps", "builtin_providers", "get_ops"]

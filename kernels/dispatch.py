@@ -1,15 +1,15 @@
-"""Op dispatcher: one small object per kernel provider.
+"""The kernel package's two providers: one small object per provider.
 
-``get_ops(name="auto", device=None) -> NsaOps``:
+``get_ops(name, device=None) -> NsaOps``:
 - ``"torch"``: the references (:mod:`attention_ref`, :mod:`kv_cache_ref`); any device;
 - ``"triton"``: the Triton kernels of this package; CUDA devices (or any device while
-  ``TRITON_INTERPRET=1``, which is how CI tests them on CPU);
-- ``"auto"``: ``triton`` on a CUDA device when triton imports, ``torch`` otherwise.
+  ``TRITON_INTERPRET=1``, which is how CI tests them on CPU).
 
-Every provider exposes the same ops with the references' semantics, a ``name`` and a
-capability check ``supports(device, dtype, num_heads)``. Triton is imported lazily, so this
-module (and the package) import without it. The provider classes are deliberately small so
-they can later be wrapped as pluggy hook implementations.
+Every provider exposes the same ops with the references' semantics, a ``name``, a
+``priority`` and a capability check ``supports(device, dtype, num_heads)``. They reach the
+plugin as pluggy hook implementations (``vllm_cp_nsa.builtins``); choosing among all
+registered providers (``kernels: auto``) is ``vllm_cp_nsa.extensions.resolve_kernel_provider``'s
+job alone. Triton is imported lazily, so this module (and the package) import without it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from . import attention_ref, kv_cache_ref
 
-PROVIDERS: tuple[str, ...] = ("torch", "triton")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -49,6 +48,12 @@ class NsaOps:
     def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
         """Capability check; ``dtype=None`` / ``num_heads=0`` mean "any"."""
         return dtype is None or dtype in _FLOAT_DTYPES
+
+    def unsupported_reason(self, device, dtype=None, num_heads: int = 0) -> str:
+        """Why ``supports`` refuses the call (for the startup error), "" when it does not."""
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            return f"model dtype {dtype} is not one of {', '.join(map(str, _FLOAT_DTYPES))}"
+        return ""
 
     # 1. indexer scores + top-k over the paged indexer cache
     def indexer_topk(
@@ -144,9 +149,6 @@ class NsaOps:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-TorchOps = NsaOps
-
-
 class TritonOps(NsaOps):
     """Triton kernels. ``supports`` is true on CUDA devices only; the CPU interpreter
     (``TRITON_INTERPRET=1``) is a test mode reached through ``get_ops("triton", cpu)``."""
@@ -161,6 +163,13 @@ class TritonOps(NsaOps):
         if not (torch.cuda.is_available() and _triton_importable()):
             return False
         return super().supports(device, dtype, num_heads)
+
+    def unsupported_reason(self, device, dtype=None, num_heads: int = 0) -> str:
+        if device is None or torch.device(device).type != "cuda":
+            return f"the Triton kernels need a CUDA device, got {device}"
+        if not (torch.cuda.is_available() and _triton_importable()):
+            return "CUDA or triton is not available in this process"
+        return super().unsupported_reason(device, dtype, num_heads)
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8, **kw):  # fmt: skip
@@ -208,27 +217,13 @@ def _instance(name: str) -> NsaOps:
     return ops
 
 
-def available_providers(device: torch.device | str | None = None) -> list[str]:
-    """Registered provider names; with ``device``, those whose ``supports`` accepts it."""
-    if device is None:
-        return list(PROVIDERS)
-    return [n for n in PROVIDERS if _instance(n).supports(device)]
+def get_ops(name: str, device: torch.device | str | None = None) -> NsaOps:
+    """The ops of this package's provider ``name`` (``torch`` | ``triton``), shared instances.
 
-
-def get_ops(name: str = "auto", device: torch.device | str | None = None) -> NsaOps:
-    """The ops of provider ``name`` (``auto`` | ``torch`` | ``triton``) for ``device``.
-
-    ``auto``: the highest-priority provider whose ``supports(device)`` accepts it (triton on
-    CUDA when triton imports, torch otherwise). ``triton`` on a CPU device is allowed only
-    while ``TRITON_INTERPRET=1`` (tests).
+    ``triton`` on a CPU device is allowed only while ``TRITON_INTERPRET=1`` (tests).
     """
-    if name == "auto":
-        ranked = sorted((_instance(n) for n in PROVIDERS), key=lambda p: -p.priority)
-        return next(p for p in ranked if p.supports(device) or p.name == "torch")
     if name not in _CLASSES:
-        raise ValueError(
-            f"unknown kernel provider {name!r}; registered: {', '.join(['auto', *PROVIDERS])}"
-        )
+        raise ValueError(f"unknown kernel provider {name!r}; this package has: {', '.join(_CLASSES)}")
     ops = _instance(name)
     if name == "triton" and device is not None and not ops.supports(device):
         from ._triton_utils import interpreting
@@ -241,12 +236,4 @@ def get_ops(name: str = "auto", device: torch.device | str | None = None) -> Nsa
     return ops
 
 
-__all__ = [
-    "NsaOps",
-    "TorchOps",
-    "TritonOps",
-    "PROVIDERS",
-    "available_providers",
-    "builtin_providers",
-    "get_ops",
-]
+__all__ = ["NsaOps", "TritonOps", "builtin_providers", "get_ops"]

@@ -31,10 +31,9 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import interpreting, load_fp8_as_f32, native_fp8, next_pow2, num_sms
+from .budgets import MAX_LOGITS_BYTES
 from .forward_cache import SameTensorsCache
 from .kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
-
-MAX_LOGITS_BYTES = 256 * 1024 * 1024
 
 
 @triton.jit
@@ -320,15 +319,27 @@ def _index_cache_views(index_cache: torch.Tensor, block_size: int, fp8: bool):
     return flat, flat
 
 
-_CONFIG_OVERRIDE: dict[str, int] = {}
+def _launch_config(num_rows: int, block_h: int, width: int, max_logits_bytes: int, dev: torch.device,
+                   q_dtype: torch.dtype, on_gpu: bool) -> dict[str, int]:
+    """Launch parameters of the two kernels (``eval/bench_kernels.py`` sweeps them).
 
-
-def set_config_override(**kw: int) -> None:
-    """Benchmark hook: force ``group``/``block_n``/``num_warps``/``num_stages``/
-    ``keys_per_split``/``topk_block``/``topk_warps``/``radix_bits``/``trans``
-    (``skip_topk=1`` runs the logits kernel only)."""
-    _CONFIG_OVERRIDE.clear()
-    _CONFIG_OVERRIDE.update({k: int(v) for k, v in kw.items() if v is not None})
+    H200 sweeps (eval/kernel_notes.md, run 2): keys on M / (row, head) on N with 4 rows per
+    program (N = 256) was the fastest logits layout; the top-k kernel is latency bound per
+    row: 4 warps / 2048-key blocks (3 programs per SM) for many rows, 16 warps / 8192-key
+    blocks when the rows cannot fill the GPU (decode). The interpreter gets tiny tiles."""
+    if not on_gpu:
+        return dict(group=2, block_n=16, num_warps=1, num_stages=1, keys_per_split=64, topk_block=64,
+                    topk_warps=1, trans=1, radix_bits=8)  # fmt: skip
+    many_rows = min(num_rows, max_logits_bytes // (4 * width)) >= 2 * num_sms(dev)
+    group = 4 if block_h <= 64 else 1
+    config = dict(
+        group=group, block_n=128, num_warps=8 if group * block_h >= 128 else 4, num_stages=3,
+        keys_per_split=4096 if many_rows else 1024, topk_block=2048 if many_rows else 8192,
+        topk_warps=4 if many_rows else 16, trans=1, radix_bits=8,
+    )  # fmt: skip
+    if q_dtype == torch.float32:  # 3xTF32 products: smaller tiles to fit shared memory
+        config.update(group=min(group, 2), block_n=64, num_stages=2)
+    return config
 
 
 def indexer_topk(
@@ -382,29 +393,8 @@ def indexer_topk(
     width = max(1, int(width))
     on_gpu = dev.type == "cuda" and not interpreting()
     block_h = max(16, next_pow2(num_heads)) if on_gpu else next_pow2(num_heads)
-    if on_gpu:
-        # H200 sweeps (eval/kernel_notes.md, run 2): keys on M / (row, head) on N with 4 rows
-        # per program (N = 256) was the fastest logits layout; the top-k kernel is latency
-        # bound per row: 4 warps / 2048-key blocks (3 programs per SM) for many rows, 16
-        # warps / 8192-key blocks when the rows cannot fill the GPU (decode).
-        many_rows = min(num_rows, max_logits_bytes // (4 * width)) >= 2 * num_sms(dev)
-        group = _CONFIG_OVERRIDE.get("group", 4 if block_h <= 64 else 1)
-        block_n = _CONFIG_OVERRIDE.get("block_n", 128)
-        num_warps = _CONFIG_OVERRIDE.get("num_warps", 8 if group * block_h >= 128 else 4)
-        num_stages = _CONFIG_OVERRIDE.get("num_stages", 3)
-        kps = _CONFIG_OVERRIDE.get("keys_per_split", 4096 if many_rows else 1024)
-        topk_block = _CONFIG_OVERRIDE.get("topk_block", 2048 if many_rows else 8192)
-        topk_warps = _CONFIG_OVERRIDE.get("topk_warps", 4 if many_rows else 16)
-        trans = bool(_CONFIG_OVERRIDE.get("trans", 1))
-        radix_bits = _CONFIG_OVERRIDE.get("radix_bits", 8)
-        if q.dtype == torch.float32:  # 3xTF32 products: smaller tiles to fit shared memory
-            group, block_n, num_stages = min(group, 2), 64, 2
-    else:
-        group, block_n, num_warps, num_stages, kps = 2, 16, 1, 1, 64
-        topk_block, topk_warps = 64, 1
-        trans = bool(_CONFIG_OVERRIDE.get("trans", 1))
-        radix_bits = _CONFIG_OVERRIDE.get("radix_bits", 8)
-    group = max(1, group)
+    cfg = _launch_config(num_rows, block_h, width, max_logits_bytes, dev, q.dtype, on_gpu)
+    group, kps = max(1, cfg["group"]), cfg["keys_per_split"]
     kp = next_pow2(topk)
     width_pad = triton.cdiv(width, 16) * 16
     chunk = max(1, min(num_rows, max_logits_bytes // (4 * width_pad)))
@@ -423,15 +413,13 @@ def indexer_topk(
             k_flat, k_scale, block_table, block_table.stride(0),
             row_req, row_len, g_start, g_id, n_groups,
             logits, logits.stride(0), row0, rows, num_heads, block_size, kps,
-            G=group, BLOCK_H=block_h, BLOCK_N=block_n, FP8=index_cache_fp8,
-            NATIVE_FP8=native_fp8(dev), UPCAST=not on_gpu, IEEE=ieee and on_gpu, TRANS=trans,
-            num_warps=num_warps, num_stages=num_stages,
+            G=group, BLOCK_H=block_h, BLOCK_N=cfg["block_n"], FP8=index_cache_fp8,
+            NATIVE_FP8=native_fp8(dev), UPCAST=not on_gpu, IEEE=ieee and on_gpu, TRANS=bool(cfg["trans"]),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
-        if _CONFIG_OVERRIDE.get("skip_topk"):  # benchmark hook: time the logits alone
-            continue
         _topk_kernel[(rows,)](
             logits, logits.stride(0), row_len, row_req, out, out.stride(0),
-            scratch, scratch.stride(0), row0, topk, KP=kp, BLOCK=topk_block,
-            RADIX_BITS=radix_bits, num_warps=topk_warps,
+            scratch, scratch.stride(0), row0, topk, KP=kp, BLOCK=cfg["topk_block"],
+            RADIX_BITS=cfg["radix_bits"], num_warps=cfg["topk_warps"],
         )  # fmt: skip
     return out

@@ -223,15 +223,6 @@ def _default_config(num_heads: int, q_dtype: torch.dtype, device: torch.device):
     return block_h, 64, 8, 2
 
 
-_CONFIG_OVERRIDE: dict[str, int] = {}
-
-
-def set_config_override(**kw: int) -> None:
-    """Benchmark hook: force ``block_n``/``num_warps``/``num_stages``/``block_h``/``splits``."""
-    _CONFIG_OVERRIDE.clear()
-    _CONFIG_OVERRIDE.update({k: int(v) for k, v in kw.items() if v is not None})
-
-
 def _check_inputs(q, kv_cache, indices, d_v, kv_cache_dtype):
     if q.dim() != 3 or indices.dim() != 2 or q.shape[0] != indices.shape[0]:
         raise ValueError(
@@ -293,16 +284,10 @@ def sparse_mla_fwd(
         return out, lse
 
     block_h, block_n, num_warps, num_stages = _default_config(num_heads, q.dtype, q.device)
-    block_h = _CONFIG_OVERRIDE.get("block_h", block_h)
     num_hb = triton.cdiv(num_heads, block_h)
-    block_n = _CONFIG_OVERRIDE.get("block_n", block_n)
-    num_warps = _CONFIG_OVERRIDE.get("num_warps", num_warps)
-    num_stages = _CONFIG_OVERRIDE.get("num_stages", num_stages)
 
     if num_splits is None:
-        num_splits = _CONFIG_OVERRIDE.get("splits", 0) or _auto_splits(
-            num_rows * num_hb, topk, block_n, q.device
-        )
+        num_splits = _auto_splits(num_rows * num_hb, topk, block_n, q.device)
     tiles = triton.cdiv(topk, block_n)
     num_splits = max(1, min(int(num_splits), tiles))
     keys_per_split = triton.cdiv(tiles, num_splits) * block_n

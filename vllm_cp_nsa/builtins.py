@@ -1,14 +1,15 @@
-"""The plugin's own extensions, registered as ordinary pluggy hook implementations.
-
-The ``vllm`` and ``vllm-deepgemm`` kernel providers live in the adapter (they call vLLM's
-kernels) but import vLLM only inside their methods, so listing them keeps this registry
-importable without vLLM.
+"""The core's own extensions, registered as ordinary pluggy hook implementations (entry point
+``builtin``): the split strategies, the MoE communicators and the torch / Triton kernel
+providers. The kernel providers that call vLLM's kernels (``vllm``, ``vllm-deepgemm``) are the
+adapter's and register from ``vllm_cp_nsa.adapter.builtins`` (entry point ``builtin_vllm``):
+the core never imports the adapter.
 """
 
 from __future__ import annotations
 
 from .communicator import FullMoeCommunicator, ScatteredMoeCommunicator
 from .hookspecs import hookimpl
+from .kernels.dispatch import builtin_providers
 from .split_plan import InSeqSplit, RoundRobinSplit
 
 
@@ -24,8 +25,4 @@ def cp_nsa_moe_communicators() -> list:
 
 @hookimpl
 def cp_nsa_kernel_providers() -> list:
-    from .adapter.vllm_deepgemm import VllmDeepGemmOps
-    from .adapter.vllm_kernels import VllmKernelOps
-    from .kernels.dispatch import builtin_providers
-
-    return [*builtin_providers(), VllmKernelOps(), VllmDeepGemmOps()]
+    return builtin_providers()

@@ -13,9 +13,6 @@ from typing import Any, Mapping
 
 CONFIG_KEY = "cp_nsa"
 
-MODES_BUILTIN = ("off", "round-robin-split", "in-seq-split")
-MOE_CHOICES_BUILTIN = ("auto", "full", "scattered")
-KERNEL_CHOICES_BUILTIN = ("auto", "torch", "triton", "vllm")
 INDEXER_CACHE_CHOICES = ("auto", "fp8")
 DECODE_ATTENTION_CHOICES = ("split", "tp")
 
@@ -32,16 +29,18 @@ class CpNsaConfig:
     moe: str = "auto"
     """MoE communicator under CP: ``auto``, ``full``, ``scattered`` or an extension's."""
     kernels: str = "auto"
-    """Kernel provider: ``auto``, ``torch``, ``triton``, ``vllm`` (vLLM's FlashMLA sparse
-    attention, Triton indexer), ``vllm-deepgemm`` (opt-in, never picked by ``auto``: as
-    ``vllm`` plus vLLM's DeepGEMM prefill indexer over an fp8 indexer cache in eager
-    forwards, the Triton indexer inside CUDA graphs) or an extension's."""
+    """Kernel provider: ``auto`` (the fastest this GPU and vLLM support, see
+    ``extensions.resolve_kernel_provider``), ``vllm-deepgemm`` (vLLM's FlashMLA sparse
+    attention; per batch vLLM's DeepGEMM indexer over an fp8 indexer cache or the Triton
+    indexer, Triton inside CUDA graphs), ``vllm`` (FlashMLA, Triton indexer), ``triton``,
+    ``torch`` (the references) or an extension's."""
     min_tokens_for_cp: int = 0
     """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
     indexer_cache: str = "auto"
     """Indexer key cache: ``auto`` = 132-byte fp8 with an ``fp8_ds_mla`` KV cache or a kernel
-    provider whose indexer reads fp8 keys (``vllm-deepgemm``), the model dtype otherwise;
-    ``fp8`` = always fp8, as vLLM's own V3.2 stores it."""
+    provider whose indexer reads fp8 keys (``vllm-deepgemm``, which ``kernels: auto`` picks
+    where DeepGEMM runs), the model dtype otherwise; ``fp8`` = always fp8, as vLLM's own V3.2
+    stores it."""
     decode_attention: str = "split"
     """``split``: decode / verify rows are split over the ranks like prefill rows, each rank
     running all heads with the replicated attention weights. ``tp``: decode / verify batches

@@ -1,8 +1,10 @@
 """Registries of split strategies, MoE communicators and kernel providers.
 
 Everything is collected through pluggy from the ``vllm_cp_nsa.extensions``
-entry-point group (``hookspecs``), built-ins included. Unknown names fail with
-the list of registered ones.
+entry-point group (``hookspecs``), built-ins included: the core's (``builtin``:
+``vllm_cp_nsa.builtins``) and the adapter's vLLM kernel providers (``builtin_vllm``:
+``vllm_cp_nsa.adapter.builtins``). Unknown names fail with the list of registered ones.
+``resolve_kernel_provider`` holds the one ``auto`` rule of the plugin.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ def plugin_manager() -> pluggy.PluginManager:
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     from . import builtins
 
-    # Only reached when the package runs from a source tree without its
-    # distribution metadata (e.g. the GPU benchmark hosts): register the
-    # built-ins the way the entry point would have.
+    # Only reached when the package runs from a source tree without its distribution
+    # metadata: register the core's built-ins the way the entry point would have. The
+    # adapter's providers need their entry point (the core does not import the adapter);
+    # eval/gpu_env.sh writes both into the metadata it lays out on the GPU hosts.
     if not pm.is_registered(builtins):
         pm.register(builtins, name="builtin")
     return pm
@@ -81,15 +84,25 @@ def resolve_moe_communicator(name: str, expert_all_to_all: bool):
 
 
 def resolve_kernel_provider(name: str, device, dtype, num_heads: int):
-    """The kernel provider for ``kernels``; ``auto`` takes the first registered
-    provider (highest ``priority``) whose capability check accepts the call."""
+    """The kernel provider for ``kernels``.
+
+    ``auto`` (the plugin's only automatic choice): the registered provider with the highest
+    ``priority`` whose ``supports(device, dtype, num_heads)`` accepts, i.e. on the built-ins
+    ``vllm-deepgemm`` (30: FlashMLA sparse attention, DeepGEMM or Triton indexer per batch)
+    where vLLM ships both kernels for this GPU, else ``vllm`` (20: FlashMLA, Triton indexer),
+    else ``triton`` (10) on CUDA, else ``torch`` (0, the references). A name: that provider,
+    refused here (at startup) when it does not support the call.
+    """
     providers = kernel_providers()
     if name == "auto":
         ranked = sorted(providers.values(), key=lambda p: -getattr(p, "priority", 0))
         for provider in ranked:
             if provider.supports(device, dtype, num_heads):
                 return provider
-        raise CpNsaConfigError(f"no registered kernel provider supports {device}/{dtype}")
+        raise CpNsaConfigError(
+            f"no registered kernel provider supports device={device} dtype={dtype} heads={num_heads}; "
+            f"registered: {', '.join(providers)}"
+        )
     if name not in providers:
         raise CpNsaConfigError(
             f"additional_config['cp_nsa']['kernels'] = '{name}' is not registered; "
@@ -97,8 +110,9 @@ def resolve_kernel_provider(name: str, device, dtype, num_heads: int):
         )
     provider = providers[name]
     if not provider.supports(device, dtype, num_heads):
+        reason = getattr(provider, "unsupported_reason", lambda *a: "")(device, dtype, num_heads)
         raise CpNsaConfigError(
             f"kernel provider '{name}' does not support device={device} dtype={dtype} "
-            f"heads={num_heads}"
+            f"heads={num_heads}{f' ({reason})' if reason else ''}; use kernels='auto'"
         )
     return provider

@@ -2,8 +2,9 @@
 
 A third-party package extends vllm_cp_nsa from its own distribution by listing a
 module with ``@hookimpl`` functions under the entry-point group
-``vllm_cp_nsa.extensions``; the built-ins (``vllm_cp_nsa.builtins``) register
-exactly that way. Each hook returns a list of objects carrying a ``name``:
+``vllm_cp_nsa.extensions``; the built-ins register exactly that way, the core's
+(``vllm_cp_nsa.builtins``) and the adapter's vLLM kernel providers
+(``vllm_cp_nsa.adapter.builtins``) as two entry points. Each hook returns a list of objects carrying a ``name``:
 selection by name comes from ``additional_config["cp_nsa"]``.
 """
 
@@ -29,5 +30,7 @@ class CpNsaHookSpecs:
 
     @hookspec
     def cp_nsa_kernel_providers(self) -> list:
-        """Kernel providers (``vllm_cp_nsa.kernels.dispatch.NsaOps``-like objects
-        with ``name`` and ``supports(device, dtype, num_heads)``)."""
+        """Kernel providers (``vllm_cp_nsa.kernels.dispatch.NsaOps``-like objects with
+        ``name``, ``priority`` (``kernels: auto`` takes the highest that supports the call)
+        and ``supports(device, dtype, num_heads)``; optional ``unsupported_reason`` with the
+        same arguments, for the startup error)."""

@@ -23,6 +23,7 @@ import torch
 
 from vllm_cp_nsa import builtins as cp_builtins
 from vllm_cp_nsa import extensions
+from vllm_cp_nsa.adapter import builtins as adapter_builtins
 from vllm_cp_nsa.communicator import FullMoeCommunicator, ScatteredMoeCommunicator
 from vllm_cp_nsa.config import CpNsaConfigError
 from vllm_cp_nsa.hookspecs import ENTRY_POINT_GROUP
@@ -79,12 +80,17 @@ def _fresh_registry():
 def test_builtins_come_from_the_installed_entry_point_group():
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     assert eps.get("builtin") == "vllm_cp_nsa.builtins"
+    assert eps.get("builtin_vllm") == "vllm_cp_nsa.adapter.builtins"
     pm = extensions.plugin_manager()
     # Registered by load_setuptools_entrypoints (with its distribution), not by the
     # source-tree fallback (which records no distribution).
     by_dist = {plugin: dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
     assert by_dist.get(cp_builtins) == "vllm-cp-nsa", by_dist
-    assert pm.get_name(cp_builtins) == "builtin"
+    assert by_dist.get(adapter_builtins) == "vllm-cp-nsa", by_dist
+    assert pm.get_name(cp_builtins) == "builtin" and pm.get_name(adapter_builtins) == "builtin_vllm"
+    # the core registers its own providers, the adapter the ones that call vLLM's kernels
+    assert [p.name for p in cp_builtins.cp_nsa_kernel_providers()] == ["torch", "triton"]
+    assert [p.name for p in adapter_builtins.cp_nsa_kernel_providers()] == ["vllm-deepgemm", "vllm"]
 
     strategies = extensions.split_strategies()
     assert isinstance(strategies["round-robin-split"], RoundRobinSplit)
@@ -93,7 +99,8 @@ def test_builtins_come_from_the_installed_entry_point_group():
     assert isinstance(communicators["full"], FullMoeCommunicator)
     assert isinstance(communicators["scattered"], ScatteredMoeCommunicator)
     providers = extensions.kernel_providers()
-    assert "torch" in providers and providers["torch"].name == "torch"
+    assert {"torch", "triton", "vllm", "vllm-deepgemm"} <= set(providers)
+    assert all(p.name == name for name, p in providers.items())
 
     assert extensions.resolve_split_strategy("off") is None
     assert isinstance(extensions.resolve_split_strategy("round-robin-split"), RoundRobinSplit)

@@ -15,6 +15,8 @@ def test_core_and_providers_import_without_triton():
         "import sys\n"
         "import vllm_cp_nsa.nsa_attention, vllm_cp_nsa.reference_model, vllm_cp_nsa.communicator\n"
         "import vllm_cp_nsa.adapter.vllm_kernels, vllm_cp_nsa.adapter.vllm_deepgemm, vllm_cp_nsa.builtins\n"
+        "import vllm_cp_nsa.adapter.builtins, vllm_cp_nsa.kernels.budgets, vllm_cp_nsa.extensions\n"
+        "vllm_cp_nsa.extensions.kernel_providers()\n"
         "bad = sorted(m for m in sys.modules if m == 'triton' or m.startswith('triton.')\n"
         "             or m.endswith(('._triton_utils', '.slots', '.empty_rows', '.indexer_q_quant', '.kv_cache')))\n"
         "print(bad)\n"
