@@ -1,18 +1,24 @@
 """Kernel provider ``vllm-deepgemm`` (adapter/vllm_deepgemm.py): vLLM's DeepGEMM prefill
-indexer (gather -> fp8_fp4_mqa_logits -> top_k_per_row_prefill), opt-in.
+indexer (gather -> fp8_fp4_mqa_logits -> top_k_per_row_prefill) for the batches its
+``IndexerPolicy`` gives it, the Triton indexer for the others; what ``kernels: auto`` resolves
+to wherever vLLM ships DeepGEMM for the GPU.
 
-CPU: it is registered below Triton (``auto`` never picks it), refuses CPU devices
-(``kernels='vllm-deepgemm'`` fails naming the device), supports CUDA graphs by handing a
-forward being captured to the Triton indexer, hands CPU tensors to the Triton provider, and its pure-torch helpers (gather / chunk plan, best-
-first reordering) match straightforward implementations (the query quantization kernel has
-its own test, test_indexer_q_quant.py), the chunk
-split matching vLLM's own ``_split_indexer_prefill_chunks``.
+CPU: ``auto`` resolution on faked hardware / vLLM capabilities (GPU generation, DeepGEMM
+present, the MQA-logits signature of vLLM 0.32 vs 0.33+, FlashMLA, Triton); the per-batch
+policy at and around its thresholds, and the provider routing each batch by it; CPU
+devices refused with the reason; a forward being captured handed to the Triton indexer;
+CPU tensors handed to the Triton provider; the pure-torch helpers (gather / chunk plan,
+best-first reordering) against straightforward implementations, the chunk split against
+vLLM's own ``_split_indexer_prefill_chunks``; the DeepGEMM glue with torch stand-ins of
+vLLM's kernels under both logits signatures (the query quantization kernel has its own test,
+test_indexer_q_quant.py).
 
-GPU (``-m gpu``, vLLM GPU build with DeepGEMM on an SM90 / SM100 GPU): ``indexer_topk``
-against the torch reference ``indexer_topk_paged`` on fresh random CP-like rows, with the
-Triton fallback disabled so the DeepGEMM path must serve them; chunking gives identical
-picks; the fallbacks where DeepGEMM does not apply; and a captured CUDA graph (Triton
-inside) replays the Triton provider's picks for new inputs.
+GPU (``-m gpu``, vLLM GPU build with DeepGEMM on an SM90 / SM100 GPU): ``auto`` resolves to
+this provider and routes a short batch to Triton (the Triton provider's picks exactly) and a
+long one to DeepGEMM; ``indexer_topk`` against the torch reference ``indexer_topk_paged`` on
+fresh random CP-like rows, with the Triton fallback disabled so the DeepGEMM path must serve
+them; chunking gives identical picks; the fallbacks where DeepGEMM does not apply; and a
+captured CUDA graph (Triton inside) replays the Triton provider's picks for new inputs.
 """
 
 from __future__ import annotations
@@ -25,8 +31,13 @@ import torch
 from vllm_cp_nsa import extensions
 from vllm_cp_nsa.adapter import vllm_deepgemm, vllm_kernels
 from vllm_cp_nsa.adapter.vllm_deepgemm import (
+    LOGITS_COMPRESSED,
+    LOGITS_WHOLE_BUFFER,
+    IndexerPolicy,
     VllmDeepGemmOps,
     best_first,
+    deepgemm_indexer_unsupported,
+    logits_api,
     plan_gather,
     split_chunks,
 )
@@ -36,44 +47,170 @@ from vllm_cp_nsa.kernels import attention_ref, dispatch, kv_cache_ref
 from vllm_cp_nsa.kernels import indexer_topk  # noqa: F401  (import under the interpreter)
 
 NAME = "vllm-deepgemm"
+ALWAYS_DEEPGEMM = IndexerPolicy(min_key_width=0)
+"""A policy that gives DeepGEMM every batch it can take (tests of the DeepGEMM path itself)."""
 
 
 pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 # --------------------------------------------------------------------------- CPU
-def test_registered_opt_in_and_capturable():
+def test_registered_first_in_auto_order_and_capturable():
     providers = extensions.kernel_providers()
     ops = providers[NAME]
     assert isinstance(ops, VllmDeepGemmOps) and isinstance(ops, VllmKernelOps)
-    assert providers["torch"].priority < ops.priority < providers["triton"].priority
-    assert ops.priority < providers["vllm"].priority
+    order = sorted(providers.values(), key=lambda p: -p.priority)
+    assert [p.name for p in order] == [NAME, "vllm", "triton", "torch"]
     assert ops.supports_cuda_graphs and providers["vllm"].supports_cuda_graphs
     # it reads fp8 indexer keys, so `indexer_cache: auto` stores them as fp8 for it
     assert ops.reads_fp8_indexer_cache and not providers["vllm"].reads_fp8_indexer_cache
     assert not providers["triton"].reads_fp8_indexer_cache
 
 
-def test_startup_detail_says_which_indexer_runs(monkeypatch):
-    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: True)
-    assert "DeepGEMM fp8 MQA logits" in VllmDeepGemmOps().startup_detail()
-    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: False)
-    assert "Triton indexer (DeepGEMM's MQA logits are not available here)" in VllmDeepGemmOps().startup_detail()
-    assert "Triton indexer" in VllmKernelOps().startup_detail()
+def _mqa_logits_0_32(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits):
+    """vLLM 0.32's signature of ``fp8_fp4_mqa_logits``."""
 
 
-@pytest.mark.parametrize("capturing", [False, True])
-def test_a_captured_forward_takes_the_triton_indexer(monkeypatch, capturing):
-    """DeepGEMM's path sizes its buffers on the host; under stream capture the call must go
-    to the parent (Triton) provider instead, and only then."""
+def _mqa_logits_0_33(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, max_seqlen_k):
+    """vLLM 0.33's signature (0.34 adds ``logits_dtype=torch.float32``)."""
+
+
+def _mqa_logits_0_34(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, max_seqlen_k, logits_dtype=torch.float32):
+    """vLLM 0.34's signature."""
+
+
+def _mqa_logits_unknown(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke):
+    """A signature this module does not know."""
+
+
+def test_logits_api_by_signature():
+    assert logits_api(_mqa_logits_0_32) == LOGITS_WHOLE_BUFFER
+    assert logits_api(_mqa_logits_0_33) == LOGITS_COMPRESSED
+    assert logits_api(_mqa_logits_0_34) == LOGITS_COMPRESSED
+    assert logits_api(_mqa_logits_unknown) is None
+    assert logits_api(len) is None or logits_api(len) in (LOGITS_WHOLE_BUFFER, LOGITS_COMPRESSED)
+    deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
+    assert logits_api(deep_gemm.fp8_fp4_mqa_logits) == LOGITS_WHOLE_BUFFER  # the venv's vLLM 0.32
+
+
+H200, B200, A100 = (9, 0), (10, 0), (8, 0)
+
+
+@pytest.mark.parametrize("capability, api, deep_gemm, ops_built, reason", [
+    (H200, LOGITS_WHOLE_BUFFER, True, True, None),
+    (H200, LOGITS_COMPRESSED, True, True, None),
+    (B200, LOGITS_WHOLE_BUFFER, True, True, None),
+    (B200, LOGITS_COMPRESSED, True, True, "MX-scaled"),
+    (A100, LOGITS_WHOLE_BUFFER, True, True, "SM90 / SM100"),
+    (None, LOGITS_WHOLE_BUFFER, True, True, "no CUDA device"),
+    (H200, None, True, True, "known signature"),
+    (H200, LOGITS_COMPRESSED, False, True, "not installed"),
+    (H200, LOGITS_WHOLE_BUFFER, True, False, "lacks"),
+])
+def test_deepgemm_indexer_capabilities(capability, api, deep_gemm, ops_built, reason):
+    got = deepgemm_indexer_unsupported(capability, api, deep_gemm, ops_built)
+    assert (got is None) if reason is None else (reason in got), got
+
+
+@pytest.fixture
+def fake_hardware(monkeypatch):
+    """Fake what the providers probe: ``set(capability, api, deep_gemm, flashmla, triton)``."""
+
+    def set_hardware(capability, api=LOGITS_WHOLE_BUFFER, deep_gemm=True, flashmla=True, triton=True):
+        monkeypatch.setattr(vllm_deepgemm, "_probe", lambda: (capability, api, deep_gemm, True))
+        vllm_deepgemm.deepgemm_indexer_unsupported_here.cache_clear()
+        monkeypatch.setattr(vllm_kernels, "_flashmla_sparse_supported", lambda: flashmla and capability in (H200, B200))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+        monkeypatch.setattr(dispatch, "_triton_importable", lambda: triton)
+
+    yield set_hardware
+    vllm_deepgemm.deepgemm_indexer_unsupported_here.cache_clear()
+
+
+@pytest.mark.parametrize("capability, api, deep_gemm, flashmla, dtype, want", [
+    (H200, LOGITS_WHOLE_BUFFER, True, True, torch.bfloat16, NAME),  # vLLM 0.32 on Hopper
+    (H200, LOGITS_COMPRESSED, True, True, torch.bfloat16, NAME),  # vLLM 0.33 / 0.34 on Hopper
+    (B200, LOGITS_WHOLE_BUFFER, True, True, torch.bfloat16, NAME),
+    (B200, LOGITS_COMPRESSED, True, True, torch.bfloat16, "vllm"),  # MX scales: Triton indexer
+    (H200, LOGITS_WHOLE_BUFFER, False, True, torch.bfloat16, "vllm"),  # no DeepGEMM package
+    (H200, LOGITS_WHOLE_BUFFER, True, False, torch.bfloat16, "triton"),  # no FlashMLA sparse
+    (A100, LOGITS_WHOLE_BUFFER, True, True, torch.bfloat16, "triton"),
+    (H200, LOGITS_WHOLE_BUFFER, True, True, torch.float16, "triton"),  # FlashMLA is bf16-only
+])
+def test_auto_resolution_on_faked_hardware(fake_hardware, capability, api, deep_gemm, flashmla, dtype, want):
+    fake_hardware(capability, api, deep_gemm, flashmla)
+    assert extensions.resolve_kernel_provider("auto", torch.device("cuda"), dtype, 128).name == want
+    # the CPU stays on the references whatever the GPU could do
+    assert extensions.resolve_kernel_provider("auto", torch.device("cpu"), dtype, 128).name == "torch"
+
+
+def test_auto_without_triton_falls_to_the_references(fake_hardware):
+    fake_hardware(H200, triton=False)
+    assert extensions.resolve_kernel_provider("auto", torch.device("cuda"), torch.bfloat16, 128).name == "torch"
+
+
+def test_explicit_provider_refused_with_the_reason(fake_hardware):
+    fake_hardware(B200, LOGITS_COMPRESSED)
+    with pytest.raises(CpNsaConfigError, match=rf"'{NAME}' does not support .*MX-scaled.*kernels='auto'"):
+        extensions.resolve_kernel_provider(NAME, torch.device("cuda"), torch.bfloat16, 128)
+    fake_hardware(H200)
+    with pytest.raises(CpNsaConfigError, match="'vllm' does not support .*bf16-only.*--dtype bfloat16"):
+        extensions.resolve_kernel_provider("vllm", torch.device("cuda"), torch.float16, 128)
+    assert extensions.resolve_kernel_provider(NAME, torch.device("cuda"), torch.bfloat16, 128).name == NAME
+
+
+def test_startup_detail_says_what_runs_per_batch(fake_hardware):
+    fake_hardware(H200, LOGITS_COMPRESSED)
+    detail = VllmDeepGemmOps().startup_detail()
+    assert "sparse attention: FlashMLA" in detail and "indexer per batch: DeepGEMM" in detail
+    assert "longest key range >= 16384 or rows x key range >= 32Mi" in detail
+    assert "Triton otherwise and inside CUDA graphs" in detail and LOGITS_COMPRESSED in detail
+    fake_hardware(B200, LOGITS_COMPRESSED)
+    detail = VllmDeepGemmOps().startup_detail()
+    assert "indexer: Triton" in detail and "no DeepGEMM indexer: " in detail and "MX-scaled" in detail
+    assert "indexer: Triton" in VllmKernelOps().startup_detail()
+
+
+@pytest.mark.parametrize("rows, key_width, deepgemm", [
+    (256, 1024, False), (1024, 4096, False), (4096, 4096, False), (8192, 4095, False),  # < 32Mi
+    (8192, 4096, True), (4096, 8192, True), (1, 16384, True), (64, 65536, True),  # >= 32Mi or long
+    (1, 16383, False), (2048, 16383, False), (2049, 16383, True),
+])
+def test_policy_thresholds(rows, key_width, deepgemm):
+    assert IndexerPolicy().use_deepgemm(rows, key_width) is deepgemm
+
+
+def _route(monkeypatch, ops, rows, blocks, block_size=64, capturing=False):
+    """Which indexer ``ops`` runs for ``rows`` query rows and a block table of ``blocks``
+    columns, the DeepGEMM path applicable and available."""
     calls = []
     monkeypatch.setattr(vllm_deepgemm, "_deepgemm_applies", lambda *a: True)
     monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_topk", lambda *a: calls.append("deepgemm"))
     monkeypatch.setattr(VllmKernelOps, "indexer_topk", lambda *a: calls.append("triton"))
-    VllmDeepGemmOps().indexer_topk(*[None] * 9)
-    assert calls == (["triton"] if capturing else ["deepgemm"])
+    q = torch.empty(rows, 64, 128)
+    table = torch.empty(1, blocks, dtype=torch.int32)
+    ops.indexer_topk(q, None, None, table, None, None, 2048, block_size, True)
+    return calls
+
+
+def test_each_batch_takes_the_policys_indexer(monkeypatch):
+    ops = VllmDeepGemmOps()
+    assert _route(monkeypatch, ops, rows=256, blocks=16) == ["triton"]  # 1K prompt at N=4
+    assert _route(monkeypatch, ops, rows=4096, blocks=64) == ["triton"]  # 4x4K at N=4
+    assert _route(monkeypatch, ops, rows=4096, blocks=256) == ["deepgemm"]  # 16K
+    assert _route(monkeypatch, ops, rows=8, blocks=1024) == ["deepgemm"]  # eager decode, 64K table
+    assert _route(monkeypatch, VllmDeepGemmOps(IndexerPolicy(min_key_width=1 << 30, min_row_keys=1 << 40)),
+                  rows=8, blocks=1024) == ["triton"]  # fmt: skip
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_a_captured_forward_takes_the_triton_indexer(monkeypatch, capturing):
+    """DeepGEMM's path sizes its buffers on the host; under stream capture the call must go
+    to the parent (Triton) provider instead, and only then."""
+    assert _route(monkeypatch, VllmDeepGemmOps(ALWAYS_DEEPGEMM), 4096, 1024, capturing=capturing) == (
+        ["triton"] if capturing else ["deepgemm"])  # fmt: skip
 
 
 def test_refuses_cpu_and_kernels_option_is_a_clear_error():
@@ -81,26 +218,8 @@ def test_refuses_cpu_and_kernels_option_is_a_clear_error():
     assert not ops.supports("cpu", torch.bfloat16, 128)
     assert not ops.supports(torch.device("cpu"))
     assert not ops.supports(None, None, 0)
-    with pytest.raises(CpNsaConfigError, match=rf"kernel provider '{NAME}' does not support device=cpu"):
+    with pytest.raises(CpNsaConfigError, match=rf"kernel provider '{NAME}' does not support device=cpu.*CUDA device"):
         extensions.resolve_kernel_provider(NAME, torch.device("cpu"), torch.bfloat16, 128)
-
-
-def test_auto_never_picks_it(monkeypatch):
-    cpu = torch.device("cpu")
-    assert extensions.resolve_kernel_provider("auto", cpu, torch.bfloat16, 128).name == "torch"
-    # Wherever it claims support, vllm or triton rank above it ...
-    yes = lambda self, device=None, dtype=None, num_heads=0: True  # noqa: E731
-    no = lambda self, device=None, dtype=None, num_heads=0: False  # noqa: E731
-    for cls in (dispatch.NsaOps, dispatch.TritonOps, VllmKernelOps, VllmDeepGemmOps):
-        monkeypatch.setattr(cls, "supports", yes)
-    assert extensions.resolve_kernel_provider("auto", "cuda", torch.bfloat16, 128).name == "vllm"
-    monkeypatch.setattr(VllmKernelOps, "supports", no)
-    assert extensions.resolve_kernel_provider("auto", "cuda", torch.bfloat16, 128).name == "triton"
-    # ... and it never supports what triton refuses (its check is the vllm provider's).
-    monkeypatch.undo()
-    monkeypatch.setattr(vllm_kernels, "_flashmla_sparse_supported", lambda: True)
-    monkeypatch.setattr(dispatch.TritonOps, "supports", no)
-    assert not VllmDeepGemmOps().supports("cuda", torch.bfloat16, 128)
 
 
 def test_cpu_tensors_and_bf16_caches_go_to_triton(device):
@@ -261,10 +380,10 @@ class _KernelStandIns:
                 dst_k.view(torch.uint8)[tok] = flat[base + (t % bs) * 128 : base + (t % bs) * 128 + 128]
                 dst_scale[tok] = flat[base + bs * 128 + (t % bs) * 4 : base + bs * 128 + (t % bs) * 4 + 4]
 
-    def logits(self, q, kv, weights, ks, ke, clean_logits):
+    def _exact(self, q, kv, weights, ks, ke):
         self.calls["logits"] += 1
         (q_fp8, q_sf), (k, k_sf) = q, kv
-        assert q_sf is None and not clean_logits
+        assert q_sf is None
         assert q_fp8.dtype == torch.float8_e4m3fn and q_fp8.is_contiguous() and q_fp8.shape[1] in (32, 64)
         assert k.is_contiguous() and k_sf.dtype == torch.float32 and k_sf.shape == (k.shape[0],)
         assert weights.dtype == torch.float32 and weights.shape == q_fp8.shape[:2] and weights.stride(1) == 1
@@ -272,11 +391,29 @@ class _KernelStandIns:
             assert t.dtype == torch.int32 and t.is_contiguous() and t.shape == (q_fp8.shape[0],)
         assert bool((0 <= ks).all() and (ks <= ke).all() and (ke <= k.shape[0]).all())
         keys = k.float() * k_sf[:, None]
-        exact = attention_ref.indexer_logits(q_fp8.float(), keys, weights, ks, ke)
-        out = torch.randn(q_fp8.shape[0], k.shape[0] + 256, generator=self.gen) * 1e6
-        out = out[:, : k.shape[0]]
+        return attention_ref.indexer_logits(q_fp8.float(), keys, weights, ks, ke)  # -inf outside [ks, ke)
+
+    def logits_whole_buffer(self, q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits):
+        """vLLM 0.32: [rows, keys] (rows padded by 256 columns), row m's keys at [ks, ke)."""
+        assert not clean_logits
+        exact = self._exact(q, kv, weights, cu_seqlen_ks, cu_seqlen_ke)
+        out = torch.randn(exact.shape[0], exact.shape[1] + 256, generator=self.gen) * 1e6
+        out = out[:, : exact.shape[1]]
         inside = torch.isfinite(exact)
         out[inside] = exact[inside]
+        return out
+
+    def logits_compressed(self, q, kv, weights, cu_seqlen_ks, cu_seqlen_ke, max_seqlen_k):
+        """vLLM 0.33+: [rows, max_seqlen_k] (aligned row stride), row m's keys from column 0,
+        the tail not cleaned."""
+        ks, ke = cu_seqlen_ks, cu_seqlen_ke
+        assert isinstance(max_seqlen_k, int) and max_seqlen_k >= int((ke - ks).max())
+        exact = self._exact(q, kv, weights, ks, ke)
+        out = torch.randn(exact.shape[0], max_seqlen_k + 128, generator=self.gen) * 1e6
+        out = out[:, :max_seqlen_k]
+        for m in range(exact.shape[0]):
+            lo, hi = int(ks[m]), int(ke[m])
+            out[m, : hi - lo] = exact[m, lo:hi]
         return out
 
     def topk(self, logits, ks, ke, out, num_rows, stride0, stride1, topk):
@@ -291,18 +428,21 @@ class _KernelStandIns:
             out[m, : len(pick)] = pick[torch.randperm(len(pick), generator=self.gen)].int()
 
 
+@pytest.mark.parametrize("api", ["0.32", "0.33+"])
 @pytest.mark.parametrize("budgets", [(1 << 30, 1 << 30), (4 * 900, 250)])
-def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budgets):
+def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budgets, api):
     """The DeepGEMM path's glue (plan, quantization, gather, per-row [ks, ke), re-sort,
-    scatter back to CP row order) with the kernels replaced by stand-ins: on exactly
-    representable data (integer keys and queries, power-of-two weights: exact logits, many
-    ties) the picks are the reference's, tie rule included, one chunk or many."""
+    scatter back to CP row order) with the kernels replaced by stand-ins of either logits
+    signature (0.32: whole-buffer logits; 0.33+: compressed): on exactly representable data
+    (integer keys and queries, power-of-two weights: exact logits, many ties) the picks are
+    the reference's, tie rule included, one chunk or many."""
     custom_ops = pytest.importorskip("vllm._custom_ops")
     deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
     kernels = _KernelStandIns(11)
     monkeypatch.setattr(custom_ops, "cp_gather_indexer_k_quant_cache", kernels.gather)
     monkeypatch.setattr(custom_ops, "top_k_per_row_prefill", kernels.topk)
-    monkeypatch.setattr(deep_gemm, "fp8_fp4_mqa_logits", kernels.logits)
+    logits = kernels.logits_whole_buffer if api == "0.32" else kernels.logits_compressed
+    monkeypatch.setattr(deep_gemm, "fp8_fp4_mqa_logits", logits)
     monkeypatch.setattr(vllm_deepgemm, "MAX_LOGITS_BYTES", budgets[0])
     monkeypatch.setattr(vllm_deepgemm, "MAX_GATHER_KEYS", budgets[1])
 
@@ -372,9 +512,10 @@ def test_every_layer_gets_the_same_kv_len_tensor():
 def deepgemm_ops():
     pytest.importorskip("vllm.utils.deep_gemm")
     pytest.importorskip("vllm._custom_ops")
-    if not vllm_deepgemm._deepgemm_indexer_available():
-        pytest.skip("vLLM's DeepGEMM MQA logits / gather / top-k kernels are not available here")
-    return VllmDeepGemmOps()
+    reason = vllm_deepgemm.deepgemm_indexer_unsupported_here()
+    if reason:
+        pytest.skip(f"no DeepGEMM indexer here: {reason}")
+    return VllmDeepGemmOps(ALWAYS_DEEPGEMM)
 
 
 @pytest.fixture
@@ -530,3 +671,33 @@ def test_gpu_cuda_graph_replays_the_triton_indexer(deepgemm_ops):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, tops.indexer_topk(*static, 32, 64, True))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_resolves_here_and_routes_each_batch(deepgemm_ops, monkeypatch):
+    """On a GPU with vLLM's DeepGEMM indexer, ``kernels: auto`` is this provider; a short
+    batch (below both thresholds) gets the Triton provider's picks exactly, a long one goes
+    through the DeepGEMM path and agrees with the reference up to fp8 near-ties."""
+    ops = extensions.resolve_kernel_provider("auto", torch.device("cuda"), torch.bfloat16, 128)
+    assert ops.name == NAME and ops.policy == IndexerPolicy()
+    ran = []
+    real = vllm_deepgemm._deepgemm_indexer_topk
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_topk", lambda *a: ran.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(31)
+    tops = dispatch.get_ops("triton", "cuda")
+
+    short = _indexer_inputs([900, 400], [(0, 900), (1, 400), (0, 17), (-1, 0)], 64, 64, torch.bfloat16, gen)
+    short_gpu = [t.cuda() for t in short]
+    assert short_gpu[3].shape[1] * 64 < ops.policy.min_key_width
+    got = ops.indexer_topk(*short_gpu, 2048, 64, True)
+    assert not ran and torch.equal(got, tops.indexer_topk(*short_gpu, 2048, 64, True))
+
+    long_rows = [(0, 20000), (0, 19000), (1, 3000), (0, 2049), (-1, 0)]
+    long = _indexer_inputs([20000, 3000], long_rows, 64, 64, torch.bfloat16, gen)
+    long_gpu = [t.cuda() for t in long]
+    assert long_gpu[3].shape[1] * 64 >= ops.policy.min_key_width
+    out = ops.indexer_topk(*long_gpu, 2048, 64, True)
+    torch.cuda.synchronize()
+    assert ran == [1]
+    q8, w8 = kv_cache_ref.quantize_indexer_queries(long[0], long[1], 64)
+    assert _check_picks(out.cpu(), q8.float(), w8, *long[2:], 2048, 64, 5e-3) >= 0.98

@@ -1,7 +1,12 @@
 """Kernel provider ``vllm-deepgemm``: the ``vllm`` provider plus vLLM's DeepGEMM prefill
-indexer. OPT-IN (priority below Triton, so ``auto`` never picks it): its GPU tests pass
-(H100, 2026-11-28), but on 4x H100 it was faster than ``vllm`` only from 32K-token prompts
-and slower for short and multi-request batches (``eval/compare_notes.md``).
+indexer, chosen per batch. ``kernels: auto`` picks it wherever vLLM ships DeepGEMM's MQA
+logits, its gather and its top-k for this GPU (priority 30, above ``vllm``); elsewhere ``auto``
+falls to ``vllm`` (FlashMLA, Triton indexer), then ``triton``, then ``torch``.
+
+Per batch (``IndexerPolicy``, from shapes only, no host read): DeepGEMM when the batch's keys
+are long or its rows x keys are many, the Triton indexer otherwise and always inside a CUDA
+graph; the thresholds and the measurements behind them are in ``IndexerPolicy``, and the
+startup line (``startup_detail``) states them.
 
 Sparse MLA and the cache writes are the ``vllm`` provider's (FlashMLA sparse, Triton).
 ``indexer_topk`` over an fp8 indexer cache runs the call sequence of vLLM's own V3.2
@@ -16,9 +21,15 @@ request, any position, in any order):
    request's keys ``[0, max kv_len of its rows)`` from the paged cache into one contiguous
    fp8 buffer + fp32 scales;
 2. ``vllm.utils.deep_gemm.fp8_fp4_mqa_logits`` over the chunk's rows, row ``m`` scoring
-   the buffer's keys ``[ks[m], ke[m]) = [request offset, request offset + kv_len[m])``;
-3. ``vllm._custom_ops.top_k_per_row_prefill``: the ``topk`` best keys of each row, as
-   positions relative to ``ks`` (= request-local positions), unordered, ``-1`` padded;
+   the buffer's keys ``[ks[m], ke[m]) = [request offset, request offset + kv_len[m])``.
+   Two signatures, told apart by inspecting it (``logits_api``): vLLM 0.32's
+   ``(..., ks, ke, clean_logits)`` returns logits over the whole buffer (row ``m``'s keys at
+   columns ``[ks, ke)``); 0.33 / 0.34's ``(..., ks, ke, max_seqlen_k)`` returns compressed
+   logits ``[rows, max_seqlen_k]`` (row ``m``'s keys from column 0), and on SM100 wants MX
+   scales the plugin's fp8 indexer cache does not store, so there the Triton indexer runs;
+3. ``vllm._custom_ops.top_k_per_row_prefill``: the ``topk`` best keys of each row over its
+   columns (``[ks, ke)``, or ``[0, ke - ks)`` for compressed logits), as positions relative to
+   the row's first column (= request-local positions), unordered, ``-1`` padded;
 4. here: re-sorted best first by their logits, ties to the lower position (the
    reference's order).
 
@@ -29,13 +40,10 @@ requests while the gathered keys fit ``MAX_GATHER_KEYS`` and the fp32 logits
 
 Everything else goes to the ``vllm`` provider's indexer (Triton): a bf16 indexer cache,
 more than 64 indexer heads, ``topk > 2048``, block sizes that break the gather kernel's
-16-byte loads, and any vLLM / GPU without these kernels (DeepGEMM's MQA logits: SM90 /
-SM100).
+16-byte loads, and any vLLM / GPU without these kernels (``deepgemm_indexer_unsupported``).
 
 CUDA graphs: sizing the gather and the logits reads ``row_req`` / ``row_kv_len`` on the
-host, which a graph cannot replay. So a forward being captured (vLLM captures uniform decode
-/ verify batches, ``FULL_DECODE_ONLY``) takes the Triton indexer, and only eager forwards
-(prefill, mixed batches, decode batches above the largest capture size) take DeepGEMM.
+host, which a graph cannot replay. So a forward being captured takes the Triton indexer.
 
 vLLM is imported only inside functions, so this module imports on any vLLM and without one.
 """
@@ -43,17 +51,17 @@ vLLM is imported only inside functions, so this module imports on any vLLM and w
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.budgets import MAX_LOGITS_BYTES
 from ..kernels.forward_cache import SameTensorsCache
 from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 from .vllm_kernels import VllmKernelOps
 
-MAX_LOGITS_BYTES = 512 * 1024 * 1024
-"""Bound of one chunk's fp32 logits (vLLM's default ``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB``)."""
 MAX_GATHER_KEYS = 2 * 1024 * 1024
 """Bound of the keys gathered for one chunk (132 bytes each, so 264 MiB)."""
 
@@ -61,30 +69,87 @@ _LOGITS_PAD = 256  # DeepGEMM allocates each logits row with 256 spare columns
 _DEEPGEMM_HEADS = (32, 64)
 _MAX_TOPK = 2048  # vLLM's top-k kernel keeps 2048 final candidates
 
+LOGITS_WHOLE_BUFFER = "whole-buffer logits (vLLM 0.32 signature: clean_logits)"
+LOGITS_COMPRESSED = "compressed logits (vLLM 0.33+ signature: max_seqlen_k)"
+
+
+@dataclass(frozen=True)
+class IndexerPolicy:
+    """Which indexer scores a batch's rows: DeepGEMM (eager forwards only) or Triton.
+
+    Decided from shapes the call already has, so it costs no host read: ``rows`` = the
+    rank's query rows, ``key_width`` = block-table columns x block size, i.e. the batch's
+    longest sequence for a batch with a prefill piece (its table is narrowed to it) and
+    max_model_len for a decode / verify batch. DeepGEMM when ``key_width >= min_key_width``
+    or ``rows * key_width >= min_row_keys``; Triton otherwise.
+
+    The measurements behind the thresholds (TTFT ms, Triton ``vllm`` vs DeepGEMM
+    ``vllm-deepgemm``; rows x key_width per rank in brackets):
+    - N=1, H200, fp8 weights (issue 18): 1K 23.5 vs 26.5 [1M]; 4K 47.9 vs 46.7 [16M];
+      8x1K 82.3 vs 80.6 [8M]; 4x4K 169.1 vs 166.3 [64M]; 16K 186.7 vs 169.5 [256M];
+      64K 1044 vs 760. bf16 weights: 1K 16.7 vs 17.8, 4K 49.4 vs 51.7 [16M], 16K 210 vs 196.
+    - N=4, 4x H100, bf16 (eval/compare_notes.md, older DeepGEMM code that read its plan in
+      every layer): 1K 25.7 vs 28.7 [0.25M]; 4K 32.6 vs 34.3 [4M]; 8x1K 49.3 vs 55.3 [2M];
+      4x4K 82.2 vs 89.3 [16M]; 16K 89.3 vs 89.2 [64M]; 32K 181 vs 169; 64K 402 vs 361.
+    - Kernels, H200 (eval/kernel_notes.md): decode-shaped rows (64 rows, 32K keys) 0.945 ms
+      Triton logits + top-k vs 0.083 ms DeepGEMM logits; 4096 rows x 16K keys 5.13 vs 2.30 ms.
+    So: at or below 16M row-keys Triton won or tied in every comparison but one (+2 % for
+    DeepGEMM on N=1 8x1K), from 64M DeepGEMM won or tied in all; the threshold sits between
+    (32M). From 16K keys DeepGEMM won or tied everywhere, and for few long rows (decode
+    shapes) the Triton top-k cannot fill the GPU.
+    """
+
+    min_key_width: int = 16 * 1024
+    min_row_keys: int = 32 * 1024**2
+
+    def use_deepgemm(self, rows: int, key_width: int) -> bool:
+        return key_width >= self.min_key_width or rows * key_width >= self.min_row_keys
+
+    def describe(self) -> str:
+        return (f"longest key range >= {self.min_key_width} or rows x key range >= "
+                f"{self.min_row_keys // 1024**2}Mi")  # fmt: skip
+
+
+INDEXER_POLICY = IndexerPolicy()
+
 
 class VllmDeepGemmOps(VllmKernelOps):
-    """The ``vllm`` provider with vLLM's DeepGEMM prefill indexer (opt-in)."""
+    """The ``vllm`` provider with vLLM's DeepGEMM prefill indexer for the batches
+    ``IndexerPolicy`` gives it."""
 
     name = "vllm-deepgemm"
-    priority = 5
+    priority = 30
     supports_cuda_graphs = True
     """Captured forwards take the Triton indexer (see the module docstring)."""
     reads_fp8_indexer_cache = True
 
-    def __init__(self):
+    def __init__(self, policy: IndexerPolicy = INDEXER_POLICY):
+        self.policy = policy
         self._plans = ForwardPlanCache()
 
+    def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
+        return super().supports(device, dtype, num_heads) and _deepgemm_indexer_available()
+
+    def unsupported_reason(self, device, dtype=None, num_heads: int = 0) -> str:
+        if not super().supports(device, dtype, num_heads):
+            return super().unsupported_reason(device, dtype, num_heads)
+        return deepgemm_indexer_unsupported_here() or ""
+
     def startup_detail(self) -> str:
-        if _deepgemm_indexer_available():
-            return ("FlashMLA sparse attention, DeepGEMM fp8 MQA logits + vLLM top-k for eager "
-                    "forwards over the fp8 indexer cache, Triton indexer in CUDA graphs")
-        return "FlashMLA sparse attention, Triton indexer (DeepGEMM's MQA logits are not available here)"
+        reason = deepgemm_indexer_unsupported_here()
+        if reason:
+            return f"{super().startup_detail()} (no DeepGEMM indexer: {reason})"
+        return (f"{self._attention_detail()}; indexer per batch: DeepGEMM fp8 MQA logits + vLLM "
+                f"top-k over the fp8 indexer cache ({logits_api_here()}) when "
+                f"{self.policy.describe()}, Triton otherwise and inside CUDA graphs; cache "
+                f"writes: Triton")  # fmt: skip
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
         if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
-                and _deepgemm_indexer_available()
-                and not torch.cuda.is_current_stream_capturing()):  # fmt: skip
+                and not torch.cuda.is_current_stream_capturing()
+                and self.policy.use_deepgemm(q.shape[0], block_table.shape[1] * block_size)
+                and _deepgemm_indexer_available()):  # fmt: skip
             return super().indexer_topk(
                 q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
                 index_cache_fp8,
@@ -94,24 +159,74 @@ class VllmDeepGemmOps(VllmKernelOps):
         )
 
 
+# ------------------------------------------------------------ what this vLLM / GPU has
 @functools.cache
-def _deepgemm_indexer_available() -> bool:
-    """vLLM's gather / top-k ops and DeepGEMM are there, on an SM90 / SM100 GPU."""
+def logits_api(fn) -> str | None:
+    """Which ``fp8_fp4_mqa_logits`` signature ``fn`` has (None: one this module does not know)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if "max_seqlen_k" in params:
+        return LOGITS_COMPRESSED
+    if "clean_logits" in params:
+        return LOGITS_WHOLE_BUFFER
+    return None
+
+
+def deepgemm_indexer_unsupported(capability: tuple[int, int] | None, api: str | None,
+                                 has_deep_gemm: bool, has_ops: bool) -> str | None:  # fmt: skip
+    """Why the DeepGEMM indexer cannot run with these capabilities (None: it can).
+
+    ``capability``: the CUDA device's (major, minor), None without one; ``api``:
+    ``logits_api`` of vLLM's ``fp8_fp4_mqa_logits`` (None: absent or unknown); ``has_deep_gemm``:
+    vLLM finds the DeepGEMM package; ``has_ops``: vLLM's gather and top-k ops are built."""
+    if capability is None:
+        return "no CUDA device"
+    if capability[0] not in (9, 10):
+        return f"DeepGEMM's MQA logits need SM90 / SM100, this GPU is SM{capability[0]}{capability[1]}"
+    if api is None:
+        return "this vLLM has no fp8_fp4_mqa_logits of a known signature"
+    if not has_deep_gemm:
+        return "DeepGEMM is not installed"
+    if not has_ops:
+        return "this vLLM build lacks cp_gather_indexer_k_quant_cache / top_k_per_row_prefill"
+    if api == LOGITS_COMPRESSED and capability[0] == 10:
+        return "vLLM 0.33+'s MQA logits on SM100 need MX-scaled keys, the plugin's fp8 cache has fp32 scales"
+    return None
+
+
+def _probe() -> tuple[tuple[int, int] | None, str | None, bool, bool]:
+    """The real inputs of ``deepgemm_indexer_unsupported``."""
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    try:
+        from vllm.utils.deep_gemm import fp8_fp4_mqa_logits
+        from vllm.utils.import_utils import has_deep_gemm
+    except ImportError:
+        return capability, None, False, False
     try:
         from vllm._custom_ops import cp_gather_indexer_k_quant_cache  # noqa: F401
         from vllm._custom_ops import top_k_per_row_prefill  # noqa: F401
-        from vllm.utils.deep_gemm import fp8_fp4_mqa_logits  # noqa: F401
-        from vllm.utils.import_utils import has_deep_gemm
 
-        return (
-            torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] in (9, 10)
-            and has_deep_gemm()
-            and hasattr(torch.ops._C, "top_k_per_row_prefill")
-            and hasattr(torch.ops._C_cache_ops, "cp_gather_indexer_k_quant_cache")
-        )
+        has_ops = (hasattr(torch.ops._C, "top_k_per_row_prefill")
+                   and hasattr(torch.ops._C_cache_ops, "cp_gather_indexer_k_quant_cache"))  # fmt: skip
     except (ImportError, AttributeError, RuntimeError):
-        return False
+        has_ops = False
+    return capability, logits_api(fp8_fp4_mqa_logits), bool(has_deep_gemm()), has_ops
+
+
+@functools.cache
+def deepgemm_indexer_unsupported_here() -> str | None:
+    """``deepgemm_indexer_unsupported`` for this process's GPU and vLLM (probed once)."""
+    return deepgemm_indexer_unsupported(*_probe())
+
+
+def _deepgemm_indexer_available() -> bool:
+    return deepgemm_indexer_unsupported_here() is None
+
+
+def logits_api_here() -> str | None:
+    return _probe()[1]
 
 
 def _deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8) -> bool:
@@ -141,6 +256,9 @@ class Chunk:
     row_lo: int
     row_hi: int
     """Rows ``plan.rows[row_lo:row_hi]`` it scores."""
+    max_keys: int = 0
+    """Longest key range of its requests (a bound of its rows' ``ke - ks``: the width of
+    compressed logits)."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +321,9 @@ def split_chunks(key_lens: list[int], row_counts: list[int], max_logits_bytes: i
         if end == start:
             rows, keys, end = row_counts[end], key_lens[end], end + 1
         step = max(1, max_elems // (keys + _LOGITS_PAD))
+        longest = max(key_lens[start:end])
         for lo in range(0, rows, step):
-            chunks.append(Chunk(start, end, row0 + lo, row0 + min(lo + step, rows)))
+            chunks.append(Chunk(start, end, row0 + lo, row0 + min(lo + step, rows), longest))
         row0 += rows
     return chunks
 
@@ -249,13 +368,14 @@ class DevicePlan:
 
 
 # ----------------------------------------------------------------- device helpers
-def best_first(picks: torch.Tensor, logits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-    """Reorder each row's picks (positions relative to ``ks``, any order, -1 anywhere) the
-    reference way: logit descending, ties to the lower position, -1 last."""
+def best_first(picks: torch.Tensor, logits: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Reorder each row's picks (positions relative to the row's first logits column
+    ``starts``, any order, -1 anywhere) the reference way: logit descending, ties to the lower
+    position, -1 last."""
     unused = torch.iinfo(torch.int32).max
     positions = torch.where(picks >= 0, picks, unused).sort(dim=1).values
     valid = positions != unused
-    cols = torch.where(valid, positions.long() + ks.long()[:, None], 0)
+    cols = torch.where(valid, positions.long() + starts.long()[:, None], 0)
     scores = logits.gather(1, cols).masked_fill(~valid, float("-inf"))
     order = scores.sort(dim=1, descending=True, stable=True).indices
     return torch.where(valid, positions, -1).gather(1, order)
@@ -274,6 +394,9 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
     plan = device_plan.host
     if not plan.chunks:
         return out
+    api = logits_api(fp8_fp4_mqa_logits)
+    if api is None:
+        raise RuntimeError("vllm.utils.deep_gemm.fp8_fp4_mqa_logits has an unknown signature")
     heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
     q_fp8, weights = quantize_indexer_queries(q, weights, heads)
     cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
@@ -294,13 +417,16 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
         chunk_rows = rows[c.row_lo : c.row_hi]
         ks = (ks_all[c.row_lo : c.row_hi] - k_lo).contiguous()
         ke = (ke_all[c.row_lo : c.row_hi] - k_lo).contiguous()
-        logits = fp8_fp4_mqa_logits(
-            (q_fp8.index_select(0, chunk_rows), None), (keys, k_scale),
-            weights.index_select(0, chunk_rows), ks, ke, clean_logits=False,
-        )  # fmt: skip
+        q_rows, w_rows = (q_fp8.index_select(0, chunk_rows), None), weights.index_select(0, chunk_rows)
+        if api == LOGITS_COMPRESSED:  # vLLM 0.33+: row m's keys from column 0
+            logits = fp8_fp4_mqa_logits(q_rows, (keys, k_scale), w_rows, ks, ke, max_seqlen_k=c.max_keys)
+            starts, ends = torch.zeros_like(ks), ke - ks
+        else:  # vLLM 0.32: row m's keys at columns [ks, ke) of the whole buffer
+            logits = fp8_fp4_mqa_logits(q_rows, (keys, k_scale), w_rows, ks, ke, clean_logits=False)
+            starts, ends = ks, ke
         num_rows = c.row_hi - c.row_lo
         picks = torch.empty((num_rows, topk), dtype=torch.int32, device=dev)
-        top_k_per_row_prefill(logits, ks, ke, picks, num_rows, logits.stride(0),
+        top_k_per_row_prefill(logits, starts, ends, picks, num_rows, logits.stride(0),
                               logits.stride(1), topk)  # fmt: skip
-        out[chunk_rows] = best_first(picks, logits, ks)
+        out[chunk_rows] = best_first(picks, logits, starts)
     return out

@@ -10,7 +10,8 @@
 - ``sparse_mla_prefill_positions``, ``fp8_ds_mla`` cache: the batch's blocks dequantized into a
   bf16 workspace (``kernels/latent_workspace.py``), then FlashMLA's bf16 sparse prefill kernel
   over it (vLLM's "separate prefill" mode, which it picks for >= 32 heads per rank; CP ranks
-  have all heads). Above ``MAX_WORKSPACE_BYTES`` the fp8 kernel over slots.
+  have all heads). Above ``MAX_WORKSPACE_BYTES`` (``kernels/budgets.py``) the fp8 kernel
+  over slots.
 
 FlashMLA takes 64 or 128 query heads here, so fewer heads are zero-padded and sliced back.
 Everything else goes to the Triton provider: ``indexer_topk`` (always), the cache writes,
@@ -32,16 +33,13 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..kernels.budgets import MAX_WORKSPACE_BYTES
 from ..kernels.dispatch import NsaOps, get_ops
 from ..kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, LATENT_DIM, LATENT_ROW_DIM
 
 _FLASHMLA_MAX_HEADS = 128
 _FLASHMLA_TOPK_MULTIPLE = 128  # the kernels' top-k tile (64 or 128, and at least 128 on SM100)
 _FP8_PAGE_SLOTS = 64  # the fp8 decode kernel's page size off SM100
-MAX_WORKSPACE_BYTES = 256 * 1024**2
-"""Largest bf16 workspace an fp8 prefill allocates (1152 bytes per block-table slot: about
-233K tokens). It is transient memory vLLM's startup profile does not see, so it stays well
-inside the headroom gpu_memory_utilization leaves; larger batches keep the fp8 kernel."""
 
 logger = logging.getLogger("vllm.cp_nsa")
 
@@ -75,9 +73,25 @@ class VllmKernelOps(NsaOps):
             return False
         return _flashmla_sparse_supported() and _triton().supports(device, dtype, num_heads)
 
+    def unsupported_reason(self, device, dtype=None, num_heads: int = 0) -> str:
+        if device is None or torch.device(device).type != "cuda":
+            return f"FlashMLA sparse needs a CUDA device, got {device}"
+        if dtype is not None and dtype != torch.bfloat16:
+            return f"FlashMLA sparse is bf16-only, the model dtype is {dtype} (use --dtype bfloat16)"
+        if num_heads > _FLASHMLA_MAX_HEADS:
+            return f"FlashMLA sparse takes at most {_FLASHMLA_MAX_HEADS} heads, the model has {num_heads}"
+        if not _flashmla_sparse_supported():
+            return "this vLLM / GPU has no FlashMLA sparse kernels (SM90 / SM100)"
+        return _triton().unsupported_reason(device, dtype, num_heads)
+
+    def _attention_detail(self) -> str:
+        return (f"sparse attention: FlashMLA (bf16 cache: sparse prefill kernel; fp8_ds_mla cache: "
+                f"prefill batches through a bf16 workspace of their blocks up to "
+                f"{MAX_WORKSPACE_BYTES // 1024**2} MiB, else and for decode the fp8 kernel), Triton "
+                f"beyond FlashMLA's shapes")  # fmt: skip
+
     def startup_detail(self) -> str:
-        return ("FlashMLA sparse attention (an fp8_ds_mla cache: bf16 prefill over its dequantized "
-                "blocks, fp8 decode), Triton indexer and cache writes")
+        return f"{self._attention_detail()}; indexer: Triton; cache writes: Triton"
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
