@@ -10,12 +10,18 @@ entry-point group (``hookspecs``), built-ins included: the core's (``builtin``:
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import pluggy
 
 from .config import CpNsaConfigError
 from .hookspecs import ENTRY_POINT_GROUP, PROJECT, CpNsaHookSpecs
+
+ADAPTER_ENTRY_POINT = "builtin_vllm"
+"""Name of the entry point that registers the adapter's vLLM kernel providers."""
+
+logger = logging.getLogger("vllm.cp_nsa")
 
 
 @functools.cache
@@ -31,6 +37,13 @@ def plugin_manager() -> pluggy.PluginManager:
     # eval/gpu_env.sh writes both into the metadata it lays out on the GPU hosts.
     if not pm.is_registered(builtins):
         pm.register(builtins, name="builtin")
+    if pm.get_plugin(ADAPTER_ENTRY_POINT) is None:
+        logger.warning(
+            "vllm_cp_nsa: no '%s' entry point in group %s: the vLLM kernel providers (vllm, "
+            "vllm-deepgemm) are not registered and kernels='auto' stops at triton; reinstall the "
+            "plugin (pip install) so its distribution metadata lists %s = vllm_cp_nsa.adapter.builtins",
+            ADAPTER_ENTRY_POINT, ENTRY_POINT_GROUP, ADAPTER_ENTRY_POINT,
+        )  # fmt: skip
     return pm
 
 

@@ -77,11 +77,13 @@ def _fresh_registry():
 
 
 # --------------------------------------------------------------------------- built-ins
-def test_builtins_come_from_the_installed_entry_point_group():
+def test_builtins_come_from_the_installed_entry_point_group(caplog):
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     assert eps.get("builtin") == "vllm_cp_nsa.builtins"
     assert eps.get("builtin_vllm") == "vllm_cp_nsa.adapter.builtins"
-    pm = extensions.plugin_manager()
+    with caplog.at_level("WARNING", logger="vllm.cp_nsa"):
+        pm = extensions.plugin_manager()
+    assert "entry point" not in caplog.text
     # Registered by load_setuptools_entrypoints (with its distribution), not by the
     # source-tree fallback (which records no distribution).
     by_dist = {plugin: dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
@@ -109,6 +111,19 @@ def test_builtins_come_from_the_installed_entry_point_group():
     assert extensions.resolve_moe_communicator("scattered", expert_all_to_all=False).name == "scattered"
     provider = extensions.resolve_kernel_provider("torch", torch.device("cpu"), torch.float32, 4)
     assert provider.name == "torch"
+
+
+def test_without_distribution_metadata_the_core_registers_itself_and_warns(monkeypatch, caplog):
+    """A source tree without metadata: the core's built-ins come from the fallback; the
+    adapter's providers need their entry point, and their absence is logged, not silent."""
+    import pluggy
+
+    monkeypatch.setattr(pluggy.PluginManager, "load_setuptools_entrypoints", lambda self, group: 0)
+    with caplog.at_level("WARNING", logger="vllm.cp_nsa"):
+        providers = extensions.kernel_providers()
+    assert set(providers) == {"torch", "triton"}
+    assert extensions.plugin_manager().get_name(cp_builtins) == "builtin"
+    assert "no 'builtin_vllm' entry point" in caplog.text and "vllm_cp_nsa.adapter.builtins" in caplog.text
 
 
 @pytest.mark.parametrize("all_to_all, expected, cls", [
