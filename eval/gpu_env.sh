@@ -1,10 +1,12 @@
-# Source on a GPU host after the staged vLLM stack is unpacked (/tmp/vsite, see
-# ../shared/tools/gpu-stack/stage.sh): vLLM's env, the real NCCL when staged, pytest /
-# pluggy, and the plugin laid out as an installed distribution (entry points included)
-# at /tmp/cpnsa. Sets CPNSA_PYTHONPATH (prepend it to PYTHONPATH to load the plugin)
-# and REPO. Native-vLLM runs simply leave /tmp/cpnsa off PYTHONPATH.
+# Source on a GPU host after the staged vLLM stack is unpacked (/tmp/vsite, staged by
+# eval/stage_gpu_stack.sh for any ENGINE/VERSION it knows: vLLM 0.32.0 / 0.33.0 / 0.34.0):
+# vLLM's env (one-GPU NCCL shim when the image's NCCL lacks symbols the staged torch links),
+# the real NCCL when staged, pytest / pluggy, and the plugin laid out as an installed
+# distribution (entry points included) at /tmp/cpnsa. Sets CPNSA_PYTHONPATH (prepend it to
+# PYTHONPATH to load the plugin) and REPO. Native-vLLM runs simply leave /tmp/cpnsa off PYTHONPATH.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source /tmp/stage/dev/env.sh || return 5
+echo "gpu_env: staged $(head -1 /tmp/stage/dev/stack.txt 2>/dev/null || echo 'stack (no stack.txt: staged by the 0.32-only stage.sh)')"
 IMAGE_PURELIB=$(PYTHONPATH= python3 -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
 if [ -f "$VSITE/nvidia/nccl/lib/libnccl.so.2" ] && [ ! -L "$VSITE/nvidia" ]; then
   # Staged with EXTRA_WHEELS=nvidia-nccl-cu13: torch finds libs via $ORIGIN/../../nvidia/*,
