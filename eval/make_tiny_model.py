@@ -235,6 +235,11 @@ def _write_tokenizer_files(out: Path, tok, model_max_length: int = MODEL_MAX_LEN
 # --------------------------------------------------------------------------
 
 
+# DeepSeek-V3.2's YaRN factor; the tiny model's original context (the release's: 4096).
+YARN_FACTOR = 40
+TINY_ROPE_ORIGINAL_POSITIONS = 64
+
+
 def make_config(
     vocab_size: int,
     num_layers: int = 2,
@@ -274,9 +279,15 @@ def make_config(
         "routed_scaling_factor": 2.5,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
-        "max_position_embeddings": MODEL_MAX_LENGTH,
+        # DeepSeek-V3.2's YaRN with original_max_position_embeddings scaled down from
+        # 4096 to TINY_ROPE_ORIGINAL_POSITIONS, so CPU prompts of a few hundred tokens
+        # reach the extrapolated positions. max_position_embeddings = factor x original,
+        # as in the release: vLLM's DeepSeek YaRN caches exactly that many positions.
+        "max_position_embeddings": YARN_FACTOR * TINY_ROPE_ORIGINAL_POSITIONS,
         # transformers>=5 native form; vLLM 0.32 reads rope_parameters["rope_type"].
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": YARN_FACTOR,
+                            "original_max_position_embeddings": TINY_ROPE_ORIGINAL_POSITIONS,
+                            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
         "attention_bias": False,
@@ -291,7 +302,10 @@ def make_config(
     }
     if real_dims:
         cfg.update(REAL_DIMS_CONFIG)
+        # the release's rope: 4096 x 40 = REAL_MAX_POSITIONS
+        cfg["rope_parameters"]["original_max_position_embeddings"] = REAL_MAX_POSITIONS // YARN_FACTOR
     return cfg
+
 
 
 # --------------------------------------------------------------------------

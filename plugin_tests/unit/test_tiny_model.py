@@ -88,7 +88,7 @@ def test_config_fields(tiny):
         first_k_dense_replace=1, intermediate_size=256, moe_intermediate_size=64,
         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=2.5, hidden_act="silu", rms_norm_eps=1e-6,
-        max_position_embeddings=8192, tie_word_embeddings=False, attention_bias=False,
+        max_position_embeddings=40 * 64, tie_word_embeddings=False, attention_bias=False,
         bos_token_id=0, eos_token_id=1,
     )
     for c in (auto_cfg, cfg):
@@ -100,13 +100,21 @@ def test_config_fields(tiny):
         assert c.num_nextn_predict_layers == 1
         assert c.moe_layer_freq == 1
         assert c.dtype == torch.float32
-        # Plain default RoPE, theta 10000, no YaRN (no scaling factor / mscale).
-        assert c.rope_parameters["rope_type"] == "default"
-        assert c.rope_parameters["rope_theta"] == 10000.0
-        assert "factor" not in c.rope_parameters and "mscale_all_dim" not in c.rope_parameters
+        # DeepSeek-V3.2's YaRN, its original context scaled down from 4096 to 64.
+        assert c.rope_parameters == YARN_TINY
         assert c.vocab_size % 64 == 0
     assert cfg.mlp_layer_types == ["dense", "sparse"]
     assert cfg.layer_types == ["indexed_attention"] * NUM_LAYERS
+
+
+YARN_TINY = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40, "original_max_position_embeddings": 64,
+             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def test_real_dims_config_has_the_release_rope():
+    cfg = mtm.make_config(1536, real_dims=True)
+    assert cfg["rope_parameters"] == {**YARN_TINY, "original_max_position_embeddings": 4096}
+    assert cfg["max_position_embeddings"] == 163840
 
 
 _VLLM_CHECK = r"""
@@ -136,7 +144,7 @@ def test_config_loads_in_vllm(tiny):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])
-    assert got.pop("rope_parameters") == {"rope_type": "default", "rope_theta": 10000.0}
+    assert got.pop("rope_parameters") == YARN_TINY
     raw = json.loads((tiny / "config.json").read_text())
     assert got == dict(model_type="deepseek_v32", index_topk=TOPK, index_n_heads=16, index_head_dim=128,
                        kv_lora_rank=512, qk_rope_head_dim=64, scoring_func="sigmoid", topk_method="noaux_tc",

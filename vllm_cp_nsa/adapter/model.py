@@ -42,21 +42,89 @@ from .runtime import CpNsaRuntime
 logger = logging.getLogger("vllm.cp_nsa")
 
 
-def apply_rope(rotary_emb, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-    """Rotate ``q`` [n, H, D] and ``k`` [n, D] -> same shapes.
+# The rope types vLLM's own DeepSeek-V2/V3.2 attention maps every scaled rope to
+# (deepseek_v2.py); get_rope builds DeepseekScalingRotaryEmbedding for both.
+DEEPSEEK_SCALED_ROPE_TYPES = ("deepseek_yarn", "deepseek_llama_scaling")
 
-    Passed to vLLM as contiguous 2-D ``[n, H * D]`` / ``[n, D]``: vLLM 0.32's CPU
-    rotary kernel mis-rotates a 3-D multi-head query next to a one-head key.
+
+def deepseek_rope_parameters(config) -> dict:
+    """``config.rope_parameters`` as vLLM's own V3.2 hands them to ``get_rope`` for MLA
+    and the indexer: ``default`` stays; any other type becomes DeepSeek's YaRN,
+    ``deepseek_llama_scaling`` where ``attention_factor`` is 1.0, else ``deepseek_yarn``.
+
+    A copy: vLLM's model rewrites the config's own dict in place.
     """
-    num_rows, num_heads, dim = q.shape
-    q2, k2 = rotary_emb(positions, q.reshape(num_rows, num_heads * dim).contiguous(),
-                        k.reshape(num_rows, dim).contiguous())
-    return q2.view(num_rows, num_heads, dim), k2.view(num_rows, dim)
+    params = dict(config.rope_parameters)
+    if params["rope_type"] == "default":
+        return params
+    missing = [key for key in ("factor", "original_max_position_embeddings") if key not in params]
+    if missing:
+        raise CpNsaConfigError(
+            f"vllm_cp_nsa: rope type '{params['rope_type']}' runs as DeepSeek YaRN (as in vLLM's own "
+            f"DeepSeek-V3.2), which needs {' and '.join(missing)} in the checkpoint's "
+            "rope_parameters / rope_scaling; add them, or use rope_type 'default'."
+        )
+    params["rope_type"] = (
+        "deepseek_llama_scaling" if params.get("attention_factor") == 1.0 else "deepseek_yarn"
+    )
+    return params
+
+
+def mla_softmax_scale(qk_head_dim: int, rope_parameters: dict) -> float:
+    """``1 / sqrt(qk_head_dim)``, times ``mscale(factor, mscale_all_dim) ** 2`` under
+    ``deepseek_yarn`` (vLLM's own V3.2; ``deepseek_llama_scaling`` keeps the plain scale)."""
+    scale = qk_head_dim**-0.5
+    if rope_parameters["rope_type"] == "deepseek_yarn":
+        mscale = yarn_get_mscale(rope_parameters["factor"], float(rope_parameters.get("mscale_all_dim", 0)))
+        scale *= mscale * mscale
+    return scale
+
+
+class DeepseekRope(nn.Module):
+    """vLLM's rotary for one of V3.2's ropes, built as vLLM's own V3.2 builds it (MLA's:
+    interleaved; the indexer's: NeoX unless the checkpoint says interleaved)."""
+
+    def __init__(self, config, rope_dim: int, is_neox_style: bool):
+        super().__init__()
+        rope_parameters = deepseek_rope_parameters(config)
+        self.rotary_emb = get_rope(rope_dim, max_position=config.max_position_embeddings,
+                                   rope_parameters=rope_parameters, is_neox_style=is_neox_style)
+        self.heads_axis = rope_parameters["rope_type"] in DEEPSEEK_SCALED_ROPE_TYPES
+
+    def check_covers(self, max_model_len: int) -> None:
+        """vLLM's rotary caches cos/sin for a fixed number of positions (DeepSeek YaRN's:
+        ``original_max_position_embeddings * factor``, whatever ``max_position_embeddings``
+        says); a position past them would index outside the cache."""
+        positions = self.rotary_emb.cos_sin_cache.shape[0]
+        if max_model_len > positions:
+            raise CpNsaConfigError(
+                f"vllm_cp_nsa: max_model_len {max_model_len} exceeds the {positions} positions this "
+                "checkpoint's rope covers (YaRN: original_max_position_embeddings x factor); pass "
+                f"--max-model-len {positions} or less, or fix the checkpoint's max_position_embeddings."
+            )
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotate ``q`` [n, H, D] and ``k`` [n, D] -> same shapes.
+
+        vLLM's rotary classes take different shapes. DeepSeek's YaRN class (``heads_axis``)
+        broadcasts cos/sin over a heads axis: ``q`` [n, H, D], ``k`` [n, 1, D], as vLLM's
+        own MLA passes them. The plain class (``default``) gets contiguous 2-D
+        ``[n, H * D]`` / ``[n, D]``: vLLM 0.32's CPU rotary kernel mis-rotates a 3-D
+        multi-head query.
+        """
+        num_rows, num_heads, dim = q.shape
+        if self.heads_axis:
+            q2, k2 = self.rotary_emb(positions, q, k.unsqueeze(1))
+        else:
+            q2, k2 = self.rotary_emb(positions, q.reshape(num_rows, num_heads * dim).contiguous(),
+                                     k.reshape(num_rows, dim).contiguous())
+        return q2.reshape(num_rows, num_heads, dim), k2.reshape(num_rows, dim)
 
 
 def write_back(dst: torch.Tensor, rotated: torch.Tensor) -> None:
-    """Put rotated dims back into ``dst``, unless vLLM's in-place rotary already rotated
-    ``dst`` itself (its slice was contiguous, e.g. one row, so no copy was made)."""
+    """Put rotated dims back into ``dst``, unless vLLM's rotary already rotated ``dst``
+    itself in place (its in-place kernels do when no copy was made: a contiguous slice,
+    e.g. one row, on the plain class's 2-D path, or the YaRN class's FlashInfer path)."""
     if rotated.data_ptr() != dst.data_ptr():
         dst.copy_(rotated.view(dst.shape))
 
@@ -77,14 +145,10 @@ class CpNsaIndexer(nn.Module):
         self.weights_proj = ReplicatedLinear(config.hidden_size, self.n_heads, bias=False,
                                              quant_config=None, prefix=f"{prefix}.weights_proj")
         self.k_norm = LayerNorm(self.head_dim, eps=1e-6, dtype=torch.float32)
-        # The indexer rotates the first rope_dim dims, NeoX style unless the
-        # checkpoint says interleaved (same rule as vLLM's own V3.2 indexer).
-        self.rotary_emb = get_rope(
-            self.rope_dim,
-            max_position=config.max_position_embeddings,
-            rope_parameters=config.rope_parameters,
-            is_neox_style=not getattr(config, "indexer_rope_interleave", False),
-        )
+        # The indexer rotates the first rope_dim dims with MLA's rope parameters, NeoX
+        # style unless the checkpoint says interleaved (as vLLM's own V3.2 indexer).
+        self.rotary_emb = DeepseekRope(config, self.rope_dim,
+                                       is_neox_style=not getattr(config, "indexer_rope_interleave", False))
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
         self.k_cache = CpNsaIndexerCache(
             prefix=f"{prefix}.k_cache",
@@ -96,7 +160,7 @@ class CpNsaIndexer(nn.Module):
         """(q [n, Hi, 128] roped, weights [n, Hi] scaled, k [n, 128] roped)."""
         q = self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x)[0])
-        q_pe, k_pe = apply_rope(self.rotary_emb, positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
+        q_pe, k_pe = self.rotary_emb(positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
         write_back(q[..., : self.rope_dim], q_pe)  # q and k are this layer's own outputs
         write_back(k[:, : self.rope_dim], k_pe)
         weights = self.weights_proj(x)[0].float() * self.weight_scale
@@ -131,19 +195,12 @@ class CpNsaAttention(nn.Module):
                                 self.num_heads * (self.qk_nope_head_dim + self.v_head_dim))
         self.o_proj = linear("o_proj", self.num_heads * self.v_head_dim, hidden)
 
-        rope_parameters = config.rope_parameters
-        self.scaling = self.qk_head_dim**-0.5
-        if rope_parameters["rope_type"] != "default":
-            rope_parameters["rope_type"] = (
-                "deepseek_llama_scaling"
-                if rope_parameters.get("attention_factor") == 1.0
-                else "deepseek_yarn"
-            )
-            if rope_parameters["rope_type"] == "deepseek_yarn":
-                mscale = yarn_get_mscale(rope_parameters["factor"], float(rope_parameters.get("mscale_all_dim", 0)))
-                self.scaling *= mscale * mscale
-        self.rotary_emb = get_rope(self.qk_rope_head_dim, max_position=config.max_position_embeddings,
-                                   rope_parameters=rope_parameters, is_neox_style=False)
+        # MLA's rope is interleaved (GPT-J style) and its softmax scale carries YaRN's
+        # mscale, as in vLLM's own V3.2.
+        rope_parameters = deepseek_rope_parameters(config)
+        self.scaling = mla_softmax_scale(self.qk_head_dim, rope_parameters)
+        self.rotary_emb = DeepseekRope(config, self.qk_rope_head_dim, is_neox_style=False)
+        self.rotary_emb.check_covers(vllm_config.model_config.max_model_len)
         self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer", runtime.indexer_cache_fp8)
         self.mla_attn = MLAAttention(
             num_heads=self.num_heads,
@@ -180,7 +237,7 @@ class CpNsaAttention(nn.Module):
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv_c, k_pe = self.kv_a_proj_with_mqa(x)[0].split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_c = self.kv_a_layernorm(kv_c.contiguous())
-        q_pe, k_pe = apply_rope(self.rotary_emb, positions, q_pe, k_pe)
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
         index_q, index_weights, index_k = self.indexer(x, q_c, positions)
         latent_cache = self.mla_attn.kv_cache
         if meta is None or latent_cache.numel() == 0:

@@ -1,0 +1,153 @@
+"""The plugin's MLA / indexer rope and MLA softmax scale against DeepSeek's YaRN written
+out here in torch (after DeepSeek-V3's reference ``precompute_freqs_cis``), independent
+of vLLM's and the plugin's rotary code, at positions below and past
+``original_max_position_embeddings``."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm.config import CompilationConfig, VllmConfig, set_current_vllm_config
+from vllm_cp_nsa.adapter.model import DeepseekRope, deepseek_rope_parameters, mla_softmax_scale, write_back
+from vllm_cp_nsa.config import CpNsaConfigError
+
+ROPE_DIM = 64
+THETA = 10000.0
+ORIGINAL = 64  # the tiny model's (the release's 4096, scaled down)
+FACTOR = 40
+RELEASE_YARN = {"rope_type": "yarn", "rope_theta": THETA, "factor": FACTOR, "original_max_position_embeddings": ORIGINAL,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+# below, at and past original_max_position_embeddings, up to the last cached position
+# vLLM computes the angles in float32: ~1e-7 relative, times positions up to 2559
+ATOL = 5e-4
+POSITIONS = torch.tensor([0, 1, 7, ORIGINAL - 1, ORIGINAL, ORIGINAL + 1, 200, 1000, FACTOR * ORIGINAL - 1])
+
+
+def reference_inv_freq(params: dict) -> torch.Tensor:
+    """Rotation frequency of each dim pair: plain RoPE, or DeepSeek YaRN's blend of the
+    original (fast dims) and factor-interpolated (slow dims) frequencies."""
+    freqs = 1.0 / THETA ** (torch.arange(0, ROPE_DIM, 2, dtype=torch.float64) / ROPE_DIM)
+    if params["rope_type"] == "default":
+        return freqs
+    original, factor = params["original_max_position_embeddings"], params["factor"]
+
+    def pair_index_with(rotations):  # the dim pair that turns `rotations` times over the original context
+        return ROPE_DIM * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(THETA))
+
+    low = max(math.floor(pair_index_with(params["beta_fast"])), 0)
+    high = min(math.ceil(pair_index_with(params["beta_slow"])), ROPE_DIM - 1)
+    ramp = ((torch.arange(ROPE_DIM // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate (divided by factor)
+    return freqs / factor * (1 - keep) + freqs * keep
+
+
+def reference_magnitude(params: dict) -> float:
+    """YaRN's cos/sin magnitude: mscale(mscale) / mscale(mscale_all_dim)."""
+    if params["rope_type"] == "default":
+        return 1.0
+
+    def mscale(m):
+        return 0.1 * m * math.log(params["factor"]) + 1.0
+
+    return mscale(params.get("mscale", 1)) / mscale(params.get("mscale_all_dim", 0))
+
+
+def reference_rotate(x: torch.Tensor, positions: torch.Tensor, params: dict, interleaved: bool) -> torch.Tensor:
+    """x [n, ..., ROPE_DIM]: pair j is (2j, 2j+1) when interleaved, (j, j + ROPE_DIM/2) otherwise."""
+    angle = positions.double()[:, None] * reference_inv_freq(params)[None]  # [n, ROPE_DIM/2]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (ROPE_DIM // 2,)
+    cos, sin = angle.cos().view(shape), angle.sin().view(shape)
+    x = x.double()
+    a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else x.split(ROPE_DIM // 2, dim=-1)
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    out = torch.stack([ra, rb], dim=-1).flatten(-2) if interleaved else torch.cat([ra, rb], dim=-1)
+    return out * reference_magnitude(params)
+
+
+def _config(rope_parameters: dict, max_positions: int = FACTOR * ORIGINAL):
+    return SimpleNamespace(rope_parameters=dict(rope_parameters), max_position_embeddings=max_positions)
+
+
+@pytest.fixture(params=["none", "all"], ids=["torch-rotary", "cpu-kernels"])
+def vllm_context(request):
+    """vLLM's rotary as torch code, and with its custom ops (the CPU kernels) enabled."""
+    with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig(custom_ops=[request.param]))):
+        yield
+
+
+YARN_VARIANTS = {
+    "release": RELEASE_YARN,
+    "mscale-ratio": {**RELEASE_YARN, "mscale": 1.0, "mscale_all_dim": 0.5},
+    "default": {"rope_type": "default", "rope_theta": THETA},
+}
+
+
+@pytest.mark.parametrize("params", YARN_VARIANTS.values(), ids=YARN_VARIANTS.keys())
+@pytest.mark.parametrize("path,interleaved", [("mla", True), ("indexer", False)])
+def test_rotation_equals_reference_below_and_past_original_context(vllm_context, params, path, interleaved):
+    torch.manual_seed(0)
+    rope = DeepseekRope(_config(params), ROPE_DIM, is_neox_style=not interleaved)
+    n, heads = len(POSITIONS), 4
+    # Rope dims as the model hands them over: a slice of wider rows.
+    q_rows = torch.randn(n, heads, ROPE_DIM + 32)
+    k_rows = torch.randn(n, ROPE_DIM + 16)
+    q_in, k_in = q_rows[..., 32:], k_rows[:, :ROPE_DIM]
+    want_q = reference_rotate(q_in, POSITIONS, params, interleaved)
+    want_k = reference_rotate(k_in, POSITIONS, params, interleaved)
+    q_out, k_out = rope(POSITIONS, q_in.clone(), k_in.clone())
+    assert q_out.shape == q_in.shape and k_out.shape == k_in.shape
+    torch.testing.assert_close(q_out.double(), want_q, atol=ATOL, rtol=0)
+    torch.testing.assert_close(k_out.double(), want_k, atol=ATOL, rtol=0)
+    # the indexer writes its rotated dims back into its own rows, leaving the rest
+    q_tail, k_tail = q_rows[..., :32].clone(), k_rows[:, ROPE_DIM:].clone()
+    write_back(q_in, q_out)
+    write_back(k_in, k_out)
+    torch.testing.assert_close(q_rows[..., 32:].double(), want_q, atol=ATOL, rtol=0)
+    assert torch.equal(q_rows[..., :32], q_tail) and torch.equal(k_rows[:, ROPE_DIM:], k_tail)
+
+
+def test_yarn_changes_rotation_past_original_context(vllm_context):
+    """The reference is not trivially plain RoPE: YaRN's slow dims are interpolated."""
+    yarn, plain = RELEASE_YARN, YARN_VARIANTS["default"]
+    assert not torch.allclose(reference_inv_freq(yarn), reference_inv_freq(plain))
+    rope = DeepseekRope(_config(yarn), ROPE_DIM, is_neox_style=False)
+    q = torch.randn(len(POSITIONS), 2, ROPE_DIM)
+    k = torch.randn(len(POSITIONS), ROPE_DIM)
+    q_out, _ = rope(POSITIONS, q.clone(), k.clone())
+    assert not torch.allclose(q_out.double(), reference_rotate(q, POSITIONS, plain, True), atol=1e-3)
+
+
+@pytest.mark.parametrize("params,want", [
+    (RELEASE_YARN, (192**-0.5) * (0.1 * math.log(FACTOR) + 1.0) ** 2),
+    ({**RELEASE_YARN, "mscale_all_dim": 0.707}, (192**-0.5) * (0.0707 * math.log(FACTOR) + 1.0) ** 2),
+    ({k: v for k, v in RELEASE_YARN.items() if k != "mscale_all_dim"}, 192**-0.5),
+    # vLLM's own V3.2 maps attention_factor 1.0 to deepseek_llama_scaling: no softmax mscale
+    ({**RELEASE_YARN, "attention_factor": 1.0}, 192**-0.5),
+    (YARN_VARIANTS["default"], 192**-0.5),
+])
+def test_mla_softmax_scale(params, want):
+    assert mla_softmax_scale(192, deepseek_rope_parameters(_config(params))) == pytest.approx(want, rel=1e-12)
+
+
+def test_rope_parameters_follow_vllms_v32_without_touching_the_config():
+    config = _config(RELEASE_YARN)
+    assert deepseek_rope_parameters(config) == {**RELEASE_YARN, "rope_type": "deepseek_yarn"}
+    assert config.rope_parameters == RELEASE_YARN  # vLLM's own model rewrites it; the plugin does not
+    llama = _config({**RELEASE_YARN, "attention_factor": 1.0})
+    assert deepseek_rope_parameters(llama)["rope_type"] == "deepseek_llama_scaling"
+    assert deepseek_rope_parameters(_config(YARN_VARIANTS["default"])) == YARN_VARIANTS["default"]
+
+
+def test_yarn_without_its_parameters_fails_naming_them():
+    with pytest.raises(CpNsaConfigError, match="original_max_position_embeddings"):
+        deepseek_rope_parameters(_config({"rope_type": "yarn", "rope_theta": THETA, "factor": FACTOR}))
+
+
+def test_max_model_len_past_the_cached_positions_fails_at_startup(vllm_context):
+    # max_position_embeddings says 8192, but DeepSeek YaRN caches original x factor = 2560 positions
+    rope = DeepseekRope(_config(RELEASE_YARN, max_positions=8192), ROPE_DIM, is_neox_style=False)
+    rope.check_covers(FACTOR * ORIGINAL)
+    with pytest.raises(CpNsaConfigError, match="--max-model-len 2560"):
+        rope.check_covers(FACTOR * ORIGINAL + 1)
