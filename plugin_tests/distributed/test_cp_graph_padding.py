@@ -62,8 +62,11 @@ def test_padded_graph_inputs_are_padding(world):
             assert torch.equal(r["exact"]["written"].sort().values, expected)
 
 
-# FULL-graph replays: vLLM pads a uniform decode / verify batch to a capture size by
-# adding requests with no tokens (block table rows -> null block 0, slots -1).
+# The layout of a FULL-graph replay, run eagerly on CPU (no graph is captured here; the
+# replays themselves run in e2e/test_gpu_graphs.py): vLLM pads a uniform decode / verify
+# batch to a capture size by adding requests with no tokens (block table rows -> null
+# block 0, slots -1), and the index tensors go through the same persistent buffers a
+# capture-size batch filled first.
 GRAPH_BATCHES = [(2, [20, 7, 40]), (1, [9, 3, 30, 12, 1]), (3, [5])]
 
 
@@ -82,14 +85,14 @@ def _run_graph_padded(group, strategy_name):
                                                 max_num_seqs=16, max_num_batched_tokens=512,
                                                 decode_only=True).sizes if s > num_tokens)
         results = {}
-        # capture batch (all real), the padded replay (same buffers), an exact eager run
-        runs = (("capture", [q] * (size // q), [3] * (size // q), size, True),
-                ("replay", [q] * num_reqs + [0] * (size // q - num_reqs), contexts + [0] * (size // q - num_reqs),
+        # a capture-size batch (all real), the padded batch (same buffers), the unpadded batch
+        runs = (("capture_size", [q] * (size // q), [3] * (size // q), size, True),
+                ("padded", [q] * num_reqs + [0] * (size // q - num_reqs), contexts + [0] * (size // q - num_reqs),
                  size, True),
                 ("eager", [q] * num_reqs, contexts, num_tokens, False))
         for name, query_lens, context_lens, rows, graph_padded in runs:
             batch = paged_batch(query_lens, context_lens, null_block=True)
-            batch.block_table[num_reqs if name == "replay" else len(query_lens):] = 0
+            batch.block_table[num_reqs if name == "padded" else len(query_lens):] = 0
             caches = make_caches(DIMS, 2, num_cache_blocks(batch, null_block=True), batch.block_size, "auto",
                                  torch.float32, "cpu")
             for cache in caches:
@@ -107,14 +110,15 @@ def _run_graph_padded(group, strategy_name):
 
 
 @pytest.mark.parametrize("strategy_name", ["round-robin", "in-seq"])
-def test_full_graph_padded_replay_equals_eager(world, strategy_name):
+def test_graph_padded_batch_in_persistent_buffers_equals_unpadded(world, strategy_name):
+    """Eager CPU runs of the padded layout a FULL graph replays (see the comment above)."""
     results = run_ranks(_run_graph_padded, world, strategy_name)
     for rank in range(world):
         for r, (q, contexts) in zip(results[rank], GRAPH_BATCHES):
             num_tokens = q * len(contexts)
-            replay, eager = r["replay"], r["eager"]
-            assert replay["out"].shape == (replay["rows"], DIMS.hidden)  # every input row comes back
-            assert rel_err(replay["out"][:num_tokens], eager["out"]) <= 1e-6
-            assert torch.isfinite(replay["out"]).all()
+            padded, eager = r["padded"], r["eager"]
+            assert padded["out"].shape == (padded["rows"], DIMS.hidden)  # every input row comes back
+            assert rel_err(padded["out"][:num_tokens], eager["out"]) <= 1e-6
+            assert torch.isfinite(padded["out"]).all()
             expected = torch.cat([eager["slots"]] * 2).sort().values  # 2 layers, real tokens only
-            assert torch.equal(replay["written"].sort().values, expected)
+            assert torch.equal(padded["written"].sort().values, expected)
