@@ -12,6 +12,13 @@ Usage::
         [--index-topk K] [--num-nextn-predict-layers M]
         [--drop-tensor NAME ...] [--dtype float32|bfloat16]
         [--real-dims] [--device cpu|cuda]
+        [--preset default|release] [--num-experts E] [--indexer-wk-bf16]
+    python eval/make_tiny_model.py OUT_DIR --dequantize-from SRC [--device cpu|cuda]
+
+``--preset release`` writes the official release's format (fp8 128x128 block
+weights + ``weight_scale_inv``, grouped routing, YaRN at real dims; see
+``release_checkpoint.py``); ``--dequantize-from SRC`` writes SRC's weights
+dequantized to bf16 without ``quantization_config`` (the accuracy reference).
 
 Importable: ``build_tiny_model(out_dir, **options) -> Path``.
 
@@ -41,6 +48,8 @@ import zlib
 from pathlib import Path
 
 import torch
+
+import release_checkpoint
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -523,6 +532,9 @@ def build_tiny_model(
     real_dims: bool = False,
     device: str = "cpu",
     verbose: bool = False,
+    preset: str = "default",
+    num_experts: int | None = None,
+    indexer_wk_fp8: bool = True,
 ) -> Path:
     """Write the tiny DeepSeek-V3.2 checkpoint to ``out_dir`` and return its path.
 
@@ -538,11 +550,20 @@ def build_tiny_model(
     ``device``: where the random weights are drawn (``cuda`` draws a real-dims
     checkpoint in seconds, leaving the 7 GB write); the CPU draw is the one the
     tests pin byte for byte.
+
+    ``preset="release"``: the official release's format (``release_checkpoint.py``),
+    bfloat16 by default, ``num_experts`` routed experts (default 32),
+    ``indexer_wk_fp8`` whether the indexer's ``wk`` is fp8 with a scale.
     """
-    preset = {**DEFAULTS, **(REAL_DIMS_DEFAULTS if real_dims else {})}
-    num_layers = preset["num_layers"] if num_layers is None else num_layers
-    index_topk = preset["index_topk"] if index_topk is None else index_topk
-    dtype = preset["dtype"] if dtype is None else dtype
+    if preset not in ("default", "release"):
+        raise ValueError(f"preset must be 'default' or 'release', got {preset!r}")
+    release = preset == "release"
+    if num_experts is not None and not release:
+        raise ValueError("num_experts is a --preset release option")
+    defaults = {**DEFAULTS, **(REAL_DIMS_DEFAULTS if real_dims else {})}
+    num_layers = defaults["num_layers"] if num_layers is None else num_layers
+    index_topk = defaults["index_topk"] if index_topk is None else index_topk
+    dtype = ("bfloat16" if release else defaults["dtype"]) if dtype is None else dtype
     max_layers = 8 if real_dims else 4
     if not 2 <= num_layers <= max_layers:
         raise ValueError(f"num_layers must be in 2..{max_layers}, got {num_layers}")
@@ -562,6 +583,8 @@ def build_tiny_model(
     vocab_size = _round_up(tok_size, VOCAB_MULTIPLE)
 
     cfg = make_config(vocab_size, num_layers, index_topk, num_nextn_predict_layers, dtype, real_dims)
+    if release:
+        cfg = release_checkpoint.release_config(cfg, real_dims=real_dims, num_experts=num_experts)
     _write_json(out / "config.json", cfg)
     _write_json(
         out / "generation_config.json",
@@ -571,10 +594,16 @@ def build_tiny_model(
 
     drop = set(drop_tensor or ())
     all_names = [name for name, *_ in tensor_specs(cfg)]
+    if release:
+        all_names = release_checkpoint.tensor_names(all_names, indexer_wk_fp8)
     unknown = [n for n in drop_tensor or () if n not in all_names]
     if unknown:
         raise KeyError(f"--drop-tensor names not in checkpoint: {unknown}")
-    plan, num_shards = _shard_plan(cfg, _DTYPES[dtype], set(all_names) - drop)
+    if release:
+        plan, num_shards = release_checkpoint.shard_plan(tensor_specs(cfg), _DTYPES[dtype], set(all_names) - drop,
+                                                         SHARD_BYTES, indexer_wk_fp8)
+    else:
+        plan, num_shards = _shard_plan(cfg, _DTYPES[dtype], set(all_names) - drop)
 
     # Special tokens and vocab padding get an all-zero lm_head row: their logit is
     # exactly 0 while real tokens reach ~+10, so greedy decoding never emits
@@ -582,9 +611,12 @@ def build_tiny_model(
     # always runs to max_tokens).
     zero_rows = list(range(len(SPECIAL_TOKENS))) + list(range(tok_size, vocab_size))
     weights = iter_weights(cfg, seed, _DTYPES[dtype], zero_logit_rows=zero_rows, device=device)
+    weights = ((name, _mtp_friendly(name, t) if mtp_friendly else t) for name, t in weights)
+    if release:
+        weights = release_checkpoint.quantize_weights(weights, indexer_wk_fp8)
     n_params, n_tensors = _save_checkpoint(
         out,
-        ((name, _mtp_friendly(name, t) if mtp_friendly else t) for name, t in weights if name not in drop),
+        ((name, t) for name, t in weights if name not in drop),
         plan,
         num_shards,
     )
@@ -592,7 +624,7 @@ def build_tiny_model(
     dt = time.perf_counter() - t0
     if verbose:
         print(
-            f"{'real-dims' if real_dims else 'tiny'} DeepSeek-V3.2 -> {out} | params={n_params:,} "
+            f"{'real-dims' if real_dims else 'tiny'} DeepSeek-V3.2 ({preset}) -> {out} | params={n_params:,} "
             f"tensors={n_tensors} shards={num_shards} "
             f"| layers={num_layers} mtp={num_nextn_predict_layers} index_topk={index_topk} "
             f"| vocab={vocab_size} (tokenizer {tok_size}) dtype={dtype} seed={seed} device={device} | {dt:.2f}s"
@@ -616,8 +648,20 @@ def main(argv=None) -> None:
                     help="weak layer outputs + pass-through eh_proj: the MTP draft is often accepted")
     ap.add_argument("--real-dims", action="store_true",
                     help="DeepSeek-V3.2's real per-token dimensions (about 7 GB at 3 layers, bf16)")
-    ap.add_argument("--device", default="cpu", help="where to draw the random weights (cpu, cuda)")
+    ap.add_argument("--device", default="cpu", help="where to draw (or dequantize) the weights (cpu, cuda)")
+    ap.add_argument("--preset", choices=["default", "release"], default="default",
+                    help="release: the official release's format (fp8 block weights + scales, grouped routing)")
+    ap.add_argument("--num-experts", type=int, default=None,
+                    help="--preset release: routed experts, a multiple of 8, at least 16 (default 32)")
+    ap.add_argument("--indexer-wk-bf16", action="store_true",
+                    help="--preset release: keep the indexer's wk in bf16 (default: fp8 + scale)")
+    ap.add_argument("--dequantize-from", metavar="SRC", default=None,
+                    help="write SRC (a --preset release checkpoint) dequantized to bf16, no quantization_config")
     a = ap.parse_args(argv)
+    if a.dequantize_from:
+        release_checkpoint.dequantize_checkpoint(a.dequantize_from, a.out_dir, device=a.device)
+        print(f"{a.dequantize_from} dequantized to bf16 -> {a.out_dir}")
+        return
     build_tiny_model(
         a.out_dir,
         seed=a.seed,
@@ -630,6 +674,9 @@ def main(argv=None) -> None:
         real_dims=a.real_dims,
         device=a.device,
         verbose=True,
+        preset=a.preset,
+        num_experts=a.num_experts,
+        indexer_wk_fp8=not a.indexer_wk_bf16,
     )
 
 

@@ -22,8 +22,9 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.platforms import current_platform
 
 from ..communicator import gather_token_rows
-from .model import CpNsaDecoderLayer, forward_metadata_for, load_deepseek_v32_weights, pad_rows
+from .model import CpNsaDecoderLayer, forward_metadata_for, pad_rows
 from .runtime import CpNsaRuntime
+from .weights import load_deepseek_v32_weights
 
 
 class CpNsaSharedHead(nn.Module):
