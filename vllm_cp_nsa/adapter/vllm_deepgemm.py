@@ -93,10 +93,12 @@ class IndexerPolicy:
       4x4K 82.2 vs 89.3 [16M]; 16K 89.3 vs 89.2 [64M]; 32K 181 vs 169; 64K 402 vs 361.
     - Kernels, H200 (eval/kernel_notes.md): decode-shaped rows (64 rows, 32K keys) 0.945 ms
       Triton logits + top-k vs 0.083 ms DeepGEMM logits; 4096 rows x 16K keys 5.13 vs 2.30 ms.
-    So: at or below 16M row-keys Triton won or tied in every comparison but one (+2 % for
-    DeepGEMM on N=1 8x1K), from 64M DeepGEMM won or tied in all; the threshold sits between
-    (32M). From 16K keys DeepGEMM won or tied everywhere, and for few long rows (decode
-    shapes) the Triton top-k cannot fill the GPU.
+    So: at or below 16M row-keys Triton was faster in 7 of 9 comparisons (by 5-13 %),
+    DeepGEMM in 2 (by 2-2.5 %: N=1 4K and 8x1K, fp8 weights); from 64M DeepGEMM won (by 2-11 %)
+    or tied in all 6; the threshold sits between, at 32M. From a 16K-key range DeepGEMM won or
+    tied everywhere, and for few long rows (decode shapes) the Triton top-k cannot fill the
+    GPU. Re-measure when the kernels change: ``kernels: vllm`` (the Triton indexer for every
+    batch) against the default (this policy) in ``eval/gpu_compare.py``.
     """
 
     min_key_width: int = 16 * 1024
