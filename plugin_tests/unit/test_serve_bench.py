@@ -320,6 +320,24 @@ def test_cli_defaults_rates_and_errors():
         cli.parse_workloads(cli.parse_args(["run", "--model", "m", "--configs", "off", "--rates", "4k-8k=1"]))
 
 
+def test_missing_vllm_command_fails_early_with_the_fix(monkeypatch):
+    import server
+
+    monkeypatch.setattr(server, "version", lambda name: "0.34.0")  # the vllm distribution is installed ...
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)  # ... but its console script is not
+    with pytest.raises(SystemExit, match="vllm.entrypoints.cli.main"):
+        cli.check_vllm_launcher()
+    monkeypatch.setattr(cli.shutil, "which", lambda name: "/usr/bin/vllm")
+    cli.check_vllm_launcher()
+
+
+def test_launch_only_and_named_base_urls_parse():
+    a = cli.parse_args(["run", "--configs", "", "--launch", "sg=python3 -m sglang.launch_server --port {port}",
+                        "--model", "m"])
+    assert a.launch == ["sg=python3 -m sglang.launch_server --port {port}"]
+    assert cli.parse_named(a.launch[0], "launched") == ("sg", "python3 -m sglang.launch_server --port {port}")
+
+
 def test_warmup_lengths_span_each_workload():
     long, short = workload.parse_workload("2k-64k"), workload.parse_workload("1k-8k")
     assert cli.warmup_lengths([long, short], 3) == [2048, 33792, 65536, 1024, 4608, 8192]
