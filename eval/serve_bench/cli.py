@@ -323,7 +323,7 @@ def run_started_config(config: ServerConfig, args, model: Path, sweep: Sweep, lo
     started = time.time()
     if config.launch:
         port = free_port()
-        command = config.launch.format(port=port, model=model)
+        command = config.launch.replace("{port}", str(port)).replace("{model}", shlex.quote(str(model)))
         process = subprocess.Popen(command, shell=True, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                    start_new_session=True)
         server = Server(process, port, log_path)

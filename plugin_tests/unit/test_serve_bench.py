@@ -404,3 +404,55 @@ def test_client_against_a_fake_streaming_server():
     assert records[1].error.startswith("HTTP 400")
     s = summarize_rate(10.0, records)
     assert (s["completed"], s["failed"], s["not_sent"], s["total_output_tokens"]) == (2, 1, 1, 12)
+
+
+FAKE_SERVER = """
+import asyncio, json, sys
+from aiohttp import web
+
+async def completions(request):
+    body = await request.json()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await asyncio.sleep(0.002 * len(body["prompt"]) ** 0.5)
+    for i in range(body["max_tokens"]):
+        chunk = {"choices": [{"index": 0, "text": "t", "finish_reason": None}]}
+        await response.write(f"data: {json.dumps(chunk)}\\n\\n".encode())
+        await asyncio.sleep(0.002)
+    usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+    await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\\n\\ndata: [DONE]\\n\\n".encode())
+    return response
+
+app = web.Application()
+app.router.add_get("/health", lambda r: web.Response(text="ok"))
+app.router.add_get("/v1/models", lambda r: web.json_response({"data": [{"id": sys.argv[2]}]}))
+app.router.add_post("/v1/completions", completions)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def test_driver_launches_sweeps_and_stops_a_server(tmp_path, monkeypatch):
+    """The whole driver path with --launch (as for SGLang): start, /health, warm-up, two workloads
+    x two rates, stop, report; against a fake OpenAI server in a subprocess."""
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    monkeypatch.setattr(cli, "load_token_pool", lambda tokenizer: list(range(10, 200)))
+    stem = tmp_path / "out" / "sb"
+    rc = cli.main(["run", "--configs", "", "--model", str(tmp_path),
+                   "--launch", f"fake={sys.executable} {script} {{port}} {{model}}",
+                   "--workloads", "8-32,100-200", "--rates", "8-32=20,inf", "--rates", "100-200=50,inf",
+                   "--output-len", "5", "--num-requests", "6", "--max-duration-s", "5", "--out", str(stem),
+                   "--no-plots", "--ready-timeout", "60"])
+    result = json.loads(Path(f"{stem}.json").read_text())
+    (config,) = result["configs"]
+    assert rc == 0, config["error"]
+    assert config["served_model"] == str(tmp_path) and config["ready_s"] > 0 and config["warmup_s"] > 0
+    assert [[s["rate"] for s in config["results"][w]] for w in ("8-32", "100-200")] == [[20.0, "inf"], [50.0, "inf"]]
+    for per in config["results"].values():
+        for s in per:
+            assert (s["completed"], s["failed"], s["total_output_tokens"], s["prompt_token_mismatches"]) == (6, 0, 30, 0)
+    lengths = [row[1] for row in config["results"]["100-200"][0]["requests"]]
+    assert all(100 <= n <= 200 for n in lengths)
+    assert lengths != [row[1] for row in config["results"]["100-200"][1]["requests"]]  # fresh prompts per rate
+    assert (tmp_path / "out" / "sb_logs" / "fake.log").exists()
+    assert "| fake | 50 | 6 | 6 | 0 |" in Path(f"{stem}.md").read_text()
