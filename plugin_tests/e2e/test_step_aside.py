@@ -1,0 +1,92 @@
+"""The plugin installed on a vLLM it cannot run on (a touchpoint missing) never breaks a
+launch of a model it does not serve and fails a cp_nsa launch with the reason; on CPU,
+where vLLM cannot run DeepSeek-V3.2, the plugin serves it without cp_nsa and says so.
+Real vLLM CPU engine, one fresh process per launch."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import RUNNER, VllmRunFailed, run_vllm, vllm_env
+
+pytestmark = pytest.mark.e2e
+
+MISSING = "NoSuchSymbolForStepAsideTest"
+# Runs vllm_runner.py in a process whose vLLM "lacks" one symbol the plugin needs: the
+# touchpoint list gains one that does not resolve before vLLM loads the plugin.
+WITHOUT_A_SYMBOL = f"""
+import runpy, sys
+from vllm_cp_nsa import touchpoints
+touchpoints.TOUCHPOINTS += (touchpoints.Touchpoint("vllm.config", "{MISSING}", "test a vLLM without it"),)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_without_a_symbol(spec: dict, tmp_path) -> dict:
+    wrapper = tmp_path / "without_a_symbol.py"
+    wrapper.write_text(WITHOUT_A_SYMBOL)
+    proc = subprocess.run([sys.executable, str(wrapper), str(RUNNER), json.dumps(spec)],
+                          capture_output=True, text=True, timeout=900, env=vllm_env())
+    log = proc.stdout + proc.stderr
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return {**json.loads(line[len("RESULT "):]), "log": log}
+    raise VllmRunFailed(f"vLLM run failed (rc={proc.returncode}).\n{log[-8000:]}")
+
+
+def _spec(model, **llm):
+    return {
+        "llm": {"model": str(model), "dtype": "float32", "max_model_len": 1024, "enforce_eager": True, **llm},
+        "prompts": [[0, 5, 6, 7, 8]],
+        "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tiny_model):
+    """A tiny random Llama built here (no download), with the V3.2 model's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1344, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model / name, out / name)
+    return out
+
+
+def test_missing_symbol_leaves_other_models_running(tiny_llama, tmp_path):
+    """register() logs why and does not raise; a Llama launch (even one carrying cp_nsa,
+    which only concerns V3.2) runs through vLLM's own model."""
+    result = run_without_a_symbol(_spec(tiny_llama, additional_config={"cp_nsa": {"mode": "round-robin-split"}}),
+                                  tmp_path)
+    assert result["info"]["model_class"].startswith("vllm.model_executor.models.llama.")
+    assert len(result["outputs"][0]["token_ids"]) == 4
+    reason = [line for line in result["log"].splitlines() if f"vllm.config.{MISSING}" in line]
+    assert len(reason) == 1 and "The plugin stays inactive" in reason[0], reason
+
+
+def test_missing_symbol_fails_a_cp_nsa_launch_with_the_reason(tiny_model, tmp_path):
+    with pytest.raises(VllmRunFailed) as err:
+        run_without_a_symbol(_spec(tiny_model, additional_config={"cp_nsa": {}}), tmp_path)
+    message = str(err.value)
+    assert f"vllm.config.{MISSING} (needed to test a vLLM without it)" in message
+    assert "cp_nsa was requested in --additional-config but the plugin cannot run on this vLLM" in message
+
+
+def test_cpu_serves_v32_without_cp_nsa_and_says_so(tiny_model):
+    result = run_vllm(_spec(tiny_model))
+    assert result["info"]["model_class"] == "vllm_cp_nsa.adapter.model.CpNsaDeepseekV32ForCausalLM"
+    assert len(result["outputs"][0]["token_ids"]) == 4
+    says = [line for line in result["log"].splitlines()
+            if "no cp_nsa in --additional-config, but vLLM cannot run DeepSeek-V3.2 on cpu" in line]
+    assert len(says) == 1 and "the plugin serves it" in says[0]
+    assert "installed but not active" not in result["log"]
