@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 logger = logging.getLogger("vllm.cp_nsa")
 
-CHECKED_AGAINST = "0.32.0"
-TESTED_RANGE = ">=0.32.0,<0.33"
+CHECKED_VERSIONS = ("0.32.0", "0.33.0", "0.34.0")
+"""vLLM releases every touchpoint and called signature was resolved against (scripts/compat_matrix.sh)."""
+CHECKED_AGAINST = ", ".join(CHECKED_VERSIONS)
+TESTED_RANGE = ">=0.32.0,<0.35"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class Touchpoint:
     """True for the kernels only the ``vllm`` / ``vllm-deepgemm`` kernel providers call
     (lazily): without one the plugin still starts, and those providers leave the op to
     Triton."""
+    versions: tuple[str, ...] = CHECKED_VERSIONS
+    """vLLM releases it resolved against (symbol and called signature), by compat_check.py."""
+    branch: str = ""
+    """The adapter's version branch for it, if any: where, what differs, its test."""
 
 
 TOUCHPOINTS: tuple[Touchpoint, ...] = (
@@ -75,6 +81,7 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.model_executor.models.deepseek_v2", "DeepseekV2MoE", "FusedMoE + shared experts (TP-sharded, no all-reduce)"),
     Touchpoint("vllm.model_executor.models.deepseek_v2", "yarn_get_mscale", "yarn softmax scale"),
     Touchpoint("vllm.sequence", "IntermediateTensors", "model forward signature"),
+    Touchpoint("vllm.compilation.breakable_cudagraph", "eager_break_during_capture", "run the NSA attention as an eager break of vLLM's breakable CUDA graphs (adapter/model.py eager_break); 0.33+ wraps even when breakable graphs are off (a plain call outside a capture)"),
     # kernels of the `vllm` kernel provider (adapter/vllm_kernels.py)
     Touchpoint("vllm.v1.attention.ops.flashmla", "is_flashmla_sparse_supported", "check FlashMLA sparse on this GPU", optional=True),
     Touchpoint("vllm.v1.attention.ops.flashmla", "flash_mla_sparse_fwd", "sparse MLA over a bf16 latent cache", optional=True),
@@ -83,8 +90,117 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     # kernels of the opt-in `vllm-deepgemm` kernel provider (adapter/vllm_deepgemm.py)
     Touchpoint("vllm.utils.import_utils", "has_deep_gemm", "check DeepGEMM is installed", optional=True),
     Touchpoint("vllm._custom_ops", "cp_gather_indexer_k_quant_cache", "gather fp8 indexer keys into a contiguous buffer", optional=True),
-    Touchpoint("vllm.utils.deep_gemm", "fp8_fp4_mqa_logits", "DeepGEMM fp8 indexer logits over per-row key ranges", optional=True),
+    Touchpoint("vllm.utils.deep_gemm", "fp8_fp4_mqa_logits", "DeepGEMM fp8 indexer logits over per-row key ranges", optional=True,
+               branch="adapter/vllm_deepgemm.py logits_api: 0.32 takes clean_logits and returns [M, N] logits over the "
+                      "whole key buffer; 0.33/0.34 take max_seqlen_k and return [M, max_seqlen_k] from each row's ks "
+                      "(0.34 adds logits_dtype=fp32 by default); told apart by inspecting the signature "
+                      "(plugin_tests/kernels/test_vllm_deepgemm_provider.py::test_logits_api_by_signature)"),
     Touchpoint("vllm._custom_ops", "top_k_per_row_prefill", "per-row indexer top-k over [ks, ke)", optional=True),
+)
+
+
+@dataclass(frozen=True)
+class CalledSignature:
+    """Keywords the adapter passes to a vLLM callable (``kind="params"``: a function, or a
+    class's constructor), or attributes it reads on a vLLM class (``kind="fields"``).
+    Checked statically against each vLLM wheel's source by ``scripts/compat_check.py``
+    (``check_touchpoints`` resolves only ``TOUCHPOINTS`` at run time)."""
+
+    module: str
+    callable: str
+    names: tuple[str, ...]
+    where: str
+    kind: str = "params"
+    optional: bool = False
+    versions: tuple[str, ...] = CHECKED_VERSIONS
+
+
+CALLED_SIGNATURES: tuple[CalledSignature, ...] = (
+    # constructors of vLLM layers (adapter/model.py, mtp.py, ep_moe.py)
+    CalledSignature("vllm.model_executor.layers.attention", "MLAAttention",
+                    ("num_heads", "scale", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank",
+                     "kv_lora_rank", "kv_b_proj", "cache_config", "quant_config", "prefix", "attn_backend",
+                     "use_sparse"), "adapter/model.py"),
+    CalledSignature("vllm.model_executor.layers.attention", "MLAAttention",
+                    ("W_UK_T", "W_UV", "kv_cache", "kv_cache_dtype", "layer_name"), "adapter/model.py", kind="fields"),
+    CalledSignature("vllm.v1.attention.backend", "MLAAttentionImpl.__init__",
+                    ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
+                     "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name"),
+                    "adapter/backend.py CpNsaImpl (vLLM calls it with these)"),
+    CalledSignature("vllm.model_executor.layers.rotary_embedding", "get_rope",
+                    ("max_position", "rope_parameters", "is_neox_style"), "adapter/model.py"),
+    CalledSignature("vllm.model_executor.layers.linear", "ReplicatedLinear",
+                    ("input_size", "output_size", "bias", "quant_config", "prefix"), "adapter/model.py, mtp.py, ep_moe.py"),
+    CalledSignature("vllm.model_executor.layers.layernorm", "LayerNorm", ("eps", "dtype"), "adapter/model.py"),
+    CalledSignature("vllm.model_executor.layers.layernorm", "RMSNorm", ("hidden_size", "eps"), "adapter/model.py, mtp.py"),
+    CalledSignature("vllm.model_executor.models.deepseek_v2", "DeepseekV2MLP",
+                    ("hidden_size", "intermediate_size", "hidden_act", "quant_config", "reduce_results",
+                     "is_sequence_parallel", "prefix"), "adapter/model.py, ep_moe.py"),
+    CalledSignature("vllm.model_executor.models.deepseek_v2", "DeepseekV2MoE",
+                    ("config", "parallel_config", "quant_config", "reduce_results", "prefix",
+                     "apply_routed_scale_to_output"), "adapter/model.py"),
+    CalledSignature("vllm.model_executor.models.deepseek_v2", "yarn_get_mscale", ("scale", "mscale"), "adapter/model.py"),
+    CalledSignature("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding",
+                    ("num_embeddings", "embedding_dim", "quant_config", "prefix"), "adapter/model.py, mtp.py"),
+    CalledSignature("vllm.model_executor.layers.vocab_parallel_embedding", "ParallelLMHead",
+                    ("num_embeddings", "embedding_dim", "quant_config", "prefix"), "adapter/model.py, mtp.py"),
+    CalledSignature("vllm.model_executor.layers.logits_processor", "LogitsProcessor", ("vocab_size",), "adapter/model.py, mtp.py"),
+    CalledSignature("vllm.model_executor.layers.fused_moe", "fused_moe_make_expert_params_mapping",
+                    ("model", "ckpt_gate_proj_name", "ckpt_down_proj_name", "ckpt_up_proj_name", "num_experts"),
+                    "adapter/weights.py"),
+    CalledSignature("vllm.model_executor.model_loader.weight_utils", "default_weight_loader",
+                    ("param", "loaded_weight"), "adapter/weights.py"),
+    CalledSignature("vllm.compilation.breakable_cudagraph", "eager_break_during_capture", ("fn",), "adapter/model.py"),
+    # attention metadata, caches, block sizes (adapter/backend.py)
+    CalledSignature("vllm.v1.attention.backend", "CommonAttentionMetadata",
+                    ("query_start_loc_cpu", "num_reqs", "slot_mapping", "block_table_tensor", "num_actual_tokens",
+                     "max_seq_len"), "adapter/backend.py", kind="fields"),
+    CalledSignature("vllm.v1.attention.backend", "AttentionMetadataBuilder.__init__",
+                    ("kv_cache_spec", "layer_names", "vllm_config", "device"), "adapter/backend.py"),
+    CalledSignature("vllm.v1.attention.backend", "AttentionMetadataBuilder.build",
+                    ("common_prefix_len", "common_attn_metadata", "fast_build"), "adapter/backend.py (overridden)"),
+    CalledSignature("vllm.v1.attention.backend", "AttentionCGSupport", ("UNIFORM_BATCH", "NEVER", "ALWAYS"),
+                    "adapter/backend.py", kind="fields"),
+    CalledSignature("vllm.v1.attention.backend", "AttentionBackend.get_supported_kernel_block_sizes", (),
+                    "adapter/backend.py (overridden)"),
+    CalledSignature("vllm.v1.kv_cache_interface", "MLAAttentionSpec",
+                    ("block_size", "num_kv_heads", "max_tp_shards", "head_size", "dtype", "cache_role"),
+                    "adapter/backend.py"),
+    CalledSignature("vllm.v1.kv_cache_interface", "SparseCacheRole", ("INDEXER",), "adapter/backend.py", kind="fields"),
+    CalledSignature("vllm.forward_context", "ForwardContext", ("attn_metadata",), "adapter/model.py", kind="fields"),
+    # configuration read by the config hook and the runtime (adapter/config_hook.py, runtime.py)
+    CalledSignature("vllm.config", "VllmConfig",
+                    ("additional_config", "model_config", "cache_config", "parallel_config", "scheduler_config",
+                     "speculative_config", "compilation_config", "lora_config", "quant_config"),
+                    "adapter/*", kind="fields"),
+    CalledSignature("vllm.config", "CompilationConfig",
+                    ("cudagraph_mode", "cudagraph_capture_sizes", "max_cudagraph_capture_size", "static_forward_context"),
+                    "adapter/config_hook.py, backend.py", kind="fields"),
+    CalledSignature("vllm.config", "CUDAGraphMode", ("NONE", "FULL_DECODE_ONLY"), "adapter/config_hook.py", kind="fields"),
+    CalledSignature("vllm.config", "ParallelConfig",
+                    ("tensor_parallel_size", "enable_expert_parallel", "all2all_backend"), "adapter/config_hook.py, runtime.py",
+                    kind="fields"),
+    CalledSignature("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens"),
+                    "adapter/config_hook.py, backend.py", kind="fields"),
+    CalledSignature("vllm.config", "CacheConfig", ("cache_dtype", "block_size"), "adapter/*", kind="fields"),
+    CalledSignature("vllm.config", "ModelConfig", ("dtype", "hf_config", "max_model_len", "architecture"),
+                    "adapter/*", kind="fields"),
+    CalledSignature("vllm.config", "SpeculativeConfig", ("num_speculative_tokens",), "adapter/runtime.py", kind="fields"),
+    CalledSignature("vllm.distributed.parallel_state", "GroupCoordinator",
+                    ("world_size", "rank_in_group", "device_group", "all_gather", "reduce_scatter", "all_reduce"),
+                    "adapter/runtime.py VllmTpGroup", kind="fields"),
+    CalledSignature("vllm.distributed.parallel_state", "GroupCoordinator.all_gather", ("input_", "dim"), "adapter/runtime.py"),
+    CalledSignature("vllm.distributed.parallel_state", "GroupCoordinator.reduce_scatter", ("input_", "dim"), "adapter/runtime.py"),
+    CalledSignature("vllm.platforms.interface", "Platform", ("device_type", "is_cuda"), "adapter/*", kind="fields"),
+    CalledSignature("vllm.model_executor.models.config", "VerifyAndUpdateConfig.verify_and_update_config",
+                    ("vllm_config",), "adapter/config_hook.py (overridden)"),
+    # kernels of the vllm / vllm-deepgemm providers (adapter/vllm_kernels.py, vllm_deepgemm.py)
+    CalledSignature("vllm.v1.attention.ops.flashmla", "flash_mla_with_kvcache",
+                    ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v", "tile_scheduler_metadata",
+                     "softmax_scale", "is_fp8_kvcache", "indices"), "adapter/vllm_kernels.py", optional=True),
+    CalledSignature("vllm.utils.deep_gemm", "fp8_fp4_mqa_logits", ("q", "kv", "weights"),
+                    "adapter/vllm_deepgemm.py (the keyword that differs is told apart at run time: logits_api)",
+                    optional=True),
 )
 
 

@@ -189,3 +189,17 @@ def test_the_projects_touchpoints_resolve_against_the_installed_vllm_source():
     assert len(results) == len(touchpoints.TOUCHPOINTS) + len(touchpoints.CALLED_SIGNATURES)
     failed = [r for r in results if not r.ok and not r.optional]
     assert not failed, [(r.name, r.detail) for r in failed]
+
+
+def test_every_version_branch_names_an_existing_test_and_only_checked_versions():
+    """touchpoints.py records, per symbol, the releases it was checked against and any version
+    branch of the adapter; a branch must point at the test that covers it."""
+    touchpoints = compat.load_touchpoints(ROOT / "vllm_cp_nsa" / "touchpoints.py")
+    entries = touchpoints.TOUCHPOINTS + touchpoints.CALLED_SIGNATURES
+    assert all(set(e.versions) <= set(touchpoints.CHECKED_VERSIONS) and e.versions for e in entries)
+    branches = [t for t in touchpoints.TOUCHPOINTS if t.branch]
+    assert branches, "the fp8_fp4_mqa_logits signature branch (0.32 vs 0.33+) is listed"
+    for point in branches:
+        test_ref = next(word for word in point.branch.replace("(", " ").replace(")", " ").split() if "::" in word)
+        path, _, name = test_ref.partition("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), test_ref
