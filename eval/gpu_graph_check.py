@@ -37,6 +37,15 @@ CONFIGS = {
     "tp2-rr-fp8": (2, "round-robin-split", "fp8", 0, "bfloat16"),
     "tp2-rr-fp32-mtp2": (2, "round-robin-split", "auto", 2, "float32"),
     "tp2-rr-tpdecode-fp32-mtp1": (2, "round-robin-split", "auto", 1, "float32", {"decode_attention": "tp"}),
+    # chunked prefill (128-token chunks, <= the largest capture size): prefill and mixed
+    # batches replay breakable piecewise graphs, padded to a capture size
+    "tp1-bf16-chunked": (1, "off", "auto", 0, "bfloat16"),
+    "tp1-fp8-mtp1-chunked": (1, "off", "fp8", 1, "bfloat16"),
+}
+# engine arguments beyond the defaults, per configuration
+LLM_OVERRIDES = {
+    "tp1-bf16-chunked": {"max_num_batched_tokens": 128},
+    "tp1-fp8-mtp1-chunked": {"max_num_batched_tokens": 128},
 }
 
 
@@ -64,6 +73,7 @@ def run_one(name: str, eager: bool, out_dir: Path, prompts, max_tokens: int, tim
     llm = {"model": str(_model()), "dtype": dtype, "tensor_parallel_size": tp, "max_model_len": 2048,
            "enforce_eager": eager, "max_num_seqs": 8, "gpu_memory_utilization": 0.3, "seed": 0,
            "kv_cache_dtype": kv_dtype, "additional_config": {"cp_nsa": {"mode": mode, **(more[0] if more else {})}}}
+    llm.update(LLM_OVERRIDES.get(name, {}))
     if num_spec:
         llm["speculative_config"] = {"method": "mtp", "num_speculative_tokens": num_spec}
     spec = {"llm": llm, "prompts": prompts,
@@ -94,6 +104,8 @@ def run_one(name: str, eager: bool, out_dir: Path, prompts, max_tokens: int, tim
     result["plugin_graph_line"] = next((m.group(0) for m in re.finditer(r"vllm_cp_nsa: CUDA graphs[^\n]*", log)), None)
     result["kernel_provider_line"] = next((m.group(0) for m in re.finditer(r"vllm_cp_nsa: kernel provider[^\n]*", log)), None)
     result["vllm_capture_line"] = next((m.group(0) for m in re.finditer(r"Graph capturing finished[^\n]*", log)), None)
+    # vLLM logs one "Capturing CUDA graphs (<kind>, <mode>)" progress line per kind it captures
+    result["vllm_captured_modes"] = sorted(set(re.findall(r"Capturing CUDA graphs \(([^)]*)\)", log)))
     result["cudagraph_mode_line"] = next((m.group(0) for m in re.finditer(r"[^\n]*cudagraph_mode[^\n]*", log)), None)
     return result
 

@@ -90,3 +90,27 @@ def cp_capture_sizes(
             f"with {num_speculative_tokens} speculative tokens"
         )
     return CaptureSizes(sizes=sizes, decode_sizes=sorted(decode), max_size=sizes[-1], changes=changes)
+
+
+def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool,
+                             moe_capturable: bool) -> tuple[bool, str]:
+    """Whether prefill and mixed batches can replay vLLM's breakable piecewise CUDA graphs,
+    and why (for the startup line).
+
+    A piecewise graph replays, for every batch padded to its size, the row layout it
+    captured; only the attention's eager break (cache writes, indexer, sparse MLA) reads
+    the batch. So the layout may depend on the padded token count alone: true when rows
+    are never split (one rank, or ``mode: off``) and every rank runs all heads. A split
+    plan picks rows from the batch (and runs unsplit below its thresholds), and
+    ``decode_attention: tp`` picks heads per batch: those batches run eagerly, decode
+    batches keep FULL graphs. A MoE communicator with data-dependent collective sizes
+    cannot sit inside a graph segment at all.
+    """
+    if not moe_capturable:
+        return False, "the MoE communicator's all-to-all sizes depend on the batch"
+    if cp_size > 1 and mode != "off":
+        return False, f"mode={mode} picks each rank's rows from the batch"
+    if heads_split:
+        return False, "decode_attention=tp picks the heads per batch"
+    return True, ("rows never split: graphs hold everything but the attention's eager break "
+                  "(cache writes, indexer, sparse MLA)")

@@ -41,6 +41,12 @@ class NsaForwardMetadata:
     def num_local_rows(self) -> int:
         return self.local_req.shape[0]
 
+    def per_forward_value(self, key: str, build):
+        """``build()`` once per forward (per metadata object), the same object for every layer."""
+        if key not in self._per_forward:
+            self._per_forward[key] = build()
+        return self._per_forward[key]
+
     def local_kv_len(self, local_positions: torch.Tensor) -> torch.Tensor:
         """[rows] keys each local row attends over: its position + 1, 0 for padding rows.
 
@@ -262,8 +268,10 @@ def nsa_attention(
     sm_scale: float,
     group: CpGroup,
     ops,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One layer of NSA attention for this rank's rows -> ``[rows, H * v_head_dim]``.
+    """One layer of NSA attention for this rank's rows -> ``[rows, H * v_head_dim]``
+    (written into ``out`` when given: a CUDA graph's static buffer).
 
     q_nope [n, H, P], q_pe [n, H, 64], kv_c [n, 512], k_pe [n, 64] (roped),
     index_q [n, Hi, 128] (roped), index_weights [n, Hi] (all scales folded),
@@ -271,9 +279,9 @@ def nsa_attention(
     """
     write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
     topk_positions = select_topk_positions(index_q, index_weights, local_positions, meta, caches, topk, ops)
-    out = sparse_attention(absorbed_query(q_nope, q_pe, w_uk_t), topk_positions, meta, caches, sm_scale, ops)
-    n, num_heads, v_dim = out.shape[0], w_uv.shape[0], w_uv.shape[-1]
-    values = out.new_empty((n, num_heads * v_dim), dtype=w_uv.dtype)
+    latent_out = sparse_attention(absorbed_query(q_nope, q_pe, w_uk_t), topk_positions, meta, caches, sm_scale, ops)
+    n, num_heads, v_dim = latent_out.shape[0], w_uv.shape[0], w_uv.shape[-1]
+    values = latent_out.new_empty((n, num_heads * v_dim), dtype=w_uv.dtype) if out is None else out
     # [H, n, 512] x [H, 512, V] written token-major: no copy for the reshape to [n, H * V]
-    torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv, out=values.view(n, num_heads, v_dim).transpose(0, 1))
+    torch.bmm(latent_out.transpose(0, 1).to(w_uv.dtype), w_uv, out=values.view(n, num_heads, v_dim).transpose(0, 1))
     return values

@@ -15,7 +15,8 @@ from gpu_graph_check import CONFIGS, compare, run_one, tiny_prompts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
 
-CASES = ["tp1-bf16", "tp2-rr-fp32-mtp1", "tp2-inseq-fp32-mtp1", "tp2-rr-tpdecode-fp32-mtp1"]
+CASES = ["tp1-bf16", "tp1-bf16-chunked", "tp1-fp8-mtp1-chunked", "tp2-rr-fp32-mtp1", "tp2-inseq-fp32-mtp1",
+         "tp2-rr-tpdecode-fp32-mtp1"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -30,6 +31,8 @@ def test_graph_replays_equal_eager(name, tmp_path):
     assert compare(eager, graph)["equal"]
     assert graph["graph_padded_forwards"] > 0  # padded FULL-graph batches were replayed
     assert "CUDA graphs FULL" in (graph["plugin_graph_line"] or "")
+    if tp == 1:  # rows never split: prefill / mixed batches replay breakable piecewise graphs
+        assert any("PIECEWISE" in mode for mode in graph["vllm_captured_modes"]), graph["vllm_captured_modes"]
 
 
 def test_decode_attention_tp_equals_split_decode(tmp_path):

@@ -186,3 +186,20 @@ def test_decode_attention_tp_sizes_follow_only_the_verify_length(tmp_path):
         sizes = list(compilation.cudagraph_capture_sizes)
         assert all(s % multiple == 0 for s in sizes), (split_decode, sizes)
         assert (3 in sizes) is (not split_decode)
+
+
+@pytest.mark.parametrize("cp_size,mode,heads_split,moe_ok,expected", [
+    (1, "off", False, True, True),
+    (1, "round-robin-split", False, True, True),   # one rank: the plan never splits
+    (4, "off", False, True, True),
+    (4, "round-robin-split", False, True, False),
+    (4, "in-seq-split", False, True, False),
+    (4, "off", True, True, False),
+    (1, "off", False, False, False),
+])
+def test_piecewise_graphs_only_for_a_layout_fixed_by_the_padded_size(cp_size, mode, heads_split, moe_ok, expected):
+    from vllm_cp_nsa.graph_sizing import piecewise_graph_decision
+
+    ok, reason = piecewise_graph_decision(cp_size=cp_size, mode=mode, heads_split=heads_split,
+                                          moe_capturable=moe_ok)
+    assert ok is expected and reason
