@@ -12,6 +12,10 @@ the causal mask. So query position ``t`` attends to the ``min(index_topk, t+1)``
 highest-scoring keys among positions ``0..t`` (itself included); sparsity only
 kicks in for ``t >= index_topk``.
 
+HF's rope equals vLLM's own V3.2's (which the plugin follows) for ``default`` and for
+DeepSeek's YaRN; ``load_hf_model`` refuses a checkpoint whose rope the two would apply
+differently (``rope_differences_from_vllm``), so a comparison never silently diverges.
+
 Library use::
 
     from hf_oracle import load_hf_model, prompt_logprobs, greedy_generate
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -73,8 +78,56 @@ def load_hf_model(model_dir, dtype: torch.dtype = torch.float32):
         raise RuntimeError(f"{model_dir}: checkpoint does not match DeepseekV32ForCausalLM: {bad}")
     if type(model) is not DeepseekV32ForCausalLM or config.model_type != "deepseek_v32":
         raise RuntimeError(f"expected DeepseekV32ForCausalLM, got {type(model).__name__}")
+    differences = rope_differences_from_vllm(config.rope_parameters)
+    if differences:
+        raise RuntimeError(f"{model_dir}: HF's rope would not be vLLM's DeepSeek-V3.2 rope: {'; '.join(differences)}")
     model.eval()
     return model
+
+
+def rope_differences_from_vllm(rope_parameters: dict) -> list[str]:
+    """Where HF's deepseek_v32 rope departs from vLLM's own V3.2 (which the plugin follows).
+
+    Both apply the same YaRN (cos/sin magnitude ``mscale(mscale) / mscale(mscale_all_dim)``,
+    MLA softmax scale times ``mscale(mscale_all_dim) ** 2``, interleaved MLA rope, NeoX
+    indexer rope) for ``default`` and for ``yarn`` as DeepSeek ships it. vLLM's V3.2 runs
+    every other scaled rope type as DeepSeek YaRN, ignores ``truncate``, defaults
+    ``mscale`` to 1 and ``mscale_all_dim`` to 0 where HF wants both or neither, and reads
+    ``attention_factor`` 1.0 as "no softmax mscale" where HF scales cos/sin by it.
+    """
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type == "default":
+        return []
+    out = []
+    if rope_type != "yarn":
+        out.append(f"rope_type '{rope_type}' (vLLM's V3.2 runs it as DeepSeek YaRN)")
+    if "attention_factor" in rope_parameters:
+        out.append("attention_factor set (HF scales cos/sin by it, vLLM's V3.2 maps 1.0 to "
+                   "deepseek_llama_scaling and otherwise ignores it)")
+    if rope_parameters.get("truncate", True) is not True:
+        out.append("truncate false (vLLM's V3.2 always truncates the YaRN correction range)")
+    factor, mscale, mscale_all_dim = (rope_parameters.get(k) for k in ("factor", "mscale", "mscale_all_dim"))
+    if factor is None:
+        return out + ["no factor (vLLM's V3.2 needs it)"]
+
+    def get_mscale(m):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    hf = get_mscale(mscale) / get_mscale(mscale_all_dim) if mscale and mscale_all_dim else get_mscale(1)
+    vllm = get_mscale(1 if mscale is None else mscale) / get_mscale(0 if mscale_all_dim is None else mscale_all_dim)
+    if not math.isclose(hf, vllm, rel_tol=1e-9):
+        out.append(f"cos/sin magnitude {hf:.6g} in HF, {vllm:.6g} in vLLM's V3.2 "
+                   f"(mscale {mscale}, mscale_all_dim {mscale_all_dim})")
+    return out
+
+
+def yarn_original_context(model_dir) -> int | None:
+    """The checkpoint's YaRN ``original_max_position_embeddings`` (None without YaRN):
+    a comparison tests the rope where positions run past it."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    is_yarn = rope.get("rope_type", rope.get("type")) == "yarn"
+    return rope["original_max_position_embeddings"] if is_yarn else None
 
 
 def load_tokenizer(model_dir):

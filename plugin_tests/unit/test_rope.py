@@ -151,3 +151,73 @@ def test_max_model_len_past_the_cached_positions_fails_at_startup(vllm_context):
     rope.check_covers(FACTOR * ORIGINAL)
     with pytest.raises(CpNsaConfigError, match="--max-model-len 2560"):
         rope.check_covers(FACTOR * ORIGINAL + 1)
+
+
+HF_VARIANTS = {
+    "release": RELEASE_YARN,
+    "default": YARN_VARIANTS["default"],
+    "mscale-ratio": YARN_VARIANTS["mscale-ratio"],
+    "mscale_all_dim-zero": {**RELEASE_YARN, "mscale_all_dim": 0},
+    "no-mscale-keys": {k: v for k, v in RELEASE_YARN.items() if k not in ("mscale", "mscale_all_dim")},
+    "mscale-alone": {**{k: v for k, v in RELEASE_YARN.items() if k != "mscale_all_dim"}, "mscale": 0.707},
+    "mscale_all_dim-alone": {k: v for k, v in RELEASE_YARN.items() if k != "mscale"},
+    "untruncated": {**RELEASE_YARN, "truncate": False},
+}
+
+
+@pytest.mark.parametrize("params", HF_VARIANTS.values(), ids=HF_VARIANTS.keys())
+def test_hf_oracle_refuses_exactly_the_ropes_where_hf_differs(params):
+    """eval/hf_oracle.py compares HF against the plugin only where HF's rope is vLLM's
+    V3.2 rope: its check agrees with HF's and the plugin's actual cos/sin tables."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
+    from hf_oracle import rope_differences_from_vllm
+    from transformers.models.deepseek_v32 import DeepseekV32Config
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32RotaryEmbedding
+
+    hf_config = DeepseekV32Config(qk_rope_head_dim=ROPE_DIM, rope_parameters=dict(params),
+                                  max_position_embeddings=FACTOR * ORIGINAL)
+    hf_cos, hf_sin = DeepseekV32RotaryEmbedding(hf_config)(torch.zeros(1), POSITIONS[None])
+    with set_current_vllm_config(VllmConfig()):
+        rope = DeepseekRope(_config(params), ROPE_DIM, is_neox_style=True)
+    cos, sin = rope.rotary_emb.cos_sin_cache[POSITIONS].chunk(2, dim=-1)
+    same = torch.allclose(hf_cos[0, :, : ROPE_DIM // 2], cos, atol=ATOL) and torch.allclose(
+        hf_sin[0, :, : ROPE_DIM // 2], sin, atol=ATOL)
+    assert same == (rope_differences_from_vllm(hf_config.rope_parameters) == [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("interleaved,heads,rope_first", [(True, 128, False), (False, 64, True)], ids=["mla", "indexer"])
+def test_gpu_rotation_equals_vllms_own_call_and_reference(interleaved, heads, rope_first):
+    """Real dimensions and the release's rope on CUDA, vLLM's kernels (FlashInfer where
+    installed): the plugin's rotation equals vLLM's own V3.2 call on the same tensors
+    (MLA: the last 64 of 192 dims, vLLM's mla.py; indexer: the first 64 of 128) and the
+    reference up to bf16 and float32-angle rounding at positions up to 163839."""
+    params = {**RELEASE_YARN, "original_max_position_embeddings": 4096}
+    positions = torch.tensor([0, 1, 4095, 4096, 4097, 20000, 100000, 163839], device="cuda")
+    config = _config(params, max_positions=163840)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # vLLM builds the model's rotary in the model dtype
+    try:
+        with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig(custom_ops=["all"]))):
+            rope = DeepseekRope(config, ROPE_DIM, is_neox_style=not interleaved).cuda()
+            width = 128 if rope_first else 192
+            rope_dims = slice(0, ROPE_DIM) if rope_first else slice(width - ROPE_DIM, width)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(len(positions), heads, width, device="cuda", generator=gen, dtype=torch.bfloat16)
+            kv = torch.randn(len(positions), 512 + ROPE_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+            # vLLM's own V3.2 call
+            own_q, own_kv = q.clone(), kv.clone()
+            own_q[..., rope_dims], own_k = rope.rotary_emb(positions, own_q[..., rope_dims],
+                                                           own_kv[:, 512:].unsqueeze(1))
+            # the plugin's
+            ours_q, ours_k = rope(positions, q.clone()[..., rope_dims], kv.clone()[:, 512:])
+            torch.cuda.synchronize()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    assert torch.equal(ours_q, own_q[..., rope_dims]) and torch.equal(ours_k, own_k.reshape(ours_k.shape))
+    want_q = reference_rotate(q[..., rope_dims].cpu().float(), positions.cpu(), params, interleaved)
+    torch.testing.assert_close(ours_q.cpu().double(), want_q, atol=0.1, rtol=0.02)
