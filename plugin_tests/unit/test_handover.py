@@ -303,9 +303,24 @@ def test_startup_line_names_the_resolved_provider_and_what_moe_runs(base_config,
             "'deepep_high_throughput'), CUDA graphs off") in line
 
 
-@pytest.mark.parametrize("mode,blames_plan", [("off", False), ("round-robin-split", True)])
-def test_graph_mode_warning_blames_the_plan_only_under_cp(base_config, plugin_log, mode, blames_plan):
-    cfg = _fresh(base_config, {"cp_nsa": {"mode": mode}})
+@pytest.mark.parametrize("options,piecewise", [
+    ({"mode": "off"}, True),                                       # rows never split
+    ({"mode": "round-robin-split"}, False),                        # rows picked per batch
+    ({"mode": "off", "decode_attention": "tp"}, False),             # heads picked per batch
+])
+def test_graph_mode_keeps_piecewise_graphs_only_for_a_fixed_layout(base_config, plugin_log, options, piecewise):
+    """-tp 2: without a split layout vLLM's FULL_AND_PIECEWISE stays (breakable piecewise graphs
+    around the attention's eager break); a split plan or per-batch heads downgrade it to
+    FULL_DECODE_ONLY with a warning that says which, and blames the split layout only under CP."""
+    from vllm.config import CUDAGraphMode
+
+    cfg = _fresh(base_config, {"cp_nsa": options})
     config_hook.CpNsaV32ConfigHook.verify_and_update_config(cfg)
-    warning = next(m for m in plugin_log.messages() if "-> FULL_DECODE_ONLY" in m)
-    assert ("split plan" in warning) is blames_plan
+    mode = cfg.compilation_config.cudagraph_mode
+    warnings = [m for m in plugin_log.messages() if "-> FULL_DECODE_ONLY" in m]
+    if piecewise:
+        assert mode == CUDAGraphMode.FULL_AND_PIECEWISE and not warnings
+    else:
+        assert mode == CUDAGraphMode.FULL_DECODE_ONLY and len(warnings) == 1
+        assert ("split layout" in warnings[0]) is (options["mode"] != "off")
+        assert ("heads per batch" in warnings[0]) is ("decode_attention" in options)

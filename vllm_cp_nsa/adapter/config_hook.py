@@ -29,7 +29,7 @@ from ..extensions import (
     resolve_moe_communicator,
     resolve_split_strategy,
 )
-from ..graph_sizing import cp_capture_sizes
+from ..graph_sizing import cp_capture_sizes, piecewise_graph_decision
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -195,34 +195,44 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
-        set_cudagraph_mode(vllm_config, split=options.mode != "off")
+        piecewise, why = piecewise_graph_decision(
+            cp_size=parallel.tensor_parallel_size, mode=options.mode,
+            heads_split=options.decode_attention == "tp" and parallel.tensor_parallel_size > 1,
+            moe_capturable=getattr(communicator, "supports_cuda_graphs", False))
+        set_cudagraph_mode(vllm_config, piecewise, why, split=options.mode != "off")
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
             set_cp_capture_sizes(vllm_config, split_decode=options.decode_attention != "tp")
         logger.info(describe_decision(
             vllm_config, options, kernels, describe_moe(vllm_config, options, communicator, all_to_all)))
 
 
-def set_cudagraph_mode(vllm_config: VllmConfig, split: bool = True) -> None:
-    """FULL graphs for uniform decode / verify batches only.
+def set_cudagraph_mode(vllm_config: VllmConfig, piecewise: bool, why: str, split: bool = True) -> None:
+    """CUDA graphs the plugin's model can replay.
 
-    The model is not torch-compiled and vLLM enables breakable CUDA graphs for this
-    architecture, so a PIECEWISE mode would capture the whole forward of a mixed batch (its
-    attention metadata and, with ``split``, its split plan) and replay it for other batches
-    of that size. A user's NONE or FULL_DECODE_ONLY is kept; other modes are changed with
-    a warning.
+    ``piecewise`` (``graph_sizing.piecewise_graph_decision``: the row layout depends on the
+    padded token count alone): vLLM's own mode stays, as for vLLM's own V3.2 (breakable
+    piecewise graphs for prefill / mixed batches around the attention's eager break, FULL
+    graphs for uniform decode). Otherwise FULL graphs for uniform decode / verify batches
+    only: a piecewise graph would replay the split layout it captured for another batch of
+    that size. A user's NONE or FULL_DECODE_ONLY is kept; other modes are changed with a
+    warning that says why.
     """
     from vllm.config import CUDAGraphMode
 
     compilation = vllm_config.compilation_config
     requested = compilation.cudagraph_mode
+    if piecewise:
+        _log_once(f"vllm_cp_nsa: CUDA graphs as vLLM's own V3.2: breakable piecewise graphs for "
+                  f"prefill / mixed batches ({why}), FULL graphs for uniform decode")
+        return
     if requested in (CUDAGraphMode.NONE, CUDAGraphMode.FULL_DECODE_ONLY):
         return
     if requested is not None:
         logger.warning(
             "vllm_cp_nsa: cudagraph_mode %s -> FULL_DECODE_ONLY: mixed and prefill batches of the "
-            "plugin's DeepSeek-V3.2 run eagerly (the model is not torch-compiled, so a graph captured "
-            "for one mixed batch would replay its attention metadata%s for another)",
-            requested.name, " and split plan" if split else "",
+            "plugin's DeepSeek-V3.2 run eagerly (%s%s)",
+            requested.name, why, "; a graph captured for one mixed batch would replay its split "
+            "layout for another" if split else "",
         )
     compilation.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
 
