@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 # metric key -> (title, unit, scale from the JSON's unit, how to read the summary)
@@ -54,7 +55,9 @@ def merge(reports: list[dict]) -> dict:
         for report in reports:
             for config in report["configs"]:
                 config.setdefault("settings", report.get("settings"))
-    merged["merged_from"] = [r.get("source") or r.get("date") for r in reports]
+    merged.pop("source", None)
+    if len(reports) > 1:
+        merged["merged_from"] = [r.get("source") or r.get("date") for r in reports]
     return merged
 
 
@@ -204,7 +207,8 @@ def plot(report: dict, stem: Path, metrics: list[str] | None = None) -> dict[str
     written = {}
     for key in metrics or list(PLOT_METRICS):
         title, unit, scale, path = PLOT_METRICS[key]
-        fig, axes = plt.subplots(1, max(1, len(workloads)), figsize=(5.5 * max(1, len(workloads)), 4.2), squeeze=False)
+        panels = max(1, len(workloads))
+        fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.4), squeeze=False, layout="constrained")
         for ax, workload in zip(axes[0], workloads):
             rates = sorted({rate_text(r["rate"]) for c in report["configs"]
                             for r in c.get("results", {}).get(workload, [])}, key=rate_key)
@@ -221,8 +225,7 @@ def plot(report: dict, stem: Path, metrics: list[str] | None = None) -> dict[str
             ax.set_title(f"{title} — {workload}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(report.get("title") or "serving benchmark", fontsize=10)
-        fig.tight_layout()
+        fig.suptitle(textwrap.fill(report.get("title") or "serving benchmark", 70 * panels), fontsize=9)
         out = Path(f"{stem}_{key}.png")
         fig.savefig(out, dpi=110)
         plt.close(fig)
