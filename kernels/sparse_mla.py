@@ -24,7 +24,6 @@ warpgroups compute the same S tile (see the notes for what was tried).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
