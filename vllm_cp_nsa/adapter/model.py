@@ -31,7 +31,9 @@ from vllm.sequence import IntermediateTensors
 
 from ..communicator import gather_token_rows
 from ..config import CpNsaConfigError
+from ..kernels.kv_cache_ref import INDEXER_FP8_SLOT_BYTES
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
+from ..scratch import AttentionShape, BatchBounds, IndexerLimits, attention_scratch_bytes
 from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache
 from .ep_moe import CpNsaExpertParallelMoE
@@ -220,6 +222,7 @@ class CpNsaAttention(nn.Module):
         )
         if runtime.heads_split_when_unsplit:
             check_heads_sliceable(self.q_b_proj, self.o_proj)
+        self.profile_scratch_bytes = attention_scratch_bytes_for(vllm_config, config, runtime.ops)
 
     def _head_slice(self, meta: NsaForwardMetadata | None) -> slice | None:
         """This rank's heads when the batch runs unsplit under ``decode_attention: tp``
@@ -243,6 +246,11 @@ class CpNsaAttention(nn.Module):
         latent_cache = self.mla_attn.kv_cache
         if meta is None or latent_cache.numel() == 0:
             # Profile / dummy runs carry no batch metadata and no cache.
+            if latent_cache.numel() == 0:
+                # vLLM's memory profile (no cache yet): hold the attention's scratch for the
+                # largest batch for a moment, so the KV cache is sized around it (scratch.py)
+                scratch = torch.empty(self.profile_scratch_bytes, dtype=torch.uint8, device=x.device)
+                del scratch
             return x.new_zeros(num_rows, x.shape[1])
         caches = NsaCaches(
             latent=latent_cache,
@@ -292,6 +300,36 @@ class CpNsaAttention(nn.Module):
             full[:, cols] = out
             return self.o_proj(full)[0]
         return F.linear(out, weight[:, cols])
+
+
+def attention_scratch_bytes_for(vllm_config: VllmConfig, config, ops) -> int:
+    """Peak transient bytes of one attention layer at the engine's largest batch, with the
+    caps of the kernel provider ``ops`` (vllm_cp_nsa.scratch)."""
+    from ..kernels.indexer_topk import MAX_LOGITS_BYTES as TRITON_MAX_LOGITS_BYTES
+    from . import vllm_deepgemm, vllm_kernels
+
+    if isinstance(ops, vllm_deepgemm.VllmDeepGemmOps):
+        limits = IndexerLimits(max(vllm_deepgemm.MAX_LOGITS_BYTES, TRITON_MAX_LOGITS_BYTES),
+                               vllm_deepgemm.MAX_GATHER_KEYS * INDEXER_FP8_SLOT_BYTES,
+                               vllm_kernels.MAX_WORKSPACE_BYTES)
+    elif isinstance(ops, vllm_kernels.VllmKernelOps):
+        limits = IndexerLimits(TRITON_MAX_LOGITS_BYTES, 0, vllm_kernels.MAX_WORKSPACE_BYTES)
+    else:
+        limits = IndexerLimits(TRITON_MAX_LOGITS_BYTES)
+    model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
+    bounds = BatchBounds(
+        max_rows=vllm_config.scheduler_config.max_num_batched_tokens,
+        max_reqs=vllm_config.scheduler_config.max_num_seqs,
+        max_model_len=model_config.max_model_len,
+        # CUDA backends may raise the block size to 64 after the model is built
+        block_size=max(cache_config.block_size or 64, 64),
+    )
+    shape = AttentionShape(
+        num_heads=config.num_attention_heads, v_head_dim=config.v_head_dim, index_heads=config.index_n_heads,
+        topk=config.index_topk, dtype_bytes=model_config.dtype.itemsize,
+        fp8_latent_cache=str(cache_config.cache_dtype).startswith("fp8"),
+    )
+    return attention_scratch_bytes(bounds, shape, limits)
 
 
 def check_heads_sliceable(*layers: nn.Module) -> None:
