@@ -220,6 +220,9 @@ def spec_decode_counters(base_url: str) -> dict | None:
 # --------------------------------------------------------------------------
 
 
+AUTO_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
 @dataclass
 class Sweep:
     """Everything a configuration's sweep needs besides the server."""
@@ -237,6 +240,8 @@ class Sweep:
     deadline: float = math.inf  # time.time() after which no rate starts
     keep_requests: bool = True
     on_rate_done: object = field(default=None, repr=False)
+    auto_fractions: tuple = AUTO_FRACTIONS
+    resolved_rates: dict = field(default_factory=dict)  # workload -> rates an "auto" sweep settled on
 
     def prompts(self, workload: Workload, rate: float) -> list[list[int]]:
         stream = f"{workload.name}/{rate_label(rate)}"
@@ -275,38 +280,68 @@ def warm_up(base_url: str, model: str, sweep: Sweep) -> float:
     return time.time() - started
 
 
+def auto_rates(saturation_rps: float, fractions=AUTO_FRACTIONS) -> list[float]:
+    """Finite rates at ``fractions`` of a measured saturation throughput (requests/s), two
+    significant digits, distinct, ascending."""
+    return sorted({float(f"{f * saturation_rps:.2g}") for f in fractions if f * saturation_rps > 0})
+
+
 def sweep_server(base_url: str, sweep: Sweep, result: dict, alive=lambda: True) -> None:
-    """Warm up, then every workload x rate; fills ``result`` in place (partial on failure)."""
+    """Warm up, then every workload x rate; fills ``result`` in place (partial on failure).
+
+    A workload whose rates are ``auto`` (None) takes the rates the first configuration resolved;
+    that first configuration measures ``inf`` first and sets them at fractions of its completed
+    requests/s, so every configuration is swept at the same rates."""
     from .client import RateRun, run_rate
 
     info = server_info(base_url)
     result["served_model"], result["server_version"] = info["model"], info.get("version")
     result["warmup_s"] = warm_up(base_url, info["model"], sweep)
     log(f"[{result['name']}] warm-up {result['warmup_s']:.1f} s")
+
+    def measure(workload: Workload, rate: float) -> dict | None:
+        if time.time() > sweep.deadline:
+            result["skipped"].append(f"{workload.name}@{rate_label(rate)} (budget)")
+            return None
+        if not alive():
+            raise RuntimeError(f"server died before {workload.name} at rate {rate_label(rate)}")
+        prompts = sweep.prompts(workload, rate)
+        arrivals = poisson_arrivals(len(prompts), rate, sweep.seed, f"{workload.name}/{rate_label(rate)}")
+        records = run_rate(RateRun(base_url, info["model"], prompts, arrivals, sweep.output_len,
+                                   sweep.max_duration_s, sweep.request_timeout_s, sweep.max_concurrency,
+                                   sweep.ignore_eos))
+        summary = summarize_rate(rate, records)
+        if sweep.keep_requests:
+            summary["requests"] = [r.compact() for r in records]
+        log(f"[{result['name']}] {workload.name} rate {rate_label(rate)}: {summary['completed']}/{summary['sent']} ok, "
+            f"{summary['request_throughput'] or 0:.2f} req/s, {summary['output_throughput'] or 0:.1f} out tok/s, "
+            f"TTFT p50/p99 {report_mod._ms(summary['ttft_s']['p50'])}/{report_mod._ms(summary['ttft_s']['p99'])} ms, "
+            f"TPOT p50/p99 {report_mod._ms(summary['tpot_s']['p50'])}/{report_mod._ms(summary['tpot_s']['p99'])} ms"
+            + (f", {summary['failed']} failed: {summary['failure_reasons']}" if summary["failed"] else ""))
+        return summary
+
     for workload, rates in sweep.workloads:
         per = result["results"].setdefault(workload.name, [])
-        for rate in rates:
-            if time.time() > sweep.deadline:
-                result["skipped"].append(f"{workload.name}@{rate_label(rate)} (budget)")
+        probe = None
+        rates = rates if rates is not None else sweep.resolved_rates.get(workload.name)
+        if rates is None:
+            probe = measure(workload, math.inf)
+            if probe is None:
                 continue
-            if not alive():
-                raise RuntimeError(f"server died before {workload.name} at rate {rate_label(rate)}")
-            prompts = sweep.prompts(workload, rate)
-            arrivals = poisson_arrivals(len(prompts), rate, sweep.seed, f"{workload.name}/{rate_label(rate)}")
-            records = run_rate(RateRun(base_url, info["model"], prompts, arrivals, sweep.output_len,
-                                       sweep.max_duration_s, sweep.request_timeout_s, sweep.max_concurrency,
-                                       sweep.ignore_eos))
-            summary = summarize_rate(rate, records)
-            if sweep.keep_requests:
-                summary["requests"] = [r.compact() for r in records]
-            per.append(summary)
-            log(f"[{result['name']}] {workload.name} rate {rate_label(rate)}: {summary['completed']}/{summary['sent']} ok, "
-                f"{summary['request_throughput'] or 0:.2f} req/s, {summary['output_throughput'] or 0:.1f} out tok/s, "
-                f"TTFT p50/p99 {report_mod._ms(summary['ttft_s']['p50'])}/{report_mod._ms(summary['ttft_s']['p99'])} ms, "
-                f"TPOT p50/p99 {report_mod._ms(summary['tpot_s']['p50'])}/{report_mod._ms(summary['tpot_s']['p99'])} ms"
-                + (f", {summary['failed']} failed: {summary['failure_reasons']}" if summary["failed"] else ""))
-            if sweep.on_rate_done:
-                sweep.on_rate_done()
+            if not probe["request_throughput"]:
+                raise RuntimeError(f"auto rates for {workload.name}: the saturation probe completed no request")
+            rates = auto_rates(probe["request_throughput"], sweep.auto_fractions) + [math.inf]
+            sweep.resolved_rates[workload.name] = rates
+            result.setdefault("auto_rates", {})[workload.name] = {
+                "saturation_rps": probe["request_throughput"], "fractions": list(sweep.auto_fractions),
+                "rates": ["inf" if math.isinf(r) else r for r in rates]}
+            log(f"[{result['name']}] {workload.name}: auto rates {', '.join(rate_label(r) for r in rates)} req/s")
+        for rate in rates:
+            summary = probe if (probe is not None and math.isinf(rate)) else measure(workload, rate)
+            if summary is not None:
+                per.append(summary)
+                if sweep.on_rate_done:
+                    sweep.on_rate_done()
 
 
 def new_result(name: str, description: str) -> dict:
@@ -429,8 +464,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(e.g. 64-512, 4K-16K); default 2k-64k,1k-8k")
     wl.add_argument("--length-dist", choices=LENGTH_DISTRIBUTIONS, default="uniform")
     wl.add_argument("--rates", action="append", default=None, metavar="[WORKLOAD=]R1,R2,...",
-                    help="request rates (req/s, 'inf' = all at once); WORKLOAD= gives one workload its own list; "
+                    help="request rates (req/s, 'inf' = all at once), or 'auto': the first configuration measures "
+                         "'inf' and the rates become --auto-fractions of its completed requests/s, for every "
+                         "configuration; WORKLOAD= gives one workload its own list; "
                          f"repeatable (default {DEFAULT_RATES}; --cpu-dry-run {CPU_DRY_RUN_RATES})")
+    wl.add_argument("--auto-fractions", default=",".join(f"{f:g}" for f in AUTO_FRACTIONS),
+                    help="fractions of the saturation throughput that 'auto' rates sweep (default %(default)s)")
     wl.add_argument("--output-len", type=int, default=256)
     wl.add_argument("--num-requests", type=int, default=64, help="requests per rate (upper bound)")
     wl.add_argument("--max-duration-s", type=float, default=60.0,
@@ -490,13 +529,13 @@ def parse_workloads(a) -> list[tuple[Workload, list[float]]]:
         per: dict[str, list[float]] = {}
         for spec in a.rates or []:
             name, _, values = spec.rpartition("=")
-            per[name or "*"] = [parse_rate(r) for r in values.split(",") if r.strip()]
+            per[name or "*"] = None if values.strip() == "auto" else [parse_rate(r) for r in values.split(",") if r.strip()]
     except ValueError as e:
         raise SystemExit(f"bad --workloads / --rates: {e}")
     unknown = set(per) - {"*"} - {w.name for w in workloads}
     if unknown:
         raise SystemExit(f"--rates names {sorted(unknown)}, not among --workloads {[w.name for w in workloads]}")
-    return [(w, per.get(w.name, per.get("*", default))) for w in workloads]
+    return [(w, per[w.name] if w.name in per else per.get("*", default)) for w in workloads]
 
 
 def render(a) -> int:
@@ -524,6 +563,12 @@ def main(argv=None) -> int:
     log_dir = Path(a.log_dir or f"{stem}_logs").resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     workloads = parse_workloads(a)
+    try:
+        fractions = tuple(float(f) for f in a.auto_fractions.split(",") if f.strip())
+    except ValueError:
+        raise SystemExit(f"--auto-fractions {a.auto_fractions!r}: give numbers, e.g. 0.25,0.5,0.75,1")
+    if not fractions or not all(f > 0 for f in fractions):
+        raise SystemExit(f"--auto-fractions {a.auto_fractions!r}: give positive fractions, e.g. 0.25,0.5,0.75,1")
     longest = max(w.max_tokens for w, _ in workloads)
     a.max_model_len = a.max_model_len or max(2048, -(-(longest + a.output_len) // 1024) * 1024)
 
@@ -577,7 +622,8 @@ def main(argv=None) -> int:
             "request_timeout_s": a.request_timeout_s, "max_concurrency": a.max_concurrency, "seed": a.seed,
             "warmup_requests": a.warmup_requests, "baselines": a.baselines.split(",") if a.baselines else None,
             "workloads": [{"name": w.name, "min_tokens": w.min_tokens, "max_tokens": w.max_tokens,
-                           "distribution": w.distribution, "rates": ["inf" if math.isinf(r) else r for r in rates]}
+                           "distribution": w.distribution,
+                           "rates": "auto" if rates is None else ["inf" if math.isinf(r) else r for r in rates]}
                           for w, rates in workloads],
             "request_columns": REQUEST_COLUMNS,
         },
@@ -588,12 +634,15 @@ def main(argv=None) -> int:
 
     def save(draw: bool = False) -> None:
         report["wall_s"] = time.time() - t0
+        for w in report["settings"]["workloads"]:
+            if w["rates"] == "auto" and w["name"] in sweep.resolved_rates:
+                w["auto_rates"] = ["inf" if math.isinf(r) else r for r in sweep.resolved_rates[w["name"]]]
         report_mod.write(report, stem, draw=draw and not a.no_plots)
 
     sweep = Sweep(workloads, pool, a.output_len, a.num_requests, a.max_duration_s, a.request_timeout_s,
                   a.max_concurrency, a.seed, a.warmup_requests, a.ignore_eos,
                   deadline=t0 + a.budget_s if a.budget_s else math.inf, keep_requests=not a.no_request_rows,
-                  on_rate_done=save)
+                  on_rate_done=save, auto_fractions=fractions)
     interrupted = False
     try:
         for config in configs:

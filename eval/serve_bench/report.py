@@ -130,7 +130,12 @@ def markdown(report: dict) -> str:
                      f"; max concurrency {s.get('max_concurrency') or 'unbounded'}")
         lines.append("- workloads: " + "; ".join(
             f"`{w['name']}` {w['min_tokens']}–{w['max_tokens']} tokens ({w['distribution']}), rates "
-            + ", ".join(rate_text(r) for r in w["rates"]) + " req/s" for w in s.get("workloads", [])))
+            + (", ".join(rate_text(r) for r in w["rates"]) if w["rates"] != "auto" else
+               "auto (" + ", ".join(rate_text(r) for r in w.get("auto_rates", [])) + ")") + " req/s"
+            for w in s.get("workloads", [])))
+        if any(w["rates"] == "auto" for w in s.get("workloads", [])):
+            lines.append("- auto rates: the first configuration measured `inf` first; the finite rates are fractions "
+                         "of its completed requests/s there, the same for every configuration")
         lines.append("- prompts: random ordinary token ids of the model's tokenizer, sent as id lists "
                      "(exact lengths); Poisson arrivals (`inf`: all at t=0); each rate has its own prompts, "
                      "identical across configurations")

@@ -456,3 +456,34 @@ def test_driver_launches_sweeps_and_stops_a_server(tmp_path, monkeypatch):
     assert lengths != [row[1] for row in config["results"]["100-200"][1]["requests"]]  # fresh prompts per rate
     assert (tmp_path / "out" / "sb_logs" / "fake.log").exists()
     assert "| fake | 50 | 6 | 6 | 0 |" in Path(f"{stem}.md").read_text()
+
+
+def test_auto_rates_are_fractions_of_saturation():
+    assert cli.auto_rates(10.0) == [2.5, 5.0, 7.5, 10.0]
+    assert cli.auto_rates(3.333, (0.25, 0.5, 0.75, 1.0)) == [0.83, 1.7, 2.5, 3.3]
+    assert cli.auto_rates(1.0, (0.5, 0.5, 1.0)) == [0.5, 1.0]
+
+
+def test_auto_rates_probe_once_and_apply_to_every_configuration(tmp_path, monkeypatch):
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    monkeypatch.setattr(cli, "load_token_pool", lambda tokenizer: list(range(10, 200)))
+    stem = tmp_path / "sb"
+    launch = f"{sys.executable} {script} {{port}} {{model}}"
+    rc = cli.main(["run", "--configs", "", "--model", str(tmp_path), "--launch", f"a={launch}", "--launch", f"b={launch}",
+                   "--workloads", "8-32", "--rates", "auto", "--auto-fractions", "0.5,1", "--output-len", "3",
+                   "--num-requests", "6", "--max-duration-s", "5", "--warmup-requests", "1", "--out", str(stem),
+                   "--no-plots"])
+    result = json.loads(Path(f"{stem}.json").read_text())
+    a, b = result["configs"]
+    assert rc == 0, (a["error"], b["error"])
+    probe = a["auto_rates"]["8-32"]
+    expected = cli.auto_rates(probe["saturation_rps"], (0.5, 1.0))
+    assert len(expected) == 2 and probe["rates"] == expected + ["inf"]
+    assert "auto_rates" not in b  # the second configuration reuses the first one's rates
+    for config in (a, b):
+        assert [s["rate"] for s in config["results"]["8-32"]] == expected + ["inf"]
+        assert all(s["completed"] == 6 for s in config["results"]["8-32"])
+    assert a["results"]["8-32"][-1]["request_throughput"] == probe["saturation_rps"]
+    assert result["settings"]["workloads"][0]["auto_rates"] == expected + ["inf"]
+    assert "auto (" in Path(f"{stem}.md").read_text()
