@@ -64,11 +64,16 @@ class ServerConfig:
             args += ["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": self.mtp})]
         return tp, args
 
-    def describe(self, n: int) -> str:
+    def plugin_settings(self, extra: dict) -> dict | None:
+        """The cp_nsa settings the server gets (``extra``: --cp-nsa keys), None without the plugin."""
+        return {**(self.cp_nsa or {}), **extra} if self.plugin else None
+
+    def describe(self, n: int, cp_nsa_extra: dict) -> str:
         if self.launch:
             return self.launch
         tp, args = self.server_args(n)
-        cp = f" --additional-config '{json.dumps({'cp_nsa': self.cp_nsa})}'" if self.plugin and self.cp_nsa else ""
+        settings = self.plugin_settings(cp_nsa_extra)
+        cp = f" --additional-config '{json.dumps({'cp_nsa': settings})}'" if settings else ""
         return f"{'plugin' if self.plugin else 'vLLM native'}: -tp {tp} {shlex.join(args)}{cp}".replace("  ", " ").strip()
 
 
@@ -315,8 +320,8 @@ def sweep_server(base_url: str, sweep: Sweep, result: dict, alive=lambda: True) 
             summary["requests"] = [r.compact() for r in records]
         log(f"[{result['name']}] {workload.name} rate {rate_label(rate)}: {summary['completed']}/{summary['sent']} ok, "
             f"{summary['request_throughput'] or 0:.2f} req/s, {summary['output_throughput'] or 0:.1f} out tok/s, "
-            f"TTFT p50/p99 {report_mod._ms(summary['ttft_s']['p50'])}/{report_mod._ms(summary['ttft_s']['p99'])} ms, "
-            f"TPOT p50/p99 {report_mod._ms(summary['tpot_s']['p50'])}/{report_mod._ms(summary['tpot_s']['p99'])} ms"
+            f"TTFT p50/p99 {report_mod.ms_text(summary['ttft_s']['p50'])}/{report_mod.ms_text(summary['ttft_s']['p99'])} ms, "
+            f"TPOT p50/p99 {report_mod.ms_text(summary['tpot_s']['p50'])}/{report_mod.ms_text(summary['tpot_s']['p99'])} ms"
             + (f", {summary['failed']} failed: {summary['failure_reasons']}" if summary["failed"] else ""))
         return summary
 
@@ -362,6 +367,7 @@ def run_started_config(config: ServerConfig, args, model: Path, sweep: Sweep, lo
         process = subprocess.Popen(command, shell=True, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                    start_new_session=True)
         server = Server(process, port, log_path)
+        result["server_command"] = command
     else:
         tp, extra = config.server_args(args.n)
         extra += ["--max-model-len", str(args.max_model_len)]
@@ -370,10 +376,10 @@ def run_started_config(config: ServerConfig, args, model: Path, sweep: Sweep, lo
         if args.max_num_batched_tokens:
             extra += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         extra += args.server_arg
-        server = start_server(model, tp=tp, dtype=args.dtype, cp_nsa=config.cp_nsa if config.plugin else None,
+        server = start_server(model, tp=tp, dtype=args.dtype, cp_nsa=config.plugin_settings(args.cp_nsa),
                               extra_args=extra, log_path=log_path, env=plugin_env(config.plugin, args.plugin_path))
         result["server_command"] = shlex.join(server.process.args)
-    log(f"[{config.name}] starting: {config.describe(args.n)} (log {log_path})")
+    log(f"[{config.name}] starting: {config.describe(args.n, args.cp_nsa)} (log {log_path})")
     try:
         server.wait_ready(args.ready_timeout)
         result["ready_s"] = time.time() - started
@@ -454,6 +460,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (default: graphs on)")
     src.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                      help="extra vLLM argument for every started vLLM server (repeatable; --server-arg=--flag)")
+    src.add_argument("--cp-nsa", type=json.loads, default={}, metavar="JSON",
+                     help="cp_nsa keys added to every plugin configuration, e.g. '{\"min_tokens_for_cp\": 512}'")
     src.add_argument("--mtp-k", type=int, default=1, help="draft tokens of +mtp configurations (default 1)")
     src.add_argument("--plugin-path", help="the plugin laid out outside the environment (GPU host: /tmp/cpnsa): "
                                            "only plugin configurations get it on PYTHONPATH")
@@ -646,7 +654,7 @@ def main(argv=None) -> int:
     interrupted = False
     try:
         for config in configs:
-            result = new_result(config.name, config.describe(a.n))
+            result = new_result(config.name, config.describe(a.n, a.cp_nsa))
             report["configs"].append(result)
             if time.time() > sweep.deadline:
                 result["error"] = "skipped: budget spent"

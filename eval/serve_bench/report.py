@@ -70,7 +70,7 @@ def workloads_of(report: dict) -> list[str]:
     return names
 
 
-def _ms(x) -> str:
+def ms_text(x) -> str:
     return "–" if x is None else f"{x * 1e3:.1f}"
 
 
@@ -164,9 +164,9 @@ def markdown(report: dict) -> str:
                 lines.append(
                     f"| {c['name']} | {rate_text(r['rate'])} | {r['sent']} | {r['completed']} | {r['failed']} "
                     f"| {_num(r['request_throughput'], '.2f')} | {_num(r['output_throughput'])} "
-                    f"| {_ms(r['ttft_s']['p50'])} | {_ms(r['ttft_s']['p99'])} | {_ms(r['tpot_s']['p50'])} "
-                    f"| {_ms(r['tpot_s']['p99'])} | {_ms(r['itl_s']['p50'])} | {_ms(r['itl_s']['p99'])} "
-                    f"| {_ms(r['e2e_s']['p50'])} | {_ms(r['e2e_s']['p99'])} | {r['peak_in_flight']} |")
+                    f"| {ms_text(r['ttft_s']['p50'])} | {ms_text(r['ttft_s']['p99'])} | {ms_text(r['tpot_s']['p50'])} "
+                    f"| {ms_text(r['tpot_s']['p99'])} | {ms_text(r['itl_s']['p50'])} | {ms_text(r['itl_s']['p99'])} "
+                    f"| {ms_text(r['e2e_s']['p50'])} | {ms_text(r['e2e_s']['p99'])} | {r['peak_in_flight']} |")
         lines.append("")
         lines.append("Latencies in ms. TTFT: send to first streamed chunk; TPOT: (E2E − TTFT) / (output tokens − 1) "
                      "per request; ITL: gaps between streamed chunks; throughputs over first send → last response.")

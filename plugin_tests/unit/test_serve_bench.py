@@ -289,6 +289,10 @@ def test_configurations_become_server_arguments():
     assert dg.cp_nsa == {"mode": "round-robin-split", "kernels": "vllm-deepgemm", "indexer_cache": "fp8",
                          "decode_attention": "tp"}
     assert cli.BASE_CONFIGS["round-robin-split"].cp_nsa == {"mode": "round-robin-split"}  # presets untouched
+    assert rr.plugin_settings({"min_tokens_for_cp": 512}) == {"mode": "round-robin-split", "min_tokens_for_cp": 512}
+    assert pcp.plugin_settings({"min_tokens_for_cp": 512}) is None
+    assert "min_tokens_for_cp" in rr.describe(4, {"min_tokens_for_cp": 512}) and "-pcp" not in rr.describe(4, {})
+    assert pcp.describe(8, {}) == "vLLM native: -tp 1 --prefill-context-parallel-size 8"
     for bad in ("native-tp+dg", "nonsense", "off+bogus"):
         with pytest.raises(SystemExit):
             cli.parse_config(bad, mtp_k=1)
