@@ -195,8 +195,16 @@ def _route(monkeypatch, ops, rows, blocks, block_size=64, capturing=False):
     return calls
 
 
-def test_each_batch_takes_the_policys_indexer(monkeypatch):
+def test_each_batch_takes_the_policys_indexer(monkeypatch, caplog):
     ops = VllmDeepGemmOps()
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_served", False)
+    with caplog.at_level("INFO", logger="vllm.cp_nsa"):
+        assert _route(monkeypatch, ops, rows=256, blocks=16) == ["triton"]
+    assert "DeepGEMM" not in caplog.text
+    with caplog.at_level("INFO", logger="vllm.cp_nsa"):
+        assert _route(monkeypatch, ops, rows=4096, blocks=512) == ["deepgemm"]
+        assert _route(monkeypatch, ops, rows=4096, blocks=512) == ["deepgemm"]
+    assert caplog.text.count("DeepGEMM indexer serving its first batch (4096 rows, key range 32768)") == 1
     assert _route(monkeypatch, ops, rows=256, blocks=16) == ["triton"]  # 1K prompt at N=4
     assert _route(monkeypatch, ops, rows=4096, blocks=64) == ["triton"]  # 4x4K at N=4
     assert _route(monkeypatch, ops, rows=4096, blocks=256) == ["deepgemm"]  # 16K

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,8 @@ from .vllm_kernels import VllmKernelOps
 
 MAX_GATHER_KEYS = 2 * 1024 * 1024
 """Bound of the keys gathered for one chunk (132 bytes each, so 264 MiB)."""
+
+logger = logging.getLogger("vllm.cp_nsa")
 
 _LOGITS_PAD = 256  # DeepGEMM allocates each logits row with 256 spare columns
 _DEEPGEMM_HEADS = (32, 64)
@@ -148,17 +151,31 @@ class VllmDeepGemmOps(VllmKernelOps):
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
+        key_width = block_table.shape[1] * block_size
         if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
                 and not torch.cuda.is_current_stream_capturing()
-                and self.policy.use_deepgemm(q.shape[0], block_table.shape[1] * block_size)
+                and self.policy.use_deepgemm(q.shape[0], key_width)
                 and _deepgemm_indexer_available()):  # fmt: skip
             return super().indexer_topk(
                 q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
                 index_cache_fp8,
             )  # fmt: skip
+        _log_first_deepgemm_batch(q.shape[0], key_width)
         return _deepgemm_indexer_topk(
             q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size, self._plans
         )
+
+
+_deepgemm_served = False
+
+
+def _log_first_deepgemm_batch(rows: int, key_width: int) -> None:
+    """Say once per process that DeepGEMM served a batch (a run's log then shows it ran)."""
+    global _deepgemm_served
+    if not _deepgemm_served:
+        _deepgemm_served = True
+        logger.info("vllm_cp_nsa: DeepGEMM indexer serving its first batch (%d rows, key range %d)",
+                    rows, key_width)  # fmt: skip
 
 
 # ------------------------------------------------------------ what this vLLM / GPU has
