@@ -208,6 +208,9 @@ def summarize_rate(rate: float, records: list[RequestRecord]) -> dict:
         "e2e_s": distribution([r.latency_s for r in ok]),
         "peak_in_flight": peak_in_flight([(r.sent_s, r.done_s) for r in sent if r.done_s is not None]),
         "max_send_lag_s": max(spread) if spread else None,
+        # sends per second actually made (a Poisson schedule's own spread included)
+        "achieved_rate": ((len(sent) - 1) / (max(r.sent_s for r in sent) - min(r.sent_s for r in sent))
+                          if len(sent) > 1 and max(r.sent_s for r in sent) > min(r.sent_s for r in sent) else None),
         "usage_missing": sum(not r.usage_reported for r in ok),
         "prompt_token_mismatches": sum(r.reported_prompt_tokens is not None and r.reported_prompt_tokens != r.prompt_tokens
                                        for r in ok),

@@ -189,6 +189,7 @@ def test_summarize_rate():
     tpots = [(0.4 - 0.1) / 3, (0.8 - 0.2) / 3, (1.0 - 0.3) / 3]
     assert s["tpot_s"]["mean"] == pytest.approx(statistics.fmean(tpots))
     assert s["peak_in_flight"] == 3  # 0.5-1.3, 1.0-2.0 and 1.2-1.5 overlap
+    assert s["achieved_rate"] == pytest.approx(3 / 1.2)  # 4 sends from 0.0 to 1.2 s
     assert s["rate"] == 2.0 and summarize_rate(math.inf, records[:1])["rate"] == "inf"
     none_sent = summarize_rate(1.0, [RequestRecord(0, 10, 4, 5.0)])
     assert none_sent["duration_s"] is None and none_sent["output_throughput"] is None
