@@ -602,9 +602,11 @@ def main(argv=None) -> int:
     if tokenizer is None:
         served = None
         try:
-            served = server_info(targets[0][1].rstrip("/"))["model"]
-        except (urllib.error.URLError, OSError, ValueError, KeyError):
-            pass
+            first_url = targets[0][1].rstrip("/")
+            wait_health(first_url, a.ready_timeout)  # a server still loading has no /v1/models yet
+            served = server_info(first_url)["model"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TimeoutError) as e:
+            log(f"could not ask {targets[0][1]} for its model: {e}")
         if served and Path(served).is_dir():
             tokenizer = served
         else:

@@ -492,3 +492,28 @@ def test_auto_rates_probe_once_and_apply_to_every_configuration(tmp_path, monkey
     assert a["results"]["8-32"][-1]["request_throughput"] == probe["saturation_rps"]
     assert result["settings"]["workloads"][0]["auto_rates"] == expected + ["inf"]
     assert "auto (" in Path(f"{stem}.md").read_text()
+
+
+def test_base_url_mode_takes_the_tokenizer_from_the_served_model(tmp_path, monkeypatch):
+    """--base-url against a running (fake) server: no server started or stopped by the driver;
+    the served model id is a local directory, so it is the tokenizer."""
+    import subprocess
+
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    port = __import__("server").free_port()
+    process = subprocess.Popen([sys.executable, str(script), str(port), str(tmp_path)])
+    asked = []
+    monkeypatch.setattr(cli, "load_token_pool", lambda tokenizer: asked.append(tokenizer) or list(range(10, 200)))
+    try:
+        rc = cli.main(["run", "--base-url", f"running=http://127.0.0.1:{port}", "--workloads", "8-16",
+                       "--rates", "inf", "--output-len", "2", "--num-requests", "3", "--out", str(tmp_path / "sb"),
+                       "--no-plots", "--ready-timeout", "30"])
+        assert process.poll() is None  # still running: the driver does not stop what it did not start
+    finally:
+        process.terminate()
+        process.wait(10)
+    result = json.loads((tmp_path / "sb.json").read_text())
+    (config,) = result["configs"]
+    assert rc == 0, config["error"]
+    assert asked == [str(tmp_path)] and config["name"] == "running" and config["results"]["8-16"][0]["completed"] == 3
