@@ -84,7 +84,7 @@ BASE_CONFIGS = {
     "off": ServerConfig("off", cp_nsa={"mode": "off"}),
     "round-robin-split": ServerConfig("round-robin-split", cp_nsa=_RR),
     "in-seq-split": ServerConfig("in-seq-split", cp_nsa={"mode": "in-seq-split"}),
-    # eval/gsm8k's presets of the same names
+    # round-robin + fp8 KV / + MTP, as eval/gsm8k's presets of the same names (MTP drafts: --mtp-k)
     "fp8": ServerConfig("fp8", cp_nsa=_RR, kv_cache_dtype="fp8"),
     "mtp": ServerConfig("mtp", cp_nsa=_RR, mtp=1),
 }
