@@ -38,9 +38,9 @@ from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache
 from .ep_moe import CpNsaExpertParallelMoE
 from .runtime import CpNsaRuntime
+from .weights import load_deepseek_v32_weights
 
 logger = logging.getLogger("vllm.cp_nsa")
-from .weights import load_deepseek_v32_weights
 
 
 # The rope types vLLM's own DeepSeek-V2/V3.2 attention maps every scaled rope to
@@ -141,10 +141,10 @@ class CpNsaIndexer(nn.Module):
         quant_config = vllm_config.quant_config
         self.wq_b = ReplicatedLinear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False,
                                      quant_config=quant_config, prefix=f"{prefix}.wq_b")
-        self.wk = ReplicatedLinear(config.hidden_size, self.head_dim, bias=False,
-                                   quant_config=None, prefix=f"{prefix}.wk")
         # Unquantized as in vLLM's own V3.2; an fp8 ``wk`` + scale (the release) is
         # dequantized at load (weights.Fp8IndexerWk).
+        self.wk = ReplicatedLinear(config.hidden_size, self.head_dim, bias=False,
+                                   quant_config=None, prefix=f"{prefix}.wk")
         self.weights_proj = ReplicatedLinear(config.hidden_size, self.n_heads, bias=False,
                                              quant_config=None, prefix=f"{prefix}.weights_proj")
         self.k_norm = LayerNorm(self.head_dim, eps=1e-6, dtype=torch.float32)
@@ -222,6 +222,9 @@ class CpNsaAttention(nn.Module):
         )
         if runtime.heads_split_when_unsplit:
             check_heads_sliceable(self.q_b_proj, self.o_proj)
+        # vLLM's breakable CUDA graphs capture the layer around this call (as vLLM's own
+        # V3.2 does around its indexer + sparse attention)
+        self.attend_into = eager_break(self._attend_into)
         self.profile_scratch_bytes = attention_scratch_bytes_for(vllm_config, config, runtime.ops)
 
     def _head_slice(self, meta: NsaForwardMetadata | None) -> slice | None:
@@ -243,22 +246,47 @@ class CpNsaAttention(nn.Module):
         kv_c = self.kv_a_layernorm(kv_c.contiguous())
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
         index_q, index_weights, index_k = self.indexer(x, q_c, positions)
+        values = q_nope.new_empty((num_rows, q_nope.shape[1] * self.v_head_dim), dtype=self.mla_attn.W_UV.dtype)
+        self.attend_into(values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k, positions)
+        if heads is None:
+            return self.o_proj(values.to(x.dtype))[0]
+        # this rank's heads' share of o_proj, then the sum over ranks (as vLLM's TP does)
+        return self.runtime.group.all_reduce(self._o_proj_partial(values.to(x.dtype), heads))
+
+    def _attend_into(self, values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k, positions) -> None:
+        """NSA attention of this forward's rows written into ``values`` [rows, heads * V]: cache
+        writes (KV all-gather under CP), indexer top-k, sparse MLA, W_UV.
+
+        The batch-dependent part of the layer, so the eager break of a breakable CUDA graph
+        (``attend_into`` wraps it in vLLM's ``eager_break_during_capture``): it reads the batch
+        from the forward context, never from capture-time arguments, and writes the
+        caller's buffer. A piecewise graph replays padded rows past the batch's own: they get
+        zeros. Profile, dummy and capture runs carry no batch: zeros."""
+        meta = batch_metadata(self.mla_attn.layer_name)
         latent_cache = self.mla_attn.kv_cache
         if meta is None or latent_cache.numel() == 0:
-            # Profile / dummy runs carry no batch metadata and no cache.
             if latent_cache.numel() == 0:
                 # vLLM's memory profile (no cache yet): hold the attention's scratch for the
                 # largest batch for a moment, so the KV cache is sized around it (scratch.py)
-                scratch = torch.empty(self.profile_scratch_bytes, dtype=torch.uint8, device=x.device)
+                scratch = torch.empty(self.profile_scratch_bytes, dtype=torch.uint8, device=values.device)
                 del scratch
-            return x.new_zeros(num_rows, x.shape[1])
+            values.zero_()
+            return
+        heads = self._head_slice(meta)
+        rows = meta.num_local_rows
+        if rows < values.shape[0]:
+            values[rows:].zero_()
+            values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k = (
+                t[:rows] for t in (values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k))
+            # every layer gets the same positions view, so per-forward caches keyed on it hit
+            positions = meta.per_forward_value("positions", lambda: positions[:rows])
         caches = NsaCaches(
             latent=latent_cache,
             index=self.indexer.k_cache.kv_cache,
             kv_cache_dtype=self.mla_attn.kv_cache_dtype,
             index_fp8=self.indexer.k_cache.fp8,
         )
-        out = nsa_attention(
+        nsa_attention(
             q_nope=q_nope,
             q_pe=q_pe,
             kv_c=kv_c,
@@ -275,11 +303,8 @@ class CpNsaAttention(nn.Module):
             sm_scale=self.scaling,
             group=self.runtime.group,
             ops=self.runtime.ops,
+            out=values,
         )
-        if heads is None:
-            return self.o_proj(out.to(x.dtype))[0]
-        # this rank's heads' share of o_proj, then the sum over ranks (as vLLM's TP does)
-        return self.runtime.group.all_reduce(self._o_proj_partial(out.to(x.dtype), heads))
 
     def _q_b(self, q_c: torch.Tensor, heads: slice | None) -> torch.Tensor:
         """q_b_proj for all heads, or for ``heads`` through a view of its weight's rows."""
@@ -330,6 +355,15 @@ def attention_scratch_bytes_for(vllm_config: VllmConfig, config, ops) -> int:
         fp8_latent_cache=str(cache_config.cache_dtype).startswith("fp8"),
     )
     return attention_scratch_bytes(bounds, shape, limits)
+
+
+def eager_break(fn):
+    """``fn`` as an eager break of vLLM's breakable CUDA graphs: run eagerly on the capture
+    stream and replayed as a call between graph segments. Applied when the layer is built
+    (in the worker, after vLLM 0.32 read ``VLLM_USE_BREAKABLE_CUDAGRAPH``)."""
+    from vllm.compilation.breakable_cudagraph import eager_break_during_capture
+
+    return eager_break_during_capture(fn)
 
 
 def check_heads_sliceable(*layers: nn.Module) -> None:
@@ -428,15 +462,19 @@ class CpNsaModel(nn.Module):
         return pad_rows(gather_token_rows(x, plan, group), num_input_tokens)
 
 
-def forward_metadata_for(layer_name: str, num_input_tokens: int, group) -> tuple[NsaForwardMetadata | None, SplitPlan]:
-    """This forward's metadata (built once by the backend) and split plan.
-
-    Profile / dummy runs carry no metadata: they run unsplit over all input rows.
-    """
+def batch_metadata(layer_name: str) -> NsaForwardMetadata | None:
+    """This forward's metadata for ``layer_name`` (built once by the backend); None in
+    profile / dummy runs and piecewise CUDA-graph captures."""
     attn_metadata = get_forward_context().attn_metadata
     if isinstance(attn_metadata, list):  # speculative decoding: [0] is the target's
         attn_metadata = attn_metadata[0]
-    meta = attn_metadata.get(layer_name) if attn_metadata else None
+    return attn_metadata.get(layer_name) if attn_metadata else None
+
+
+def forward_metadata_for(layer_name: str, num_input_tokens: int, group) -> tuple[NsaForwardMetadata | None, SplitPlan]:
+    """This forward's metadata and split plan. Without metadata (profile / dummy runs,
+    piecewise graph captures) every input row runs unsplit."""
+    meta = batch_metadata(layer_name)
     if meta is None:
         return None, unsplit_plan(num_input_tokens, group.world_size, group.rank, "no batch metadata")
     return meta, meta.plan
