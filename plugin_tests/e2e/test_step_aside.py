@@ -4,11 +4,13 @@ where vLLM cannot run DeepSeek-V3.2, the plugin serves it without cp_nsa and say
 Real vLLM CPU engine, one fresh process per launch."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import RUNNER, VllmRunFailed, run_vllm, vllm_env
 
@@ -82,6 +84,7 @@ def test_missing_symbol_fails_a_cp_nsa_launch_with_the_reason(tiny_model, tmp_pa
     assert "cp_nsa was requested in --additional-config but the plugin cannot run on this vLLM" in message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour (on CUDA vLLM's own V3.2 runs)")
 def test_cpu_serves_v32_without_cp_nsa_and_says_so(tiny_model):
     result = run_vllm(_spec(tiny_model))
     assert result["info"]["model_class"] == "vllm_cp_nsa.adapter.model.CpNsaDeepseekV32ForCausalLM"
@@ -90,3 +93,31 @@ def test_cpu_serves_v32_without_cp_nsa_and_says_so(tiny_model):
             if "no cp_nsa in --additional-config, but vLLM cannot run DeepSeek-V3.2 on cpu" in line]
     assert len(says) == 1 and "the plugin serves it" in says[0]
     assert "installed but not active" not in result["log"]
+
+
+def _cudagraph_mode(log: str) -> str:
+    """The cudagraph_mode of vLLM's own engine-config line."""
+    modes = set(re.findall(r"'cudagraph_mode': <CUDAGraphMode\.(\w+)", log))
+    assert len(modes) == 1, modes
+    return modes.pop()
+
+
+@pytest.mark.gpu
+def test_on_cuda_without_cp_nsa_vllms_own_v32_runs_unchanged(tiny_model):
+    """With the plugin installed and no cp_nsa, the launch is vLLM's own: its model class,
+    CUDA-graph mode, KV dtype and greedy tokens equal a launch with plugins disabled;
+    cp_nsa (even empty) switches to the plugin's model."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    spec = _spec(tiny_model, dtype="bfloat16", enforce_eager=False)
+    installed = run_vllm(spec)
+    without = run_vllm(spec, VLLM_PLUGINS="")
+    assert installed["info"]["model_class"].startswith("vllm.models.deepseek_v32.nvidia.")
+    assert installed["info"]["model_class"] == without["info"]["model_class"]
+    assert installed["info"]["kv_cache_dtype"] == without["info"]["kv_cache_dtype"]
+    assert _cudagraph_mode(installed["log"]) == _cudagraph_mode(without["log"])
+    assert installed["outputs"] == without["outputs"]
+    not_active = [line for line in installed["log"].splitlines() if "vllm_cp_nsa: installed but not active" in line]
+    assert len(not_active) == 1 and "no cp_nsa in --additional-config" in not_active[0]
+    asked = run_vllm(_spec(tiny_model, dtype="bfloat16", additional_config={"cp_nsa": {}}))
+    assert asked["info"]["model_class"] == "vllm_cp_nsa.adapter.model.CpNsaDeepseekV32ForCausalLM"
