@@ -196,14 +196,14 @@ def shard_plan(specs, dtype: torch.dtype, names: set[str], shard_bytes: int,
         for d in shape:
             numel *= d
         quantized = is_quantized(name, indexer_wk_fp8)
-        itemsize = 1 if quantized else (4 if kind == "normal_fp32" else dtype.itemsize)
-        for tensor in (name, scale_name(name)) if quantized else (name,):
-            if tensor not in names:
-                continue
-            if size and size + numel * itemsize > shard_bytes:
+        nbytes = numel * (1 if quantized else (4 if kind == "normal_fp32" else dtype.itemsize))
+        if name in names:
+            if size and size + nbytes > shard_bytes:
                 shard, size = shard + 1, 0
-            plan[tensor] = shard
-            size += numel * itemsize if tensor == name else 0
+            plan[name] = shard
+            size += nbytes
+        if quantized and scale_name(name) in names:
+            plan[scale_name(name)] = shard  # ~1/16384 of the weight's bytes
     return plan, shard + 1
 
 
