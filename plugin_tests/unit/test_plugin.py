@@ -160,7 +160,8 @@ def test_missing_optional_symbol_only_warns(monkeypatch, caplog):
     assert any("vllm.utils.deep_gemm.no_such_kernel" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("version,tested", [("0.32.0", True), ("0.32.3+cpu", True), ("0.33.0", False), ("0.31.1", False)])
+@pytest.mark.parametrize("version,tested", [("0.32.0", True), ("0.32.3+cpu", True), ("0.33.0", True), ("0.34.0", True),
+                                            ("0.35.0", False), ("0.31.1", False)])
 def test_version_guard(monkeypatch, caplog, version, tested):
     monkeypatch.setattr(touchpoints, "_installed_vllm_version", lambda: version)
     with caplog.at_level(logging.WARNING, logger="vllm.cp_nsa"):
