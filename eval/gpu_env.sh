@@ -25,6 +25,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 rm -rf /tmp/cpnsa && mkdir -p /tmp/cpnsa && cp -rL "$REPO/vllm_cp_nsa" /tmp/cpnsa/
 mkdir -p /tmp/cpnsa/vllm_cp_nsa-0.1.0.dist-info
 printf 'Metadata-Version: 2.1\nName: vllm-cp-nsa\nVersion: 0.1.0\n' > /tmp/cpnsa/vllm_cp_nsa-0.1.0.dist-info/METADATA
-printf '[vllm.general_plugins]\ncp_nsa = vllm_cp_nsa.plugin:register\n\n[vllm_cp_nsa.extensions]\nbuiltin = vllm_cp_nsa.builtins\n' \
-  > /tmp/cpnsa/vllm_cp_nsa-0.1.0.dist-info/entry_points.txt
+# entry points straight from pyproject.toml, so the device sees every group the install has
+python3 - "$REPO/pyproject.toml" > /tmp/cpnsa/vllm_cp_nsa-0.1.0.dist-info/entry_points.txt <<'PY'
+import sys, tomllib
+for group, entries in tomllib.load(open(sys.argv[1], "rb"))["project"]["entry-points"].items():
+    print(f"[{group}]"); [print(f"{name} = {target}") for name, target in entries.items()]; print()
+PY
 export PYTHONPATH=$PYTHONPATH:/tmp/site CPNSA_PYTHONPATH=/tmp/cpnsa

@@ -8,8 +8,8 @@
 #   ENGINE=vllm VERSION=0.32.0 bash eval/stage_gpu_stack.sh      (torch 2.13.0, triton 3.7.1; proven 2026-11-27)
 #   ENGINE=sglang VERSION=0.5.23 ...                             (hook only: see stack_sglang below)
 #
-# Derived from ../shared/tools/gpu-stack/stage.sh (0.32 only); kept in the repo so the project does not
-# depend on ../shared. Runs on a CPU machine with PyPI access (unzip, xz, gcc, split, nm, python3+pip).
+# Derived from the workplace's 0.32-only gpu-stack/stage.sh; kept in the repo so the project does not
+# depend on anything outside it. Runs on a CPU machine with PyPI access (unzip, xz, gcc, split, nm, python3+pip).
 # Output under $REPO/.stage/ (git-ignored):
 #   part00 .. partNN   pieces of ONE xz-compressed tar of a ready site dir (= pip install --target)
 #   dev/               host-side scripts: probe.sh probe_syms.py unpack.sh env.sh check_import.py
@@ -99,7 +99,7 @@ stack_vllm() {
 
 stack_sglang() {
   # Hook for ENGINE=sglang VERSION=0.5.23 (torch 2.14.1, sglang-kernel 0.4.10, sgl-flash-mla 1.0.0,
-  # sgl-deep-gemm, flashinfer-python 0.7.2, sgl-deep-ep 0.1.2.post1 per ../shared/docs/upstream_2026-12.md).
+  # sgl-deep-gemm, flashinfer-python 0.7.2, sgl-deep-ep 0.1.2.post1 per the upstream notes of 2026-12).
   # To implement: CORE pins + the small deps its offline Engine path imports that the image lacks
   # (same method as for vLLM: Requires-Dist vs the image's package list, then a static import closure),
   # ENGINE_IMPORT=sglang, and a run_llm.py variant using sglang.Engine. Not staged yet.
