@@ -60,10 +60,27 @@ CONFIGS = {
     # (decode_attention "tp", SGLang's --enable-cp-decode-attn-tp); prefill as plugin-rr-dg.
     "plugin-rr-dg-tpdec": {"plugin": True, "parallel": "tp",
                            "cp_nsa": {"mode": "round-robin-split", "decode_attention": "tp", **_DEEPGEMM}},
+    # --preset release: the accuracy reference, vLLM's own model on the checkpoint's weights
+    # dequantized to bf16 ("model": "bf16", make_tiny_model --dequantize-from), bf16 KV, no MTP,
+    # agreement only; with it in the report every other run's agreement is measured against it.
+    "native-bf16ref": {"plugin": False, "parallel": "tp", "model": "bf16", "kv_dtypes": ["auto"], "mtp": False,
+                       "phases": ["warmup", "agreement"]},
+    # The plugin's own model on the same bf16 copy (its fp8-vs-bf16 gap; the reference on CPU,
+    # where vLLM refuses its own V3.2).
+    "plugin-off-bf16": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"}, "model": "bf16",
+                        "kv_dtypes": ["auto"], "mtp": False, "phases": ["warmup", "agreement"]},
+    # Step aside: the plugin installed (on the path) without cp_nsa in additional_config, so on
+    # CUDA vLLM's own model should run; and the same with VLLM_PLUGINS="" (no plugin loaded).
+    "stepaside": {"plugin": True, "parallel": "tp"},
+    "stepaside-noplugins": {"plugin": True, "parallel": "tp", "env": {"VLLM_PLUGINS": ""}},
 }
 DEFAULT_CONFIGS = "native-tp,plugin-rr,plugin-inseq,native-pcp"
 DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"
 PHASES = ["warmup", "agreement", "ttft", "batches", "busy", "decode"]
+# Agreement reference when the report has it (any kv / MTP variant is measured against it).
+BF16_REFERENCES = ["native-bf16ref", "plugin-off-bf16"]
+# Plugin log lines kept per run (the startup line says whether the plugin serves the model).
+PLUGIN_LOG_LINES = 4
 # Not in the default list. "profile" always runs last in its worker: vLLM creates the torch
 # profiler only at the first start_profile, so the phases before it run without one.
 OPTIONAL_PHASES = ["profile", "profile_decode"]
@@ -76,6 +93,9 @@ PROFILER_CONFIG = {"profiler": "torch", "torch_profiler_with_stack": False,
                    "torch_profiler_record_shapes": False, "torch_profiler_dump_cuda_time_total": False}
 CAPTURE_SIZES = [1, 2, 4, 8, 16]
 MTP_CONFIG = {"method": "mtp", "num_speculative_tokens": 1}
+# Every report's JSON is also kept here (outside --out, which a device call empties), so a later
+# call with --append adds its runs to the same tables.
+KEEP_DIR = Path("/tmp/gpu_compare_reports")
 # Seconds of the budget kept back for writing the report.
 REPORT_RESERVE_S = 10
 
@@ -479,6 +499,12 @@ def run_name(config: str, kv_dtype: str, mtp: bool) -> str:
     return config + ("" if kv_dtype == "auto" else f"+{kv_dtype}") + ("+mtp" if mtp else "")
 
 
+def run_allowed(config: str, kv_dtype: str, mtp: bool) -> bool:
+    """Whether ``config`` runs in this kv / MTP variant (the bf16 references: bf16 KV, no MTP)."""
+    spec = CONFIGS[config]
+    return kv_dtype in spec.get("kv_dtypes", [kv_dtype]) and not (mtp and spec.get("mtp") is False)
+
+
 def variant_suffix(name: str) -> str:
     return name[len(name.split("+")[0]):]
 
@@ -579,6 +605,8 @@ def ensure_model(args) -> tuple[Path, float]:
     model_dir = Path(args.model_dir)
     identity = [] if args.cpu_dry_run else ["--real-dims", "--num-layers", str(args.num_layers),
                                             "--num-nextn-predict-layers", "1"]
+    if args.preset == "release":
+        identity += ["--preset", "release"] + ([] if args.cpu_dry_run else ["--num-experts", str(args.num_experts)])
     marker = model_dir / "BUILD.json"
     if marker.exists() and json.loads(marker.read_text())["args"] == identity:
         print(f"BUILD skipped: {model_dir} already built ({marker.read_text().strip()})", flush=True)
@@ -597,6 +625,35 @@ def ensure_model(args) -> tuple[Path, float]:
     seconds = time.monotonic() - start
     print(f"BUILD {proc.stdout.strip()} ({seconds:.1f}s wall)", flush=True)
     return model_dir, seconds
+
+
+def ensure_bf16_copy(model_dir: Path, args) -> tuple[Path, float]:
+    """``model_dir``'s weights dequantized to bf16 (no quantization_config) next to it, once."""
+    copy_dir = model_dir.with_name(model_dir.name + "-bf16")
+    marker, source = copy_dir / "BUILD.json", (model_dir / "BUILD.json").read_text()
+    if marker.exists() and json.loads(marker.read_text()).get("from") == source:
+        print(f"BUILD skipped: {copy_dir} already dequantized", flush=True)
+        return copy_dir, 0.0
+    start = time.monotonic()
+    for device in ["cpu"] if args.cpu_dry_run else list(dict.fromkeys([args.build_device, "cpu"])):
+        proc = subprocess.run([sys.executable, str(EVAL_DIR / "make_tiny_model.py"), str(copy_dir),
+                               "--dequantize-from", str(model_dir), "--device", device], capture_output=True, text=True)
+        if proc.returncode == 0:
+            break
+        print(f"DEQUANTIZE on {device} failed: {proc.stderr.strip()[-1500:]}", flush=True)
+    else:
+        sys.exit("dequantized copy failed")
+    marker.write_text(json.dumps({"from": source, "device": device}) + "\n")
+    seconds = time.monotonic() - start
+    print(f"BUILD {proc.stdout.strip()} ({seconds:.1f}s wall)", flush=True)
+    return copy_dir, seconds
+
+
+def plugin_log_lines(log_text: str) -> list[str]:
+    """The plugin's first log lines of a run (without the logger's prefix): whether it
+    registered, stepped aside, or what it serves with."""
+    lines = [re.sub(r"^.*?\]\s*", "", ln).strip() for ln in log_text.splitlines() if "vllm_cp_nsa" in ln]
+    return list(dict.fromkeys(ln[:240] for ln in lines if ln))[:PLUGIN_LOG_LINES]
 
 
 # Wrappers that only say "see the other process": never the line worth reporting.
@@ -725,6 +782,12 @@ def drive(args) -> None:
     gpu_name = "cpu (dry run)" if args.cpu_dry_run else (gpus[0][0] if gpus else "unknown GPU")
     tag = "cpu" if args.cpu_dry_run else gpu_tag(gpu_name)
     model_dir, build_s = ensure_model(args)
+    bf16_dir = None
+    if any(CONFIGS[c].get("model") == "bf16" for c in configs):
+        if args.preset != "release":
+            sys.exit(f"configs {[c for c in configs if CONFIGS[c].get('model') == 'bf16']} need --preset release")
+        bf16_dir, dequantize_s = ensure_bf16_copy(model_dir, args)
+        build_s += dequantize_s
     longest = max(lengths + [n for _, n in workload["batches"]] + [workload["busy"]["new_length"],
                   workload["decode"]["length"] + workload["decode"]["tokens"],
                   max(workload["greedy"]["lengths"]) + workload["greedy"]["tokens"],
@@ -745,7 +808,13 @@ def drive(args) -> None:
         "runs": {},
     }
     stem = out / f"compare_{tag}_n{args.n}"
+    kept = KEEP_DIR / stem.name
+    if args.append and kept.with_suffix(".json").exists():
+        # earlier device calls' runs (same GPU kind and N), so one report holds the whole table
+        report["runs"] = json.loads(kept.with_suffix(".json").read_text())["runs"]
+        print(f"APPEND to the runs of {kept}.json: {', '.join(report['runs'])}", flush=True)
     runs = [(c, kv, mtp) for kv in kv_dtypes for mtp in mtp_variants for c in configs]
+    runs = [run for run in runs if run_allowed(*run)]
     for config_name, kv_dtype, mtp in runs:
         name = run_name(config_name, kv_dtype, mtp)
         remaining = args.budget_s - (time.monotonic() - t0) - REPORT_RESERVE_S
@@ -756,7 +825,8 @@ def drive(args) -> None:
             continue
         timeout_s = min(args.config_timeout_s, remaining)
         config = CONFIGS[config_name]
-        kwargs = llm_kwargs(config, args, model_dir, kv_dtype, mtp, max_model_len)
+        kwargs = llm_kwargs(config, args, bf16_dir if config.get("model") == "bf16" else model_dir, kv_dtype, mtp,
+                            max_model_len)
         profile_dir = out / "profiles" / safe_name(name)
         if profiling:
             shutil.rmtree(profile_dir, ignore_errors=True)  # no stale traces of an earlier call
@@ -766,13 +836,16 @@ def drive(args) -> None:
         spec = {
             "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
             "llm": kwargs, "profile": {"length": profile_length, "dir": str(profile_dir)} if profiling else None,
-            "workload": workload, "ttft_lengths": lengths, "reps": args.reps, "phases": phases,
+            "workload": workload, "ttft_lengths": lengths, "reps": args.reps,
+            "phases": [p for p in phases if p in config.get("phases", phases)],
             # The worker stops starting measurements a little before the driver's kill.
             "deadline": time.time() + timeout_s - min(20.0, timeout_s / 10),
             "result_path": str(logs / f"{name}.result.json"), "progress_path": str(logs / f"{name}.progress"),
         }
         print(f"RUN {name} (timeout {timeout_s:.0f}s, budget used {time.monotonic() - t0:.0f}s)", flush=True)
-        result = run_worker(name, spec, worker_env(config["plugin"], args), timeout_s, logs, args.n)
+        result = run_worker(name, spec, {**worker_env(config["plugin"], args), **config.get("env", {})}, timeout_s,
+                            logs, args.n)
+        result["plugin_log"] = plugin_log_lines(Path(result["log"]).read_text(errors="replace"))
         if profile_length and profile_dir.exists():
             summarize_profile(result, profile_dir, "prefill", "profile_summary")
         if "profile_decode" in phases and profile_dir.exists():
@@ -804,7 +877,11 @@ def reference_run(report: dict, wanted: str, suffix: str) -> str | None:
 
 
 def agreement_reference(report: dict, suffix: str) -> str | None:
-    """native-tp of the same variant, else the first run of that variant with agreement data."""
+    """The bf16-dequantized reference (BF16_REFERENCES) for every variant when the report has
+    one; else native-tp of the same variant, else the first run of that variant with agreement data."""
+    for name in BF16_REFERENCES:
+        if (report["runs"].get(name) or {}).get("greedy"):
+            return name
     ref = report["runs"].get("native-tp" + suffix)
     if ref and ref.get("greedy"):
         return "native-tp" + suffix
@@ -837,6 +914,11 @@ def _profile_section(runs: dict, names: list[str], summary_key: str, title: str,
     return ["", table[0], "", caption(profiled)] + table[1:]
 
 
+def _plugins_env(config: dict) -> str:
+    value = config.get("env", {}).get("VLLM_PLUGINS")
+    return "(unset)" if value is None else repr(value)
+
+
 def render_markdown(report: dict) -> str:
     meta, runs = report["meta"], report["runs"]
     names = list(runs)
@@ -850,7 +932,8 @@ def render_markdown(report: dict) -> str:
         f"CUDA {versions.get('cuda', '?')}, Python {versions.get('python', '?')}",
         f"- model: random DeepSeek-V3.2 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads, index_topk {cfg['index_topk']}, {cfg['n_routed_experts']} experts "
-        f"top-{cfg['num_experts_per_tok']}, MTP layers {cfg['num_nextn_predict_layers']}), bf16 weights, "
+        f"top-{cfg['num_experts_per_tok']}, MTP layers {cfg['num_nextn_predict_layers']}), "
+        f"{'fp8 128x128 block weights (the release format; *-bf16 runs: its bf16-dequantized copy)' if cfg.get('quantization_config') else 'bf16 weights'}, "
         f"`{meta['model_dir']}` ({built})",
         f"- engine: max_model_len {meta['max_model_len']}, max_num_batched_tokens {meta['max_num_batched_tokens']}, "
         f"max_num_seqs 16, prefix caching off, gpu_memory_utilization {meta['gpu_memory_utilization']}, "
@@ -910,6 +993,17 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Decode (ms per output token: (t(T tokens) - t(1 token)) / (T-1), median of --reps samples)", ""]
         lines += _table(["batch"] + names, [[b] + [_fmt(runs[n].get("decode", {}).get(b, {}).get("ms_per_token"),
                                                         ".2f") for n in names] for b in batch_sizes])
+        lines += ["", "## Decode time vs native-tp of the same variant (this run's ms / its ms; < 1 = faster)", ""]
+        rows = []
+        for b in batch_sizes:
+            row = [b]
+            for name in names:
+                ref = runs.get("native-tp" + variant_suffix(name), {})
+                a = ref.get("decode", {}).get(b, {}).get("ms_per_token")
+                c = runs[name].get("decode", {}).get(b, {}).get("ms_per_token")
+                row.append(_fmt(c / a if a and c else None, ".2f"))
+            rows.append(row)
+        lines += _table(["batch"] + names, rows)
 
     rows = []
     for name in names:
@@ -930,6 +1024,14 @@ def render_markdown(report: dict) -> str:
                   f"prompt logprobs of prompts of {meta['workload']['logprobs']['lengths']} tokens)", ""]
         lines += _table(["run", "reference", "greedy identical", "mean matching prefix", "max abs Δ logprob",
                          "mean abs Δ logprob", "positions"], rows)
+
+    logged = [n for n in names if runs[n].get("plugin_log") is not None]
+    if logged:
+        lines += ["", "## Model class and the plugin's log lines (step aside: no cp_nsa, or VLLM_PLUGINS=\"\")", ""]
+        lines += _table(["run", "model class", "VLLM_PLUGINS", "plugin log lines"], [
+            [n, ((runs[n].get("info", {}).get("ranks") or [{}])[0].get("model_class") or "–"),
+             _plugins_env(CONFIGS.get(n.split("+")[0], {})),
+             " / ".join(runs[n]["plugin_log"]).replace("|", "/") or "–"] for n in logged])
 
     activities = meta.get("profile_activities") or "CPU,CUDA (CPU on a CPU host)"
     lines += _profile_section(
@@ -962,8 +1064,11 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, stem: Path) -> None:
+    """The report into --out, and its JSON into KEEP_DIR too (what a later --append call merges)."""
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render_markdown(report))
+    KEEP_DIR.mkdir(parents=True, exist_ok=True)
+    (KEEP_DIR / stem.name).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def main(argv=None) -> None:
@@ -991,6 +1096,12 @@ def main(argv=None) -> None:
     d.add_argument("--min-run-s", type=float, default=60, help="do not start a run with less budget than this")
     d.add_argument("--model-dir", help="checkpoint directory (built there once)")
     d.add_argument("--num-layers", type=int, default=3)
+    d.add_argument("--preset", choices=["default", "release"], default="default",
+                   help="checkpoint format: release = the official release's fp8 block weights + scales, grouped "
+                        "routing, YaRN (make_tiny_model --preset release); its bf16 copy for *-bf16 configs")
+    d.add_argument("--num-experts", type=int, default=32, help="routed experts of the --preset release checkpoint")
+    d.add_argument("--append", action="store_true",
+                   help=f"add this call's runs to the last report of the same GPU kind and N (kept in {KEEP_DIR})")
     d.add_argument("--build-device", default="cuda", help="where make_tiny_model draws the weights")
     d.add_argument("--plugin-path", help="directory holding the plugin as an installed distribution "
                                          "(put on PYTHONPATH for plugin runs only)")
@@ -1005,6 +1116,8 @@ def main(argv=None) -> None:
         return
     if args.model_dir is None:
         args.model_dir = "/tmp/cmp_tiny_v32" if args.cpu_dry_run else f"/tmp/cmp_real_v32_l{args.num_layers}"
+        if args.preset == "release":
+            args.model_dir += "_release" + ("" if args.cpu_dry_run else f"_e{args.num_experts}")
     drive(args)
 
 

@@ -163,3 +163,20 @@ def test_loader_dequantizes_fp8_indexer_wk_like_vllm():
     assert loaded_name == name and pairing.unpaired() == []
     expected = scaled_dequantize(quant, scale_inv, group_shape=GroupShape(128, 128), out_dtype=torch.bfloat16)
     assert torch.equal(loaded, expected)
+
+
+def test_gpu_compare_measures_every_run_against_the_bf16_reference():
+    import gpu_compare as gc
+
+    assert not gc.run_allowed("native-bf16ref", "fp8", False) and not gc.run_allowed("native-bf16ref", "auto", True)
+    assert gc.run_allowed("native-bf16ref", "auto", False) and gc.run_allowed("native-tp", "fp8", True)
+    runs = {"native-tp+fp8": {"greedy": {"tokens": [[1]]}}, "native-tp": {"greedy": {"tokens": [[1]]}},
+            "plugin-off-bf16": {"greedy": {"tokens": [[1]]}}}
+    assert gc.agreement_reference({"runs": runs}, "+fp8") == "plugin-off-bf16"
+    runs["native-bf16ref"] = {"greedy": {"tokens": [[1]]}}
+    assert gc.agreement_reference({"runs": runs}, "+fp8") == "native-bf16ref"
+    del runs["native-bf16ref"], runs["plugin-off-bf16"]
+    assert gc.agreement_reference({"runs": runs}, "+fp8") == "native-tp+fp8"
+    log = ("(EngineCore pid=1) INFO 12-03 08:50:01 [plugin.py:40] vllm_cp_nsa: installed but not active\n"
+           "INFO 12-03 08:50:02 [model.py:1] something else\n")
+    assert gc.plugin_log_lines(log) == ["vllm_cp_nsa: installed but not active"]
