@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import mixed_prompts, run_vllm
-from hf_oracle import greedy_generate, load_hf_model
+from hf_oracle import greedy_generate, load_hf_model, prompt_logprobs, yarn_original_context
 
 pytestmark = pytest.mark.e2e
 
@@ -22,15 +22,29 @@ def _generate(tiny_model, prompts, cp_nsa: dict, trace_prefix) -> dict:
             "additional_config": {"cp_nsa": cp_nsa},
         },
         "prompts": prompts,
-        "sampling": {"temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True},
+        "sampling": {"temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True, "prompt_logprobs": 0},
     }, CP_NSA_TRACE_PLANS=str(trace_prefix))
     result["plans"] = [[json.loads(line) for line in open(f"{trace_prefix}.rank{r}")] for r in range(2)]
     return result
 
 
+def _check_routing_uses_groups_bias_and_scaling(model_dir) -> None:
+    """The checkpoint routes like DeepSeek-V3.2: groups, a non-zero correction bias, scaling."""
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["n_group"] > 1 and config["topk_group"] < config["n_group"], config
+    assert config["topk_method"] == "noaux_tc" and config["routed_scaling_factor"] != 1.0
+    tensors = {k: v for f in model_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    biases = [v for k, v in tensors.items() if k.endswith("mlp.gate.e_score_correction_bias")]
+    assert biases and all(b.abs().min() > 0 for b in biases)
+
+
 def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_path):
     prompts = mixed_prompts(tokenizer, index_topk=64)
     assert max(len(p) for p in prompts) > 3 * MAX_BATCHED_TOKENS
+    assert max(len(p) for p in prompts) > 4 * yarn_original_context(tiny_model)  # YaRN's range
+    _check_routing_uses_groups_bias_and_scaling(tiny_model)
     configs = {
         "off": {"mode": "off"},
         "round-robin-split": {"mode": "round-robin-split"},
@@ -67,5 +81,14 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
     assert tokens["off"] == [greedy_generate(hf, p, MAX_TOKENS) for p in prompts]
     for name in configs:
         assert tokens[name] == tokens["off"], name
+    # Every mode against HF's prompt logprobs (independent model): vLLM's FusedMoE TP-sharded
+    # and the plugin's EP MoE (moe=scattered), both with the tiny model's grouped routing
+    # (n_group 2, topk_group 1), e_score_correction_bias and routed_scaling_factor.
+    expected = [prompt_logprobs(hf, p) for p in prompts]
+    worst = {name: max(abs(g - e) / max(abs(e), 1e-6) for out, exp in zip(r["outputs"], expected)
+                       for g, e in zip(out["prompt_logprobs"][1:], exp[1:]))
+             for name, r in results.items()}  # fmt: skip
     print(f"prompt lengths {[len(p) for p in prompts]}; " + "; ".join(
-        f"{n}: init {r['init_s']:.1f}s generate {r['generate_s']:.1f}s" for n, r in results.items()))
+        f"{n}: init {r['init_s']:.1f}s generate {r['generate_s']:.1f}s, prompt-logprob rel err {worst[n]:.1e}"
+        for n, r in results.items()))
+    assert all(err <= 1e-4 for err in worst.values()), worst

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import mixed_prompts, run_vllm
-from hf_oracle import greedy_generate, load_hf_model, prompt_logprobs
+from hf_oracle import greedy_generate, load_hf_model, prompt_logprobs, yarn_original_context
 
 pytestmark = pytest.mark.e2e
 
@@ -12,6 +12,8 @@ MAX_TOKENS = 12
 
 def test_prompt_logprobs_and_greedy_tokens_match_hf(tiny_model, tokenizer):
     prompts = mixed_prompts(tokenizer, index_topk=64)
+    # YaRN: the longer prompts run well past the original context
+    assert max(len(p) for p in prompts) > 4 * yarn_original_context(tiny_model)
     result = run_vllm({
         "llm": {"model": str(tiny_model), "dtype": "float32", "max_model_len": 2048, "enforce_eager": True},
         "prompts": prompts,
