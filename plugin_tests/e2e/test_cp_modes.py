@@ -91,4 +91,4 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
     print(f"prompt lengths {[len(p) for p in prompts]}; " + "; ".join(
         f"{n}: init {r['init_s']:.1f}s generate {r['generate_s']:.1f}s, prompt-logprob rel err {worst[n]:.1e}"
         for n, r in results.items()))
-    assert all(err <= 1e-4 for err in worst.values()), worst
+    assert all(err <= 2e-5 for err in worst.values()), worst  # measured 1.7e-6
