@@ -217,7 +217,12 @@ def deepgemm_indexer_unsupported(capability: tuple[int, int] | None, api: str | 
 
 def _probe() -> tuple[tuple[int, int] | None, str | None, bool, bool]:
     """The real inputs of ``deepgemm_indexer_unsupported``."""
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    # vLLM's platform reads the capability through NVML: the config hook probes in the API
+    # server, which must not start a CUDA context (vLLM would then have to spawn its workers)
+    from vllm.platforms import current_platform
+
+    found = current_platform.get_device_capability() if current_platform.is_cuda() else None
+    capability = (found.major, found.minor) if found is not None else None
     try:
         from vllm.utils.deep_gemm import fp8_fp4_mqa_logits
         from vllm.utils.import_utils import has_deep_gemm
