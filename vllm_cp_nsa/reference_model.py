@@ -37,6 +37,11 @@ class Dims:
     topk: int = 64
     experts: int = 8
     experts_per_token: int = 2
+    expert_groups: int = 2
+    """DeepSeek-V3's group-limited routing: experts in ``expert_groups`` groups, each token's
+    experts chosen within its best ``topk_groups`` (a group scored by its two best experts)."""
+    topk_groups: int = 1
+    routed_scaling: float = 2.5
     moe_inter: int = 64
     shared_inter: int = 64
     dense_inter: int = 256
@@ -47,6 +52,7 @@ class Dims:
         """Real per-layer dimensions (fewer experts unless asked)."""
         return Dims(hidden=7168, heads=128, q_lora=1536, nope=128, v_head=128, index_heads=64,
                     topk=layers_topk, experts=experts, experts_per_token=min(8, experts),
+                    expert_groups=max(1, min(8, experts // 2)), topk_groups=max(1, min(8, experts // 2) // 2),
                     moe_inter=2048, shared_inter=2048, dense_inter=18432)
 
 
@@ -147,13 +153,16 @@ class ShardedMlp(nn.Module):
 
 
 class ShardedMoe(nn.Module):
-    """Routed experts (sigmoid router, top-k, renormalized) + one shared expert, every
-    expert's intermediate dim sharded over ``tp_size``; returns TP partial sums."""
+    """Routed experts + one shared expert, every expert's intermediate dim sharded over
+    ``tp_size``; returns TP partial sums. DeepSeek-V3's router: sigmoid scores plus a
+    correction bias pick the experts (group-limited), the unbiased scores of the picks,
+    renormalized and scaled by ``routed_scaling``, weight them."""
 
     def __init__(self, dims: Dims, gen: torch.Generator, tp_rank: int, tp_size: int, dtype):
         super().__init__()
         self.dims = dims
         self.router = nn.Parameter(_param(gen, dims.experts, dims.hidden, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(_param(gen, dims.experts, std=0.05, dtype=torch.float32), requires_grad=False)
         self.experts = nn.ModuleList(
             ShardedMlp(dims.hidden, dims.moe_inter, gen, tp_rank, tp_size, dtype) for _ in range(dims.experts)
         )
@@ -161,8 +170,14 @@ class ShardedMoe(nn.Module):
 
     def route(self, x):
         scores = F.linear(x.float(), self.router).sigmoid()
-        weights, ids = scores.topk(self.dims.experts_per_token, dim=-1)
-        return weights / weights.sum(-1, keepdim=True), ids
+        choice = scores + self.bias
+        groups = choice.view(x.shape[0], self.dims.expert_groups, -1)
+        best_groups = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1).topk(self.dims.topk_groups, dim=-1).indices
+        allowed = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+        choice = choice.masked_fill(~allowed.repeat_interleave(groups.shape[-1], dim=1), float("-inf"))
+        ids = choice.topk(self.dims.experts_per_token, dim=-1).indices
+        weights = scores.gather(1, ids)
+        return weights / weights.sum(-1, keepdim=True) * self.dims.routed_scaling, ids
 
     def forward(self, x):
         weights, ids = self.route(x)
