@@ -92,8 +92,8 @@ def cp_capture_sizes(
     return CaptureSizes(sizes=sizes, decode_sizes=sorted(decode), max_size=sizes[-1], changes=changes)
 
 
-def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool,
-                             moe_capturable: bool) -> tuple[bool, str]:
+def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool, moe_capturable: bool,
+                             speculative: bool = False, fp8_kv: bool = False) -> tuple[bool, str]:
     """Whether prefill and mixed batches can replay vLLM's breakable piecewise CUDA graphs,
     and why (for the startup line).
 
@@ -112,5 +112,10 @@ def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool,
         return False, f"mode={mode} picks each rank's rows from the batch"
     if heads_split:
         return False, "decode_attention=tp picks the heads per batch"
+    if speculative or fp8_kv:
+        # On one H200 (vLLM 0.34, 2026-12-03) a piecewise replay with an fp8 KV cache and MTP
+        # k=1 hit an illegal memory access (bf16 without MTP replayed exactly): until the
+        # failing case is isolated these batches run eagerly.
+        return False, "piecewise replays with MTP or an fp8 KV cache are not verified yet"
     return True, ("rows never split: graphs hold everything but the attention's eager break "
                   "(cache writes, indexer, sparse MLA)")

@@ -42,7 +42,7 @@ def run_vllm(spec: dict, timeout: int = 900, **env_extra: str) -> dict:
     """Run one engine configuration in a fresh process; return its RESULT dict."""
     tp = spec["llm"].get("tensor_parallel_size", 1)
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), json.dumps(spec)],
+        [sys.executable, str(RUNNER), "-"], input=json.dumps(spec),
         capture_output=True, text=True, timeout=timeout, env=vllm_env(tp, **env_extra),
     )
     for line in reversed(proc.stdout.splitlines()):

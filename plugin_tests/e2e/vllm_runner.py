@@ -2,7 +2,8 @@
 
 Tests start it as a subprocess, one per engine configuration, so vLLM's process-wide
 state (distributed groups, HF config registry) never leaks between cases.
-Spec (JSON on argv[1]): {"llm": {...LLM kwargs...}, "prompts": [[ids...], ...],
+Spec (JSON on argv[1], or on stdin when argv[1] is ``-``: a 64K-token prompt is longer
+than the OS allows an argument to be): {"llm": {...LLM kwargs...}, "prompts": [[ids...], ...],
 "sampling": {...SamplingParams kwargs...}}. Output: the last stdout line,
 ``RESULT {"outputs": [{"token_ids": [...], "prompt_logprobs": [...]}], ...}``.
 """
@@ -14,7 +15,7 @@ import time
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    spec = json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1])
     from vllm import LLM, SamplingParams, TokensPrompt
 
     started = time.time()

@@ -203,3 +203,12 @@ def test_piecewise_graphs_only_for_a_layout_fixed_by_the_padded_size(cp_size, mo
     ok, reason = piecewise_graph_decision(cp_size=cp_size, mode=mode, heads_split=heads_split,
                                           moe_capturable=moe_ok)
     assert ok is expected and reason
+
+
+@pytest.mark.parametrize("speculative,fp8_kv", [(True, False), (False, True)])
+def test_piecewise_graphs_not_yet_with_mtp_or_fp8_kv(speculative, fp8_kv):
+    from vllm_cp_nsa.graph_sizing import piecewise_graph_decision
+
+    ok, reason = piecewise_graph_decision(cp_size=1, mode="off", heads_split=False, moe_capturable=True,
+                                          speculative=speculative, fp8_kv=fp8_kv)
+    assert not ok and "not verified" in reason

@@ -314,7 +314,7 @@ def test_graph_mode_keeps_piecewise_graphs_only_for_a_fixed_layout(base_config, 
     FULL_DECODE_ONLY with a warning that says which, and blames the split layout only under CP."""
     from vllm.config import CUDAGraphMode
 
-    cfg = _fresh(base_config, {"cp_nsa": options})
+    cfg = _fresh(base_config, {"cp_nsa": options}, cache_config__cache_dtype="auto")
     config_hook.CpNsaV32ConfigHook.verify_and_update_config(cfg)
     mode = cfg.compilation_config.cudagraph_mode
     warnings = [m for m in plugin_log.messages() if "-> FULL_DECODE_ONLY" in m]

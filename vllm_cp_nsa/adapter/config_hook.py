@@ -198,7 +198,9 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
         piecewise, why = piecewise_graph_decision(
             cp_size=parallel.tensor_parallel_size, mode=options.mode,
             heads_split=options.decode_attention == "tp" and parallel.tensor_parallel_size > 1,
-            moe_capturable=getattr(communicator, "supports_cuda_graphs", False))
+            moe_capturable=getattr(communicator, "supports_cuda_graphs", False),
+            speculative=vllm_config.speculative_config is not None,
+            fp8_kv=cache_config.cache_dtype == "fp8_ds_mla")
         set_cudagraph_mode(vllm_config, piecewise, why, split=options.mode != "off")
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
             set_cp_capture_sizes(vllm_config, split_decode=options.decode_attention != "tp")
