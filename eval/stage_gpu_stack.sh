@@ -175,7 +175,11 @@ for f in "$SITE"/torch/lib/*.so* "$SITE"/torch/_C*.so; do nm -D --undefined-only
 SHIM_SYMS=$(grep '^nccl' "$WORK/torch_undef.txt" | comm -23 - "$WORK/nccl_image.txt" | tr '\n' ' ')
 echo "NCCL symbols torch $TORCH_VERSION links that $IMAGE_NCCL lacks: $SHIM_SYMS"
 { echo "/* torch $TORCH_VERSION vs $IMAGE_NCCL: return ncclInvalidUsage (5) if ever called (one GPU never does) */"
-  for s in $SHIM_SYMS; do echo "int $s(void){return 5;}"; done; } > "$WORK/shim.c"
+  for s in $SHIM_SYMS; do echo "int $s(void){return 5;}"; done
+  # torch 2.14 also links nvshmem_init, which the image's NVSHMEM lacks (probe on one H200,
+  # 2026-12-03); only symmetric memory calls it, never a one-GPU run
+  if grep -qx nvshmem_init "$WORK/torch_undef.txt"; then echo "int nvshmem_init(void){return 1;}"; fi
+} > "$WORK/shim.c"
 gcc -shared -fPIC -O2 -o "$STAGE/shim/libnccl_shim.so" "$WORK/shim.c"
 echo "$SHIM_SYMS" | awk '{print $1}' > "$STAGE/shim/probe_symbol.txt"   # env.sh: image lacks it -> preload
 # NVIDIA-library symbols torch needs, for probe_syms.py on the device
