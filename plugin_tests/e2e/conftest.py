@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,29 @@ def mixed_prompts(tokenizer, index_topk: int) -> list[list[int]]:
     lengths = sorted(len(p) for p in prompts)
     assert lengths[0] < index_topk and lengths[-1] > 4 * index_topk, lengths
     return prompts
+
+
+def small_spec(model, **llm):
+    """One short greedy request through ``model`` in fp32, eager."""
+    return {
+        "llm": {"model": str(model), "dtype": "float32", "max_model_len": 1024, "enforce_eager": True, **llm},
+        "prompts": [[0, 5, 6, 7, 8]],
+        "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tiny_model):
+    """A tiny random Llama sharing the V3.2 model's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1344, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model / name, out / name)
+    return out

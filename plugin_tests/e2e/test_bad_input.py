@@ -1,42 +1,18 @@
 """Bad configuration and inputs fail clearly; other models are left alone."""
 
-import shutil
 
 import pytest
 
-from conftest import VllmRunFailed, run_vllm
+from conftest import VllmRunFailed, run_vllm, small_spec
 from make_tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 
 
-def _spec(model, **llm):
-    return {
-        "llm": {"model": str(model), "dtype": "float32", "max_model_len": 1024, "enforce_eager": True, **llm},
-        "prompts": [[0, 5, 6, 7, 8]],
-        "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True},
-    }
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, tiny_model):
-    """A tiny random Llama sharing the V3.2 model's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1344, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=0, eos_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_model / name, out / name)
-    return out
 
 
 def test_non_v32_model_is_untouched(tiny_llama):
-    result = run_vllm(_spec(tiny_llama, additional_config={"cp_nsa": {"mode": "round-robin-split"}}))
+    result = run_vllm(small_spec(tiny_llama, additional_config={"cp_nsa": {"mode": "round-robin-split"}}))
     assert result["info"]["architecture"] == "LlamaForCausalLM"
     assert result["info"]["model_class"].startswith("vllm.model_executor.models.llama.")
     assert len(result["outputs"][0]["token_ids"]) == 4
@@ -55,7 +31,7 @@ def test_malformed_config_fails_engine_startup(tiny_model):
     """A real engine start (own process) fails with the message."""
     cp_nsa, expected = BAD_CONFIGS[0]
     with pytest.raises(VllmRunFailed) as err:
-        run_vllm(_spec(tiny_model, additional_config={"cp_nsa": cp_nsa}))
+        run_vllm(small_spec(tiny_model, additional_config={"cp_nsa": cp_nsa}))
     assert expected in str(err.value)
 
 
@@ -74,12 +50,12 @@ def test_missing_indexer_weight_names_the_tensor(tmp_path):
     missing = "model.layers.1.self_attn.indexer.wk.weight"
     model = build_tiny_model(tmp_path / "broken", seed=0, drop_tensor=[missing])
     with pytest.raises(VllmRunFailed) as err:
-        run_vllm(_spec(model))
+        run_vllm(small_spec(model))
     assert missing in str(err.value)
 
 
 def test_cp_mode_with_one_rank_warns_and_runs_unsplit(tiny_model, tmp_path):
-    result = run_vllm(_spec(tiny_model, additional_config={"cp_nsa": {"mode": "round-robin-split"}}),
+    result = run_vllm(small_spec(tiny_model, additional_config={"cp_nsa": {"mode": "round-robin-split"}}),
                       CP_NSA_TRACE_PLANS=str(tmp_path / "plans"))
     plans = (tmp_path / "plans.rank0").read_text().splitlines()
     assert plans and all('"skip_reason": "mode off"' in line for line in plans)

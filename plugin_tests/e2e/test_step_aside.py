@@ -5,14 +5,13 @@ Real vLLM CPU engine, one fresh process per launch."""
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import RUNNER, VllmRunFailed, run_vllm, vllm_env
+from conftest import RUNNER, VllmRunFailed, run_vllm, small_spec, vllm_env
 
 pytestmark = pytest.mark.e2e
 
@@ -40,35 +39,12 @@ def run_without_a_symbol(spec: dict, tmp_path) -> dict:
     raise VllmRunFailed(f"vLLM run failed (rc={proc.returncode}).\n{log[-8000:]}")
 
 
-def _spec(model, **llm):
-    return {
-        "llm": {"model": str(model), "dtype": "float32", "max_model_len": 1024, "enforce_eager": True, **llm},
-        "prompts": [[0, 5, 6, 7, 8]],
-        "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True},
-    }
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, tiny_model):
-    """A tiny random Llama built here (no download), with the V3.2 model's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1344, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=0, eos_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_model / name, out / name)
-    return out
 
 
 def test_missing_symbol_leaves_other_models_running(tiny_llama, tmp_path):
     """register() logs why and does not raise; a Llama launch (even one carrying cp_nsa,
     which only concerns V3.2) runs through vLLM's own model."""
-    result = run_without_a_symbol(_spec(tiny_llama, additional_config={"cp_nsa": {"mode": "round-robin-split"}}),
+    result = run_without_a_symbol(small_spec(tiny_llama, additional_config={"cp_nsa": {"mode": "round-robin-split"}}),
                                   tmp_path)
     assert result["info"]["model_class"].startswith("vllm.model_executor.models.llama.")
     assert len(result["outputs"][0]["token_ids"]) == 4
@@ -78,7 +54,7 @@ def test_missing_symbol_leaves_other_models_running(tiny_llama, tmp_path):
 
 def test_missing_symbol_fails_a_cp_nsa_launch_with_the_reason(tiny_model, tmp_path):
     with pytest.raises(VllmRunFailed) as err:
-        run_without_a_symbol(_spec(tiny_model, additional_config={"cp_nsa": {}}), tmp_path)
+        run_without_a_symbol(small_spec(tiny_model, additional_config={"cp_nsa": {}}), tmp_path)
     message = str(err.value)
     assert f"vllm.config.{MISSING} (needed to test a vLLM without it)" in message
     assert "cp_nsa was requested in --additional-config but the plugin cannot run on this vLLM" in message
@@ -86,7 +62,7 @@ def test_missing_symbol_fails_a_cp_nsa_launch_with_the_reason(tiny_model, tmp_pa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour (on CUDA vLLM's own V3.2 runs)")
 def test_cpu_serves_v32_without_cp_nsa_and_says_so(tiny_model):
-    result = run_vllm(_spec(tiny_model))
+    result = run_vllm(small_spec(tiny_model))
     assert result["info"]["model_class"] == "vllm_cp_nsa.adapter.model.CpNsaDeepseekV32ForCausalLM"
     assert len(result["outputs"][0]["token_ids"]) == 4
     says = [line for line in result["log"].splitlines()
@@ -109,7 +85,7 @@ def test_on_cuda_without_cp_nsa_vllms_own_v32_runs_unchanged(tiny_model):
     cp_nsa (even empty) switches to the plugin's model."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    spec = _spec(tiny_model, dtype="bfloat16", enforce_eager=False)
+    spec = small_spec(tiny_model, dtype="bfloat16", enforce_eager=False)
     installed = run_vllm(spec)
     without = run_vllm(spec, VLLM_PLUGINS="")
     assert installed["info"]["model_class"].startswith("vllm.models.deepseek_v32.nvidia.")
@@ -119,5 +95,5 @@ def test_on_cuda_without_cp_nsa_vllms_own_v32_runs_unchanged(tiny_model):
     assert installed["outputs"] == without["outputs"]
     not_active = [line for line in installed["log"].splitlines() if "vllm_cp_nsa: installed but not active" in line]
     assert len(not_active) == 1 and "no cp_nsa in --additional-config" in not_active[0]
-    asked = run_vllm(_spec(tiny_model, dtype="bfloat16", additional_config={"cp_nsa": {}}))
+    asked = run_vllm(small_spec(tiny_model, dtype="bfloat16", additional_config={"cp_nsa": {}}))
     assert asked["info"]["model_class"] == "vllm_cp_nsa.adapter.model.CpNsaDeepseekV32ForCausalLM"
