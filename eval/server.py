@@ -120,3 +120,18 @@ def start_server(model: str | Path, *, tp: int = 1, dtype: str = "float32",
     process = subprocess.Popen(server_command(str(model), port, args), stdout=log, stderr=subprocess.STDOUT,
                                env=full_env, start_new_session=True)
     return Server(process, port, log_path)
+
+
+def wait_health(base_url: str, timeout: float) -> float:
+    """Seconds until ``base_url``'s /health answers 200 (any OpenAI-compatible server: vLLM,
+    SGLang); TimeoutError after ``timeout``."""
+    started = time.time()
+    while time.time() - started < timeout:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.time() - started
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"{base_url}/health not 200 after {timeout:.0f}s")

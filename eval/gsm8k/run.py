@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "eval"))
 
-from server import Server, start_server  # noqa: E402
+from server import Server, start_server, wait_health  # noqa: E402
 
 SETUP_SCRIPT = Path(__file__).with_name("setup_lmeval.sh")
 DEFAULT_LMEVAL_VENV = REPO / ".venv-lmeval"
@@ -138,19 +138,6 @@ def _http_json(url: str, timeout: float = 10.0):
 def _http_text(url: str, timeout: float = 10.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode(errors="replace")
-
-
-def wait_health(base_url: str, timeout: float) -> float:
-    started = time.time()
-    while time.time() - started < timeout:
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.time() - started
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{base_url}/health not 200 after {timeout:.0f}s")
 
 
 def served_model(base_url: str) -> str:

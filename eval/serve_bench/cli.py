@@ -143,16 +143,9 @@ def http_json(url: str, timeout: float = 10.0):
 
 
 def wait_health(base_url: str, timeout: float) -> float:
-    started = time.time()
-    while time.time() - started < timeout:
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.time() - started
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{base_url}/health not 200 after {timeout:.0f}s")
+    from server import wait_health as wait
+
+    return wait(base_url, timeout)
 
 
 def server_info(base_url: str) -> dict:
@@ -396,20 +389,6 @@ def run_started_config(config: ServerConfig, args, model: Path, sweep: Sweep, lo
         server.stop()
 
 
-def check_vllm_launcher() -> None:
-    """eval/server.py runs ``vllm serve`` wherever the ``vllm`` distribution is installed; a stack
-    unpacked from wheels (the GPU hosts' staged one) has the distribution but no console script."""
-    sys.path.insert(0, str(EVAL_DIR))
-    from server import server_command
-
-    head = server_command("MODEL", 0, [])[0]
-    if head == "vllm" and shutil.which("vllm") is None:
-        raise SystemExit("eval/server.py starts `vllm serve`, but no `vllm` command is on PATH (a stack unpacked "
-                         "from wheels has none): put one there, e.g. printf '#!/bin/sh\\nexec python3 -m "
-                         "vllm.entrypoints.cli.main \"$@\"\\n' > /tmp/sb-bin/vllm; chmod +x /tmp/sb-bin/vllm; "
-                         "export PATH=/tmp/sb-bin:$PATH (eval/serve_bench/run_gpu.sh does)")
-
-
 def plugin_env(uses_plugin: bool, plugin_path: str | None) -> dict[str, str]:
     """Plugin runs see the plugin; native runs must not (vLLM's own DeepseekV32 then serves).
     With ``--plugin-path`` (the plugin laid out outside the environment, as on the GPU host)
@@ -587,8 +566,6 @@ def main(argv=None) -> int:
     if len(set(names)) != len(names):
         raise SystemExit(f"configuration names must differ (NAME=URL / NAME=CMD): {names}")
 
-    if any(not c.launch for c in configs):
-        check_vllm_launcher()
     model = None
     if a.build_tiny_model:
         sys.path.insert(0, str(EVAL_DIR))
