@@ -63,3 +63,10 @@ def test_gsm8k_default_data_is_in_the_repo():
         lines = (DEFAULT_DATA_DIR / f"{split}.jsonl").read_text().splitlines()
         assert lines and all('"answer"' in line and "####" in line for line in lines[:50])
     assert (DEFAULT_DATA_DIR / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_test_module_names_are_unique():
+    """pytest imports test modules by basename (no packages here): two test files with one name
+    in different folders make collection fail on a fresh clone."""
+    names = [f.name for f in (REPO / "plugin_tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
