@@ -19,7 +19,8 @@ modules do not train is added here, as DeepSeek-V3.2 / V3 describe it:
 - MTP (``model.layers.{L}``): vLLM's DeepSeekMTP forward (embedding of token
   t+1, zeroed at position 0, and the main model's final-norm hidden of token t,
   through enorm / hnorm / eh_proj, one decoder layer, shared_head) predicts
-  token t+2; its loss (weight 0.3) backpropagates into the main model too.
+  token t+2 (weight 0.3); at this size its gradient stays out of the main model (the
+  hidden it reads is detached), where DeepSeek lets it flow.
 - noaux_tc: each MoE gate's ``e_score_correction_bias`` follows the
   auxiliary-loss-free balancing rule (bias += rate * sign(mean load - load)).
 
@@ -59,6 +60,7 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 64.0, "original_ma
 EOS_ID, PAD_ID = 1, 2
 MTP_LOSS_WEIGHT = 0.3
 INDEXER_LOSS_WEIGHT = 1.0
+INDUCTION_LOSS_WEIGHT = 1.0
 BIAS_UPDATE_RATE = 1e-3
 TASK_WEIGHTS = {"repeat": 2, "retrieval": 2, "copy": 1, "arithmetic": 1}
 
@@ -106,7 +108,7 @@ class MtpLayer(nn.Module):
         next_ids = input_ids[:, 1:]
         embeds = model.model.embed_tokens(next_ids)
         seq = next_ids.shape[1]
-        positions = torch.arange(seq).unsqueeze(0)
+        positions = torch.arange(seq, device=input_ids.device).unsqueeze(0)
         embeds = torch.where(positions.unsqueeze(-1) == 0, 0.0, embeds)
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden[:, :-1])], dim=-1))
         mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None,
@@ -125,8 +127,12 @@ class IndexerDistillation:
     computed by a hook on the attention output. ``restore`` puts HF's forward back.
     """
 
-    def __init__(self, attention_modules):
+    def __init__(self, attention_modules, induction_layer: int):
         self.losses: list[torch.Tensor] = []
+        # Induction supervision: head 0 of ``induction_layer`` attends from (b, q) to src.
+        self.induction_layer = induction_layer
+        self.induction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.induction_losses: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None  # [B, S] query rows that count
         self.modules = list(attention_modules)
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
@@ -158,6 +164,13 @@ class IndexerDistillation:
         if not module.training:
             return
         attn = output[1]  # [B, heads, S, T] softmax after the causal + top-k mask
+        if module.layer_idx == 0:  # head 0: the previous token, for every real query but BOS
+            prev = torch.diagonal(attn[:, 0], offset=-1, dim1=-2, dim2=-1).float()  # [B, S-1]
+            valid = self.valid[:, 1: prev.shape[1] + 1]
+            self.induction_losses.append((-torch.log(prev + 1e-6) * valid).sum() / valid.sum())
+        if module.layer_idx == self.induction_layer and self.induction is not None:
+            b, q, src = self.induction
+            self.induction_losses.append(-torch.log(attn[b, 0, q, src].float() + 1e-6).mean())
         scores, allowed, top = module.indexer.last_selection
         selected = torch.zeros_like(allowed).scatter(-1, top, True) & allowed
         target = attn.detach().float().sum(1) * selected
@@ -228,6 +241,25 @@ def make_batch(tok, rng: random.Random, task: str, batch_size: int, max_facts: i
     return ids, weight, valid, docs
 
 
+def induction_pairs(ids: torch.Tensor, weight: torch.Tensor):
+    """(batch, query, source) index tensors: where an answer token ``ids[p]`` continues a
+    bigram ``ids[p-1], ids[p]`` that occurs exactly once before, the query at ``p-1``
+    should attend to that earlier occurrence ``s`` of ``ids[p]`` (the induction step
+    retrieval, copy and repeat rely on)."""
+    out = ([], [], [])
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        first = {}
+        for s in range(1, len(row)):
+            first.setdefault((row[s - 1], row[s]), []).append(s)
+        for p in torch.nonzero(weight[b]).flatten().tolist():
+            sources = [s for s in first.get((row[p - 1], row[p]), []) if s < p - 1]
+            if len(sources) == 1:
+                for lst, v in zip(out, (b, p - 1, sources[0])):
+                    lst.append(v)
+    return tuple(torch.tensor(x, dtype=torch.long) for x in out) if out[0] else None
+
+
 def masked_ce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return (ce * weight.reshape(-1)).sum() / weight.sum().clamp_min(1)
@@ -268,6 +300,38 @@ def checkpoint_tensors(model, mtp: MtpLayer, cfg: dict) -> dict[str, torch.Tenso
             raise RuntimeError(f"{name}: trained shape {tuple(t.shape)} != checkpoint shape {shape}")
         out[name] = t.float().contiguous().clone()
     return out
+
+
+@torch.no_grad()
+def load_trained(model, mtp: MtpLayer, cfg: dict, path: Path) -> None:
+    """Inverse of checkpoint_tensors: continue training from a written checkpoint."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    L, inter = cfg["num_hidden_layers"], cfg["moe_intermediate_size"]
+    p = f"model.layers.{L}."
+
+    mtp_names = {p + "enorm.weight": "enorm.weight", p + "hnorm.weight": "hnorm.weight",
+                 p + "eh_proj.weight": "eh_proj.weight", p + "shared_head.norm.weight": "shared_head_norm.weight"}
+    mtp_state = mtp.state_dict()
+    main_state = model.state_dict()
+    for name, t in tensors.items():
+        if name in (p + "embed_tokens.weight", p + "shared_head.head.weight"):
+            continue
+        if name in mtp_names:
+            mtp_state[mtp_names[name]].copy_(t)
+            continue
+        state, key = (mtp_state, "block." + name[len(p):]) if name.startswith(p) else (main_state, name)
+        if ".mlp.experts." in key:
+            prefix, rest = key.split(".mlp.experts.")
+            e, proj = int(rest.split(".")[0]), rest.split(".")[1]
+            if proj == "down_proj":
+                state[f"{prefix}.mlp.experts.down_proj"][e].copy_(t)
+            else:
+                rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+                state[f"{prefix}.mlp.experts.gate_up_proj"][e, rows].copy_(t)
+        else:
+            state[key].copy_(t)
 
 
 def write_checkpoint(out: Path, tok, cfg: dict, tensors: dict[str, torch.Tensor], tok_size: int) -> None:
@@ -325,15 +389,17 @@ def train(a) -> Path:
     cfg = model_config(_round_up(tok_size, VOCAB_MULTIPLE))
     config = DeepseekV32Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "dtype", "torch_dtype")})
     config._attn_implementation = "eager"
-    model = DeepseekV32ForCausalLM(config).float()
+    model = DeepseekV32ForCausalLM(config).float()  # drawn on the CPU: same start on every device
     mtp = MtpLayer(config, cfg["num_hidden_layers"]).float()
     mtp.block.apply(model._init_weights)
     nn.init.normal_(mtp.eh_proj.weight, std=config.initializer_range)
-    model.train()
-    mtp.train()
+    if a.init_from:
+        load_trained(model, mtp, cfg, Path(a.init_from))
+    model.to(a.device).train()
+    mtp.to(a.device).train()
 
     attention = [layer.self_attn for layer in model.model.layers] + [mtp.block.self_attn]
-    distill = IndexerDistillation(attention)
+    distill = IndexerDistillation(attention, induction_layer=cfg["num_hidden_layers"] - 1)
     gates = moe_gates(model, mtp)
     loads: dict[int, torch.Tensor] = {}
     for g in gates:
@@ -355,16 +421,22 @@ def train(a) -> Path:
         task = schedule[step % len(schedule)]
         # Curriculum: retrieval / copy contexts grow from 4 facts to all 32 over the first third.
         max_facts = min(synthetic_tasks.MAX_FACTS, 4 + (synthetic_tasks.MAX_FACTS - 4) * 3 * step // a.steps)
-        ids, weight, valid, _ = make_batch(tok, rng, task, a.batch_size, max_facts)
+        ids, weight, valid, _ = (t.to(a.device) if torch.is_tensor(t) else t
+                                 for t in make_batch(tok, rng, task, a.batch_size, max_facts))
         distill.losses.clear()
+        distill.induction_losses.clear()
+        pairs = induction_pairs(ids.cpu(), weight.cpu())
+        distill.induction = None if pairs is None else tuple(t.to(a.device) for t in pairs)
         distill.valid = valid
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # after the final norm
         main_loss = masked_ce(model.lm_head(hidden)[:, :-1], ids[:, 1:], weight[:, 1:])
         distill.valid = valid[:, 1:]  # MTP row t reads token t+1
-        mtp_logits = mtp(model, ids, hidden)
+        mtp_logits = mtp(model, ids, hidden if a.mtp_into_main else hidden.detach())
         mtp_loss = masked_ce(mtp_logits[:, :-1], ids[:, 2:], weight[:, 2:])
         indexer_loss = torch.stack(distill.losses).mean()
-        loss = main_loss + MTP_LOSS_WEIGHT * mtp_loss + INDEXER_LOSS_WEIGHT * indexer_loss
+        induction_loss = torch.stack(distill.induction_losses).mean() if distill.induction_losses else main_loss * 0
+        loss = (main_loss + MTP_LOSS_WEIGHT * mtp_loss + INDEXER_LOSS_WEIGHT * indexer_loss
+                + INDUCTION_LOSS_WEIGHT * induction_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -372,10 +444,13 @@ def train(a) -> Path:
         sched.step()
         with torch.no_grad():
             for g in gates:
-                load = loads[id(g)]
+                load = loads[id(g)].to(g.e_score_correction_bias.device)
                 g.e_score_correction_bias += BIAS_UPDATE_RATE * torch.sign(load.mean() - load)
-        for name, value in (("main", main_loss), ("mtp", mtp_loss), ("indexer", indexer_loss)):
+        for name, value in (("main", main_loss), ("mtp", mtp_loss), ("indexer", indexer_loss),
+                            ("induction", induction_loss)):
             recent[task][name] = 0.9 * recent[task].get(name, value.item()) + 0.1 * value.item()
+        if a.stop_at is not None and step == a.stop_at:
+            break
         if a.save_every and step and step % a.save_every == 0:
             set_index_topk(model, mtp, INDEX_TOPK)
             write_checkpoint(Path(a.out_dir), tok, cfg, checkpoint_tensors(model, mtp, cfg), tok_size)
@@ -386,8 +461,8 @@ def train(a) -> Path:
                 + f" | {time.perf_counter() - t0:.0f}s", flush=True)
     train_s = time.perf_counter() - t0
     set_index_topk(model, mtp, INDEX_TOPK)
-    model.eval()
-    mtp.eval()
+    model.cpu().eval()
+    mtp.cpu().eval()
     distill.restore()
 
     out = Path(a.out_dir)
@@ -434,8 +509,17 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-steps", type=int, default=600, help="steps with dense attention before sparse")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--mtp-into-main", action="store_true",
+                    help="let the MTP loss backpropagate into the main model (DeepSeek's way; off by default)")
+    ap.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                    help="stop after this step (the schedule still spans --steps): a stage of a longer run")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start from this checkpoint (written by this script) instead of random weights")
     ap.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                     help="also write the checkpoint every STEPS steps (to evaluate a run in progress)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default; the shipped checkpoint) or cuda: the same training, many more steps a minute "
+                         "(deterministic per device with CUBLAS_WORKSPACE_CONFIG=:4096:8)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a busy machine a second thread mostly spins)")
     ap.add_argument("--verify", type=int, default=20, metavar="N",
