@@ -1,4 +1,7 @@
-"""The GSM8K harness (eval/gsm8k) in comparison mode on real GSM8K questions, -tp 2.
+"""The GSM8K harness (eval/gsm8k) in comparison mode on real GSM8K questions, -tp 2: a cheap
+smoke check (off vs round-robin-split, 3 questions, tiny random checkpoint). The accuracy gates
+over every configuration (in-seq, fp8 KV, MTP too) run on the trained checkpoint in
+test_accuracy_gates.py, through the same server and lm-eval machinery.
 
 lm-eval runs from its own venv (.venv-lmeval); the harness creates it through
 eval/gsm8k/setup_lmeval.sh when it is missing (CI starts from a fresh machine), in
@@ -15,23 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from make_tiny_model import build_tiny_model
-
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO / "eval" / "gsm8k" / "data"
-CONFIGS = ["off", "round-robin-split", "in-seq-split", "fp8", "mtp"]
-LIMIT = 5
+CONFIGS = ["off", "round-robin-split"]
+LIMIT = 3
 
 sys.path.insert(0, str(REPO))
 from eval.gsm8k.run import compare, markdown  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def mtp_tiny_model(tmp_path_factory) -> Path:
-    """One tiny checkpoint for every configuration; mtp_friendly so MTP drafts get accepted."""
-    return build_tiny_model(tmp_path_factory.mktemp("gsm8k") / "v32", seed=0, mtp_friendly=True)
 
 
 def test_comparison_flags_a_differing_configuration():
@@ -61,10 +56,10 @@ def test_comparison_flags_a_differing_configuration():
 @pytest.mark.slow
 @pytest.mark.ci
 @pytest.mark.timeout(900)
-def test_gsm8k_comparison_all_configurations_agree_with_off(mtp_tiny_model, tmp_path):
+def test_gsm8k_comparison_all_configurations_agree_with_off(tiny_model, tmp_path):
     assert (DATA_DIR / "test.jsonl").is_file(), f"GSM8K data missing at {DATA_DIR}"
     out = tmp_path / "gsm8k"
-    cmd = [sys.executable, "-m", "eval.gsm8k", "--model", str(mtp_tiny_model), "--tp", "2", "--dtype", "float32",
+    cmd = [sys.executable, "-m", "eval.gsm8k", "--model", str(tiny_model), "--tp", "2", "--dtype", "float32",
            "--compare", ",".join(CONFIGS), "--limit", str(LIMIT),
            "--num-fewshot", "1", "--max-gen-toks", "24", "--max-num-batched-tokens", "128", "--out", str(out)]
     lmeval_was_there = (REPO / ".venv-lmeval" / "bin" / "lm_eval").exists()
@@ -83,17 +78,14 @@ def test_gsm8k_comparison_all_configurations_agree_with_off(mtp_tiny_model, tmp_
     assert settings["data_dir"] == str(DATA_DIR)  # the default: the in-repo copy
     assert [c["name"] for c in report["configs"]] == CONFIGS
     by_name = {c["name"]: c for c in report["configs"]}
-    assert by_name["in-seq-split"]["cp_nsa"] == {"mode": "in-seq-split"}
-    assert by_name["fp8"]["kv_cache_dtype"] == "fp8"
-    assert by_name["mtp"]["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 2}
+    assert by_name["round-robin-split"]["cp_nsa"] == {"mode": "round-robin-split"}
+    assert by_name["round-robin-split"]["kv_cache_dtype"] == "auto"
     for c in report["configs"]:
         assert c["accuracy"]["n"] == LIMIT
         mode = c["cp_nsa"]["mode"]
         server_log = (out / c["name"] / "server.log").read_text(errors="replace")
         assert f"vllm_cp_nsa: mode={mode}" in server_log, c["name"]
-        assert ("kv cache fp8_ds_mla" in server_log) == (c["name"] == "fp8"), c["name"]
-    spec = by_name["mtp"]["spec_decode"]
-    assert 0 < spec["accepted_tokens"] < spec["draft_tokens"], spec  # drafts really ran, some accepted
+        assert "kv cache fp8_ds_mla" not in server_log, c["name"]
 
     # Question by question: every configuration generated exactly what off generated.
     comparison = report["comparison"]
@@ -114,6 +106,5 @@ def test_gsm8k_comparison_all_configurations_agree_with_off(mtp_tiny_model, tmp_
     assert (REPO / ".venv-lmeval" / "bin" / "lm_eval").exists()
     setup = "reused" if lmeval_was_there else f"set up in {report['lmeval_setup_s']:.0f}s, overlapping the servers"
     print(f"\ngsm8k harness: {len(CONFIGS)} configurations x {LIMIT} questions in {wall:.0f}s "
-          f"(lm-eval venv {setup}); "
-          f"MTP accepted {spec['accepted_tokens']}/{spec['draft_tokens']} draft tokens")
+          f"(lm-eval venv {setup})")
     print(summary)
