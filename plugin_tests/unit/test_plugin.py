@@ -138,7 +138,7 @@ _KERNEL_PROVIDER_MODULES = ("vllm_kernels.py", "vllm_deepgemm.py")
 def test_vllm_kernel_provider_imports_vllm_lazily():
     """Module level of adapter/vllm_kernels.py and adapter/vllm_deepgemm.py imports no vLLM
     (the registry imports them on any vLLM and without one); their kernel symbols are
-    exactly the optional touchpoints."""
+    exactly the optional touchpoints, anything else they use is a required one."""
     used = set()
     for name in _KERNEL_PROVIDER_MODULES:
         tree = ast.parse((ADAPTER / name).read_text())
@@ -149,7 +149,9 @@ def test_vllm_kernel_provider_imports_vllm_lazily():
                 assert all(a.name.split(".")[0] != "vllm" for a in node.names), name
         used |= _vllm_imports(ADAPTER / name)
     optional = {(t.module, t.symbol) for t in touchpoints.TOUCHPOINTS if t.optional}
-    assert used == optional
+    required = {(t.module, t.symbol) for t in touchpoints.TOUCHPOINTS if not t.optional}
+    # the DeepGEMM probe also reads the GPU capability through vLLM's platform (required)
+    assert used - required == optional
 
 
 def test_missing_optional_symbol_only_warns(monkeypatch, caplog):
