@@ -117,6 +117,10 @@ DRY_RUN_WORKLOAD = {  # the tiny model's index_topk is 64
     "logprobs": {"lengths": [100, 200]},
     "warmup_length": 64,
 }
+# --trained-model: agreement on the trained tiny model (eval/trained_tiny), whose greedy answers
+# are right or wrong, over generations long enough to diverge (the random checkpoints' near-flat
+# distributions flip greedy tokens on bf16 noise). Held-out problems of each synthetic task.
+TRAINED_PROBLEMS_PER_TASK, TRAINED_TOKENS = 8, 64
 
 
 def length_label(tokens: int) -> str:
@@ -308,13 +312,13 @@ class Worker:
 
     def phase_agreement(self) -> None:
         greedy = self.workload["greedy"]
-        prompts = [self.prompt(f"greedy:{n}", n) for n in greedy["lengths"]]
+        prompts = greedy.get("prompts") or [self.prompt(f"greedy:{n}", n) for n in greedy["lengths"]]
         _, outputs = self.generate(prompts, max_tokens=greedy["tokens"], ignore_eos=True)
         self.result["greedy"] = {"lengths": greedy["lengths"],
                                  "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
         lengths = self.workload["logprobs"]["lengths"]
-        _, outputs = self.generate([self.prompt(f"logprobs:{n}", n) for n in lengths], max_tokens=1,
-                                   prompt_logprobs=0)
+        prompts = self.workload["logprobs"].get("prompts") or [self.prompt(f"logprobs:{n}", n) for n in lengths]
+        _, outputs = self.generate(prompts, max_tokens=1, prompt_logprobs=0)
         self.result["prompt_logprobs"] = {"lengths": lengths, "logprobs": [
             [None if entry is None else round(entry[token].logprob, 5)
              for entry, token in zip(o.prompt_logprobs, o.prompt_token_ids)] for o in outputs]}
@@ -468,6 +472,35 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------- agreement math
+
+
+def trained_workload(model_dir: Path, base: dict) -> dict:
+    """``base`` with the agreement prompts replaced by held-out synthetic problems (token ids of
+    the trained model's own tokenizer) and their expected answers, for ``--trained-model``."""
+    import synthetic_tasks
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    docs = [(task, doc) for task in synthetic_tasks.TASKS
+            for doc in synthetic_tasks.eval_problems(task, TRAINED_PROBLEMS_PER_TASK)]
+    prompts = [tok.encode(doc["question"]).ids for _, doc in docs]
+    return {**base, "greedy": {"prompts": prompts, "lengths": [len(p) for p in prompts], "tokens": TRAINED_TOKENS,
+                               "tasks": [task for task, _ in docs],
+                               "answers": [synthetic_tasks.answer_number(doc) for _, doc in docs]},
+            "logprobs": {"prompts": prompts, "lengths": [len(p) for p in prompts]}}
+
+
+def answers_correct(model_dir: Path, greedy: dict, tokens: list[list[int]]) -> dict[str, str]:
+    """Per task, right answers / problems: the number after the first ``#### `` of the greedy text."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    right: dict[str, list[int]] = {}
+    for task, answer, ids in zip(greedy["tasks"], greedy["answers"], tokens):
+        text = tok.decode(ids, skip_special_tokens=True).split("\n", 1)[0]
+        match = re.search(r"#### (-?\d+)", text)
+        right.setdefault(task, []).append(int(bool(match) and int(match.group(1)) == answer))
+    return {task: f"{sum(r)}/{len(r)}" for task, r in right.items()}
 
 
 def greedy_agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
@@ -781,7 +814,12 @@ def drive(args) -> None:
     gpus = nvidia_smi("name,memory.total")
     gpu_name = "cpu (dry run)" if args.cpu_dry_run else (gpus[0][0] if gpus else "unknown GPU")
     tag = "cpu" if args.cpu_dry_run else gpu_tag(gpu_name)
-    model_dir, build_s = ensure_model(args)
+    if args.trained_model:
+        model_dir, build_s = Path(args.trained_model).resolve(), 0.0
+        workload = trained_workload(model_dir, workload)
+        phases = [p for p in phases if p in ("warmup", "agreement")]  # a 6 MB model times nothing useful
+    else:
+        model_dir, build_s = ensure_model(args)
     bf16_dir = None
     if any(CONFIGS[c].get("model") == "bf16" for c in configs):
         if args.preset != "release":
@@ -803,7 +841,7 @@ def drive(args) -> None:
             "max_model_len": max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
             "gpu_memory_utilization": args.gpu_memory_utilization, "capture_sizes": CAPTURE_SIZES,
             "cpu_dry_run": args.cpu_dry_run, "command": sys.argv, "profile_length": profile_length,
-            "profile_activities": args.profile_activities,
+            "profile_activities": args.profile_activities, "trained_model": bool(args.trained_model),
         },
         "runs": {},
     }
@@ -930,11 +968,13 @@ def render_markdown(report: dict) -> str:
         "",
         f"- date {meta['date']}; vLLM {versions.get('vllm', '?')}, torch {versions.get('torch', '?')}, "
         f"CUDA {versions.get('cuda', '?')}, Python {versions.get('python', '?')}",
+        (f"- model: the trained tiny DeepSeek-V3.2 `{meta['model_dir']}` ({cfg['num_hidden_layers']} layers, "
+         f"hidden {cfg['hidden_size']}, index_topk {cfg['index_topk']}, YaRN)" if meta.get("trained_model") else
         f"- model: random DeepSeek-V3.2 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads, index_topk {cfg['index_topk']}, {cfg['n_routed_experts']} experts "
         f"top-{cfg['num_experts_per_tok']}, MTP layers {cfg['num_nextn_predict_layers']}), "
         f"{'fp8 128x128 block weights (the release format; *-bf16 runs: its bf16-dequantized copy)' if cfg.get('quantization_config') else 'bf16 weights'}, "
-        f"`{meta['model_dir']}` ({built})",
+        f"`{meta['model_dir']}` ({built})"),
         f"- engine: max_model_len {meta['max_model_len']}, max_num_batched_tokens {meta['max_num_batched_tokens']}, "
         f"max_num_seqs 16, prefix caching off, gpu_memory_utilization {meta['gpu_memory_utilization']}, "
         f"CUDA-graph capture sizes {meta['capture_sizes']} (PCP: none)"
@@ -1020,10 +1060,22 @@ def render_markdown(report: dict) -> str:
                      _fmt(deltas.get("mean"), ".4f"), str(deltas.get("positions", "–"))])
     if rows:
         greedy = meta["workload"]["greedy"]
-        lines += ["", f"## Agreement (greedy: {greedy['tokens']} tokens for prompts of {greedy['lengths']} tokens; "
-                  f"prompt logprobs of prompts of {meta['workload']['logprobs']['lengths']} tokens)", ""]
+        if meta.get("trained_model"):
+            lengths = greedy["lengths"]
+            lines += ["", f"## Agreement (trained model: greedy {greedy['tokens']} tokens and prompt logprobs of "
+                      f"{len(lengths)} held-out synthetic problems of {min(lengths)}-{max(lengths)} tokens)", ""]
+        else:
+            lines += ["", f"## Agreement (greedy: {greedy['tokens']} tokens for prompts of {greedy['lengths']} tokens; "
+                      f"prompt logprobs of prompts of {meta['workload']['logprobs']['lengths']} tokens)", ""]
         lines += _table(["run", "reference", "greedy identical", "mean matching prefix", "max abs Δ logprob",
                          "mean abs Δ logprob", "positions"], rows)
+    if meta.get("trained_model"):
+        greedy = meta["workload"]["greedy"]
+        scored = {n: answers_correct(Path(meta["model_dir"]), greedy, runs[n]["greedy"]["tokens"])
+                  for n in names if runs[n].get("greedy")}
+        tasks = list(dict.fromkeys(greedy["tasks"]))
+        lines += ["", "## Answers of the trained model (right / held-out problems, first line of the greedy text)", ""]
+        lines += _table(["run"] + tasks, [[n] + [scored[n][t] for t in tasks] for n in scored])
 
     logged = [n for n in names if runs[n].get("plugin_log") is not None]
     if logged:
@@ -1108,6 +1160,9 @@ def main(argv=None) -> None:
     d.add_argument("--max-num-batched-tokens", type=int, default=16384)
     d.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     d.add_argument("--eager", action="store_true", help="enforce_eager for every run")
+    d.add_argument("--trained-model", metavar="DIR",
+                   help="agreement only, on a trained checkpoint (eval/trained_tiny): held-out synthetic problems, "
+                        f"{TRAINED_TOKENS} greedy tokens each, answers scored; no TTFT / decode phases")
     d.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny model, tiny lengths, enforce_eager, on CPU: checks the plumbing")
     args = ap.parse_args(argv)
