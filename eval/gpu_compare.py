@@ -73,7 +73,14 @@ CONFIGS = {
     # CUDA vLLM's own model should run; and the same with VLLM_PLUGINS="" (no plugin loaded).
     "stepaside": {"plugin": True, "parallel": "tp"},
     "stepaside-noplugins": {"plugin": True, "parallel": "tp", "env": {"VLLM_PLUGINS": ""}},
+    # SGLang on the same checkpoint and workloads (its own staged stack: --sglang-path): TP, and
+    # its DeepSeek-V3.2 prefill CP (round-robin = "interleave"; attn_cp_size resolves to tp_size).
+    "sglang-tp": {"plugin": False, "parallel": "tp", "engine": "sglang"},
+    "sglang-cp": {"plugin": False, "parallel": "tp", "engine": "sglang",
+                  "sglang": {"enable_prefill_cp": True, "cp_strategy": "interleave"}},
 }
+# Phases the SGLang worker has no equivalent for (vLLM's engine.step loop, vLLM's profiler).
+SGLANG_UNSUPPORTED_PHASES = ("busy", "profile", "profile_decode")
 DEFAULT_CONFIGS = "native-tp,plugin-rr,plugin-inseq,native-pcp"
 DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"
 PHASES = ["warmup", "agreement", "ttft", "batches", "busy", "decode"]
@@ -278,13 +285,16 @@ class Worker:
             self.progress(f"{phase} {self.result['phase_s'][phase]:.1f}s")
             self.save()
         try:
-            self.result["memory"] = {**poller.summary(), "ranks": self.llm.collective_rpc(_rank_peak)}
+            self.result["memory"] = {**poller.summary(), "ranks": self.rank_peaks()}
         except Exception:
             self.result["errors"]["memory"] = traceback.format_exc()[-3000:]
         self.result["status"] = "partial" if self.result["skipped"] or self.result["errors"] else "ok"
         self.save()
         self.progress(f"done: {self.result['status']}")
         os._exit(0)  # skip vLLM's slow interpreter-shutdown hooks; the driver reaps the workers
+
+    def rank_peaks(self) -> list:
+        return self.llm.collective_rpc(_rank_peak)
 
     def startup(self) -> None:
         import torch
@@ -471,6 +481,74 @@ class Worker:
             self.save()
 
 
+def sglang_engine_kwargs(llm: dict, config: dict) -> dict:
+    """vLLM's ``LLM`` arguments of a run (``llm_kwargs``) as SGLang ``Engine`` arguments."""
+    kwargs = {
+        "model_path": llm["model"], "tp_size": llm["tensor_parallel_size"], "dtype": llm["dtype"],
+        "random_seed": llm["seed"], "context_length": llm["max_model_len"],
+        "chunked_prefill_size": llm["max_num_batched_tokens"], "max_running_requests": llm["max_num_seqs"],
+        "disable_radix_cache": not llm["enable_prefix_caching"], "mem_fraction_static": llm["gpu_memory_utilization"],
+        "kv_cache_dtype": "fp8_e4m3" if llm["kv_cache_dtype"] == "fp8" else "auto",
+        "cuda_graph_max_bs": max(CAPTURE_SIZES), "disable_cuda_graph": llm["enforce_eager"],
+        "skip_tokenizer_init": True, "log_level": "info",
+    }
+    if "speculative_config" in llm:  # MTP k=1, DeepSeek's NextN layer as the draft
+        kwargs.update(speculative_algorithm="EAGLE", speculative_num_steps=1, speculative_eagle_topk=1,
+                      speculative_num_draft_tokens=2)
+    kwargs.update(config.get("sglang", {}))
+    return kwargs
+
+
+class _Completion:
+    """An SGLang result as the parts of vLLM's RequestOutput the phases read."""
+
+    def __init__(self, prompt: list[int], out: dict):
+        self.prompt_token_ids = prompt
+        self.outputs = [type("Completion", (), {"token_ids": out["output_ids"]})()]
+        entries = (out.get("meta_info") or {}).get("input_token_logprobs")
+        # SGLang: (logprob, token id, text) per prompt position, None at position 0;
+        # vLLM: None, then {token id: Logprob} per position
+        self.prompt_logprobs = None if entries is None else [
+            None if e is None or e[0] is None else {e[1]: type("Logprob", (), {"logprob": e[0]})()}
+            for e in entries]
+
+
+class SglangWorker(Worker):
+    """The same measurements through SGLang's offline ``Engine`` (``sglang-*`` configurations)."""
+
+    def startup(self) -> None:
+        import sglang
+        import torch
+        from make_tiny_model import SPECIAL_TOKENS
+        from transformers import AutoTokenizer
+
+        self.result["versions"] = {"sglang": sglang.__version__, "torch": torch.__version__,
+                                   "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+        kwargs = self.spec["sglang_engine"]
+        self.llm = sglang.Engine(**kwargs)
+        self.low, self.high = len(SPECIAL_TOKENS), len(AutoTokenizer.from_pretrained(kwargs["model_path"]))
+        self.result["info"] = {"ranks": [{"model_class": "sglang " + kwargs.get("cp_strategy", "tp"),
+                                          "cudagraph_mode": "off" if kwargs["disable_cuda_graph"] else "on"}],
+                               "kv_cache_dtype": kwargs["kv_cache_dtype"],
+                               "engine_args": {k: v for k, v in kwargs.items() if k != "model_path"}}
+        unsupported = [p for p in self.spec["phases"] if p in SGLANG_UNSUPPORTED_PHASES]
+        self.spec["phases"] = [p for p in self.spec["phases"] if p not in SGLANG_UNSUPPORTED_PHASES]
+        self.result["skipped"] += [f"{p} (no SGLang equivalent here)" for p in unsupported]
+
+    def generate(self, prompts: list[list[int]], **sampling) -> tuple[float, list]:
+        params = {"temperature": 0.0, "max_new_tokens": sampling.get("max_tokens", 16),
+                  "ignore_eos": sampling.get("ignore_eos", False)}
+        logprobs = "prompt_logprobs" in sampling
+        start = time.perf_counter()
+        outs = self.llm.generate(input_ids=prompts, sampling_params=params, return_logprob=logprobs,
+                                 **({"logprob_start_len": 0} if logprobs else {}))
+        seconds = time.perf_counter() - start
+        return seconds, [_Completion(p, o) for p, o in zip(prompts, outs)]
+
+    def rank_peaks(self) -> list:
+        return []
+
+
 # ----------------------------------------------------------------------------- agreement math
 
 
@@ -583,6 +661,18 @@ def worker_env(uses_plugin: bool, args) -> dict:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
         if args.n > 1:
             env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+    return env
+
+
+def sglang_env(env: dict, args) -> dict:
+    """A vLLM run's environment with SGLang's staged site dir in place of vLLM's: the two stacks
+    pin different torch builds and never share a process."""
+    if not args.sglang_path:
+        sys.exit("sglang-* configurations need --sglang-path (the unpacked SGLang stack)")
+    vllm_site = os.environ.get("VSITE")
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not (vllm_site and p.startswith(vllm_site))]
+    env = {**env, "PYTHONPATH": os.pathsep.join([args.sglang_path, *paths])}
+    env.pop("VLLM_PLUGINS", None)
     return env
 
 
@@ -880,9 +970,13 @@ def drive(args) -> None:
             "deadline": time.time() + timeout_s - min(20.0, timeout_s / 10),
             "result_path": str(logs / f"{name}.result.json"), "progress_path": str(logs / f"{name}.progress"),
         }
+        if config.get("engine") == "sglang":
+            spec["sglang_engine"] = sglang_engine_kwargs(kwargs, config)
         print(f"RUN {name} (timeout {timeout_s:.0f}s, budget used {time.monotonic() - t0:.0f}s)", flush=True)
-        result = run_worker(name, spec, {**worker_env(config["plugin"], args), **config.get("env", {})}, timeout_s,
-                            logs, args.n)
+        env = worker_env(config["plugin"], args)
+        if config.get("engine") == "sglang":
+            env = sglang_env(env, args)
+        result = run_worker(name, spec, {**env, **config.get("env", {})}, timeout_s, logs, args.n)
         result["plugin_log"] = plugin_log_lines(Path(result["log"]).read_text(errors="replace"))
         if profile_length and profile_dir.exists():
             summarize_profile(result, profile_dir, "prefill", "profile_summary")
@@ -1160,6 +1254,8 @@ def main(argv=None) -> None:
     d.add_argument("--max-num-batched-tokens", type=int, default=16384)
     d.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     d.add_argument("--eager", action="store_true", help="enforce_eager for every run")
+    d.add_argument("--sglang-path", metavar="DIR",
+                   help="site dir of the staged SGLang stack (ENGINE=sglang eval/stage_gpu_stack.sh), for sglang-*")
     d.add_argument("--trained-model", metavar="DIR",
                    help="agreement only, on a trained checkpoint (eval/trained_tiny): held-out synthetic problems, "
                         f"{TRAINED_TOKENS} greedy tokens each, answers scored; no TTFT / decode phases")
@@ -1167,7 +1263,8 @@ def main(argv=None) -> None:
                    help="tiny model, tiny lengths, enforce_eager, on CPU: checks the plumbing")
     args = ap.parse_args(argv)
     if args.command == "worker":
-        Worker(json.loads(Path(args.spec).read_text())).run()
+        spec = json.loads(Path(args.spec).read_text())
+        (SglangWorker if spec.get("sglang_engine") else Worker)(spec).run()
         return
     if args.model_dir is None:
         args.model_dir = "/tmp/cmp_tiny_v32" if args.cpu_dry_run else f"/tmp/cmp_real_v32_l{args.num_layers}"
