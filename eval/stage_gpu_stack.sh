@@ -6,7 +6,9 @@
 #   ENGINE=vllm VERSION=0.34.0 bash eval/stage_gpu_stack.sh      (default; torch 2.14.0 cu130, triton 3.8.0)
 #   ENGINE=vllm VERSION=0.33.0 bash eval/stage_gpu_stack.sh      (same torch/triton as 0.34)
 #   ENGINE=vllm VERSION=0.32.0 bash eval/stage_gpu_stack.sh      (torch 2.13.0, triton 3.7.1; proven 2026-11-27)
-#   ENGINE=sglang VERSION=0.5.23 ...                             (hook only: see stack_sglang below)
+#   ENGINE=sglang VERSION=0.5.23 bash eval/stage_gpu_stack.sh    (torch 2.14.1; recipe checked on the CPU
+#                                                                 machine only: STOP_AFTER=site, not yet on a GPU)
+#   STOP_AFTER=site ...   wheels + site dir + import-closure check, no payload (minutes, not the xz hour)
 #
 # Derived from the workplace's 0.32-only gpu-stack/stage.sh; kept in the repo so the project does not
 # depend on anything outside it. Runs on a CPU machine with PyPI access (unzip, xz, gcc, split, nm, python3+pip).
@@ -32,7 +34,11 @@ set -euo pipefail
 ENGINE=${ENGINE:-vllm}
 VERSION=${VERSION:-0.34.0}
 REPO=${REPO:-$(git rev-parse --show-toplevel)}
-STAGE=$REPO/.stage
+# one folder per engine here and on the device, so both stacks can be staged and held at once
+STAGE_NAME=$([ "$ENGINE" = sglang ] && echo .stage-sglang || echo .stage)
+DEVICE_STAGE=/tmp/${STAGE_NAME#.}            # /tmp/stage | /tmp/stage-sglang
+DEVICE_SITE=$([ "$ENGINE" = sglang ] && echo /tmp/ssite || echo /tmp/vsite)
+STAGE=$REPO/$STAGE_NAME
 WORK=${WORK:-/tmp/vstack-$ENGINE-$VERSION}
 PY=${PY:-python3}
 SEED=${SEED:-"$STAGE/extra"}   # folders that may already hold wheels (space separated)
@@ -45,7 +51,7 @@ TREE_BYTES=$(cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 du 
 CHUNK=${CHUNK:-$(( (67108864 - ${TREE_BYTES:-0}) / 1048576 - SLACK_MIB ))M}
 echo "stack $ENGINE $VERSION; working tree that travels: ${TREE_BYTES} bytes -> part size $CHUNK"
 mkdir -p "$DL" "$STAGE/dev" "$STAGE/tiny" "$STAGE/shim"
-grep -qx '/.stage/' "$REPO/.git/info/exclude" 2>/dev/null || echo '/.stage/' >> "$REPO/.git/info/exclude"
+grep -qx "/$STAGE_NAME/" "$REPO/.git/info/exclude" 2>/dev/null || echo "/$STAGE_NAME/" >> "$REPO/.git/info/exclude"
 
 # ----------------------------------------------------------------------- 0. what each stack carries
 # COMMON_VLLM: what vLLM imports on the offline LLM path (engine core in-process, DeepseekV32 model,
@@ -95,15 +101,58 @@ stack_vllm() {
   esac
   WHEELS="$CORE $COMMON_VLLM"
   ENGINE_IMPORT=vllm
+  CHECK_MODULES="vllm._C_stable_libtorch vllm._moe_C_stable_libtorch vllm._flashmla_C vllm._flashmla_extension_C
+vllm._deepselect_C vllm.vllm_flash_attn._vllm_fa3_C vllm.cumem_allocator vllm.third_party.deep_gemm cutlass quack
+llguidance compressed_tensors xgrammar vllm.models.deepseek_v32.nvidia.model vllm.model_executor.layers.sparse_attn_indexer
+vllm.v1.attention.backends.mla.flashmla_sparse vllm.v1.engine.core vllm.v1.worker.gpu_model_runner"
+  CLOSURE_ENTRIES="vllm vllm.entrypoints.llm vllm.v1.engine.core vllm.model_executor.models.deepseek_v2
+vllm.model_executor.layers.sparse_attn_indexer vllm.platforms.cuda"
 }
 
+# COMMON_SGLANG: what SGLang 0.5.23's offline Engine imports at module level on the DeepSeek-V3.2
+# path (entrypoints.engine, managers.scheduler / tp_worker, model_executor.model_runner,
+# models.deepseek_v2, layers.attention.nsa_backend) that the 'cuda' image lacks: the MISSING lines of
+#   python3 eval/import_closure.py --site $WORK/site --have-file eval/gpu_image_modules.txt <those modules>
+# (2026-12-03, after a first pass over Requires-Dist), pinned to what sglang's METADATA asks for where
+# it pins (openai 2.8.0, xgrammar 0.2.7, compressed-tensors 0.18.0, apache-tvm-ffi 0.1.11,
+# transformers 5.19.0, quack-kernels 0.6.5, nvidia-cutlass-dsl 4.8.0), else the newest at that date.
+# Left out on purpose: aiter / sgl_kernel_npu / torch_npu / mlx (other platforms, behind platform ifs
+# the static scan cannot see), tilelang / humming-kernels / flash-attn-4 (not on the V3.2 Hopper path,
+# imported lazily), datasets, timm, soundfile, av, decord2 (multimodal / benchmarks).
+COMMON_SGLANG="transformers==5.19.0 apache-tvm-ffi==0.1.11 compressed-tensors==0.18.0 loguru==0.7.3
+xgrammar==0.2.7 openai==2.8.0 jiter==0.19.0 distro==1.9.0 sniffio==1.3.1 pydantic==2.14.4 pydantic-core==2.50.5
+annotated-types==0.8.0 typing-inspection==0.4.5 fastapi==0.136.3 starlette==1.10.0 uvicorn==0.55.0
+msgspec==0.22.0 orjson==3.11.5 partial-json-parser==0.2.1.1.post7 pybase64==1.5.1 setproctitle==1.3.8
+pyzmq==27.3.0 dill==0.4.1 gguf==0.19.0 modelscope==1.40.2 modelscope-hub==0.5.1 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 torch-memory-saver==0.0.10
+ipython==9.18.1 ipython-pygments-lexers==1.1.1 jedi==0.19.2 parso==0.8.5 matplotlib-inline==0.2.1
+traitlets==5.14.3 decorator==5.2.1 pexpect==4.9.0 ptyprocess==0.7.0 prompt-toolkit==3.0.52 wcwidth==0.2.14
+stack-data==0.6.3 executing==2.2.1 asttokens==3.0.0 pure-eval==0.2.3
+nvidia-cutlass-dsl==4.8.0 nvidia-cutlass-dsl-libs-base==4.8.0 nvidia-cutlass-dsl-libs-core==4.8.0
+nvidia-cutlass-dsl-libs-cu13==4.8.0 quack-kernels==0.6.5 torch-c-dlpack-ext==0.1.5 llguidance==1.7.6"
+
 stack_sglang() {
-  # Hook for ENGINE=sglang VERSION=0.5.23 (torch 2.14.1, sglang-kernel 0.4.10, sgl-flash-mla 1.0.0,
-  # sgl-deep-gemm, flashinfer-python 0.7.2, sgl-deep-ep 0.1.2.post1 per the upstream notes of 2026-12).
-  # To implement: CORE pins + the small deps its offline Engine path imports that the image lacks
-  # (same method as for vLLM: Requires-Dist vs the image's package list, then a static import closure),
-  # ENGINE_IMPORT=sglang, and a run_llm.py variant using sglang.Engine. Not staged yet.
-  echo "ENGINE=sglang is not implemented yet (hook: stack_sglang in $0)"; exit 2
+  case "$VERSION" in
+    0.5.23)
+      # sglang 0.5.23 pins torch 2.14.1 (triton~=3.8.0, nvidia-nccl-cu13 2.30.7 like torch 2.14.0) and its
+      # kernels: sglang-kernel 0.4.10 (sgl_kernel), sgl-flash-mla 1.0.0 (sparse MLA), sgl-deep-gemm
+      # 0.2.3.post2 (the indexer's fp8 MQA logits), sgl-deep-ep 0.1.2.post1, flashinfer-python 0.7.2.
+      CORE="sglang==0.5.23 torch==2.14.1 triton==3.8.0 torchvision==0.29.1 sglang-kernel==0.4.10
+sgl-flash-mla==1.0.0 sgl-deep-gemm==0.2.3.post2 sgl-deep-ep==0.1.2.post1 flashinfer-python==0.7.2"
+      NCCL_MULTI="nvidia-nccl-cu13==2.30.7"
+      ;;
+    *) echo "no stack recipe for sglang $VERSION: add one to stack_sglang() (CORE pins from the wheel's METADATA)"; exit 2;;
+  esac
+  WHEELS="$CORE $COMMON_SGLANG"
+  ENGINE_IMPORT=sglang
+  CHECK_MODULES="sgl_kernel flash_mla deep_gemm deep_ep flashinfer cutlass quack xgrammar compressed_tensors
+sglang.srt.entrypoints.engine sglang.srt.managers.scheduler sglang.srt.model_executor.model_runner
+sglang.srt.models.deepseek_v2 sglang.srt.layers.attention.nsa_backend"
+  # the modules eval/import_closure.py starts from (step 2b), and the packages it walks: SGLang and
+  # what it loads on this path (torch / transformers / triton are walked by nobody: their optional
+  # imports sit behind availability checks, and the vLLM stacks run them)
+  CLOSURE_FOLLOW="sglang,flashinfer,sgl_kernel,deep_gemm,flash_mla,deep_ep,openai,fastapi,starlette,uvicorn,compressed_tensors,xgrammar,modelscope,modelscope_hub,cryptography,cffi,gguf,IPython,quack,cutlass,tvm_ffi,torch_memory_saver,zmq,pydantic,msgspec,orjson,dill"
+  CLOSURE_ENTRIES="sglang.srt.entrypoints.engine sglang.srt.managers.scheduler sglang.srt.managers.tp_worker
+sglang.srt.model_executor.model_runner sglang.srt.models.deepseek_v2 sglang.srt.layers.attention.nsa_backend"
 }
 
 case "$ENGINE" in
@@ -116,7 +165,7 @@ TORCH_VERSION=$(echo "$WHEELS" | tr ' ' '\n' | sed -n 's/^torch==//p')
 
 # ------------------------------------------------------------------------------------------ 1. wheels
 PIPDL="$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
- --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+ --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
  --platform manylinux_2_18_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
  --platform manylinux1_x86_64 -d $DL"
 for spec in $WHEELS; do
@@ -161,7 +210,24 @@ rm -f "$SITE/triton/backends/nvidia/bin/ptxas-blackwell" "$SITE"/triton/backends
 rm -rf "$SITE/triton/backends/nvidia/lib/cupti-blackwell"  # triton 3.8: Blackwell CUPTI for proton (150 MB)
 find "$SITE" -name '__pycache__' -type d -prune -exec rm -rf {} +
 du -sh "$SITE"
+
+# ------------------------------------------------------- 2b. import closure against the image
+# Every module the engine imports at module level on our path must be in the site dir or the image
+# (the hosts reach no registry): a name missing here is a ModuleNotFoundError on the device.
+# Names only other platforms import (behind platform ifs the scan cannot see) are allowed.
+CLOSURE_ALLOWED=${CLOSURE_ALLOWED:-"aiter mlx torch_npu sgl_kernel_npu"}
+"$PY" "$REPO/eval/import_closure.py" --site "$SITE" --have-file "$REPO/eval/gpu_image_modules.txt" \
+  --extra-path nvidia_cutlass_dsl/dsl_packages ${CLOSURE_FOLLOW:+--follow $CLOSURE_FOLLOW} $CLOSURE_ENTRIES > "$STAGE/dev/closure.txt"
+cat "$STAGE/dev/closure.txt"
+MISSING=$(awk '/^MISSING/{print $2}' "$STAGE/dev/closure.txt" | grep -vxF -f <(echo "$CLOSURE_ALLOWED" | tr ' ' '\n') || true)
+if [ -n "$MISSING" ]; then
+  echo "import closure: not in the stack nor the image: $MISSING (add their wheels)"
+  # the vLLM recipes were proven by imports on the device before this check existed: warn only there
+  [ "${CLOSURE_FATAL:-$([ "$ENGINE" = sglang ] && echo 1 || echo 0)}" = 1 ] && exit 4
+fi
+if [ "${STOP_AFTER:-}" = site ]; then echo "STOP_AFTER=site: wheels, site dir and closure checked, nothing packed"; exit 0; fi
 printf 'engine=%s version=%s torch=%s\nwheels: %s\n' "$ENGINE" "$VERSION" "$TORCH_VERSION" "$(echo $WHEELS)" > "$STAGE/dev/stack.txt"
+echo $CHECK_MODULES | tr ' ' '\n' > "$STAGE/dev/check_modules.txt"
 
 # ---------------------------------------------------------------------------------- 3. NCCL shim
 # The exact symbols torch links (libtorch_cuda/_python) that the image's NCCL 2.28.9 does not export.
@@ -283,22 +349,20 @@ x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16); print("bf16 ma
 import triton; print("triton", triton.__version__, triton.__file__)
 import torchvision; print("torchvision", torchvision.__version__)
 import transformers; print("transformers", transformers.__version__, transformers.__file__)
-import vllm; print("vllm", vllm.__version__, vllm.__file__, flush=True)
-for m in ["vllm._C_stable_libtorch", "vllm._moe_C_stable_libtorch", "vllm._flashmla_C",
-          "vllm._flashmla_extension_C", "vllm._deepselect_C", "vllm.vllm_flash_attn._vllm_fa3_C",
-          "vllm.cumem_allocator", "vllm.third_party.deep_gemm", "cutlass", "quack", "llguidance",
-          "compressed_tensors", "xgrammar", "vllm.models.deepseek_v32.nvidia.model",
-          "vllm.model_executor.layers.sparse_attn_indexer", "vllm.v1.attention.backends.mla.flashmla_sparse",
-          "vllm.v1.engine.core", "vllm.v1.worker.gpu_model_runner"]:
+here = os.path.dirname(os.path.abspath(__file__))
+engine = open(os.path.join(here, "stack.txt")).read().split()[0].split("=")[1]
+engine_module = importlib.import_module(engine); print(engine, engine_module.__version__, engine_module.__file__, flush=True)
+for m in open(os.path.join(here, "check_modules.txt")).read().split():
     try: importlib.import_module(m); print("  import ok  ", m)
     except Exception as e: print("  import FAIL", m, repr(e)[:400])
-try:
+if engine == "vllm":
+  try:
     from vllm.v1.attention.ops.flashmla import is_flashmla_sparse_supported
     print("flashmla sparse supported:", is_flashmla_sparse_supported())
     from vllm.utils.import_utils import has_deep_gemm; print("has_deep_gemm:", has_deep_gemm())
     from vllm.v1.attention.backends.fa_utils import flash_attn_supports_mla; print("FA MLA:", flash_attn_supports_mla())
     from vllm import LLM, SamplingParams; print("from vllm import LLM ok")
-except Exception as e:
+  except Exception as e:
     import traceback; traceback.print_exc()
 print(f"import check took {time.time()-t:.1f}s")
 EOF
@@ -420,9 +484,12 @@ for spec in pluggy pytest iniconfig packaging; do
 done
 
 # ------------------------------------------------------------------------- 8. the device calls
+# the host-side scripts name the vLLM stack's folders: give this engine's its own
+sed -i "s#/tmp/vsite#$DEVICE_SITE#g; s#/tmp/stage#$DEVICE_STAGE#g" "$STAGE"/dev/*.sh "$STAGE"/dev/*.py
 N=$(ls "$STAGE"/part?? | wc -l); LAST=$(printf 'part%02d' $((N - 1)))
 du -sh "$STAGE"/dev "$STAGE"/tiny "$STAGE"/shim "$REPO/.whl"
-echo "ready: $N parts of $CHUNK. Device calls, back to back (each: cp -r .stage/* /tmp/stage/ first):"
-echo "  1: mkdir -p /tmp/stage && cp -r .stage/* /tmp/stage/ && bash /tmp/stage/dev/probe.sh   carry .stage/part00 .stage/dev .stage/tiny .stage/shim"
-for i in $(seq 1 $((N - 2))); do printf '  %d: mkdir -p /tmp/stage && cp -r .stage/* /tmp/stage/ && ls /tmp/stage   carry .stage/part%02d\n' $((i + 1)) "$i"; done
-echo "  $N: mkdir -p /tmp/stage && cp -r .stage/* /tmp/stage/ && bash /tmp/stage/dev/unpack.sh   carry .stage/$LAST .whl"
+D=$DEVICE_STAGE; L=$STAGE_NAME
+echo "ready: $N parts of $CHUNK. Device calls, back to back (each: cp -r $L/* $D/ first):"
+echo "  1: mkdir -p $D && cp -r $L/* $D/ && bash $D/dev/probe.sh   carry $L/part00 $L/dev $L/tiny $L/shim"
+for i in $(seq 1 $((N - 2))); do printf '  %d: mkdir -p %s && cp -r %s/* %s/ && ls %s   carry %s/part%02d\n' $((i + 1)) "$D" "$L" "$D" "$D" "$L" "$i"; done
+echo "  $N: mkdir -p $D && cp -r $L/* $D/ && bash $D/dev/unpack.sh   carry $L/$LAST .whl"
