@@ -183,7 +183,7 @@ CALLED_SIGNATURES: tuple[CalledSignature, ...] = (
     CalledSignature("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens"),
                     "adapter/config_hook.py, backend.py", kind="fields"),
     CalledSignature("vllm.config", "CacheConfig", ("cache_dtype", "block_size"), "adapter/*", kind="fields"),
-    CalledSignature("vllm.config", "ModelConfig", ("dtype", "hf_config", "max_model_len", "architecture"),
+    CalledSignature("vllm.config", "ModelConfig", ("dtype", "hf_config", "max_model_len", "architecture", "enforce_eager"),
                     "adapter/*", kind="fields"),
     CalledSignature("vllm.config", "SpeculativeConfig", ("num_speculative_tokens",), "adapter/runtime.py", kind="fields"),
     CalledSignature("vllm.distributed.parallel_state", "GroupCoordinator",

@@ -308,18 +308,22 @@ def test_startup_line_names_the_resolved_provider_and_what_moe_runs(base_config,
     ({"mode": "round-robin-split"}, False),                        # rows picked per batch
     ({"mode": "off", "decode_attention": "tp"}, False),             # heads picked per batch
 ])
-def test_graph_mode_keeps_piecewise_graphs_only_for_a_fixed_layout(base_config, plugin_log, options, piecewise):
+def test_graph_mode_keeps_piecewise_graphs_only_for_a_fixed_layout(base_config, plugin_log, monkeypatch, options,
+                                                                   piecewise):
     """-tp 2: without a split layout vLLM's FULL_AND_PIECEWISE stays (breakable piecewise graphs
     around the attention's eager break); a split plan or per-batch heads downgrade it to
     FULL_DECODE_ONLY with a warning that says which, and blames the split layout only under CP."""
     from vllm.config import CUDAGraphMode
 
     cfg = _fresh(base_config, {"cp_nsa": options}, cache_config__cache_dtype="auto")
+    monkeypatch.setattr(config_hook, "_logged_lines", set())  # lines logged once per process
     config_hook.CpNsaV32ConfigHook.verify_and_update_config(cfg)
     mode = cfg.compilation_config.cudagraph_mode
     warnings = [m for m in plugin_log.messages() if "-> FULL_DECODE_ONLY" in m]
     if piecewise:
         assert mode == CUDAGraphMode.FULL_AND_PIECEWISE and not warnings
+        # on CPU there are no graphs at all: no line may claim vLLM's graphs (the backend says "off")
+        assert not any("CUDA graphs as vLLM's own" in m for m in plugin_log.messages())
     else:
         assert mode == CUDAGraphMode.FULL_DECODE_ONLY and len(warnings) == 1
         assert ("split layout" in warnings[0]) is (options["mode"] != "off")

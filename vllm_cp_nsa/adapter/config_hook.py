@@ -221,9 +221,13 @@ def set_cudagraph_mode(vllm_config: VllmConfig, piecewise: bool, why: str, split
     """
     from vllm.config import CUDAGraphMode
 
+    from vllm.platforms import current_platform
+
     compilation = vllm_config.compilation_config
     requested = compilation.cudagraph_mode
     if piecewise:
+        if not current_platform.is_cuda() or vllm_config.model_config.enforce_eager:
+            return  # no graphs at all: the backend's own line says so, this one would contradict it
         _log_once(f"vllm_cp_nsa: CUDA graphs as vLLM's own V3.2: breakable piecewise graphs for "
                   f"prefill / mixed batches ({why}), FULL graphs for uniform decode")
         return
