@@ -4,7 +4,7 @@
 The model is make_tiny_model's configuration (MLA with the real cache geometry,
 lightning indexer, MoE with grouped noaux_tc routing and routed scaling, one MTP
 layer) with a word-level tokenizer (eval/synthetic_tasks.py), YaRN rope and
-``index_topk`` 32, several times shorter than the retrieval and copy prompts.
+``index_topk`` 16, several times shorter than the retrieval and copy prompts.
 
 Training runs HF transformers' own ``deepseek_v32`` modules (the project's CPU
 oracle, eval/hf_oracle.py), so the saved checkpoint gives in HF exactly the
@@ -375,6 +375,17 @@ def greedy_accuracy(model, tok, docs: list[dict], max_new: int = 40) -> float:
 # Main
 # --------------------------------------------------------------------------
 
+def parse_task_weights(spec: str | None) -> dict[str, int]:
+    """``copy=2,arithmetic=1`` -> {"copy": 2, "arithmetic": 1} (tasks of TASK_WEIGHTS only)."""
+    out = {}
+    for item in filter(None, (spec or "").split(",")):
+        task, _, w = item.partition("=")
+        if task not in TASK_WEIGHTS or not w.isdigit():
+            raise ValueError(f"--task-weights: {item!r} (tasks: {', '.join(TASK_WEIGHTS)})")
+        out[task] = int(w)
+    return out
+
+
 def train(a) -> Path:
     from transformers.models.deepseek_v32 import DeepseekV32Config, DeepseekV32ForCausalLM
 
@@ -413,7 +424,8 @@ def train(a) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
     rng = random.Random(synthetic_tasks.TRAIN_SEED * 1000 + a.seed)
-    schedule = [t for t, w in TASK_WEIGHTS.items() for _ in range(w)]
+    weights = dict(TASK_WEIGHTS, **parse_task_weights(a.task_weights))
+    schedule = [t for t, w in weights.items() for _ in range(w)]
     log_every = max(1, a.steps // 40)
     recent: dict[str, dict[str, float]] = {t: {} for t in TASK_WEIGHTS}  # moving averages for the log
     for step in range(a.steps):
@@ -422,6 +434,8 @@ def train(a) -> Path:
         task = schedule[step % len(schedule)]
         # Curriculum: retrieval / copy contexts grow from 4 facts to all 32 over the first third.
         max_facts = min(synthetic_tasks.MAX_FACTS, 4 + (synthetic_tasks.MAX_FACTS - 4) * 3 * step // a.steps)
+        if a.no_curriculum:  # a continuation stage: the model already reads full-length contexts
+            max_facts = synthetic_tasks.MAX_FACTS
         ids, weight, valid, _ = (t.to(a.device) if torch.is_tensor(t) else t
                                  for t in make_batch(tok, rng, task, a.batch_size, max_facts))
         distill.losses.clear()
@@ -516,6 +530,12 @@ def main(argv=None) -> None:
                     help="stop after this step (the schedule still spans --steps): a stage of a longer run")
     ap.add_argument("--init-from", default=None, metavar="DIR",
                     help="start from this checkpoint (written by this script) instead of random weights")
+    ap.add_argument("--no-curriculum", action="store_true",
+                    help="full-length retrieval / copy / repeat contexts from the first step (for a continuation "
+                         "stage with --init-from; the default grows them over the first third of --steps)")
+    ap.add_argument("--task-weights", default=None, metavar="TASK=N,...",
+                    help="batches per round of each training task, overriding TASK_WEIGHTS "
+                         f"({','.join(f'{t}={w}' for t, w in TASK_WEIGHTS.items())})")
     ap.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                     help="also write the checkpoint every STEPS steps (to evaluate a run in progress)")
     ap.add_argument("--device", default="cpu",

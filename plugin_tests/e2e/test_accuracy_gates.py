@@ -28,9 +28,9 @@ import synthetic_tasks  # noqa: E402
 
 CONFIGS = ["off", "round-robin-split", "in-seq-split", "fp8", "mtp1"]
 N = 20
-# The shipped checkpoint's MTP k=1 acceptance is 272/488 = 0.56 on these problems
+# The shipped checkpoint's MTP k=1 acceptance is 268/410 = 0.65 on these problems
 # (eval/trained_tiny/README.md); random draft tokens would be accepted ~1/vocab of the time.
-MIN_MTP_ACCEPTANCE = 0.4
+MIN_MTP_ACCEPTANCE = 0.5
 
 
 def test_gates_flag_a_configuration_off_by_two_and_a_weak_baseline():
