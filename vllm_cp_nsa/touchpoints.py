@@ -66,6 +66,9 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.forward_context", "get_forward_context", "attention metadata of the current forward"),
     # distributed
     Touchpoint("vllm.distributed", "get_tp_group", "the TP group is the CP group"),
+    Touchpoint("vllm.distributed", "get_ep_group",
+               "under --data-parallel-size > 1 the scattered MoE spreads its experts over the EP group "
+               "(all DP x TP ranks)"),
     # model layers
     Touchpoint("vllm.model_executor.layers.fused_moe", "fused_moe_make_expert_params_mapping", "routed expert weight loading"),
     Touchpoint("vllm.model_executor.layers.layernorm", "LayerNorm", "indexer k_norm"),
@@ -178,7 +181,8 @@ CALLED_SIGNATURES: tuple[CalledSignature, ...] = (
                     "adapter/config_hook.py, backend.py", kind="fields"),
     CalledSignature("vllm.config", "CUDAGraphMode", ("NONE", "FULL_DECODE_ONLY"), "adapter/config_hook.py", kind="fields"),
     CalledSignature("vllm.config", "ParallelConfig",
-                    ("tensor_parallel_size", "enable_expert_parallel", "all2all_backend"), "adapter/config_hook.py, runtime.py",
+                    ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "all2all_backend"),
+                    "adapter/config_hook.py, runtime.py",
                     kind="fields"),
     CalledSignature("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens"),
                     "adapter/config_hook.py, backend.py", kind="fields"),

@@ -235,8 +235,11 @@ UNSUPPORTED = [
     ({"parallel_config__enable_eplb": True}, "expert load balancing (--enable-eplb)"),
     ({"parallel_config__data_parallel_size": 2}, "moe='full' cannot run with data parallelism"),
     ({"parallel_config__data_parallel_size": 2, "parallel_config__enable_expert_parallel": True,
-      "parallel_config__all2all_backend": "deepep_low_latency"},
-     "moe='scattered' cannot run with data parallelism"),
+      "additional_config__": {"cp_nsa": {"mode": "round-robin-split", "moe": "full"}}},
+     "moe='full' cannot run with data parallelism (--data-parallel-size 2)"),
+    ({"parallel_config__data_parallel_size": 2,
+      "additional_config__": {"cp_nsa": {"mode": "round-robin-split", "moe": "scattered"}}},
+     "moe='scattered' cannot run with data parallelism (--data-parallel-size 2) without --enable-expert-parallel"),
 ]
 
 
@@ -262,6 +265,37 @@ def test_active_hook_refuses_what_the_plugin_model_lacks(monkeypatch, base_confi
     # The unsupported setting is what fails: the same config without it passes.
     config_hook.refuse_unsupported(_fresh(base_config, cfg.additional_config),
                                    config_hook.CpNsaConfig.from_additional_config(cfg.additional_config))
+
+
+DP_EP_ACCEPTED = [
+    ("auto", "allgather_reducescatter"), ("scattered", "allgather_reducescatter"),
+    ("auto", "deepep_low_latency"), ("scattered", "deepep_high_throughput"), ("auto", "deepep_v2"),
+]
+
+
+@pytest.mark.parametrize("moe,backend", DP_EP_ACCEPTED)
+def test_dp_with_expert_parallel_runs_scattered_moe(monkeypatch, base_config, moe, backend):
+    """--data-parallel-size 2 -tp 2 --enable-expert-parallel: CP inside each replica, the
+    scattered MoE's experts over vLLM's EP group (all 4 ranks); one line says so."""
+    from vllm_cp_nsa.adapter import runtime
+
+    monkeypatch.setattr(config_hook, "_logged_lines", set())
+    cfg = _fresh(base_config, {"cp_nsa": {"mode": "round-robin-split", "moe": moe}})
+    _set(cfg, {"parallel_config__data_parallel_size": 2, "parallel_config__tensor_parallel_size": 2,
+               "parallel_config__enable_expert_parallel": True, "parallel_config__all2all_backend": backend})
+    options = config_hook.CpNsaConfig.from_additional_config(cfg.additional_config)
+    config_hook.refuse_unsupported(cfg, options)
+    refusal, line = config_hook.data_parallel_decision(cfg, options)
+    assert refusal == ""
+    assert "data parallelism 2 x -tp 2" in line and "moe=scattered" in line and "all 4 ranks" in line
+    assert ("is not used by the plugin's MoE" in line) is (backend != "allgather_reducescatter")
+    _, _, communicator = runtime.resolve_ops_and_communicator(cfg, torch.device("cpu"), 4)
+    assert communicator.name == "scattered"
+    monkeypatch.setattr(runtime, "get_ep_group", lambda: "ep")
+    monkeypatch.setattr(runtime, "get_tp_group", lambda: "tp")
+    assert runtime.moe_group_coordinator(cfg) == "ep"
+    cfg.parallel_config.data_parallel_size = 1
+    assert runtime.moe_group_coordinator(cfg) == "tp"
 
 
 def test_eagle3_drafter_is_refused(base_config):

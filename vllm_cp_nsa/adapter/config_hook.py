@@ -47,8 +47,9 @@ KV_CACHE_DTYPES = {
 # Speculative methods whose drafter reads the target's auxiliary hidden states (vLLM's
 # SupportsEagle3 interface), which the plugin's model does not expose.
 AUX_HIDDEN_STATE_METHODS = ("eagle3", "dflash", "extract_hidden_states")
-# The plugin's MoE communicators; their collectives span only the CP (= TP) group.
-TP_GROUP_MOE_COMMUNICATORS = ("full", "scattered")
+# The plugin's MoE communicators whose collectives span only the CP (= TP) group
+# ("scattered" spreads its experts over vLLM's EP group under DP: runtime.moe_group_coordinator).
+TP_GROUP_MOE_COMMUNICATORS = ("full",)
 
 
 def canonical_kv_cache_dtype(requested: str) -> str:
@@ -67,13 +68,17 @@ def describe_moe(vllm_config: VllmConfig, options: CpNsaConfig, communicator, al
     communicator that cannot be captured says CUDA graphs are off."""
     backend = vllm_config.parallel_config.all2all_backend
     if options.moe == "auto":
-        why = (f"expert parallelism with the all-to-all backend '{backend}' is set" if all_to_all
+        why = ("data parallelism with expert parallelism is set" if all_to_all
+               and vllm_config.parallel_config.data_parallel_size > 1
+               else f"expert parallelism with the all-to-all backend '{backend}' is set" if all_to_all
                else "no expert-parallel all-to-all backend is set: fused MoE stays TP-sharded")
         line = f"moe={communicator.name} (auto: {why})"
     else:
         line = f"moe={communicator.name}"
     if communicator.name == "scattered":
-        line += (", moving token rows with torch all-to-all over the TP ranks"
+        ranks = ("the TP ranks" if vllm_config.parallel_config.data_parallel_size == 1
+                 else "vLLM's EP group (all DP x TP ranks)")
+        line += (f", moving token rows with torch all-to-all over {ranks}"
                  + (f" (not with '{backend}')" if all_to_all else ""))
     if not getattr(communicator, "supports_cuda_graphs", False):
         line += ", CUDA graphs off (its collective sizes follow the routing)"
@@ -124,20 +129,47 @@ def refuse_unsupported(vllm_config: VllmConfig, options: CpNsaConfig) -> None:
         refused.append(f"speculative method '{spec.method}' (its drafter reads the target's auxiliary "
                        "hidden states): use method 'mtp'")
     if parallel.data_parallel_size > 1 and options.mode != "off":
-        communicator = resolve_moe_communicator(options.moe, _expert_all_to_all(vllm_config)).name
-        if communicator in TP_GROUP_MOE_COMMUNICATORS:
-            refused.append(
-                f"moe='{communicator}' cannot run with data parallelism (--data-parallel-size "
-                f"{parallel.data_parallel_size}): its collectives span only the CP (= TP) group, so the "
-                "MoE would miss the other DP groups' tokens (no plugin MoE communicator has run under "
-                "DP); use --data-parallel-size 1 and put the ranks in -tp"
-            )
+        dp_refusal, dp_line = data_parallel_decision(vllm_config, options)
+        if dp_refusal:
+            refused.append(dp_refusal)
+        else:
+            _log_once(dp_line)
     if refused:
         alternative = ("; or remove cp_nsa from --additional-config to run vLLM's own DeepSeek-V3.2"
                        if plugin.vllm_serves_v32_here() else "")
         raise CpNsaConfigError(
             "vllm_cp_nsa: the plugin's DeepSeek-V3.2 does not support " + "; ".join(refused) + alternative
         )
+
+
+def data_parallel_decision(vllm_config: VllmConfig, options: CpNsaConfig) -> tuple[str, str]:
+    """(refusal naming the fix, or "", the startup line) for ``--data-parallel-size D > 1``
+    with CP on.
+
+    CP runs inside each DP replica's TP group; the MoE must then reach the other replicas'
+    experts. Only ``scattered`` does: its experts are spread over vLLM's EP group (all D x N
+    ranks) and rows travel by all-to-all. ``full`` (all-gather / reduce-scatter over the TP
+    group) sees only its own replica's tokens. ``--enable-expert-parallel`` is required so that
+    the experts are spread the way vLLM's own DP + EP serving spreads them."""
+    parallel = vllm_config.parallel_config
+    dp, tp = parallel.data_parallel_size, parallel.tensor_parallel_size
+    communicator = resolve_moe_communicator(options.moe, _expert_all_to_all(vllm_config)).name
+    fix = ("add --enable-expert-parallel and set cp_nsa moe to 'scattered' (or 'auto'), or use "
+           "--data-parallel-size 1 and put the ranks in -tp")
+    if communicator != "scattered":
+        return (f"moe='{communicator}' cannot run with data parallelism (--data-parallel-size {dp}): its collectives "
+                f"span only one replica's CP (= TP) group, so the MoE would miss the other replicas' "
+                f"experts; {fix}"), ""
+    if communicator == "scattered" and not parallel.enable_expert_parallel:
+        return (f"moe='scattered' cannot run with data parallelism (--data-parallel-size {dp}) without "
+                f"--enable-expert-parallel: the experts are spread over all {dp * tp} DP x TP ranks only "
+                f"under expert parallelism; {fix}"), ""
+    line = (f"vllm_cp_nsa: data parallelism {dp} x -tp {tp}: CP (mode={options.mode}) inside each replica's "
+            f"{tp} TP ranks, moe={communicator} with the routed experts spread over vLLM's EP group "
+            f"(all {dp * tp} ranks), rows moved by torch all-to-all over that group")
+    if communicator == "scattered" and parallel.all2all_backend != "allgather_reducescatter":
+        line += f" (the '{parallel.all2all_backend}' backend is not used by the plugin's MoE)"
+    return "", line
 
 
 def resolve_kernels(vllm_config: VllmConfig, options: CpNsaConfig):

@@ -64,7 +64,7 @@ class CpNsaExpertParallelMoE(nn.Module):
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores if self.gate.e_score_correction_bias is None else scores + self.gate.e_score_correction_bias
         if self.num_groups > 1:
-            grouped = choice.view(x.shape[0], self.num_groups, -1)
+            grouped = choice.view(x.shape[0], self.num_groups, self.num_experts // self.num_groups)  # 0 rows too
             group_scores = (grouped.topk(2, dim=-1)[0].sum(-1) if self.gate.e_score_correction_bias is not None
                             else grouped.amax(-1))
             keep = torch.zeros_like(group_scores, dtype=torch.bool)

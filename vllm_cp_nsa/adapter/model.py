@@ -398,7 +398,7 @@ class CpNsaDecoderLayer(nn.Module):
         if not runtime.communicator.mlp_returns_partial_sums:
             # scattered: experts owned by ranks behind an all-to-all, dense MLP replicated;
             # both return complete outputs for this rank's rows.
-            self.mlp = (CpNsaExpertParallelMoE(vllm_config, config, f"{prefix}.mlp", runtime.group) if is_moe
+            self.mlp = (CpNsaExpertParallelMoE(vllm_config, config, f"{prefix}.mlp", runtime.expert_group) if is_moe
                         else DeepseekV2MLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                                            hidden_act=config.hidden_act, quant_config=quant_config,
                                            reduce_results=False, is_sequence_parallel=True, prefix=f"{prefix}.mlp"))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_tp_group
+from vllm.distributed import get_ep_group, get_tp_group
 from vllm.platforms import current_platform
 
 from ..communicator import CpGroup, MoeCommunicator
@@ -21,7 +21,8 @@ logger = logging.getLogger("vllm.cp_nsa")
 
 
 class VllmTpGroup:
-    """``CpGroup`` over vLLM's tensor-parallel ``GroupCoordinator`` (the CP group)."""
+    """``CpGroup`` over one of vLLM's ``GroupCoordinator``s: the tensor-parallel one (the CP
+    group), or the expert-parallel one for the ``scattered`` MoE under DP."""
 
     def __init__(self, coordinator):
         self.coordinator = coordinator
@@ -47,11 +48,28 @@ class VllmTpGroup:
 
 
 def expert_all_to_all_configured(vllm_config: VllmConfig) -> bool:
+    """Expert parallelism whose rows travel by all-to-all: a dispatching backend, or any
+    backend under data parallelism (each DP replica's ranks hold different tokens, so the
+    only MoE layout that works across replicas is the expert-parallel one)."""
     parallel = vllm_config.parallel_config
-    return bool(parallel.enable_expert_parallel) and parallel.all2all_backend not in (
+    if not parallel.enable_expert_parallel:
+        return False
+    return parallel.data_parallel_size > 1 or parallel.all2all_backend not in (
         "allgather_reducescatter",
         "passthrough",
     )
+
+
+def moe_group_coordinator(vllm_config: VllmConfig):
+    """The vLLM group the ``scattered`` MoE spreads its experts over.
+
+    Without DP: the TP (= CP) group. With ``--data-parallel-size D --enable-expert-parallel``:
+    vLLM's EP group (all D x N ranks of the DP replicas' TP groups, the same group its own
+    FusedMoE dispatches over), so every expert lives on exactly one of the D x N ranks and a
+    row reaches it from any replica."""
+    if vllm_config.parallel_config.data_parallel_size > 1:
+        return get_ep_group()
+    return get_tp_group()
 
 
 def resolve_ops_and_communicator(vllm_config: VllmConfig, device: torch.device, num_heads: int):
@@ -100,6 +118,13 @@ class CpNsaRuntime:
     heads_split_when_unsplit: bool = False
     """``decode_attention: tp``: a batch that runs unsplit (decode / verify batches among
     them) splits the attention heads over the ranks instead of repeating all of them."""
+    moe_group: CpGroup | None = None
+    """The ranks the ``scattered`` MoE's experts are spread over (``moe_group_coordinator``);
+    None: the CP group."""
+
+    @property
+    def expert_group(self) -> CpGroup:
+        return self.moe_group if self.moe_group is not None else self.group
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig, device: torch.device, num_heads: int) -> "CpNsaRuntime":
@@ -111,4 +136,7 @@ class CpNsaRuntime:
                                               getattr(ops, "reads_fp8_indexer_cache", False))
         group = VllmTpGroup(get_tp_group())
         heads_split = options.heads_split_when_unsplit(num_heads, group.world_size)
-        return cls(group, communicator, ops, index_fp8, heads_split)
+        moe_group = (VllmTpGroup(moe_group_coordinator(vllm_config))
+                     if communicator.name == "scattered" and vllm_config.parallel_config.data_parallel_size > 1
+                     else None)
+        return cls(group, communicator, ops, index_fp8, heads_split, moe_group)
