@@ -74,3 +74,7 @@ def test_full_moe_with_data_parallel_is_refused(tiny_model):
     # Without CP the same topology is left alone.
     EngineArgs(model=str(tiny_model), max_model_len=1024, tensor_parallel_size=2, data_parallel_size=2,
                additional_config={"cp_nsa": {"mode": "off"}}).create_engine_config()
+    # With expert parallelism the scattered MoE spans all DP x TP ranks: accepted (issue 20).
+    EngineArgs(model=str(tiny_model), max_model_len=1024, tensor_parallel_size=2, data_parallel_size=2,
+               enable_expert_parallel=True,
+               additional_config={"cp_nsa": {"mode": "round-robin-split"}}).create_engine_config()
