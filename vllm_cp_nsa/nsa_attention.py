@@ -76,6 +76,7 @@ def build_forward_metadata(
     buffers: "MetadataBuffers | None" = None,
     max_seq_len: int | None = None,
     split_decode: bool = True,
+    decode_min_tokens: int | None = None,
 ) -> NsaForwardMetadata:
     """The forward's metadata; ``graph_padded`` for a batch vLLM padded to a FULL
     CUDA-graph size (``num_input_tokens`` rows, the extra ones with slot -1).
@@ -95,6 +96,8 @@ def build_forward_metadata(
 
     ``split_decode=False`` (``decode_attention: tp``): decode / verify batches run unsplit,
     every rank holding every row (their attention then splits the heads instead).
+    ``decode_min_tokens`` (``split_policy``, ``min_tokens_for_cp: auto``): the bound decode /
+    verify batches use instead of ``min_tokens_for_cp`` when they split (None: the same).
     """
     query_lens = [int(n) for n in query_lens]
     num_real_tokens = sum(query_lens)
@@ -105,7 +108,8 @@ def build_forward_metadata(
     if is_decode and not split_decode and cp_size > 1:
         plan = unsplit_plan(sum(split_lens), cp_size, cp_rank, "decode attention on a TP partition")
     else:
-        plan = build_split_plan(split_lens, cp_size, cp_rank, strategy, min_tokens_for_cp, num_input_tokens)
+        bound = decode_min_tokens if is_decode and decode_min_tokens is not None else min_tokens_for_cp
+        plan = build_split_plan(split_lens, cp_size, cp_rank, strategy, bound, num_input_tokens)
     token_req = torch.full((plan.num_tokens,), -1, dtype=torch.long)
     token_req[:num_real_tokens] = torch.repeat_interleave(
         torch.arange(len(query_lens)), torch.as_tensor(query_lens, dtype=torch.long)
