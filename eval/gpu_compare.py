@@ -36,6 +36,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 EVAL_DIR = Path(__file__).resolve().parent
 K = 1024
@@ -504,12 +505,12 @@ class _Completion:
 
     def __init__(self, prompt: list[int], out: dict):
         self.prompt_token_ids = prompt
-        self.outputs = [type("Completion", (), {"token_ids": out["output_ids"]})()]
+        self.outputs = [SimpleNamespace(token_ids=out["output_ids"])]
         entries = (out.get("meta_info") or {}).get("input_token_logprobs")
         # SGLang: (logprob, token id, text) per prompt position, None at position 0;
         # vLLM: None, then {token id: Logprob} per position
         self.prompt_logprobs = None if entries is None else [
-            None if e is None or e[0] is None else {e[1]: type("Logprob", (), {"logprob": e[0]})()}
+            None if e is None or e[0] is None else {e[1]: SimpleNamespace(logprob=e[0])}
             for e in entries]
 
 
@@ -568,16 +569,15 @@ def trained_workload(model_dir: Path, base: dict) -> dict:
             "logprobs": {"prompts": prompts, "lengths": [len(p) for p in prompts]}}
 
 
-def answers_correct(model_dir: Path, greedy: dict, tokens: list[list[int]]) -> dict[str, str]:
-    """Per task, right answers / problems: the number after the first ``#### `` of the greedy text."""
-    from tokenizers import Tokenizer
+def answers_correct(tok, greedy: dict, tokens: list[list[int]]) -> dict[str, str]:
+    """Per task, right answers / problems: the number after the first ``#### `` of the greedy
+    text's first line (``tok``: the trained model's ``tokenizers.Tokenizer``)."""
+    import synthetic_tasks
 
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     right: dict[str, list[int]] = {}
     for task, answer, ids in zip(greedy["tasks"], greedy["answers"], tokens):
         text = tok.decode(ids, skip_special_tokens=True).split("\n", 1)[0]
-        match = re.search(r"#### (-?\d+)", text)
-        right.setdefault(task, []).append(int(bool(match) and int(match.group(1)) == answer))
+        right.setdefault(task, []).append(int(synthetic_tasks.generated_answer(text) == answer))
     return {task: f"{sum(r)}/{len(r)}" for task, r in right.items()}
 
 
@@ -1164,9 +1164,11 @@ def render_markdown(report: dict) -> str:
         lines += _table(["run", "reference", "greedy identical", "mean matching prefix", "max abs Δ logprob",
                          "mean abs Δ logprob", "positions"], rows)
     if meta.get("trained_model"):
+        from tokenizers import Tokenizer
+
         greedy = meta["workload"]["greedy"]
-        scored = {n: answers_correct(Path(meta["model_dir"]), greedy, runs[n]["greedy"]["tokens"])
-                  for n in names if runs[n].get("greedy")}
+        tok = Tokenizer.from_file(str(Path(meta["model_dir"]) / "tokenizer.json"))
+        scored = {n: answers_correct(tok, greedy, runs[n]["greedy"]["tokens"]) for n in names if runs[n].get("greedy")}
         tasks = list(dict.fromkeys(greedy["tasks"]))
         lines += ["", "## Answers of the trained model (right / held-out problems, first line of the greedy text)", ""]
         lines += _table(["run"] + tasks, [[n] + [scored[n][t] for t in tasks] for n in scored])

@@ -123,6 +123,14 @@ def answer_number(doc: dict) -> int:
     return int(doc["answer"].split("#### ", 1)[1].split()[0])
 
 
+def generated_answer(text: str) -> int | None:
+    """The number after the first ``#### `` of a generated answer, None if there is none."""
+    try:
+        return int(text.split("#### ", 1)[1].split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
 def is_held_out(question: str) -> bool:
     """One question in eight (by CRC32) is reserved for evaluation; training never sees them."""
     return zlib.crc32(question.encode()) % 8 == 0

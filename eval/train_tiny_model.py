@@ -363,11 +363,7 @@ def greedy_accuracy(model, tok, docs: list[dict], max_new: int = 40) -> float:
             if nxt == EOS_ID or tok.decode(new).endswith("\n"):
                 break
         text = tok.decode(new, skip_special_tokens=True)
-        try:
-            got = int(text.split("#### ", 1)[1].split()[0])
-        except (IndexError, ValueError):
-            got = None
-        correct += got == synthetic_tasks.answer_number(doc)
+        correct += synthetic_tasks.generated_answer(text) == synthetic_tasks.answer_number(doc)
     return correct / len(docs)
 
 

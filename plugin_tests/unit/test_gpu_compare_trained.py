@@ -38,7 +38,7 @@ def test_answers_scored_from_the_first_line_only():
     tok = Tokenizer.from_file(str(TRAINED / "tokenizer.json"))
     texts = [" #### 7\n", " #### 11\n", " #### 3\n#### 4", " no answer\n #### 30"]
     tokens = [tok.encode(t).ids for t in texts]
-    assert gpu_compare.answers_correct(TRAINED, greedy, tokens) == {
+    assert gpu_compare.answers_correct(tok, greedy, tokens) == {
         "retrieval": "1/2", "copy": "1/1", "arithmetic": "0/1"}
 
 

@@ -160,14 +160,14 @@ def data_parallel_decision(vllm_config: VllmConfig, options: CpNsaConfig) -> tup
         return (f"moe='{communicator}' cannot run with data parallelism (--data-parallel-size {dp}): its collectives "
                 f"span only one replica's CP (= TP) group, so the MoE would miss the other replicas' "
                 f"experts; {fix}"), ""
-    if communicator == "scattered" and not parallel.enable_expert_parallel:
+    if not parallel.enable_expert_parallel:
         return (f"moe='scattered' cannot run with data parallelism (--data-parallel-size {dp}) without "
                 f"--enable-expert-parallel: the experts are spread over all {dp * tp} DP x TP ranks only "
                 f"under expert parallelism; {fix}"), ""
     line = (f"vllm_cp_nsa: data parallelism {dp} x -tp {tp}: CP (mode={options.mode}) inside each replica's "
             f"{tp} TP ranks, moe={communicator} with the routed experts spread over vLLM's EP group "
             f"(all {dp * tp} ranks), rows moved by torch all-to-all over that group")
-    if communicator == "scattered" and parallel.all2all_backend != "allgather_reducescatter":
+    if parallel.all2all_backend != "allgather_reducescatter":
         line += f" (the '{parallel.all2all_backend}' backend is not used by the plugin's MoE)"
     return "", line
 
