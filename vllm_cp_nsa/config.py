@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from .split_policy import AUTO
+
 CONFIG_KEY = "cp_nsa"
 
 INDEXER_CACHE_CHOICES = ("auto", "fp8")
-DECODE_ATTENTION_CHOICES = ("split", "tp")
+DECODE_ATTENTION_CHOICES = ("auto", "split", "tp")
 
 
 class CpNsaConfigError(ValueError):
@@ -34,19 +36,22 @@ class CpNsaConfig:
     attention; per batch vLLM's DeepGEMM indexer over an fp8 indexer cache or the Triton
     indexer, Triton inside CUDA graphs), ``vllm`` (FlashMLA, Triton indexer), ``triton``,
     ``torch`` (the references) or an extension's."""
-    min_tokens_for_cp: int = 0
-    """Batches with fewer real tokens than this run unsplit (adaptive skip)."""
+    min_tokens_for_cp: int | str = "auto"
+    """Batches with fewer real tokens than this run unsplit (adaptive skip); ``auto``: the
+    crossover measured for this CP size and KV dtype (``split_policy``)."""
     indexer_cache: str = "auto"
     """Indexer key cache: ``auto`` = 132-byte fp8 with an ``fp8_ds_mla`` KV cache or a kernel
     provider whose indexer reads fp8 keys (``vllm-deepgemm``, which ``kernels: auto`` picks
     where DeepGEMM runs), the model dtype otherwise; ``fp8`` = always fp8, as vLLM's own V3.2
     stores it."""
-    decode_attention: str = "split"
+    decode_attention: str = "auto"
     """``split``: decode / verify rows are split over the ranks like prefill rows, each rank
     running all heads with the replicated attention weights. ``tp``: decode / verify batches
     run unsplit and their attention (that of every unsplit batch) splits the heads over the
     ranks as vLLM's TP does, reading 1/N of the attention weights per rank (SGLang's
-    ``--enable-cp-decode-attn-tp``). Needs unquantized attention projections."""
+    ``--enable-cp-decode-attn-tp``); needs unquantized attention projections and heads
+    divisible by the ranks. ``auto``: whichever was measured faster for this CP size and KV
+    dtype (``split_policy``), ``split`` where the heads cannot be split."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "CpNsaConfig":
@@ -77,10 +82,11 @@ class CpNsaConfig:
                     f"additional_config['{CONFIG_KEY}']['{key}'] must be a string, "
                     f"got {values[key]!r}"
                 )
-        min_tokens = values.get("min_tokens_for_cp", 0)
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        min_tokens = values.get("min_tokens_for_cp", AUTO)
+        if min_tokens != AUTO and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int)
+                                   or min_tokens < 0):
             raise CpNsaConfigError(
-                f"additional_config['{CONFIG_KEY}']['min_tokens_for_cp'] must be a "
+                f"additional_config['{CONFIG_KEY}']['min_tokens_for_cp'] must be '{AUTO}' or a "
                 f"non-negative integer, got {min_tokens!r}"
             )
         if values.get("indexer_cache", "auto") not in INDEXER_CACHE_CHOICES:
@@ -88,7 +94,7 @@ class CpNsaConfig:
                 f"additional_config['{CONFIG_KEY}']['indexer_cache'] = "
                 f"'{values['indexer_cache']}'; allowed values: {', '.join(INDEXER_CACHE_CHOICES)}"
             )
-        if values.get("decode_attention", "split") not in DECODE_ATTENTION_CHOICES:
+        if values.get("decode_attention", AUTO) not in DECODE_ATTENTION_CHOICES:
             raise CpNsaConfigError(
                 f"additional_config['{CONFIG_KEY}']['decode_attention'] = "
                 f"'{values['decode_attention']}'; allowed values: {', '.join(DECODE_ATTENTION_CHOICES)}"
@@ -99,18 +105,6 @@ class CpNsaConfig:
         """Whether the indexer keys are stored as 132-byte fp8: asked for, an ``fp8_ds_mla``
         KV cache, or (``auto``) a kernel provider whose indexer reads fp8 keys."""
         return self.indexer_cache == "fp8" or kv_cache_dtype == "fp8_ds_mla" or provider_reads_fp8
-
-    def heads_split_when_unsplit(self, num_heads: int, num_ranks: int) -> bool:
-        """Whether unsplit batches split the attention heads (``decode_attention: tp`` on
-        more than one rank); fails when the heads do not divide over the ranks."""
-        if self.decode_attention != "tp" or num_ranks < 2:
-            return False
-        if num_heads % num_ranks:
-            raise CpNsaConfigError(
-                f"vllm_cp_nsa: decode_attention='tp' splits the {num_heads} attention heads over "
-                f"the {num_ranks} ranks; {num_heads} is not a multiple of {num_ranks}"
-            )
-        return True
 
     def check_choice(self, key: str, registered: list[str]) -> None:
         """Fail with the registered names when ``key``'s value is not one of them."""

@@ -101,10 +101,10 @@ def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool, moe_
     captured; only the attention's eager break (cache writes, indexer, sparse MLA) reads
     the batch. So the layout may depend on the padded token count alone: true when rows
     are never split (one rank, or ``mode: off``) and every rank runs all heads. A split
-    plan picks rows from the batch (and runs unsplit below its thresholds), and
-    ``decode_attention: tp`` picks heads per batch: those batches run eagerly, decode
-    batches keep FULL graphs. A MoE communicator with data-dependent collective sizes
-    cannot sit inside a graph segment at all.
+    plan picks rows from the batch (and runs unsplit below its thresholds), and a head split
+    of unsplit batches (the split policy's ``heads_split``) picks heads per batch: those
+    batches run eagerly, decode batches keep FULL graphs. A MoE communicator with
+    data-dependent collective sizes cannot sit inside a graph segment at all.
     """
     if not moe_capturable:
         return False, "the MoE communicator's all-to-all sizes depend on the batch"

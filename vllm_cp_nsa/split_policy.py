@@ -36,6 +36,9 @@ Explicit values (``decode_attention: split|tp``, an integer ``min_tokens_for_cp`
 honoured as given. Where heads cannot be split (``heads_split_blocker``: quantized
 q_b_proj / o_proj, heads not divisible by N), ``auto`` falls back to split decode and the
 startup line says why; an explicit ``tp`` there stays an error (raised by the caller).
+Under ``mode: off`` (``cp_on=False``) no batch splits its rows, so ``auto`` has nothing to
+choose and every rank keeps all heads, as ``mode: off`` always did; an explicit ``tp`` still
+splits the heads.
 """
 
 from __future__ import annotations
@@ -83,12 +86,13 @@ class AttentionSplitPolicy:
             return self.split_decode and num_real_tokens >= self.decode_min_tokens
         return num_real_tokens >= self.min_tokens_for_cp
 
-    def describe(self) -> str:
-        """The startup line's part: the resolved thresholds and why."""
+    def describe(self, cp_size: int = 0) -> str:
+        """The startup line's part: the resolved thresholds and why (``cp_size``: batches with
+        fewer real tokens than ranks never split either)."""
         decode = "split over the ranks" if self.split_decode else "unsplit, heads split (TP)"
         unsplit = "heads split" if self.heads_split else "all heads on every rank"
-        return (f"decode / verify batches {decode}; batches with < {self.min_tokens_for_cp} real "
-                f"tokens unsplit ({unsplit}) [{self.reason}]")
+        return (f"decode / verify batches {decode}; batches with < {max(cp_size, self.min_tokens_for_cp)} "
+                f"real tokens unsplit ({unsplit}) [{self.reason}]")
 
 
 def resolve_split_policy(
@@ -97,20 +101,23 @@ def resolve_split_policy(
     cp_size: int,
     kv_cache_dtype: str,
     heads_split_blocker: str | None = None,
+    cp_on: bool = True,
 ) -> AttentionSplitPolicy:
     """Resolve the options (``auto`` or explicit) into thresholds for this N and KV dtype.
 
     ``heads_split_blocker``: why the attention heads cannot be split on this model (None if
     they can). ``auto`` then falls back to split decode and keeps all heads on unsplit batches.
+    ``cp_on``: False under ``mode: off`` (rows never split; ``auto`` keeps all heads).
     """
     if decode_attention not in (AUTO, "split", "tp"):
         raise ValueError(f"decode_attention must be auto, split or tp, got {decode_attention!r}")
     if min_tokens_for_cp != AUTO and (isinstance(min_tokens_for_cp, bool)
                                       or not isinstance(min_tokens_for_cp, int) or min_tokens_for_cp < 0):
         raise ValueError(f"min_tokens_for_cp must be 'auto' or a non-negative integer, got {min_tokens_for_cp!r}")
-    if cp_size < 2:
+    if cp_size < 2 or (not cp_on and decode_attention == AUTO):
         bound = 0 if min_tokens_for_cp == AUTO else min_tokens_for_cp
-        return AttentionSplitPolicy(True, bound, bound, False, "one rank: nothing to split")
+        why = "one rank: nothing to split" if cp_size < 2 else "mode=off: rows never split, all heads on every rank"
+        return AttentionSplitPolicy(True, bound, bound, False, why)
     kind = kv_kind(kv_cache_dtype)
     tp_decode, measured_min, source = _MEASURED.get((cp_size, kind), _UNMEASURED)
     reasons: list[str] = []

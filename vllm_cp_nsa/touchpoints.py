@@ -74,7 +74,6 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.model_executor.layers.layernorm", "LayerNorm", "indexer k_norm"),
     Touchpoint("vllm.model_executor.layers.layernorm", "RMSNorm", "norms"),
     Touchpoint("vllm.model_executor.layers.linear", "ReplicatedLinear", "replicated attention / indexer projections"),
-    Touchpoint("vllm.model_executor.layers.linear", "UnquantizedLinearMethod", "decode_attention=tp slices unquantized attention weights by head"),
     Touchpoint("vllm.model_executor.layers.logits_processor", "LogitsProcessor", "logits"),
     Touchpoint("vllm.model_executor.layers.rotary_embedding", "get_rope", "MLA and indexer rotary"),
     Touchpoint("vllm.model_executor.layers.vocab_parallel_embedding", "ParallelLMHead", "lm head"),

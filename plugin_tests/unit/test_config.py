@@ -7,6 +7,8 @@ def test_absent_config_gives_defaults():
     for raw in (None, {}, {"other_plugin": {"x": 1}}):
         assert CpNsaConfig.from_additional_config(raw) == CpNsaConfig()
     assert CpNsaConfig().mode == "off"
+    # The split policy chooses per N and KV dtype unless told (split_policy)
+    assert (CpNsaConfig().decode_attention, CpNsaConfig().min_tokens_for_cp) == ("auto", "auto")
 
 
 def test_values_are_parsed():
@@ -14,20 +16,26 @@ def test_values_are_parsed():
         {"cp_nsa": {"mode": "round-robin-split", "moe": "full", "kernels": "torch", "min_tokens_for_cp": 256}}
     )
     assert (cfg.mode, cfg.moe, cfg.kernels, cfg.min_tokens_for_cp) == ("round-robin-split", "full", "torch", 256)
+    for decode_attention in ("auto", "split", "tp"):
+        cfg = CpNsaConfig.from_additional_config({"cp_nsa": {"decode_attention": decode_attention,
+                                                             "min_tokens_for_cp": "auto"}})
+        assert (cfg.decode_attention, cfg.min_tokens_for_cp) == (decode_attention, "auto")
+    assert CpNsaConfig.from_additional_config({"cp_nsa": {"min_tokens_for_cp": 0}}).min_tokens_for_cp == 0
 
 
 @pytest.mark.parametrize("raw,expected", [
     ({"cp_nsa": {"mdoe": "x"}}, "unknown key 'mdoe'; allowed keys: mode, moe, kernels, min_tokens_for_cp, indexer_cache, "
                                   "decode_attention"),
-    ({"cp_nsa": {"decode_attention": "heads"}}, "['decode_attention'] = 'heads'; allowed values: split, tp"),
+    ({"cp_nsa": {"decode_attention": "heads"}}, "['decode_attention'] = 'heads'; allowed values: auto, split, tp"),
     ({"cp_nsa": {"decode_attention": True}}, "['decode_attention'] must be a string"),
     ({"cp_nsa": {"indexer_cache": "bf16"}}, "['indexer_cache'] = 'bf16'; allowed values: auto, fp8"),
     ({"cp_nsa": {"indexer_cache": 8}}, "['indexer_cache'] must be a string"),
     ({"cp_nsa": "round-robin-split"}, "must be a JSON object"),
     ({"cp_nsa": {"mode": 3}}, "['mode'] must be a string"),
-    ({"cp_nsa": {"min_tokens_for_cp": -1}}, "must be a non-negative integer"),
-    ({"cp_nsa": {"min_tokens_for_cp": True}}, "must be a non-negative integer"),
-    ({"cp_nsa": {"min_tokens_for_cp": "8"}}, "must be a non-negative integer"),
+    ({"cp_nsa": {"min_tokens_for_cp": -1}}, "['min_tokens_for_cp'] must be 'auto' or a non-negative integer, got -1"),
+    ({"cp_nsa": {"min_tokens_for_cp": True}}, "must be 'auto' or a non-negative integer, got True"),
+    ({"cp_nsa": {"min_tokens_for_cp": "8"}}, "must be 'auto' or a non-negative integer, got '8'"),
+    ({"cp_nsa": {"min_tokens_for_cp": "AUTO"}}, "must be 'auto' or a non-negative integer"),
 ])
 def test_malformed_config_names_key_and_allowed_values(raw, expected):
     with pytest.raises(CpNsaConfigError) as err:
@@ -50,12 +58,3 @@ def test_check_choice_lists_registered_values():
     with pytest.raises(CpNsaConfigError, match="allowed values: auto, torch"):
         CpNsaConfig(kernels="cuda").check_choice("kernels", ["auto", "torch"])
     CpNsaConfig(kernels="torch").check_choice("kernels", ["auto", "torch"])
-
-
-def test_decode_attention_tp_needs_heads_divisible_by_the_ranks():
-    tp = CpNsaConfig.from_additional_config({"cp_nsa": {"mode": "round-robin-split", "decode_attention": "tp"}})
-    assert tp.heads_split_when_unsplit(128, 4) and tp.heads_split_when_unsplit(128, 2)
-    assert not tp.heads_split_when_unsplit(128, 1)  # one rank: nothing to split
-    assert not CpNsaConfig().heads_split_when_unsplit(128, 4)  # default: split decode rows
-    with pytest.raises(CpNsaConfigError, match="128 attention heads over the 3 ranks; 128 is not a multiple of 3"):
-        tp.heads_split_when_unsplit(128, 3)

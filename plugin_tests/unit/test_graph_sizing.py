@@ -130,8 +130,9 @@ def test_hook_sets_full_decode_only(tmp_path, caplog):
     from vllm_cp_nsa.adapter.config_hook import CpNsaV32ConfigHook
 
     model = build_tiny_model(tmp_path / "v32", seed=0)
+    # split decode (auto at N=2 would run decode unsplit: its sizes are test_decode_attention_tp_...'s)
     cfg = EngineArgs(model=str(model), tensor_parallel_size=2, max_model_len=1024, max_num_seqs=16,
-                     additional_config={"cp_nsa": {"mode": "round-robin-split"}},
+                     additional_config={"cp_nsa": {"mode": "round-robin-split", "decode_attention": "split"}},
                      speculative_config={"method": "mtp", "num_speculative_tokens": 2}).create_engine_config()
     compilation = cfg.compilation_config
     plugin_logger = logging.getLogger("vllm.cp_nsa")
@@ -163,7 +164,8 @@ def test_hook_sets_full_decode_only(tmp_path, caplog):
 
 def test_decode_attention_tp_sizes_follow_only_the_verify_length(tmp_path):
     """decode_attention='tp': FULL_DECODE_ONLY graphs hold unsplit decode batches, so the
-    sizes need only be multiples of 1+k (3 here), not of lcm(4, 3) = 12."""
+    sizes need only be multiples of 1+k (3 here), not of lcm(4, 3) = 12. The hook passes the
+    split policy's choice: auto at N=4 splits decode with a bf16 cache, not with fp8."""
     import sys
     from pathlib import Path
 
@@ -172,7 +174,7 @@ def test_decode_attention_tp_sizes_follow_only_the_verify_length(tmp_path):
     from vllm.config import CUDAGraphMode
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_cp_nsa.adapter.config_hook import set_cp_capture_sizes
+    from vllm_cp_nsa.adapter.config_hook import CpNsaV32ConfigHook, set_cp_capture_sizes
 
     model = build_tiny_model(tmp_path / "v32", seed=0)
     cfg = EngineArgs(model=str(model), tensor_parallel_size=4, max_model_len=1024, max_num_seqs=16,
@@ -186,6 +188,17 @@ def test_decode_attention_tp_sizes_follow_only_the_verify_length(tmp_path):
         sizes = list(compilation.cudagraph_capture_sizes)
         assert all(s % multiple == 0 for s in sizes), (split_decode, sizes)
         assert (3 in sizes) is (not split_decode)
+    for kv_cache_dtype, multiple in (("auto", 12), ("fp8", 3)):
+        cfg = EngineArgs(model=str(model), tensor_parallel_size=4, max_model_len=1024, max_num_seqs=16,
+                         kv_cache_dtype=kv_cache_dtype, additional_config={"cp_nsa": {"mode": "round-robin-split"}},
+                         speculative_config={"method": "mtp", "num_speculative_tokens": 2}).create_engine_config()
+        compilation = cfg.compilation_config
+        compilation.cudagraph_mode = None  # as before vLLM's CPU platform turned graphs off
+        compilation.cudagraph_capture_sizes, compilation.max_cudagraph_capture_size = None, None
+        CpNsaV32ConfigHook.verify_and_update_config(cfg)
+        assert compilation.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY
+        sizes = list(compilation.cudagraph_capture_sizes)
+        assert all(s % multiple == 0 for s in sizes) and (3 in sizes) is (multiple == 3), (kv_cache_dtype, sizes)
 
 
 @pytest.mark.parametrize("cp_size,mode,heads_split,moe_ok,expected", [

@@ -339,6 +339,7 @@ def test_startup_line_names_the_resolved_provider_and_what_moe_runs(base_config,
 
 @pytest.mark.parametrize("options,piecewise", [
     ({"mode": "off"}, True),                                       # rows never split
+    ({"mode": "off", "decode_attention": "auto"}, True),            # auto: no head split under mode off
     ({"mode": "round-robin-split"}, False),                        # rows picked per batch
     ({"mode": "off", "decode_attention": "tp"}, False),             # heads picked per batch
 ])
@@ -361,4 +362,50 @@ def test_graph_mode_keeps_piecewise_graphs_only_for_a_fixed_layout(base_config, 
     else:
         assert mode == CUDAGraphMode.FULL_DECODE_ONLY and len(warnings) == 1
         assert ("split layout" in warnings[0]) is (options["mode"] != "off")
-        assert ("heads per batch" in warnings[0]) is ("decode_attention" in options)
+        assert ("heads per batch" in warnings[0]) is (options.get("decode_attention") == "tp")
+
+
+@pytest.mark.parametrize("tp,kv_cache_dtype,split_decode,min_tokens,kind", [
+    (2, "auto", False, 2048, "bf16"),   # N=2 bf16: head-split (TP) decode, RR loses to TP at 1K
+    (4, "auto", True, 1024, "bf16"),    # N=4 bf16: split decode 21-24 % faster than TP
+    (4, "fp8", False, 1024, "fp8"),     # N=4 fp8: split decode slower, head-split decode
+])
+def test_hook_resolves_auto_to_the_measured_thresholds(base_config, plugin_log, tp, kv_cache_dtype, split_decode,
+                                                       min_tokens, kind):
+    """The defaults (decode_attention and min_tokens_for_cp auto) resolve once, in the hook, to
+    split_policy's table for N and the KV dtype; the graph sizes follow it and the startup
+    line gives the thresholds and their source. Every worker resolves the same from the config."""
+    from vllm.config import CUDAGraphMode
+
+    from vllm_cp_nsa.adapter.runtime import attention_split_policy
+    from vllm_cp_nsa.split_policy import resolve_split_policy
+
+    cfg = _fresh(base_config, {"cp_nsa": {"mode": "round-robin-split"}}, cache_config__cache_dtype=kv_cache_dtype,
+                 parallel_config__tensor_parallel_size=tp)
+    config_hook.CpNsaV32ConfigHook.verify_and_update_config(cfg)
+    policy = attention_split_policy(cfg)
+    assert (policy.split_decode, policy.min_tokens_for_cp, policy.decode_min_tokens, policy.heads_split) == (
+        split_decode, min_tokens, 0, True)
+    assert policy == resolve_split_policy("auto", "auto", tp, kv_cache_dtype)
+    line = next(m for m in plugin_log.messages() if "kernels=" in m)
+    assert f"mode=round-robin-split over the {tp} TP ranks: {policy.describe(tp)}" in line
+    assert f"batches with < {min_tokens} real tokens unsplit (heads split)" in line and f"[N={tp} {kind}: " in line
+    assert ("decode / verify batches split over the ranks" if split_decode
+            else "decode / verify batches unsplit, heads split (TP)") in line
+    # FULL graphs hold decode batches: split over N ranks, sizes are multiples of N
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY
+    sizes = cfg.compilation_config.cudagraph_capture_sizes
+    assert all(s % tp == 0 for s in sizes) is split_decode, sizes
+
+
+def test_explicit_options_override_auto_and_say_so(base_config, plugin_log):
+    from vllm_cp_nsa.adapter.runtime import attention_split_policy
+
+    cfg = _fresh(base_config, {"cp_nsa": {"mode": "round-robin-split", "decode_attention": "split",
+                                          "min_tokens_for_cp": 0}}, cache_config__cache_dtype="auto")
+    config_hook.CpNsaV32ConfigHook.verify_and_update_config(cfg)
+    policy = attention_split_policy(cfg)
+    assert (policy.split_decode, policy.min_tokens_for_cp, policy.heads_split) == (True, 0, False)
+    line = next(m for m in plugin_log.messages() if "kernels=" in m)
+    assert ("decode / verify batches split over the ranks; batches with < 2 real tokens unsplit (all heads on every "
+            "rank) [decode_attention=split (user); min_tokens_for_cp=0 (user)]") in line

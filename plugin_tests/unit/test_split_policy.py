@@ -45,6 +45,21 @@ def test_auto_falls_back_to_split_where_heads_cannot_be_sliced():
     assert p.split_decode and not p.heads_split and "falls back" not in p.reason
 
 
+def test_mode_off_keeps_all_heads_unless_tp_is_asked():
+    """mode: off splits no rows: auto has nothing to choose, every rank keeps all heads (as
+    mode off always ran); an explicit tp still splits the heads of its unsplit batches."""
+    p = resolve_split_policy("auto", "auto", 4, "auto", cp_on=False)
+    assert (p.split_decode, p.min_tokens_for_cp, p.heads_split) == (True, 0, False) and "mode=off" in p.reason
+    p = resolve_split_policy("tp", "auto", 2, "auto", cp_on=False)
+    assert (p.split_decode, p.heads_split) == (False, True)
+
+
+def test_startup_text_counts_the_ranks_bound():
+    """Batches with fewer real tokens than ranks never split: the text gives the larger bound."""
+    assert "< 4 real tokens" in resolve_split_policy("split", 0, 4, "auto").describe(4)
+    assert "< 1024 real tokens" in resolve_split_policy("auto", "auto", 4, "auto").describe(4)
+
+
 def test_one_rank_and_bad_values():
     assert resolve_split_policy("auto", "auto", 1, "auto") == AttentionSplitPolicy(True, 0, 0, False, "one rank: nothing to split")
     for bad in (-1, True, "8", 1.5):

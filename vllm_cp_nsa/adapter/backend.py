@@ -37,7 +37,7 @@ from ..config import CpNsaConfig
 from ..extensions import resolve_split_strategy
 from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
 from ..nsa_attention import MetadataBuffers, NsaForwardMetadata, build_forward_metadata
-from .runtime import cuda_graph_support, num_speculative_tokens
+from .runtime import attention_split_policy, cuda_graph_support, num_speculative_tokens
 
 logger = logging.getLogger("vllm.cp_nsa")
 
@@ -70,8 +70,9 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         tp = get_tp_group()
         self.cp_size, self.cp_rank = tp.world_size, tp.rank_in_group
         self.strategy = resolve_split_strategy(options.mode) if self.cp_size > 1 else None
-        self.min_tokens_for_cp = options.min_tokens_for_cp
-        self.split_decode = options.decode_attention != "tp"
+        policy = attention_split_policy(vllm_config)
+        self.min_tokens_for_cp, self.decode_min_tokens = policy.min_tokens_for_cp, policy.decode_min_tokens
+        self.split_decode = policy.split_decode
         self.max_decode_query_len = 1 + num_speculative_tokens(vllm_config)
         self.block_size = kv_cache_spec.block_size
         scheduler = vllm_config.scheduler_config
@@ -109,6 +110,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
             buffers=self.buffers,
             max_seq_len=cm.max_seq_len,
             split_decode=self.split_decode,
+            decode_min_tokens=self.decode_min_tokens,
         )
         if self.trace_path:
             plan = meta.plan

@@ -6,8 +6,9 @@ config, before CUDA-graph sizes are computed) and always runs vLLM's own hook fi
 When the plugin is not active (``plugin.plugin_active``) that is all it does, and it says
 so in one line. When active it validates ``additional_config["cp_nsa"]``, refuses at
 startup what the plugin's model does not support (the model info vLLM checks is that of
-its own V3.2 class, see ``handover``), canonicalizes the KV-cache dtype, sets the
-CUDA-graph mode and sizes, and logs what it decided, once.
+its own V3.2 class, see ``handover``), canonicalizes the KV-cache dtype, resolves the
+attention split policy (``runtime.attention_split_policy``), sets the CUDA-graph mode and
+sizes by it, and logs what it decided, once.
 
 Imports only ``VerifyAndUpdateConfig`` from vLLM at module level, so the entry point can
 install the hook, and refuse a ``cp_nsa`` launch with the reason, on a vLLM that lacks
@@ -30,6 +31,7 @@ from ..extensions import (
     resolve_split_strategy,
 )
 from ..graph_sizing import cp_capture_sizes, piecewise_graph_decision
+from ..split_policy import AttentionSplitPolicy
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -85,25 +87,22 @@ def describe_moe(vllm_config: VllmConfig, options: CpNsaConfig, communicator, al
     return line
 
 
-def describe_decision(vllm_config: VllmConfig, options: CpNsaConfig, kernels, moe: str) -> str:
-    """The startup line: split, MoE (``describe_moe``), the kernel provider that resolved
-    and the KV cache."""
+def describe_decision(vllm_config: VllmConfig, options: CpNsaConfig, policy: AttentionSplitPolicy, kernels,
+                      moe: str) -> str:
+    """The startup line: split and the split policy's thresholds (``policy.describe()``),
+    MoE (``describe_moe``), the kernel provider that resolved and the KV cache."""
     tp = vllm_config.parallel_config.tensor_parallel_size
     if options.mode == "off":
-        split = "mode=off: attention runs unsplit on every rank"
+        split = "mode=off: attention runs unsplit on every rank" + (
+            ", the attention heads split over the ranks (decode_attention=tp)" if policy.heads_split else "")
     elif tp < 2:
         split = f"mode={options.mode} requested but -tp {tp}: CP needs >= 2 ranks, running unsplit"
     else:
-        split = (
-            f"mode={options.mode} over the {tp} TP ranks "
-            f"(batches with < {max(tp, options.min_tokens_for_cp)} real tokens run unsplit)"
-        )
+        split = f"mode={options.mode} over the {tp} TP ranks: {policy.describe(tp)}"
     requested = "" if options.kernels == kernels.name else f" (requested {options.kernels})"
     return (
         f"vllm_cp_nsa: {split}; {moe}; kernels={kernels.name}{requested}; "
         f"kv cache {vllm_config.cache_config.cache_dtype}"
-        + ("; decode_attention=tp: decode / verify batches run unsplit with the attention heads "
-           "split over the ranks" if options.decode_attention == "tp" and tp > 1 else "")
     )
 
 
@@ -191,6 +190,12 @@ def _expert_all_to_all(vllm_config: VllmConfig) -> bool:
     return expert_all_to_all_configured(vllm_config)
 
 
+def _attention_split_policy(vllm_config: VllmConfig) -> AttentionSplitPolicy:
+    from .runtime import attention_split_policy
+
+    return attention_split_policy(vllm_config)
+
+
 _logged_lines: set[str] = set()
 
 
@@ -222,22 +227,22 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
         communicator = resolve_moe_communicator(options.moe, all_to_all)
         cache_config = vllm_config.cache_config
         cache_config.cache_dtype = canonical_kv_cache_dtype(cache_config.cache_dtype)
+        policy = _attention_split_policy(vllm_config)
         parallel = vllm_config.parallel_config
         if options.mode != "off" and parallel.tensor_parallel_size < 2:
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
         piecewise, why = piecewise_graph_decision(
-            cp_size=parallel.tensor_parallel_size, mode=options.mode,
-            heads_split=options.decode_attention == "tp" and parallel.tensor_parallel_size > 1,
+            cp_size=parallel.tensor_parallel_size, mode=options.mode, heads_split=policy.heads_split,
             moe_capturable=getattr(communicator, "supports_cuda_graphs", False),
             speculative=vllm_config.speculative_config is not None,
             fp8_kv=cache_config.cache_dtype == "fp8_ds_mla")
         set_cudagraph_mode(vllm_config, piecewise, why, split=options.mode != "off")
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
-            set_cp_capture_sizes(vllm_config, split_decode=options.decode_attention != "tp")
+            set_cp_capture_sizes(vllm_config, split_decode=policy.split_decode)
         logger.info(describe_decision(
-            vllm_config, options, kernels, describe_moe(vllm_config, options, communicator, all_to_all)))
+            vllm_config, options, policy, kernels, describe_moe(vllm_config, options, communicator, all_to_all)))
 
 
 def set_cudagraph_mode(vllm_config: VllmConfig, piecewise: bool, why: str, split: bool = True) -> None:
@@ -279,7 +284,8 @@ def set_cp_capture_sizes(vllm_config: VllmConfig, split_decode: bool = True) -> 
     """Capture sizes usable under CP and MTP, set before vLLM computes its own
     (explicit sizes win there, so vLLM keeps ours); a user's explicit sizes are
     kept but rounded, with a warning listing every change. With FULL_DECODE_ONLY graphs
-    and ``decode_attention: tp`` (decode batches never split) only 1+k matters."""
+    and decode batches that never split (``split_decode`` False: the split policy's
+    ``decode_attention: tp``, explicit or resolved from ``auto``) only 1+k matters."""
     from vllm.config import CUDAGraphMode
 
     from .runtime import num_speculative_tokens

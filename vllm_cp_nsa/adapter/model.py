@@ -21,7 +21,7 @@ from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
-from vllm.model_executor.layers.linear import ReplicatedLinear, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -220,18 +220,17 @@ class CpNsaAttention(nn.Module):
             attn_backend=CpNsaBackend,
             use_sparse=True,
         )
-        if runtime.heads_split_when_unsplit:
-            check_heads_sliceable(self.q_b_proj, self.o_proj)
         # vLLM's breakable CUDA graphs capture the layer around this call (as vLLM's own
         # V3.2 does around its indexer + sparse attention)
         self.attend_into = eager_break(self._attend_into)
         self.profile_scratch_bytes = attention_scratch_bytes_for(vllm_config, config, runtime.ops)
 
     def _head_slice(self, meta: NsaForwardMetadata | None) -> slice | None:
-        """This rank's heads when the batch runs unsplit under ``decode_attention: tp``
-        (every rank holds every row, so the heads are what gets split); None: all heads."""
+        """This rank's heads when the batch runs unsplit and the split policy splits the heads
+        (``AttentionSplitPolicy.heads_split``: every rank holds every row, so the heads are
+        what gets split); None: all heads."""
         group = self.runtime.group
-        if not self.runtime.heads_split_when_unsplit or meta is None or meta.plan.is_split:
+        if not self.runtime.heads_split or meta is None or meta.plan.is_split:
             return None
         per_rank = self.num_heads // group.world_size
         return slice(group.rank * per_rank, (group.rank + 1) * per_rank)
@@ -364,19 +363,6 @@ def eager_break(fn):
     from vllm.compilation.breakable_cudagraph import eager_break_during_capture
 
     return eager_break_during_capture(fn)
-
-
-def check_heads_sliceable(*layers: nn.Module) -> None:
-    """``decode_attention: tp`` slices these replicated projections by head: only plain
-    (unquantized) weights can be sliced that way."""
-    quantized = [type(layer.quant_method).__name__ for layer in layers
-                 if not isinstance(layer.quant_method, UnquantizedLinearMethod)]  # fmt: skip
-    if quantized:
-        raise CpNsaConfigError(
-            "vllm_cp_nsa: decode_attention='tp' slices the replicated q_b_proj / o_proj weights "
-            f"by head and needs them unquantized; this checkpoint quantizes them ({quantized[0]}). "
-            "Use decode_attention='split'."
-        )
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor | None:

@@ -1,5 +1,5 @@
 """Per-process plugin state resolved from the vLLM config: the CP group, the MoE
-communicator and the kernel provider."""
+communicator, the kernel provider and the attention split policy."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from vllm.distributed import get_ep_group, get_tp_group
 from vllm.platforms import current_platform
 
 from ..communicator import CpGroup, MoeCommunicator
-from ..config import CpNsaConfig
+from ..config import CpNsaConfig, CpNsaConfigError
 from ..extensions import resolve_kernel_provider, resolve_moe_communicator
+from ..split_policy import AttentionSplitPolicy, resolve_split_policy
 
 logger = logging.getLogger("vllm.cp_nsa")
 
@@ -100,6 +101,40 @@ def cuda_graph_support(vllm_config: VllmConfig) -> tuple[bool, str]:
     return True, f"kernels '{ops.name}', uniform decode / verify batches"
 
 
+def heads_split_blocker(vllm_config: VllmConfig) -> str | None:
+    """Why the attention heads cannot be split over the CP ranks on this model (None if they
+    can): splitting them slices the replicated ``q_b_proj`` / ``o_proj`` weights by head,
+    which only unquantized weights allow, and needs heads divisible by the ranks."""
+    model_config = vllm_config.model_config
+    ranks = vllm_config.parallel_config.tensor_parallel_size
+    heads = model_config.hf_config.num_attention_heads
+    if model_config.quantization:
+        return (f"the checkpoint quantizes q_b_proj / o_proj ({model_config.quantization}) and only "
+                "unquantized weights can be sliced by head")
+    if heads % ranks:
+        return f"the {heads} attention heads are not a multiple of the {ranks} ranks"
+    return None
+
+
+def attention_split_policy(vllm_config: VllmConfig) -> AttentionSplitPolicy:
+    """When batches split over the ranks and whether unsplit ones split the heads
+    (``split_policy``), from the configuration alone: the config hook resolves it once at
+    startup (logs it, sizes the graphs by it, refuses what cannot run), and every worker's
+    metadata builder and model resolve the same value from the same config.
+
+    ``decode_attention: tp`` where the heads cannot be split fails, naming the fix."""
+    options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
+    cp_size = vllm_config.parallel_config.tensor_parallel_size
+    blocker = heads_split_blocker(vllm_config) if cp_size > 1 else None
+    if options.decode_attention == "tp" and blocker:
+        raise CpNsaConfigError(
+            f"vllm_cp_nsa: decode_attention='tp' splits the attention heads over the {cp_size} ranks, "
+            f"but {blocker}. Use decode_attention='auto' (split decode here) or 'split'."
+        )
+    return resolve_split_policy(options.decode_attention, options.min_tokens_for_cp, cp_size,
+                                vllm_config.cache_config.cache_dtype, blocker, cp_on=options.mode != "off")
+
+
 def num_speculative_tokens(vllm_config: VllmConfig) -> int:
     spec = vllm_config.speculative_config
     return (spec.num_speculative_tokens or 0) if spec is not None else 0
@@ -115,9 +150,10 @@ class CpNsaRuntime:
     ops: object
     indexer_cache_fp8: bool
     """Indexer keys stored as 132-byte fp8 (``CpNsaConfig.indexer_cache_fp8``)."""
-    heads_split_when_unsplit: bool = False
-    """``decode_attention: tp``: a batch that runs unsplit (decode / verify batches among
-    them) splits the attention heads over the ranks instead of repeating all of them."""
+    heads_split: bool = False
+    """``AttentionSplitPolicy.heads_split``: a batch that runs unsplit (decode / verify batches
+    among them under ``decode_attention: tp``) splits the attention heads over the ranks
+    instead of repeating all of them."""
     moe_group: CpGroup | None = None
     """The ranks the ``scattered`` MoE's experts are spread over (``moe_group_coordinator``);
     None: the CP group."""
@@ -135,7 +171,7 @@ class CpNsaRuntime:
         index_fp8 = options.indexer_cache_fp8(vllm_config.cache_config.cache_dtype,
                                               getattr(ops, "reads_fp8_indexer_cache", False))
         group = VllmTpGroup(get_tp_group())
-        heads_split = options.heads_split_when_unsplit(num_heads, group.world_size)
+        heads_split = attention_split_policy(vllm_config).heads_split
         moe_group = (VllmTpGroup(moe_group_coordinator(vllm_config))
                      if communicator.name == "scattered" and vllm_config.parallel_config.data_parallel_size > 1
                      else None)
