@@ -45,22 +45,24 @@ K = 1024
 # parallel "tp": tensor_parallel_size=N; "pcp": tensor_parallel_size=1,
 # prefill_context_parallel_size=N (vLLM's PCP adds ranks, so N GPUs means TP 1 x PCP N).
 _DEEPGEMM = {"kernels": "vllm-deepgemm", "indexer_cache": "fp8"}
+# The CP split on every batch of >= N tokens, not the split policy's auto choice (the default).
+_SPLIT = {"decode_attention": "split", "min_tokens_for_cp": 0}
 CONFIGS = {
     "native-tp": {"plugin": False, "parallel": "tp"},
     "native-pcp": {"plugin": False, "parallel": "pcp"},
-    "plugin-rr": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split"}},
-    "plugin-inseq": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split"}},
+    "plugin-rr": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split", **_SPLIT}},
+    "plugin-inseq": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split", **_SPLIT}},
     # Attention unsplit on every rank: separates the plugin's kernels from its CP split.
     "plugin-off": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"}},
     # -dg: vLLM's DeepGEMM prefill indexer on the plugin's CP rows, over an fp8 indexer cache
     # as native vLLM keeps it (kernels "vllm-deepgemm", indexer_cache "fp8"; see README).
-    "plugin-rr-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split", **_DEEPGEMM}},
-    "plugin-inseq-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split", **_DEEPGEMM}},
+    "plugin-rr-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split", **_SPLIT, **_DEEPGEMM}},
+    "plugin-inseq-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split", **_SPLIT, **_DEEPGEMM}},
     "plugin-off-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off", **_DEEPGEMM}},
     # -tpdec: decode / verify batches unsplit, attention heads split over the ranks
     # (decode_attention "tp", SGLang's --enable-cp-decode-attn-tp); prefill as plugin-rr-dg.
     "plugin-rr-dg-tpdec": {"plugin": True, "parallel": "tp",
-                           "cp_nsa": {"mode": "round-robin-split", "decode_attention": "tp", **_DEEPGEMM}},
+                           "cp_nsa": {"mode": "round-robin-split", **_SPLIT, "decode_attention": "tp", **_DEEPGEMM}},
     # --preset release: the accuracy reference, vLLM's own model on the checkpoint's weights
     # dequantized to bf16 ("model": "bf16", make_tiny_model --dequantize-from), bf16 KV, no MTP,
     # agreement only; with it in the report every other run's agreement is measured against it.

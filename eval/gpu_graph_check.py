@@ -27,7 +27,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-# name -> (tp, cp mode, kv cache dtype, num speculative tokens, dtype[, more cp_nsa options])
+# name -> (tp, cp mode, kv cache dtype, num speculative tokens, dtype[, more cp_nsa options]);
+# a CP mode splits every batch of >= N tokens (SPLIT_EVERY_BATCH, not the split policy's auto,
+# which runs these short batches unsplit) unless the options say otherwise
+SPLIT_EVERY_BATCH = {"decode_attention": "split", "min_tokens_for_cp": 0}
 CONFIGS = {
     "tp1-bf16": (1, "off", "auto", 0, "bfloat16"),
     "tp1-fp32-mtp1": (1, "off", "auto", 1, "float32"),
@@ -70,9 +73,10 @@ def run_one(name: str, eager: bool, out_dir: Path, prompts, max_tokens: int, tim
     trace = f"/tmp/cpnsa_trace_{tag}"
     for old in glob.glob(trace + ".rank*"):
         os.remove(old)
+    cp_nsa = {"mode": mode, **(SPLIT_EVERY_BATCH if mode != "off" else {}), **(more[0] if more else {})}
     llm = {"model": str(_model()), "dtype": dtype, "tensor_parallel_size": tp, "max_model_len": 2048,
            "enforce_eager": eager, "max_num_seqs": 8, "gpu_memory_utilization": 0.3, "seed": 0,
-           "kv_cache_dtype": kv_dtype, "additional_config": {"cp_nsa": {"mode": mode, **(more[0] if more else {})}}}
+           "kv_cache_dtype": kv_dtype, "additional_config": {"cp_nsa": cp_nsa}}
     llm.update(LLM_OVERRIDES.get(name, {}))
     if num_spec:
         llm["speculative_config"] = {"method": "mtp", "num_speculative_tokens": num_spec}

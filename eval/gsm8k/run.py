@@ -73,13 +73,15 @@ class RunConfig:
     kv_cache_dtype: str = "auto"
     mtp: int = 0  # num_speculative_tokens of method "mtp"; 0 = no speculative decoding
     min_tokens_for_cp: int | None = None
+    """None: 0 under CP, every batch of >= N tokens splits (the split's accuracy is what is
+    compared, not the split policy's ``auto`` choice, which runs short batches unsplit)."""
 
     @property
     def cp_nsa(self) -> dict:
-        cfg = {"mode": self.mode}
-        if self.min_tokens_for_cp is not None:
-            cfg["min_tokens_for_cp"] = self.min_tokens_for_cp
-        return cfg
+        if self.mode == "off":
+            return {"mode": self.mode}
+        return {"mode": self.mode, "decode_attention": "split",
+                "min_tokens_for_cp": 0 if self.min_tokens_for_cp is None else self.min_tokens_for_cp}
 
     @property
     def speculative_config(self) -> dict | None:

@@ -77,13 +77,15 @@ class ServerConfig:
         return f"{'plugin' if self.plugin else 'vLLM native'}: -tp {tp} {shlex.join(args)}{cp}".replace("  ", " ").strip()
 
 
-_RR = {"mode": "round-robin-split"}
+# The CP split on every batch of >= N tokens (the split policy's ``auto``: +auto).
+_SPLIT_EVERY_BATCH = {"decode_attention": "split", "min_tokens_for_cp": 0}
+_RR = {"mode": "round-robin-split", **_SPLIT_EVERY_BATCH}
 BASE_CONFIGS = {
     "native-tp": ServerConfig("native-tp", plugin=False),
     "native-pcp": ServerConfig("native-pcp", plugin=False, parallel="pcp"),
     "off": ServerConfig("off", cp_nsa={"mode": "off"}),
     "round-robin-split": ServerConfig("round-robin-split", cp_nsa=_RR),
-    "in-seq-split": ServerConfig("in-seq-split", cp_nsa={"mode": "in-seq-split"}),
+    "in-seq-split": ServerConfig("in-seq-split", cp_nsa={"mode": "in-seq-split", **_SPLIT_EVERY_BATCH}),
     # round-robin + fp8 KV / + MTP, as eval/gsm8k's presets of the same names (MTP drafts: --mtp-k)
     "fp8": ServerConfig("fp8", cp_nsa=_RR, kv_cache_dtype="fp8"),
     "mtp": ServerConfig("mtp", cp_nsa=_RR, mtp=1),
@@ -93,6 +95,12 @@ MODIFIERS = {
     "mtp": "MTP with --mtp-k draft tokens (mtpK: K drafts)",
     "dg": "plugin kernels vllm-deepgemm + fp8 indexer cache (as gpu_compare's -dg)",
     "tpdec": "plugin decode_attention tp",
+    "auto": "plugin split policy auto (decode_attention and min_tokens_for_cp auto: the plugin's defaults)",
+}
+_PLUGIN_MODIFIERS = {
+    "dg": {"kernels": "vllm-deepgemm", "indexer_cache": "fp8"},
+    "tpdec": {"decode_attention": "tp"},
+    "auto": {"decode_attention": "auto", "min_tokens_for_cp": "auto"},
 }
 
 
@@ -110,11 +118,10 @@ def parse_config(spec: str, mtp_k: int) -> ServerConfig:
             config = replace(config, kv_cache_dtype="fp8")
         elif re.fullmatch(r"mtp\d*", mod):
             config = replace(config, mtp=int(mod[3:] or mtp_k))
-        elif mod in ("dg", "tpdec"):
+        elif mod in _PLUGIN_MODIFIERS:
             if not config.plugin:
                 raise SystemExit(f"{spec!r}: +{mod} changes the plugin's settings; {base} runs without the plugin")
-            extra = ({"kernels": "vllm-deepgemm", "indexer_cache": "fp8"} if mod == "dg" else {"decode_attention": "tp"})
-            config = replace(config, cp_nsa={**(config.cp_nsa or {}), **extra})
+            config = replace(config, cp_nsa={**(config.cp_nsa or {}), **_PLUGIN_MODIFIERS[mod]})
         else:
             raise SystemExit(f"unknown modifier +{mod} in {spec!r}: use {', '.join('+' + m for m in MODIFIERS)}")
     return config

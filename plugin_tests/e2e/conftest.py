@@ -17,6 +17,10 @@ sys.path.insert(0, str(REPO / "eval"))
 from make_tiny_model import build_tiny_model  # noqa: E402
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
+SPLIT_EVERY_BATCH = {"decode_attention": "split", "min_tokens_for_cp": 0}
+"""cp_nsa options under which every batch of >= N tokens splits: these tests' batches lie far
+below the thresholds of the split policy's ``auto`` (1024 / 2048 tokens), which would run them
+all unsplit."""
 
 
 def vllm_env(tp: int = 1, **extra: str) -> dict[str, str]:

@@ -23,7 +23,8 @@ BAD_CONFIGS = [
     ({"mode": "zigzag"}, "allowed values: off, round-robin-split, in-seq-split"),
     ({"moe": "deepep"}, "allowed values: auto, full, scattered"),
     ({"kernels": "cuda"}, "allowed values: auto, vllm-deepgemm, vllm, torch, triton"),
-    ({"min_tokens_for_cp": -1}, "'min_tokens_for_cp'] must be a non-negative integer"),
+    ({"min_tokens_for_cp": -1}, "'min_tokens_for_cp'] must be 'auto' or a non-negative integer, got -1"),
+    ({"decode_attention": "heads"}, "'decode_attention'] = 'heads'; allowed values: auto, split, tp"),
 ]
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import mixed_prompts, run_vllm
+from conftest import SPLIT_EVERY_BATCH, mixed_prompts, run_vllm
 from hf_oracle import greedy_generate, load_hf_model, prompt_logprobs, yarn_original_context
 
 pytestmark = pytest.mark.e2e
@@ -47,12 +47,13 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
     _check_routing_uses_groups_bias_and_scaling(tiny_model)
     configs = {
         "off": {"mode": "off"},
-        "round-robin-split": {"mode": "round-robin-split"},
-        "in-seq-split": {"mode": "in-seq-split"},
+        "round-robin-split": {"mode": "round-robin-split", **SPLIT_EVERY_BATCH},
+        "in-seq-split": {"mode": "in-seq-split", **SPLIT_EVERY_BATCH},
         # Expert-parallel MoE behind an all-to-all over each rank's own rows.
-        "round-robin-split moe=scattered": {"mode": "round-robin-split", "moe": "scattered"},
+        "round-robin-split moe=scattered": {"mode": "round-robin-split", "moe": "scattered", **SPLIT_EVERY_BATCH},
         # Decode steps (8 tokens) and small chunks run unsplit, large chunks split.
-        "round-robin min_tokens_for_cp=64": {"mode": "round-robin-split", "min_tokens_for_cp": 64},
+        "round-robin min_tokens_for_cp=64": {"mode": "round-robin-split", "decode_attention": "split",
+                                             "min_tokens_for_cp": 64},
         # Decode steps unsplit with the attention heads split over the ranks (as are the
         # small chunks that run unsplit); large chunks split by tokens.
         "round-robin decode_attention=tp": {"mode": "round-robin-split", "min_tokens_for_cp": 64,
@@ -69,10 +70,10 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
             assert not split
         else:
             assert split and all(p["strategy"] == configs[name]["mode"] for p in split), name
-        if "min_tokens_for_cp" in configs[name]:
+        if configs[name].get("min_tokens_for_cp"):
             assert skipped and all(p["num_tokens"] < 64 or p["decode_kernel"] for p in skipped)
             assert all(p["num_tokens"] >= 64 for p in split)
-        if "decode_attention" in configs[name]:
+        if configs[name].get("decode_attention") == "tp":
             decode = [p for p in plans[0] if p["decode_kernel"]]
             assert decode and all(p["skip_reason"] == "decode attention on a TP partition" for p in decode)
     tokens = {name: [o["token_ids"] for o in r["outputs"]] for name, r in results.items()}

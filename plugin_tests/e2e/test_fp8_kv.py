@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import VllmRunFailed, mixed_prompts, run_vllm
+from conftest import SPLIT_EVERY_BATCH, VllmRunFailed, mixed_prompts, run_vllm
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +52,7 @@ def test_fp8_round_robin_equals_off_and_stays_close_to_bf16(tiny_model, tokenize
 
     def run(mode, dtype, kv_cache_dtype="auto"):
         return run_vllm(_spec(tiny_model, prompts, dtype=dtype, kv_cache_dtype=kv_cache_dtype, **engine,
-                              additional_config={"cp_nsa": {"mode": mode}}),
+                              additional_config={"cp_nsa": {"mode": mode, **SPLIT_EVERY_BATCH}}),
                         CP_NSA_TRACE_PLANS=str(tmp_path / f"{mode}-{dtype}-{kv_cache_dtype}"))
 
     # Token for token: fp8 cache, round-robin vs off (fp32 model: no bf16 drift).

@@ -78,7 +78,9 @@ def test_gsm8k_comparison_all_configurations_agree_with_off(tiny_model, tmp_path
     assert settings["data_dir"] == str(DATA_DIR)  # the default: the in-repo copy
     assert [c["name"] for c in report["configs"]] == CONFIGS
     by_name = {c["name"]: c for c in report["configs"]}
-    assert by_name["round-robin-split"]["cp_nsa"] == {"mode": "round-robin-split"}
+    # every batch of >= 2 tokens splits (the split policy's auto would run these short ones unsplit)
+    assert by_name["round-robin-split"]["cp_nsa"] == {"mode": "round-robin-split", "decode_attention": "split",
+                                                      "min_tokens_for_cp": 0}
     assert by_name["round-robin-split"]["kv_cache_dtype"] == "auto"
     for c in report["configs"]:
         assert c["accuracy"]["n"] == LIMIT

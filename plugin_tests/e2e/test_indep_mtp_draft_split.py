@@ -11,7 +11,7 @@ spec-decode counters (greedy tokens are right whatever the draft proposes).
 import pytest
 import torch
 
-from conftest import mixed_prompts, run_vllm
+from conftest import SPLIT_EVERY_BATCH, mixed_prompts, run_vllm
 from make_tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ def _mtp_run(model, prompts, tp, cp_nsa):
 def test_split_draft_proposes_what_the_unsplit_draft_does(hidden_mixing_mtp_model, tokenizer):
     prompts = mixed_prompts(tokenizer, index_topk=64)[:6]
     unsplit = _mtp_run(hidden_mixing_mtp_model, prompts, 1, {"mode": "off"})
-    split = _mtp_run(hidden_mixing_mtp_model, prompts, 2, {"mode": "round-robin-split"})
+    split = _mtp_run(hidden_mixing_mtp_model, prompts, 2, {"mode": "round-robin-split", **SPLIT_EVERY_BATCH})
     assert [o["token_ids"] for o in split["outputs"]] == [o["token_ids"] for o in unsplit["outputs"]]
     stats, expected = split["info"]["spec_decode"], unsplit["info"]["spec_decode"]
     print(f"acceptance split {stats}, unsplit {expected}")

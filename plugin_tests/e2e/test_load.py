@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import SPLIT_EVERY_BATCH
 from server import start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.ci]
@@ -108,7 +109,7 @@ def test_concurrent_mixed_load_matches_sequential_off(tiny_model, tokenizer, tmp
     t0 = time.perf_counter()
     ref_server = start_server(tiny_model, tp=1, dtype="float32", cp_nsa={"mode": "off"},
                               log_path=tmp_path / "off.log")
-    cp_server = start_server(tiny_model, tp=2, dtype="float32", cp_nsa={"mode": "round-robin-split"},
+    cp_server = start_server(tiny_model, tp=2, dtype="float32", cp_nsa={"mode": "round-robin-split", **SPLIT_EVERY_BATCH},
                              extra_args=["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS)],
                              log_path=tmp_path / "cp.log", env={"CP_NSA_TRACE_PLANS": str(tmp_path / "plans")})
     with ref_server, cp_server:

@@ -3,7 +3,7 @@ transformers' greedy tokens."""
 
 import pytest
 
-from conftest import mixed_prompts, run_vllm
+from conftest import SPLIT_EVERY_BATCH, mixed_prompts, run_vllm
 from hf_oracle import greedy_generate, load_hf_model, yarn_original_context
 from make_tiny_model import build_tiny_model
 
@@ -47,9 +47,9 @@ _DRAFT_STATS: dict[str, dict] = {}
 
 @pytest.mark.parametrize("tp,cp_nsa", [
     (1, {"mode": "off"}),
-    (2, {"mode": "round-robin-split"}),
+    (2, {"mode": "round-robin-split", **SPLIT_EVERY_BATCH}),
     # verify and draft batches unsplit, attention heads split over the ranks
-    (2, {"mode": "round-robin-split", "decode_attention": "tp"}),
+    (2, {"mode": "round-robin-split", **SPLIT_EVERY_BATCH, "decode_attention": "tp"}),
 ], ids=["tp1-off", "tp2-rr", "tp2-rr-decode-attention-tp"])
 def test_greedy_with_mtp_equals_without_and_hf(mtp_model, prompts, hf_tokens, tp, cp_nsa, request):
     base = _run(mtp_model, prompts, tp, cp_nsa, 0)
@@ -74,7 +74,7 @@ def test_greedy_with_mtp_equals_without_and_hf(mtp_model, prompts, hf_tokens, tp
 def test_greedy_with_mtp_under_in_seq_split_equals_hf(mtp_model, prompts, hf_tokens):
     """in-seq-split with MTP against HF alone (one engine run: in-seq-split without MTP
     is test_cp_modes', which equals off and HF)."""
-    mtp = _run(mtp_model, prompts, 2, {"mode": "in-seq-split"}, 2)
+    mtp = _run(mtp_model, prompts, 2, {"mode": "in-seq-split", **SPLIT_EVERY_BATCH}, 2)
     assert [o["token_ids"] for o in mtp["outputs"]] == hf_tokens
     stats = mtp["info"]["spec_decode"]
     assert 0 < stats["accepted_tokens"] < stats["draft_tokens"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import VllmRunFailed, run_vllm
+from conftest import SPLIT_EVERY_BATCH, VllmRunFailed, run_vllm
 from make_tiny_model import build_tiny_model
 from release_checkpoint import dequantize_checkpoint
 
@@ -64,7 +64,7 @@ def test_release_checkpoint_loads_and_matches_its_bf16_copy(release_model, refer
 @pytest.mark.ci
 def test_release_checkpoint_at_tp2_round_robin(release_model, reference_run):
     """-tp 2 with CP: fused-MoE fp8 experts sharded over the ranks, attention replicated."""
-    result = run_vllm(_spec(release_model, tp=2, additional_config={"cp_nsa": {"mode": "round-robin-split"}}))
+    result = run_vllm(_spec(release_model, tp=2, additional_config={"cp_nsa": {"mode": "round-robin-split", **SPLIT_EVERY_BATCH}}))
     delta = _mean_abs_delta(result, reference_run)
     assert delta < MAX_MEAN_ABS_LOGPROB_DELTA, delta
 

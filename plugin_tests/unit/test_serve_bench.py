@@ -278,8 +278,9 @@ def test_plots_one_png_per_metric(tmp_path):
 # --------------------------------------------------------------------------- configurations, CLI
 
 def test_configurations_become_server_arguments():
+    split = {"decode_attention": "split", "min_tokens_for_cp": 0}  # every batch of >= N tokens splits
     rr = cli.parse_config("round-robin-split+fp8+mtp2", mtp_k=1)
-    assert rr.plugin and rr.cp_nsa == {"mode": "round-robin-split"}
+    assert rr.plugin and rr.cp_nsa == {"mode": "round-robin-split", **split}
     tp, args = rr.server_args(4)
     assert tp == 4 and args[:2] == ["--kv-cache-dtype", "fp8"]
     assert json.loads(args[3]) == {"method": "mtp", "num_speculative_tokens": 2}
@@ -288,13 +289,16 @@ def test_configurations_become_server_arguments():
     assert cli.parse_config("mtp", mtp_k=3).mtp == 3
     dg = cli.parse_config("round-robin-split+dg+tpdec", mtp_k=1)
     assert dg.cp_nsa == {"mode": "round-robin-split", "kernels": "vllm-deepgemm", "indexer_cache": "fp8",
-                         "decode_attention": "tp"}
-    assert cli.BASE_CONFIGS["round-robin-split"].cp_nsa == {"mode": "round-robin-split"}  # presets untouched
-    assert rr.plugin_settings({"min_tokens_for_cp": 512}) == {"mode": "round-robin-split", "min_tokens_for_cp": 512}
+                         "decode_attention": "tp", "min_tokens_for_cp": 0}
+    assert cli.parse_config("in-seq-split+auto", mtp_k=1).cp_nsa == {
+        "mode": "in-seq-split", "decode_attention": "auto", "min_tokens_for_cp": "auto"}  # the plugin's defaults
+    assert cli.BASE_CONFIGS["round-robin-split"].cp_nsa == {"mode": "round-robin-split", **split}  # presets untouched
+    assert rr.plugin_settings({"min_tokens_for_cp": 512}) == {"mode": "round-robin-split", "decode_attention": "split",
+                                                             "min_tokens_for_cp": 512}
     assert pcp.plugin_settings({"min_tokens_for_cp": 512}) is None
     assert "min_tokens_for_cp" in rr.describe(4, {"min_tokens_for_cp": 512}) and "-pcp" not in rr.describe(4, {})
     assert pcp.describe(8, {}) == "vLLM native: -tp 1 --prefill-context-parallel-size 8"
-    for bad in ("native-tp+dg", "nonsense", "off+bogus"):
+    for bad in ("native-tp+dg", "native-tp+auto", "nonsense", "off+bogus"):
         with pytest.raises(SystemExit):
             cli.parse_config(bad, mtp_k=1)
 
