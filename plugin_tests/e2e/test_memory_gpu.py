@@ -14,6 +14,7 @@ free.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -39,9 +40,11 @@ def test_longest_prompt_and_largest_batch_fit_at_092(kv_cache_dtype):
         pytest.skip("needs a CUDA GPU")
     model = build_tiny_model("/tmp/tiny_v32_real_2l", real_dims=True, num_layers=2, num_nextn_predict_layers=0,
                              device="cuda")
+    # ids inside the built model's vocabulary (vLLM refuses others before any forward runs)
+    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(0)
-    longest = torch.randint(5, 1400, (MAX_MODEL_LEN - MAX_TOKENS,), generator=gen).tolist()
-    others = [torch.randint(5, 1400, (2048,), generator=gen).tolist() for _ in range(MAX_NUM_SEQS - 1)]
+    longest = torch.randint(5, vocab_size, (MAX_MODEL_LEN - MAX_TOKENS,), generator=gen).tolist()
+    others = [torch.randint(5, vocab_size, (2048,), generator=gen).tolist() for _ in range(MAX_NUM_SEQS - 1)]
     result = run_vllm({
         "llm": {"model": str(model), "dtype": "bfloat16", "max_model_len": MAX_MODEL_LEN,
                 "max_num_batched_tokens": MAX_BATCHED_TOKENS, "max_num_seqs": MAX_NUM_SEQS,
