@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .split_policy import AUTO
+from .split_policy import AUTO, DECODE_ATTENTION_CHOICES, is_min_tokens_option
 
 CONFIG_KEY = "cp_nsa"
 
 INDEXER_CACHE_CHOICES = ("auto", "fp8")
-DECODE_ATTENTION_CHOICES = ("auto", "split", "tp")
 
 
 class CpNsaConfigError(ValueError):
@@ -83,8 +82,7 @@ class CpNsaConfig:
                     f"got {values[key]!r}"
                 )
         min_tokens = values.get("min_tokens_for_cp", AUTO)
-        if min_tokens != AUTO and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int)
-                                   or min_tokens < 0):
+        if not is_min_tokens_option(min_tokens):
             raise CpNsaConfigError(
                 f"additional_config['{CONFIG_KEY}']['min_tokens_for_cp'] must be '{AUTO}' or a "
                 f"non-negative integer, got {min_tokens!r}"

@@ -46,6 +46,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AUTO = "auto"
+DECODE_ATTENTION_CHOICES = (AUTO, "split", "tp")
+
+
+def is_min_tokens_option(value: object) -> bool:
+    """``min_tokens_for_cp`` is ``auto`` or a non-negative integer (a bool is not one)."""
+    return value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 # (cp_size, kv kind) -> (decode runs head-split, min_tokens_for_cp, source); see the table.
 _MEASURED: dict[tuple[int, str], tuple[bool, int, str]] = {
@@ -109,10 +115,9 @@ def resolve_split_policy(
     they can). ``auto`` then falls back to split decode and keeps all heads on unsplit batches.
     ``cp_on``: False under ``mode: off`` (rows never split; ``auto`` keeps all heads).
     """
-    if decode_attention not in (AUTO, "split", "tp"):
+    if decode_attention not in DECODE_ATTENTION_CHOICES:
         raise ValueError(f"decode_attention must be auto, split or tp, got {decode_attention!r}")
-    if min_tokens_for_cp != AUTO and (isinstance(min_tokens_for_cp, bool)
-                                      or not isinstance(min_tokens_for_cp, int) or min_tokens_for_cp < 0):
+    if not is_min_tokens_option(min_tokens_for_cp):
         raise ValueError(f"min_tokens_for_cp must be 'auto' or a non-negative integer, got {min_tokens_for_cp!r}")
     if cp_size < 2 or (not cp_on and decode_attention == AUTO):
         bound = 0 if min_tokens_for_cp == AUTO else min_tokens_for_cp
