@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .kernels.budgets import FP8_KERNEL_MAX_ROWS
 from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, LATENT_ROW_DIM, ROPE_DIM
 
 _INT32 = 4
@@ -89,7 +90,8 @@ def attention_phase_bytes(bounds: BatchBounds, shape: AttentionShape, limits: In
                + rows * shape.index_heads * (_FP32 + INDEX_HEAD_DIM * _BF16) + limits.max_gathered_key_bytes)
     # 3. sparse MLA: the absorbed query, the picks as int64 slots and int32 kernel indices
     #    (padded to FlashMLA's top-k tile), the fp8 prefill's workspace, the query copied
-    #    with zero heads up to FlashMLA's 64 / 128, its output and lse at the padded heads
+    #    with zero heads up to FlashMLA's 64 / 128, its output and lse at the padded heads,
+    #    and past FP8_KERNEL_MAX_ROWS rows the fp8 kernel's output of one piece beside the whole
     kernel_heads = _FLASHMLA_MIN_HEADS if shape.num_heads <= _FLASHMLA_MIN_HEADS else max(shape.num_heads, 128)
     topk_tiles = _round_up(shape.topk, _FLASHMLA_TOPK_TILE)
     workspace = 0
@@ -97,8 +99,10 @@ def attention_phase_bytes(bounds: BatchBounds, shape: AttentionShape, limits: In
         workspace = min(limits.max_workspace_bytes, bounds.max_reqs * width * LATENT_ROW_DIM * _BF16)
     padded_query = rows * kernel_heads * LATENT_ROW_DIM * e if kernel_heads != shape.num_heads else 0
     output = rows * kernel_heads * (LATENT_DIM * e + _FP32)
+    piece = FP8_KERNEL_MAX_ROWS * kernel_heads * (LATENT_DIM * e + _FP32)
+    pieces = piece if shape.fp8_latent_cache and rows > FP8_KERNEL_MAX_ROWS else 0
     attention = (picks + rows * shape.num_heads * LATENT_ROW_DIM * e + rows * topk_tiles * (8 + _INT32)
-                 + workspace + padded_query + output)
+                 + workspace + padded_query + output + pieces)
     # 4. the attention output through W_UV
     values = output + rows * shape.num_heads * shape.v_head_dim * e
     return {"gather": gather, "indexer": indexer, "attention": attention, "values": values}

@@ -187,6 +187,40 @@ def test_fp8_prefill_reads_the_batchs_blocks_through_a_bf16_workspace(monkeypatc
     assert not vllm_kernels._workspace_applies(q, cache, table, block_size, 512, "auto")
 
 
+def test_fp8_prefill_past_the_row_limit_runs_in_pieces(monkeypatch):
+    """FlashMLA's fp8 kernel takes int32 strides, so prefill rows go to it at most
+    ``FP8_KERNEL_MAX_ROWS`` per call (a 64K-row batch failed in one). A torch stand-in for
+    that kernel (its [B, S, H, 576] contract, the row limit asserted) on CPU: the pieces
+    put together equal the torch provider over all rows, padding rows included."""
+    monkeypatch.setattr(vllm_kernels, "_flashmla_common_applies", lambda q, kv_cache, d_v: True)
+    monkeypatch.setattr(vllm_kernels, "FP8_KERNEL_MAX_ROWS", 5)
+    calls = []
+
+    def fp8_kernel(q, kv_cache, indices, sm_scale):
+        assert q.dim() == 4 and q.shape[0] == 1 and indices.shape == (*q.shape[:2], indices.shape[-1])
+        assert q.shape[1] <= 5, "more rows than the kernel's limit in one call"
+        calls.append(q.shape[1])
+        out, lse = attention_ref.sparse_mla(q[0], kv_cache, indices[0], SCALE, 512, "fp8_ds_mla")
+        return out[None], lse[None]
+
+    monkeypatch.setattr(vllm_kernels, "_flashmla_fp8", fp8_kernel)
+    gen = torch.Generator().manual_seed(9)
+    cache = torch.zeros(8, 64, 656, dtype=torch.uint8)
+    kv_cache_ref.write_latent_cache(cache, torch.randn(512, 512, generator=gen), torch.randn(512, 64, generator=gen),
+                                    torch.arange(512), "fp8_ds_mla")  # fmt: skip
+    q = torch.randn(17, 4, 576, generator=gen).to(torch.bfloat16)
+    idx = torch.randint(0, 512, (17, 32), generator=gen, dtype=torch.int32)
+    idx[3] = -1  # a padding row
+    out, lse = VllmKernelOps().sparse_mla_prefill(q, cache, idx, SCALE, 512, "fp8_ds_mla")
+    assert calls == [5, 5, 5, 2]
+    ref_out, ref_lse = dispatch.get_ops("torch").sparse_mla_prefill(q, cache, idx, SCALE, 512, "fp8_ds_mla")
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype and lse.shape == ref_lse.shape
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    calls.clear()
+    VllmKernelOps().sparse_mla_prefill(q[:5], cache, idx[:5], SCALE, 512, "fp8_ds_mla")
+    assert calls == [5]  # within the limit: one call, as before
+
+
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8_cache", "bf16_cache"])
 def test_indexer_topk_picks_the_best_scoring_keys(device, fp8):
     """``indexer_topk`` (the Triton indexer) against scores computed here in float64 from
@@ -316,7 +350,7 @@ def _check_attention(out, lse, ref_out, ref_lse):
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_ds_mla"])
 @pytest.mark.parametrize("heads,topk", [(128, 2048), (8, 100)])
 @pytest.mark.parametrize("block_size", [64, 16])
-def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, kv_cache_dtype, heads,
+def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, monkeypatch, kv_cache_dtype, heads,
                                           topk, block_size):  # fmt: skip
     gen = torch.Generator().manual_seed(heads + block_size + len(kv_cache_dtype))
     num_blocks = 4096 // block_size
@@ -331,6 +365,11 @@ def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, kv_cache
     ref_out, ref_lse = attention_ref.sparse_mla(q, cache, idx, SCALE, 512, kv_cache_dtype)
     _check_attention(out, lse, ref_out, ref_lse)
     assert bool((out[2] == 0).all()) and bool((lse[2] == float("-inf")).all())  # fully padded row
+    if kv_cache_dtype == "fp8_ds_mla":  # the fp8 kernel in pieces of 7 rows (its int32-stride limit)
+        limit = vllm_kernels.FP8_KERNEL_MAX_ROWS
+        monkeypatch.setattr(vllm_kernels, "FP8_KERNEL_MAX_ROWS", 7)
+        _check_attention(*vllm_ops.sparse_mla_prefill(q, cache, idx, SCALE, 512, kv_cache_dtype), ref_out, ref_lse)
+        monkeypatch.setattr(vllm_kernels, "FP8_KERNEL_MAX_ROWS", limit)
 
     batch, s_q = 8, 4  # decode / verify rows
     dec_out, dec_lse = vllm_ops.sparse_mla_decode(

@@ -81,3 +81,15 @@ def test_few_heads_are_padded_to_flashmlas_64():
     assert phases["values"] == output + 128 * 4 * 32 * 4
     assert phases["attention"] == (128 * 64 * 4 + 128 * 4 * 576 * 4 + 128 * 128 * 12
                                    + 128 * 64 * 576 * 4 + output)  # fmt: skip
+
+
+def test_fp8_prefill_past_16k_rows_adds_one_piece_of_kernel_output():
+    """Past 16K rows FlashMLA's fp8 kernel runs in pieces of 16K rows (int32 strides), each
+    piece's output (128 heads x (512 bf16 + fp32 lse)) held beside the whole output."""
+    piece = 16 * 1024 * 128 * (512 * 2 + 4)
+    bf16_cache = AttentionShape(**{**V32.__dict__, "fp8_latent_cache": False})
+    for rows, extra in [(16 * 1024, 0), (16 * 1024 + 1, piece), (65536, piece)]:
+        bounds = BatchBounds(**{**BOUNDS.__dict__, "max_rows": rows})
+        fp8 = attention_phase_bytes(bounds, V32, VLLM_PROVIDER)["attention"]
+        bf16 = attention_phase_bytes(bounds, bf16_cache, VLLM_PROVIDER)["attention"]
+        assert fp8 - bf16 == 256 * MIB + extra, rows

@@ -6,7 +6,7 @@
 - the same ops, ``fp8_ds_mla`` cache: FlashMLA's sparse fp8 decode kernel
   (``flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...)``) over the cache viewed
   as 64-slot pages ``[pages, 64, 1, 656]``; prefill rows go in as one batch of ``M`` queries
-  (vLLM's "mixed batch" mode);
+  (vLLM's "mixed batch" mode), at most ``FP8_KERNEL_MAX_ROWS`` per call (its int32 strides);
 - ``sparse_mla_prefill_positions``, ``fp8_ds_mla`` cache: the batch's blocks dequantized into a
   bf16 workspace (``kernels/latent_workspace.py``), then FlashMLA's bf16 sparse prefill kernel
   over it (vLLM's "separate prefill" mode, which it picks for >= 32 heads per rank; CP ranks
@@ -33,7 +33,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..kernels.budgets import MAX_WORKSPACE_BYTES
+from ..kernels.budgets import FP8_KERNEL_MAX_ROWS, MAX_WORKSPACE_BYTES
 from ..kernels.dispatch import NsaOps, get_ops
 from ..kernels.kv_cache_ref import FP8_DS_MLA_ROW_BYTES, LATENT_DIM, LATENT_ROW_DIM
 
@@ -102,8 +102,7 @@ class VllmKernelOps(NsaOps):
 
     def sparse_mla_prefill(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
         if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
-            out, lse = _flashmla_fp8(q.unsqueeze(0), kv_cache, indices.unsqueeze(0), sm_scale)
-            return out.squeeze(0), lse.squeeze(0)
+            return fp8_prefill_in_pieces(_flashmla_fp8, q, kv_cache, indices, sm_scale, FP8_KERNEL_MAX_ROWS)
         if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
             return _flashmla_bf16(q, kv_cache, indices, sm_scale)
         return _triton().sparse_mla_prefill(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
@@ -240,6 +239,23 @@ def _flashmla_bf16(q, kv_cache, indices, sm_scale):
     q = pad_heads(q, _flashmla_heads(num_heads))
     out, _, lse = flash_mla_sparse_fwd(q, kv, idx.unsqueeze(1), sm_scale)
     return _empty_rows().zero_rows_without_keys(out[:, :num_heads], lse[:, :num_heads], idx)
+
+
+def fp8_prefill_in_pieces(kernel, q, kv_cache, indices, sm_scale, max_rows: int):
+    """Prefill rows q [M, H, 576] / indices [M, K] through ``kernel`` (``_flashmla_fp8``, which
+    takes a batch of sequences [B, S, ...]) as one sequence per ``max_rows`` rows: the kernel's
+    strides are int32 (``FP8_KERNEL_MAX_ROWS``). -> (out [M, H, 512], lse [M, H])."""
+    if q.shape[0] <= max_rows:
+        out, lse = kernel(q.unsqueeze(0), kv_cache, indices.unsqueeze(0), sm_scale)
+        return out.squeeze(0), lse.squeeze(0)
+    out = q.new_empty((q.shape[0], q.shape[1], LATENT_DIM))
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    for lo in range(0, q.shape[0], max_rows):
+        hi = min(lo + max_rows, q.shape[0])
+        piece_out, piece_lse = kernel(q[lo:hi].unsqueeze(0), kv_cache, indices[lo:hi].unsqueeze(0), sm_scale)
+        out[lo:hi] = piece_out[0]
+        lse[lo:hi] = piece_lse[0]
+    return out, lse
 
 
 def _flashmla_fp8(q, kv_cache, indices, sm_scale):
