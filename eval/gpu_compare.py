@@ -137,6 +137,11 @@ def length_label(tokens: int) -> str:
     return f"{tokens // K}K" if tokens >= K and tokens % K == 0 else str(tokens)
 
 
+def profile_shape_label(prompts: int, length: int) -> str:
+    """``16K`` for one prompt, ``8x1K`` for eight: the profiled batch (and its traces' prefix)."""
+    return length_label(length) if prompts == 1 else f"{prompts}x{length_label(length)}"
+
+
 def parse_length(text: str) -> int:
     text = text.strip().upper()
     return int(text[:-1]) * K if text.endswith("K") else int(text)
@@ -429,15 +434,17 @@ class Worker:
         return unprofiled_s, profiled_s, files
 
     def phase_profile(self) -> None:
-        """One single-prompt prefill (max_tokens=1) of the profile length under the profiler."""
+        """One prefill (max_tokens=1) of ``--profile-prompts`` prompts of the profile length
+        under the profiler (one batch: they fit ``max_num_batched_tokens``)."""
         profile = self.spec["profile"]
-        length, folder = profile["length"], profile["dir"]
+        length, count, folder = profile["length"], profile.get("prompts", 1), profile["dir"]
+        shape = profile_shape_label(count, length)
         warmup_s, profiled_s, files = self._profiled_generate(
-            [self.prompt("profile:warmup", length)], [self.prompt("profile:0", length)], 1,
-            f"prefill{length_label(length)}")
-        self.result["profile"] = {"length": length, "dir": folder, "files": files,
+            [self.prompt(f"profile:warmup:{i}", length) for i in range(count)],
+            [self.prompt(f"profile:{i}", length) for i in range(count)], 1, f"prefill{shape}")
+        self.result["profile"] = {"length": length, "prompts": count, "dir": folder, "files": files,
                                   "unprofiled_s": round(warmup_s, 5), "profiled_s": round(profiled_s, 5)}
-        self.progress(f"  profile {length_label(length)}: {profiled_s * 1e3:.1f} ms profiled "
+        self.progress(f"  profile {shape}: {profiled_s * 1e3:.1f} ms profiled "
                       f"({warmup_s * 1e3:.1f} ms unprofiled), {len(files)} files in {folder}")
 
     def phase_profile_decode(self) -> None:
@@ -900,6 +907,9 @@ def drive(args) -> None:
     if "profile" in phases:
         profile_length = (parse_length(args.profile_length) if args.profile_length else
                           DRY_RUN_PROFILE_LENGTH if args.cpu_dry_run else PROFILE_LENGTH)
+        if args.profile_prompts < 1 or args.profile_prompts * profile_length > args.max_num_batched_tokens:
+            sys.exit(f"--profile-prompts {args.profile_prompts} x {length_label(profile_length)} tokens must be "
+                     f"one batch: 1 to --max-num-batched-tokens {args.max_num_batched_tokens} tokens")
     kv_dtypes = args.kv_dtypes.split(",")
     mtp_variants = {"off": [False], "on": [True], "both": [False, True]}[args.mtp]
 
@@ -933,6 +943,7 @@ def drive(args) -> None:
             "max_model_len": max_model_len, "max_num_batched_tokens": args.max_num_batched_tokens,
             "gpu_memory_utilization": args.gpu_memory_utilization, "capture_sizes": CAPTURE_SIZES,
             "cpu_dry_run": args.cpu_dry_run, "command": sys.argv, "profile_length": profile_length,
+            "profile_prompts": args.profile_prompts,
             "profile_activities": args.profile_activities, "trained_model": bool(args.trained_model),
         },
         "runs": {},
@@ -965,7 +976,8 @@ def drive(args) -> None:
                 kwargs["profiler_config"]["torch_profiler_activities"] = args.profile_activities.split(",")
         spec = {
             "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
-            "llm": kwargs, "profile": {"length": profile_length, "dir": str(profile_dir)} if profiling else None,
+            "llm": kwargs, "profile": {"length": profile_length, "prompts": args.profile_prompts, "dir": str(profile_dir)}
+            if profiling else None,
             "workload": workload, "ttft_lengths": lengths, "reps": args.reps,
             "phases": [p for p in phases if p in config.get("phases", phases)],
             # The worker stops starting measurements a little before the driver's kill.
@@ -1033,6 +1045,11 @@ def _gib(nbytes) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _profiled_batch(meta: dict) -> str:
+    count, length = meta.get("profile_prompts") or 1, length_label(meta["profile_length"])
+    return f"One prompt of {length} tokens" if count == 1 else f"One batch of {count} prompts of {length} tokens"
 
 
 def _profile_section(runs: dict, names: list[str], summary_key: str, title: str, caption) -> list[str]:
@@ -1187,7 +1204,7 @@ def render_markdown(report: dict) -> str:
     lines += _profile_section(
         runs, names, "profile_summary", "Prefill profile",
         lambda profiled: (
-            f"One prompt of {length_label(meta['profile_length'])} tokens, `generate(max_tokens=1)` under "
+            f"{_profiled_batch(meta)}, `generate(max_tokens=1)` under "
             f"vLLM's torch profiler (activities {activities}), after an unprofiled one of the same shape; "
             "wall ms profiled / unprofiled: "
             + "; ".join(f"{n} {p['profiled_s'] * 1e3:.1f} / {p['unprofiled_s'] * 1e3:.1f}"
@@ -1238,6 +1255,8 @@ def main(argv=None) -> None:
     d.add_argument("--profile", action="store_true", help="add the profile phase (same as ...,profile in --phases)")
     d.add_argument("--profile-length", help=f"prompt tokens of the profiled prefill (default "
                                              f"{length_label(PROFILE_LENGTH)}; dry run {DRY_RUN_PROFILE_LENGTH})")
+    d.add_argument("--profile-prompts", type=int, default=1,
+                   help="prompts in the profiled prefill batch (e.g. 8 with --profile-length 1K: 8x1K)")
     d.add_argument("--profile-activities", help="torch profiler activities, e.g. CUDA (less host overhead, no "
                                                 "step annotations); default vLLM's: CPU,CUDA (CPU on a CPU host)")
     d.add_argument("--reps", type=int, default=3)
