@@ -417,15 +417,18 @@ class _KernelStandIns:
             out[m, : len(pick)] = pick[torch.randperm(len(pick), generator=self.gen)].int()
 
 
+@pytest.mark.parametrize("layout", ["cp-rows", "prefill-runs"])
 @pytest.mark.parametrize("api", ["0.32", "0.33+"])
 @pytest.mark.parametrize("budgets", [(1 << 30, 1 << 30), (4 * 900, 250)])
-def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budgets, api):
+def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budgets, api, layout):
     """The DeepGEMM path's glue (plan, quantization, gather, per-row [ks, ke), scatter back
     to CP row order) with the kernels replaced by stand-ins of either logits signature
     (0.32: whole-buffer logits; 0.33+: compressed): on exactly representable data (integer
     keys and queries, power-of-two weights: exact logits, many ties) each row picks the
     reference's set, tie rule included, one chunk or many. The order within a row is the
-    top-k kernel's (the stand-in shuffles it), as vLLM's own model passes it on."""
+    top-k kernel's (the stand-in shuffles it), as vLLM's own model passes it on. Rows of CP
+    ranks (any order: gathered and scattered) and plain prefill runs (each chunk's rows one
+    ascending run: sliced, the picks written in place)."""
     custom_ops = pytest.importorskip("vllm._custom_ops")
     deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
     kernels = _KernelStandIns(11)
@@ -445,15 +448,21 @@ def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budge
         slots = attention_ref.slots_from_positions(table[r][None], torch.arange(n)[None], block_size)[0]
         keys = torch.randint(-8, 9, (n, 128), generator=gen).float()
         kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
-    rows = _cp_rows(rgen, [70, 9, 1, 40], "round-robin")
-    rows = [(r, n) if r != 2 else (2, 0) for r, n in rows] + [(0, 70), (3, 40), (0, 16), (0, 17)]
+    if layout == "cp-rows":
+        rows = _cp_rows(rgen, [70, 9, 1, 40], "round-robin")
+        rows = [(r, n) if r != 2 else (2, 0) for r, n in rows] + [(0, 70), (3, 40), (0, 16), (0, 17)]
+    else:  # two requests' prompts in order, then a padding row
+        rows = [(0, n) for n in range(1, 71)] + [(3, n) for n in range(1, 41)] + [(-1, 0)]
     q = torch.randint(-8, 9, (len(rows), heads, 128), generator=gen).to(torch.bfloat16)
     weights = torch.exp2(torch.randint(-6, 0, (len(rows), heads), generator=gen).float())
     weights *= torch.randint(0, 2, weights.shape, generator=gen) * 2 - 1
     row_req = torch.tensor([r for r, _ in rows], dtype=torch.int32)
     row_len = torch.tensor([n for _, n in rows])
 
-    out = vllm_deepgemm._deepgemm_indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size)
+    plans = vllm_deepgemm.ForwardPlanCache()
+    out = vllm_deepgemm._deepgemm_indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, plans)
+    sliced = [isinstance(dc.rows, slice) for dc in plans.get(row_req, row_len, table, logits_api(logits)).chunks]
+    assert all(sliced) if layout == "prefill-runs" else not all(sliced)  # CP rows: some chunk gathers
     q8, w8 = kv_cache_ref.quantize_indexer_queries(q, weights, heads)
     ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
     assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)
@@ -473,16 +482,24 @@ def test_gather_plan_is_read_once_per_forward(monkeypatch):
     row_req = torch.tensor([0, 1, 0, -1], dtype=torch.int32)
     kv_len = torch.tensor([5, 3, 7, 0])
     table = torch.arange(8, dtype=torch.int32).view(2, 4)
-    first = cache.get(row_req, kv_len, table)
-    assert all(cache.get(row_req, kv_len, table) is first for _ in range(3)) and len(builds) == 1
-    assert first.rows.tolist() == [0, 2, 1] and first.ke.tolist() == [5, 7, 10]  # (request, kv_len) order
+    api = vllm_deepgemm.LOGITS_COMPRESSED
+    first = cache.get(row_req, kv_len, table, api)
+    assert all(cache.get(row_req, kv_len, table, api) is first for _ in range(3)) and len(builds) == 1
+    host = first.host
+    assert host.rows.tolist() == [0, 2, 1] and host.ke.tolist() == [5, 7, 10]  # (request, kv_len) order
+    (chunk,) = first.chunks  # its device inputs: rows 0, 2 of request 0, then row 1 of request 1
+    assert chunk.rows.tolist() == [0, 2, 1] and chunk.cu_seq_lens.tolist() == [0, 7, 10]
+    assert chunk.ks.tolist() == [0, 0, 7] and chunk.ke.tolist() == [5, 7, 10]
+    assert chunk.starts.tolist() == [0, 0, 0] and chunk.ends.tolist() == [5, 7, 3]  # compressed logits
+    whole = cache.get(row_req, kv_len, table, vllm_deepgemm.LOGITS_WHOLE_BUFFER).chunks[0]
+    assert whole.starts.tolist() == [0, 0, 7] and whole.ends.tolist() == [5, 7, 10] and len(builds) == 2
     same_values = kv_len.clone()  # the next forward's tensor, equal or not
-    assert cache.get(row_req, same_values, table) is not first and len(builds) == 2
+    assert cache.get(row_req, same_values, table, api) is not first and len(builds) == 3
     monkeypatch.setattr(vllm_deepgemm, "MAX_GATHER_KEYS", 4)
-    assert cache.get(row_req, same_values, table).host.chunks != first.host.chunks and len(builds) == 3
+    assert cache.get(row_req, same_values, table, api).host.chunks != first.host.chunks and len(builds) == 4
     del same_values  # freed: a weak reference never matches a new tensor at the same address
-    cache.get(row_req, kv_len.clone(), table)
-    assert len(builds) == 4
+    cache.get(row_req, kv_len.clone(), table, api)
+    assert len(builds) == 5
 
 
 def test_every_layer_gets_the_same_kv_len_tensor():

@@ -358,39 +358,76 @@ class ForwardPlanCache:
     """The last gather plan (and its device copies), reused while the same row tensors
     come back: every layer of a forward passes the same ``local_req``, ``kv_len`` (see
     ``NsaForwardMetadata.local_kv_len``) and block table objects, so a forward reads them on
-    the host once instead of once per layer (each read drains the GPU queue)."""
+    the host once instead of once per layer (each read drains the GPU queue), and every
+    layer's chunks start from device inputs built once."""
 
     def __init__(self):
         self._cache: SameTensorsCache[DevicePlan] = SameTensorsCache()
 
-    def get(self, row_req, row_kv_len, block_table) -> "DevicePlan":
-        return self._cache.get((row_req, row_kv_len, block_table), (MAX_LOGITS_BYTES, MAX_GATHER_KEYS),
-                               lambda: DevicePlan.build(row_req, row_kv_len, block_table))  # fmt: skip
+    def get(self, row_req, row_kv_len, block_table, api: str) -> "DevicePlan":
+        return self._cache.get((row_req, row_kv_len, block_table), (MAX_LOGITS_BYTES, MAX_GATHER_KEYS, api),
+                               lambda: DevicePlan.build(row_req, row_kv_len, block_table, api))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DeviceChunk:
+    """One chunk's device inputs, the same for every layer of the forward."""
+
+    chunk: Chunk
+    key_lo: int
+    key_count: int
+    """Its requests' keys: ``[key_lo, key_lo + key_count)`` of the plan's whole buffer."""
+    cu_seq_lens: torch.Tensor
+    """[requests + 1] int32 offsets of its requests' keys in its own gather buffer."""
+    ks: torch.Tensor
+    ke: torch.Tensor
+    """[rows] int32 key range each row scores in that buffer (the logits kernel's input)."""
+    starts: torch.Tensor
+    ends: torch.Tensor
+    """[rows] int32 each row's columns in the logits (the top-k kernel's input)."""
+    rows: slice | torch.Tensor
+    """Its rows of ``q`` / the output: a slice when they are one ascending run (as for a single
+    request's prefill), so the queries and the picks need no gather / scatter copy."""
 
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """A ``GatherPlan`` with the per-row / per-request tensors already on the device."""
+    """A ``GatherPlan`` with each chunk's tensors already on the device."""
 
     host: GatherPlan
     tables: torch.Tensor
-    key_starts: torch.Tensor
-    rows: torch.Tensor
-    ks: torch.Tensor
-    ke: torch.Tensor
+    """[R, blocks] int32 block tables of the plan's requests."""
+    chunks: list[DeviceChunk]
 
     @classmethod
-    def build(cls, row_req, row_kv_len, block_table) -> "DevicePlan":
+    def build(cls, row_req, row_kv_len, block_table, api: str) -> "DevicePlan":
         host = plan_gather(row_req, row_kv_len, MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
         dev = block_table.device
-        return cls(
-            host=host,
-            tables=block_table.index_select(0, host.reqs.to(dev)).to(torch.int32).contiguous(),
-            key_starts=host.key_starts.to(dev, torch.int32),
-            rows=host.rows.to(dev),
-            ks=host.ks.to(dev, torch.int32),
-            ke=host.ke.to(dev, torch.int32),
-        )
+        # every chunk's int32 inputs in one host buffer, one copy to the device
+        parts: list[torch.Tensor] = []
+        row_parts: list[torch.Tensor] = []
+        specs = []
+        for c in host.chunks:
+            key_lo, key_hi = int(host.key_starts[c.req_lo]), int(host.key_starts[c.req_hi])
+            ks = host.ks[c.row_lo : c.row_hi] - key_lo
+            ke = host.ke[c.row_lo : c.row_hi] - key_lo
+            starts, ends = (torch.zeros_like(ks), ke - ks) if api == LOGITS_COMPRESSED else (ks, ke)
+            parts += [host.key_starts[c.req_lo : c.req_hi + 1] - key_lo, ks, ke, starts, ends]
+            rows = host.rows[c.row_lo : c.row_hi]
+            first = int(rows[0])
+            if torch.equal(rows, torch.arange(first, first + len(rows))):
+                rows = slice(first, first + len(rows))
+            else:
+                row_parts.append(rows)
+            specs.append((c, key_lo, key_hi - key_lo, rows))
+        flat = torch.cat(parts).to(dev, torch.int32) if parts else None
+        views = iter(flat.split([len(p) for p in parts])) if parts else iter(())
+        row_views = iter(torch.cat(row_parts).to(dev).split([len(r) for r in row_parts])) if row_parts else iter(())
+        chunks = [DeviceChunk(c, key_lo, count, *(next(views) for _ in range(5)),
+                              rows if isinstance(rows, slice) else next(row_views))
+                  for c, key_lo, count, rows in specs]  # fmt: skip
+        tables = block_table.index_select(0, host.reqs.to(dev)).to(torch.int32).contiguous()
+        return cls(host=host, tables=tables, chunks=chunks)
 
 
 # -------------------------------------------------------------------- device path
@@ -403,10 +440,41 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
 
     dev = q.device
     out = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=dev)
-    device_plan = (plans or ForwardPlanCache()).get(row_req, row_kv_len, block_table)
-    plan = device_plan.host
-    if not plan.chunks:
+    api = logits_api(fp8_fp4_mqa_logits)
+    if api is None:
+        raise RuntimeError("vllm.utils.deep_gemm.fp8_fp4_mqa_logits has an unknown signature")
+    device_plan = (plans or ForwardPlanCache()).get(row_req, row_kv_len, block_table, api)
+    if not device_plan.chunks:
         return out
+    heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
+    q_fp8, weights = quantize_indexer_queries(q, weights, heads)
+    cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
+
+    gathered = None  # (requests, fp8 keys, fp32 scales), reused by the row chunks of one request
+    for dc in device_plan.chunks:
+        c = dc.chunk
+        if gathered is None or gathered[0] != (c.req_lo, c.req_hi):
+            keys = torch.empty((dc.key_count, INDEX_HEAD_DIM), dtype=torch.float8_e4m3fn, device=dev)
+            scales = torch.empty((dc.key_count, 4), dtype=torch.uint8, device=dev)
+            cp_gather_indexer_k_quant_cache(cache, keys, scales, device_plan.tables[c.req_lo : c.req_hi],
+                                            dc.cu_seq_lens)  # fmt: skip
+            gathered = ((c.req_lo, c.req_hi), keys, scales.view(torch.float32).squeeze(-1))
+        _, keys, k_scale = gathered
+        if isinstance(dc.rows, slice):
+            q_rows, w_rows, picks = q_fp8[dc.rows], weights[dc.rows], out[dc.rows]
+        else:
+            q_rows, w_rows = q_fp8.index_select(0, dc.rows), weights.index_select(0, dc.rows)
+            picks = torch.empty((c.row_hi - c.row_lo, topk), dtype=torch.int32, device=dev)
+        if api == LOGITS_COMPRESSED:  # vLLM 0.33+: row m's keys from column 0
+            logits = fp8_fp4_mqa_logits((q_rows, None), (keys, k_scale), w_rows, dc.ks, dc.ke,
+                                        max_seqlen_k=c.max_keys)  # fmt: skip
+        else:  # vLLM 0.32: row m's keys at columns [ks, ke) of the whole buffer
+            logits = fp8_fp4_mqa_logits((q_rows, None), (keys, k_scale), w_rows, dc.ks, dc.ke, clean_logits=False)
+        top_k_per_row_prefill(logits, dc.starts, dc.ends, picks, picks.shape[0], logits.stride(0),
+                              logits.stride(1), topk)  # fmt: skip
+        if not isinstance(dc.rows, slice):
+            out[dc.rows] = picks
+    return out
     api = logits_api(fp8_fp4_mqa_logits)
     if api is None:
         raise RuntimeError("vllm.utils.deep_gemm.fp8_fp4_mqa_logits has an unknown signature")
