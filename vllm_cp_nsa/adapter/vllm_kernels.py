@@ -221,12 +221,10 @@ def _flashmla_heads(num_heads: int) -> int:
 
 def _kernel_indices(indices: torch.Tensor, num_slots: int) -> torch.Tensor:
     """int32 slots with everything outside the cache as -1 (the fp8 kernel skips only -1),
-    -1 padded to a whole number of the kernels' top-k tiles."""
-    idx = indices.to(torch.int32)
-    idx = idx.masked_fill((idx < 0) | (idx >= num_slots), -1)
-    topk = idx.shape[-1]
-    tiles = max(1, -(-topk // _FLASHMLA_TOPK_MULTIPLE))
-    return F.pad(idx, (0, tiles * _FLASHMLA_TOPK_MULTIPLE - topk), value=-1).contiguous()
+    -1 padded to a whole number of the kernels' top-k tiles: one pass (kernels/kernel_indices.py)."""
+    from ..kernels.kernel_indices import kernel_indices  # imports triton: lazily
+
+    return kernel_indices(indices, num_slots, _FLASHMLA_TOPK_MULTIPLE)
 
 
 def _flashmla_bf16(q, kv_cache, indices, sm_scale):

@@ -1,0 +1,59 @@
+"""Sparse-attention indices in the form FlashMLA takes: int32, -1 for every index outside
+``[0, num_slots)`` (its fp8 kernel skips only -1), -1 padded to a whole number of top-k tiles.
+One Triton pass (the torch form is the reference).
+
+The torch form made four to five passes over the [rows, top-k] indices in every layer
+(two compares, an or, the fill, the pad copy): elementwise work vLLM's own model does not do,
+inside the +9.9 ms of such kernels a 16K prefill at -tp 1 spent over it on one H200
+(``eval/results/profile_h200_n1_v034_prefill16K_1204.md``). Dispatch: Triton for CUDA
+tensors, the reference elsewhere (tests force Triton under the CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _kernel_indices_kernel(idx_ptr, out_ptr, topk, padded, stride_idx, stride_out, num_slots, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.load(idx_ptr + row * stride_idx + offs, mask=offs < topk, other=-1).to(tl.int64)
+    idx = tl.where((idx < 0) | (idx >= num_slots), -1, idx)
+    tl.store(out_ptr + row * stride_out + offs, idx.to(tl.int32), mask=offs < padded)
+
+
+def padded_topk(topk: int, multiple: int) -> int:
+    """``topk`` rounded up to whole tiles of ``multiple`` (at least one tile)."""
+    return max(1, -(-topk // multiple)) * multiple
+
+
+def kernel_indices_ref(indices: torch.Tensor, num_slots: int, multiple: int) -> torch.Tensor:
+    """Reference: indices [..., K] (any integer dtype) -> int32 [..., padded_topk(K)]."""
+    valid = (indices >= 0) & (indices < num_slots)
+    idx = torch.where(valid, indices, -1).to(torch.int32)
+    return F.pad(idx, (0, padded_topk(indices.shape[-1], multiple) - indices.shape[-1]), value=-1).contiguous()
+
+
+def kernel_indices(indices: torch.Tensor, num_slots: int, multiple: int, use_triton: bool | None = None) -> torch.Tensor:
+    """Triton for CUDA tensors (capturable: no host sync), :func:`kernel_indices_ref` otherwise;
+    ``use_triton=True`` runs the kernel anyway (the CPU interpreter in tests)."""
+    if indices.dim() < 1 or indices.dtype.is_floating_point or multiple < 1:
+        raise ValueError(f"integer indices [..., K] and a tile multiple >= 1; got {indices.dtype} "
+                         f"{tuple(indices.shape)}, multiple {multiple}")  # fmt: skip
+    if not (indices.is_cuda if use_triton is None else use_triton) or indices.numel() == 0:
+        return kernel_indices_ref(indices, num_slots, multiple)
+    topk = indices.shape[-1]
+    padded = padded_topk(topk, multiple)
+    rows = indices.reshape(-1, topk)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty((rows.shape[0], padded), dtype=torch.int32, device=indices.device)
+    grid = (rows.shape[0], triton.cdiv(padded, _BLOCK))
+    _kernel_indices_kernel[grid](rows, out, topk, padded, rows.stride(0), out.stride(0), num_slots,
+                                 BLOCK=_BLOCK, num_warps=4)  # fmt: skip
+    return out.view(*indices.shape[:-1], padded)
