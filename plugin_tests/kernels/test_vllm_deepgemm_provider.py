@@ -417,7 +417,7 @@ class _KernelStandIns:
             out[m, : len(pick)] = pick[torch.randperm(len(pick), generator=self.gen)].int()
 
 
-@pytest.mark.parametrize("layout", ["cp-rows", "prefill-runs"])
+@pytest.mark.parametrize("layout", ["cp-rows", "prefill-runs", "prefill-runs-no-padding"])
 @pytest.mark.parametrize("api", ["0.32", "0.33+"])
 @pytest.mark.parametrize("budgets", [(1 << 30, 1 << 30), (4 * 900, 250)])
 def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budgets, api, layout):
@@ -451,8 +451,9 @@ def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budge
     if layout == "cp-rows":
         rows = _cp_rows(rgen, [70, 9, 1, 40], "round-robin")
         rows = [(r, n) if r != 2 else (2, 0) for r, n in rows] + [(0, 70), (3, 40), (0, 16), (0, 17)]
-    else:  # two requests' prompts in order, then a padding row
-        rows = [(0, n) for n in range(1, 71)] + [(3, n) for n in range(1, 41)] + [(-1, 0)]
+    else:  # two requests' prompts in order (then a padding row): every row written by the top-k
+        rows = [(0, n) for n in range(1, 71)] + [(3, n) for n in range(1, 41)]
+        rows += [] if layout.endswith("no-padding") else [(-1, 0)]
     q = torch.randint(-8, 9, (len(rows), heads, 128), generator=gen).to(torch.bfloat16)
     weights = torch.exp2(torch.randint(-6, 0, (len(rows), heads), generator=gen).float())
     weights *= torch.randint(0, 2, weights.shape, generator=gen) * 2 - 1
@@ -462,7 +463,7 @@ def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budge
     plans = vllm_deepgemm.ForwardPlanCache()
     out = vllm_deepgemm._deepgemm_indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, plans)
     sliced = [isinstance(dc.rows, slice) for dc in plans.get(row_req, row_len, table, logits_api(logits)).chunks]
-    assert all(sliced) if layout == "prefill-runs" else not all(sliced)  # CP rows: some chunk gathers
+    assert all(sliced) if layout.startswith("prefill") else not all(sliced)  # CP rows: some chunk gathers
     q8, w8 = kv_cache_ref.quantize_indexer_queries(q, weights, heads)
     ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
     assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)

@@ -439,11 +439,14 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
     from ..kernels.indexer_q_quant import quantize_indexer_queries  # imports triton: lazily
 
     dev = q.device
-    out = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=dev)
     api = logits_api(fp8_fp4_mqa_logits)
     if api is None:
         raise RuntimeError("vllm.utils.deep_gemm.fp8_fp4_mqa_logits has an unknown signature")
     device_plan = (plans or ForwardPlanCache()).get(row_req, row_kv_len, block_table, api)
+    # rows without keys (padding) stay -1; when the chunks cover every row, the top-k writes all
+    covered = device_plan.host.rows.numel() == q.shape[0]
+    out = (torch.empty((q.shape[0], topk), dtype=torch.int32, device=dev) if covered
+           else torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=dev))
     if not device_plan.chunks:
         return out
     heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
