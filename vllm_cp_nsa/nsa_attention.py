@@ -193,10 +193,15 @@ def write_new_tokens(
     group: CpGroup,
     ops,
 ) -> None:
-    """Gather every rank's new latent / indexer-key rows and write all real tokens."""
-    packed = torch.cat([kv_c, k_pe, index_k.to(kv_c.dtype)], dim=-1)
-    rows = gather_token_rows(packed, meta.plan, group)
-    latent, rope, key = rows.split([LATENT_DIM, ROPE_DIM, INDEX_HEAD_DIM], dim=-1)
+    """Gather every rank's new latent / indexer-key rows and write all real tokens (an
+    unsplit batch has them all already: written from its own tensors, no packing copy)."""
+    if meta.plan.is_split:
+        packed = torch.cat([kv_c, k_pe, index_k.to(kv_c.dtype)], dim=-1)
+        rows = gather_token_rows(packed, meta.plan, group)
+        latent, rope, key = rows.split([LATENT_DIM, ROPE_DIM, INDEX_HEAD_DIM], dim=-1)
+    else:
+        n = meta.plan.num_tokens
+        latent, rope, key = kv_c[:n], k_pe[:n], index_k[:n].to(kv_c.dtype)
     ops.write_latent_cache(caches.latent, latent, rope, meta.slot_mapping, caches.kv_cache_dtype)
     ops.write_indexer_cache(caches.index, key, meta.slot_mapping, meta.block_size, caches.index_fp8)
 
