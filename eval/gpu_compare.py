@@ -437,7 +437,7 @@ class Worker:
         """One prefill (max_tokens=1) of ``--profile-prompts`` prompts of the profile length
         under the profiler (one batch: they fit ``max_num_batched_tokens``)."""
         profile = self.spec["profile"]
-        length, count, folder = profile["length"], profile.get("prompts", 1), profile["dir"]
+        length, count, folder = profile["length"], profile["prompts"], profile["dir"]
         shape = profile_shape_label(count, length)
         warmup_s, profiled_s, files = self._profiled_generate(
             [self.prompt(f"profile:warmup:{i}", length) for i in range(count)],

@@ -374,9 +374,8 @@ class DeviceChunk:
     """One chunk's device inputs, the same for every layer of the forward."""
 
     chunk: Chunk
-    key_lo: int
     key_count: int
-    """Its requests' keys: ``[key_lo, key_lo + key_count)`` of the plan's whole buffer."""
+    """Keys its requests gather (the size of its gather buffer)."""
     cu_seq_lens: torch.Tensor
     """[requests + 1] int32 offsets of its requests' keys in its own gather buffer."""
     ks: torch.Tensor
@@ -403,6 +402,9 @@ class DevicePlan:
     def build(cls, row_req, row_kv_len, block_table, api: str) -> "DevicePlan":
         host = plan_gather(row_req, row_kv_len, MAX_LOGITS_BYTES, MAX_GATHER_KEYS)
         dev = block_table.device
+        tables = block_table.index_select(0, host.reqs.to(dev)).to(torch.int32).contiguous()
+        if not host.chunks:
+            return cls(host=host, tables=tables, chunks=[])
         # every chunk's int32 inputs in one host buffer, one copy to the device
         parts: list[torch.Tensor] = []
         row_parts: list[torch.Tensor] = []
@@ -419,14 +421,12 @@ class DevicePlan:
                 rows = slice(first, first + len(rows))
             else:
                 row_parts.append(rows)
-            specs.append((c, key_lo, key_hi - key_lo, rows))
-        flat = torch.cat(parts).to(dev, torch.int32) if parts else None
-        views = iter(flat.split([len(p) for p in parts])) if parts else iter(())
+            specs.append((c, key_hi - key_lo, rows))
+        views = iter(torch.cat(parts).to(dev, torch.int32).split([len(p) for p in parts]))
         row_views = iter(torch.cat(row_parts).to(dev).split([len(r) for r in row_parts])) if row_parts else iter(())
-        chunks = [DeviceChunk(c, key_lo, count, *(next(views) for _ in range(5)),
+        chunks = [DeviceChunk(c, count, *(next(views) for _ in range(5)),
                               rows if isinstance(rows, slice) else next(row_views))
-                  for c, key_lo, count, rows in specs]  # fmt: skip
-        tables = block_table.index_select(0, host.reqs.to(dev)).to(torch.int32).contiguous()
+                  for c, count, rows in specs]  # fmt: skip
         return cls(host=host, tables=tables, chunks=chunks)
 
 
@@ -477,40 +477,4 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
                               logits.stride(1), topk)  # fmt: skip
         if not isinstance(dc.rows, slice):
             out[dc.rows] = picks
-    return out
-    api = logits_api(fp8_fp4_mqa_logits)
-    if api is None:
-        raise RuntimeError("vllm.utils.deep_gemm.fp8_fp4_mqa_logits has an unknown signature")
-    heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
-    q_fp8, weights = quantize_indexer_queries(q, weights, heads)
-    cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
-    tables, key_starts, rows = device_plan.tables, device_plan.key_starts, device_plan.rows
-    ks_all, ke_all = device_plan.ks, device_plan.ke
-
-    gathered = None  # (requests, fp8 keys, fp32 scales, first offset), reused by row chunks
-    for c in plan.chunks:
-        if gathered is None or gathered[0] != (c.req_lo, c.req_hi):
-            k_lo, k_hi = int(plan.key_starts[c.req_lo]), int(plan.key_starts[c.req_hi])
-            keys = torch.empty((k_hi - k_lo, INDEX_HEAD_DIM), dtype=torch.float8_e4m3fn, device=dev)
-            scales = torch.empty((k_hi - k_lo, 4), dtype=torch.uint8, device=dev)
-            cu_seq_lens = (key_starts[c.req_lo : c.req_hi + 1] - k_lo).contiguous()
-            cp_gather_indexer_k_quant_cache(cache, keys, scales, tables[c.req_lo : c.req_hi],
-                                            cu_seq_lens)  # fmt: skip
-            gathered = ((c.req_lo, c.req_hi), keys, scales.view(torch.float32).squeeze(-1), k_lo)
-        _, keys, k_scale, k_lo = gathered
-        chunk_rows = rows[c.row_lo : c.row_hi]
-        ks = (ks_all[c.row_lo : c.row_hi] - k_lo).contiguous()
-        ke = (ke_all[c.row_lo : c.row_hi] - k_lo).contiguous()
-        q_rows, w_rows = (q_fp8.index_select(0, chunk_rows), None), weights.index_select(0, chunk_rows)
-        if api == LOGITS_COMPRESSED:  # vLLM 0.33+: row m's keys from column 0
-            logits = fp8_fp4_mqa_logits(q_rows, (keys, k_scale), w_rows, ks, ke, max_seqlen_k=c.max_keys)
-            starts, ends = torch.zeros_like(ks), ke - ks
-        else:  # vLLM 0.32: row m's keys at columns [ks, ke) of the whole buffer
-            logits = fp8_fp4_mqa_logits(q_rows, (keys, k_scale), w_rows, ks, ke, clean_logits=False)
-            starts, ends = ks, ke
-        num_rows = c.row_hi - c.row_lo
-        picks = torch.empty((num_rows, topk), dtype=torch.int32, device=dev)
-        top_k_per_row_prefill(logits, starts, ends, picks, num_rows, logits.stride(0),
-                              logits.stride(1), topk)  # fmt: skip
-        out[chunk_rows] = picks
     return out

@@ -102,7 +102,7 @@ class VllmKernelOps(NsaOps):
 
     def sparse_mla_prefill(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
         if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
-            return fp8_prefill_in_pieces(_flashmla_fp8, q, kv_cache, indices, sm_scale, FP8_KERNEL_MAX_ROWS)
+            return _flashmla_fp8_prefill(q, kv_cache, indices, sm_scale)
         if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
             return _flashmla_bf16(q, kv_cache, indices, sm_scale)
         return _triton().sparse_mla_prefill(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
@@ -239,18 +239,18 @@ def _flashmla_bf16(q, kv_cache, indices, sm_scale):
     return _empty_rows().zero_rows_without_keys(out[:, :num_heads], lse[:, :num_heads], idx)
 
 
-def fp8_prefill_in_pieces(kernel, q, kv_cache, indices, sm_scale, max_rows: int):
-    """Prefill rows q [M, H, 576] / indices [M, K] through ``kernel`` (``_flashmla_fp8``, which
-    takes a batch of sequences [B, S, ...]) as one sequence per ``max_rows`` rows: the kernel's
-    strides are int32 (``FP8_KERNEL_MAX_ROWS``). -> (out [M, H, 512], lse [M, H])."""
+def _flashmla_fp8_prefill(q, kv_cache, indices, sm_scale):
+    """Prefill rows q [M, H, 576] / indices [M, K] through ``_flashmla_fp8`` as one sequence
+    per ``FP8_KERNEL_MAX_ROWS`` rows (its strides are int32) -> (out [M, H, 512], lse [M, H])."""
+    max_rows = FP8_KERNEL_MAX_ROWS
     if q.shape[0] <= max_rows:
-        out, lse = kernel(q.unsqueeze(0), kv_cache, indices.unsqueeze(0), sm_scale)
+        out, lse = _flashmla_fp8(q.unsqueeze(0), kv_cache, indices.unsqueeze(0), sm_scale)
         return out.squeeze(0), lse.squeeze(0)
     out = q.new_empty((q.shape[0], q.shape[1], LATENT_DIM))
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     for lo in range(0, q.shape[0], max_rows):
         hi = min(lo + max_rows, q.shape[0])
-        piece_out, piece_lse = kernel(q[lo:hi].unsqueeze(0), kv_cache, indices[lo:hi].unsqueeze(0), sm_scale)
+        piece_out, piece_lse = _flashmla_fp8(q[lo:hi].unsqueeze(0), kv_cache, indices[lo:hi].unsqueeze(0), sm_scale)
         out[lo:hi] = piece_out[0]
         lse[lo:hi] = piece_lse[0]
     return out, lse
