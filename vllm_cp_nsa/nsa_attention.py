@@ -35,6 +35,8 @@ class NsaForwardMetadata:
     use_decode_kernel: bool
     """Every request has at most ``1 + num_speculative_tokens`` query tokens
     (decode / target-verify): run the decode attention path."""
+    max_seq_len: int | None = None
+    """An upper bound of the batch's sequence lengths (vLLM's, on the host); None: unknown."""
     _per_forward: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -58,6 +60,19 @@ class NsaForwardMetadata:
             kv_len = torch.where(self.local_req >= 0, local_positions.long() + 1, 0)
             hit = self._per_forward["kv_len"] = (local_positions, kv_len)
         return hit[1]
+
+    def every_key_width(self, topk: int) -> int:
+        """``max_seq_len`` when every row of this batch has at most ``topk`` keys, so that the
+        indexer would select all of them; else 0.
+
+        Only for batches with a prefill piece outside a CUDA-graph capture: the decision is
+        taken on the host per batch, which a captured graph (decode / verify batches) could
+        not repeat on replay."""
+        if self.use_decode_kernel or self.max_seq_len is None:
+            return 0
+        if self.local_req.is_cuda and torch.cuda.is_current_stream_capturing():
+            return 0
+        return self.max_seq_len if 0 < self.max_seq_len <= topk else 0
 
 
 def build_forward_metadata(
@@ -132,6 +147,7 @@ def build_forward_metadata(
         block_size=block_size,
         local_req=local_req,
         use_decode_kernel=is_decode,
+        max_seq_len=max_seq_len,
     )
 
 
@@ -215,11 +231,30 @@ def select_topk_positions(
     topk: int,
     ops,
 ) -> torch.Tensor:
-    """[rows, topk] request-local positions each local query attends to (-1 padded)."""
+    """[rows, width] request-local positions each local query attends to (-1 padded).
+
+    When every row has at most ``topk`` keys the indexer would pick them all: the rows get
+    all their keys without scoring any (as vLLM's own model skips its indexer for prefills of
+    at most ``topk`` tokens), ``width`` = the batch's longest sequence instead of ``topk``
+    (sparse kernels that do the work of every index slot do half of it for a 1K batch), built
+    once per forward. Otherwise the indexer's top-k, ``width`` = ``topk``."""
+    kv_len = meta.local_kv_len(local_positions)
+    width = meta.every_key_width(topk)
+    if width:
+        hit = meta.per_forward_value("every_key", dict)
+        if hit.get("kv_len") is not kv_len:
+            hit.update(kv_len=kv_len, positions=every_key_positions(kv_len, width))
+        return hit["positions"]
     return ops.indexer_topk(
-        index_q, index_weights, caches.index, meta.block_table, meta.local_req, meta.local_kv_len(local_positions),
+        index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
         topk, meta.block_size, caches.index_fp8,
     )  # fmt: skip
+
+
+def every_key_positions(kv_len: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, width] int32: row ``m`` holds ``0 .. kv_len[m] - 1``, then -1."""
+    cols = torch.arange(width, dtype=torch.int32, device=kv_len.device)
+    return torch.where(cols < kv_len[:, None], cols, -1)
 
 
 def absorbed_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor) -> torch.Tensor:

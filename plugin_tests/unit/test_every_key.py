@@ -1,0 +1,124 @@
+"""A batch whose rows all have at most ``topk`` keys skips the indexer: its rows attend over
+all their keys, which is what the indexer's top-k would select (checked here against the
+indexer itself), built once per forward; any other batch, decode / verify batches, and a
+batch of unknown length keep the indexer."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vllm_cp_nsa.kernels.dispatch import get_ops
+from vllm_cp_nsa.nsa_attention import NsaCaches, build_forward_metadata, nsa_attention, select_topk_positions
+from vllm_cp_nsa.reference_model import PagedBatch
+from vllm_cp_nsa.split_plan import RoundRobinSplit
+
+BLOCK, MAX_BLOCKS, TOPK, INDEX_HEADS, HEADS = 8, 6, 32, 4, 4
+
+
+class _CountingOps:
+    """The torch provider, counting indexer calls."""
+
+    def __init__(self):
+        self.ops, self.indexer_calls = get_ops("torch"), 0
+
+    def indexer_topk(self, *args, **kwargs):
+        self.indexer_calls += 1
+        return self.ops.indexer_topk(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+
+def _batch_and_caches(query_lens, context_lens, gen):
+    batch = PagedBatch(query_lens=query_lens, context_lens=context_lens, block_size=BLOCK,
+                       max_blocks_per_req=MAX_BLOCKS)  # fmt: skip
+    num_slots = batch.num_blocks * BLOCK
+    latent = torch.zeros(batch.num_blocks, BLOCK, 576)
+    index = torch.zeros(batch.num_blocks, BLOCK, 128)
+    ops = get_ops("torch")
+    ops.write_latent_cache(latent, torch.randn(num_slots, 512, generator=gen), torch.randn(num_slots, 64, generator=gen),
+                           torch.arange(num_slots), "auto")  # fmt: skip
+    ops.write_indexer_cache(index, torch.randn(num_slots, 128, generator=gen), torch.arange(num_slots), BLOCK, False)
+    return batch, NsaCaches(latent, index, "auto", False)
+
+
+def _meta(batch, max_seq_len, cp_size=1, cp_rank=0, max_decode_query_len=1):
+    strategy = RoundRobinSplit() if cp_size > 1 else None
+    return build_forward_metadata(batch.query_lens, batch.slot_mapping, batch.block_table, BLOCK, cp_size, cp_rank,
+                                  strategy, 0, max_decode_query_len, "cpu", max_seq_len=max_seq_len)  # fmt: skip
+
+
+def _local_positions(batch, meta):
+    return batch.positions[meta.plan.local_token_idx.clamp(min=0)]
+
+
+def _picks(positions):
+    return [sorted(p for p in row if p >= 0) for row in positions.tolist()]
+
+
+@pytest.mark.parametrize("cp_size,cp_rank", [(1, 0), (2, 0), (2, 1)])
+def test_rows_get_every_key_the_indexer_would_pick_without_the_indexer(cp_size, cp_rank):
+    gen = torch.Generator().manual_seed(10 * cp_size + cp_rank)
+    # a prefill, a chunk after 13 cached tokens, a decode row: the longest sequence has 30 keys
+    batch, caches = _batch_and_caches([17, 9, 1], [0, 13, 29], gen)
+    max_seq_len = max(q + c for q, c in zip(batch.query_lens, batch.context_lens))
+    assert max_seq_len == 30 <= TOPK
+    meta = _meta(batch, max_seq_len, cp_size, cp_rank)
+    positions = _local_positions(batch, meta)
+    rows = positions.shape[0]
+    index_q = torch.randn(rows, INDEX_HEADS, 128, generator=gen)
+    weights = torch.randn(rows, INDEX_HEADS, generator=gen)
+    ops = _CountingOps()
+
+    got = select_topk_positions(index_q, weights, positions, meta, caches, TOPK, ops)
+    assert ops.indexer_calls == 0
+    assert got.dtype == torch.int32 and got.shape == (rows, max_seq_len)
+    kv_len = meta.local_kv_len(positions)
+    want = ops.ops.indexer_topk(index_q, weights, caches.index, meta.block_table, meta.local_req, kv_len, TOPK, BLOCK,
+                                False)  # fmt: skip
+    assert _picks(got) == _picks(want)
+    assert _picks(got) == [list(range(n)) for n in kv_len.tolist()]  # every key, padding rows none
+    # the next layer of the same forward gets the same tensor
+    assert select_topk_positions(index_q, weights, positions, meta, caches, TOPK, ops) is got
+
+
+def test_longer_batches_decode_batches_and_unknown_lengths_keep_the_indexer():
+    gen = torch.Generator().manual_seed(3)
+    long_batch, caches = _batch_and_caches([20, 3], [20, 0], gen)
+    decode_batch, _ = _batch_and_caches([1, 1], [5, 9], gen)
+    cases = [
+        (long_batch, _meta(long_batch, 40)),  # 40 keys > TOPK: the indexer chooses
+        (long_batch, _meta(long_batch, None)),  # length unknown
+        (decode_batch, _meta(decode_batch, 10)),  # decode: captured in CUDA graphs, no host branch
+    ]
+    assert cases[2][1].use_decode_kernel
+    for batch, meta in cases:
+        positions = _local_positions(batch, meta)
+        rows = positions.shape[0]
+        ops = _CountingOps()
+        got = select_topk_positions(torch.randn(rows, INDEX_HEADS, 128, generator=gen),
+                                    torch.randn(rows, INDEX_HEADS, generator=gen), positions, meta, caches, TOPK, ops)
+        assert ops.indexer_calls == 1 and got.shape == (rows, TOPK)
+
+
+def test_attention_over_every_key_equals_the_indexer_path():
+    """The layer's output with the indexer skipped equals the output through the indexer
+    (same keys, another order) on the same batch."""
+    gen = torch.Generator().manual_seed(5)
+    batch, caches = _batch_and_caches([12, 7], [0, 18], gen)
+    meta = _meta(batch, 25)
+    rows = batch.positions.shape[0]
+    inputs = dict(
+        q_nope=torch.randn(rows, HEADS, 16, generator=gen), q_pe=torch.randn(rows, HEADS, 64, generator=gen),
+        kv_c=torch.randn(rows, 512, generator=gen), k_pe=torch.randn(rows, 64, generator=gen),
+        index_q=torch.randn(rows, INDEX_HEADS, 128, generator=gen), index_weights=torch.randn(rows, INDEX_HEADS, generator=gen),
+        index_k=torch.randn(rows, 128, generator=gen), local_positions=batch.positions,
+        w_uk_t=torch.randn(HEADS, 16, 512, generator=gen) / 8, w_uv=torch.randn(HEADS, 512, 8, generator=gen) / 8,
+        caches=caches, topk=TOPK, sm_scale=576**-0.5, group=None,
+    )  # fmt: skip
+    skipping, indexing = _CountingOps(), _CountingOps()
+    out = nsa_attention(meta=meta, ops=skipping, **inputs)
+    ref = nsa_attention(meta=dataclasses.replace(meta, max_seq_len=None), ops=indexing, **inputs)
+    assert skipping.indexer_calls == 0 and indexing.indexer_calls == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
