@@ -150,6 +150,23 @@ def sparse_mla(
     return out.to(q.dtype), lse
 
 
+def dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, sm_scale: float
+) -> torch.Tensor:
+    """Causal softmax attention within each sequence ``[cu_seqlens[i], cu_seqlens[i+1])`` of
+    q / k [n, H, D], v [n, H, Dv] -> [n, H, Dv] (fp32 math; rows past the last sequence: 0)."""
+    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[-1]))
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi <= lo:
+            continue
+        scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k[lo:hi].float()) * sm_scale
+        causal = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        out[lo:hi] = torch.einsum("hqk,khv->qhv", probs, v[lo:hi].float()).to(out.dtype)
+    return out
+
+
 def _check_indexer_shapes(q, k, weights, ks, ke) -> None:
     if q.dim() != 3 or k.dim() != 2 or q.shape[2] != k.shape[1]:
         raise ValueError(

@@ -145,6 +145,21 @@ class NsaOps:
     ) -> None:
         kv_cache_ref.write_indexer_cache(cache, k, slot_mapping, block_size, fp8)
 
+    # 6. dense causal attention of whole prompts (MLA's MHA form: q / k [n, H, 192], v [n, H, 128])
+    def dense_causal_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        sm_scale: float,
+    ) -> torch.Tensor:
+        """Each sequence ``[cu_seqlens[i], cu_seqlens[i+1])`` (int32 [R+1]) attends causally to
+        itself -> [n, H, Dv]. Used outside CUDA graphs only (this reference reads
+        ``cu_seqlens`` on the host)."""
+        return attention_ref.dense_causal_attention(q, k, v, cu_seqlens, sm_scale)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

@@ -11,13 +11,25 @@ Only the rows of step 1 cross ranks; queries, top-k and outputs stay local.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .communicator import CpGroup, gather_token_rows
 from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM
 from .split_plan import SplitPlan, SplitStrategy, build_split_plan, unsplit_plan
+
+
+@dataclass(frozen=True)
+class WholePrompts:
+    """An unsplit batch of prompts with nothing cached before them: each request's keys are
+    exactly its rows of this forward (token order), so its attention can run as vLLM's MLA
+    prefill does, dense and causal over the up-projected keys (``dense_prefill_attention``)."""
+
+    cu_seqlens: torch.Tensor
+    """[num_reqs + 1] int32 on the device: request ``i`` is rows ``[cu[i], cu[i+1])``."""
+    max_len: int
+    num_tokens: int
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class NsaForwardMetadata:
     (decode / target-verify): run the decode attention path."""
     max_seq_len: int | None = None
     """An upper bound of the batch's sequence lengths (vLLM's, on the host); None: unknown."""
+    whole_prompts: WholePrompts | None = None
     _per_forward: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -92,6 +105,7 @@ def build_forward_metadata(
     max_seq_len: int | None = None,
     split_decode: bool = True,
     decode_min_tokens: int | None = None,
+    seq_lens: Sequence[int] | None = None,
 ) -> NsaForwardMetadata:
     """The forward's metadata; ``graph_padded`` for a batch vLLM padded to a FULL
     CUDA-graph size (``num_input_tokens`` rows, the extra ones with slot -1).
@@ -113,6 +127,8 @@ def build_forward_metadata(
     every rank holding every row (their attention then splits the heads instead).
     ``decode_min_tokens`` (``split_policy``, ``min_tokens_for_cp: auto``): the bound decode /
     verify batches use instead of ``min_tokens_for_cp`` when they split (None: the same).
+    ``seq_lens`` (host, per request, optional): a prefill batch that runs unsplit and whose
+    sequences are exactly its query tokens gets ``whole_prompts``.
     """
     query_lens = [int(n) for n in query_lens]
     num_real_tokens = sum(query_lens)
@@ -136,6 +152,11 @@ def build_forward_metadata(
         slots = torch.cat([slots, slots.new_full((plan.num_tokens - slots.shape[0],), -1)])
     if max_seq_len is not None and not is_decode:
         block_table = block_table[:, : max(1, -(-max_seq_len // block_size))]
+    whole_prompts = None
+    if (not is_decode and not plan.is_split and plan.num_tokens == num_real_tokens > 0
+            and seq_lens is not None and [int(n) for n in seq_lens] == query_lens):  # fmt: skip
+        cu_seqlens = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        whole_prompts = WholePrompts(cu_seqlens.to(device, non_blocking=True), max(query_lens), num_real_tokens)
     if buffers is None:
         plan, local_req, slots = plan.to(device), local_req.to(device), slots.long()
     else:
@@ -148,6 +169,7 @@ def build_forward_metadata(
         local_req=local_req,
         use_decode_kernel=is_decode,
         max_seq_len=max_seq_len,
+        whole_prompts=whole_prompts,
     )
 
 
@@ -313,19 +335,55 @@ def nsa_attention(
     group: CpGroup,
     ops,
     out: torch.Tensor | None = None,
+    kv_up_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One layer of NSA attention for this rank's rows -> ``[rows, H * v_head_dim]``
     (written into ``out`` when given: a CUDA graph's static buffer).
+
+    ``kv_up_proj`` (the layer's kv_b_proj: kv_c [n, 512] -> [n, H * (P + V)]): with it, a
+    batch of whole prompts whose rows all select every key runs ``dense_prefill_attention``.
 
     q_nope [n, H, P], q_pe [n, H, 64], kv_c [n, 512], k_pe [n, 64] (roped),
     index_q [n, Hi, 128] (roped), index_weights [n, Hi] (all scales folded),
     index_k [n, 128] (roped); w_uk_t [H, P, 512], w_uv [H, 512, V].
     """
     write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
+    n, num_heads, v_dim = q_nope.shape[0], w_uv.shape[0], w_uv.shape[-1]
+    values = q_nope.new_empty((n, num_heads * v_dim), dtype=w_uv.dtype) if out is None else out
+    if kv_up_proj is not None and meta.whole_prompts is not None and meta.every_key_width(topk):
+        dense_prefill_attention(q_nope, q_pe, kv_c, k_pe, kv_up_proj, meta.whole_prompts, sm_scale, ops, values)
+        return values
     topk_positions = select_topk_positions(index_q, index_weights, local_positions, meta, caches, topk, ops)
     latent_out = sparse_attention(absorbed_query(q_nope, q_pe, w_uk_t), topk_positions, meta, caches, sm_scale, ops)
-    n, num_heads, v_dim = latent_out.shape[0], w_uv.shape[0], w_uv.shape[-1]
-    values = latent_out.new_empty((n, num_heads * v_dim), dtype=w_uv.dtype) if out is None else out
     # [H, n, 512] x [H, 512, V] written token-major: no copy for the reshape to [n, H * V]
     torch.bmm(latent_out.transpose(0, 1).to(w_uv.dtype), w_uv, out=values.view(n, num_heads, v_dim).transpose(0, 1))
     return values
+
+
+def dense_prefill_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_c: torch.Tensor,
+    k_pe: torch.Tensor,
+    kv_up_proj: Callable[[torch.Tensor], torch.Tensor],
+    prompts: WholePrompts,
+    sm_scale: float,
+    ops,
+    values: torch.Tensor,
+) -> None:
+    """Whole prompts of at most ``index_topk`` tokens: every row attends to all its earlier
+    rows, so the sparse attention is plain causal attention, run as vLLM's own model runs it
+    (its dense MHA prefill): keys and values up-projected from the latent (kv_b_proj), q / k
+    [n, H, P + 64] and v [n, H, V] through the provider's ``dense_causal_attention``. Same
+    scores as the absorbed form (q_nope . W_UK kv_c = q_nope . k_nope), a third of its
+    multiply-adds at 128 heads; the output is already per head in V, no W_UV.
+    Writes ``values`` [rows, H * V] (rows = the prompts' tokens: such a batch has no padding rows)."""
+    n = prompts.num_tokens
+    num_heads, nope_dim = q_nope.shape[1], q_nope.shape[2]
+    v_dim = values.shape[1] // num_heads
+    kv = kv_up_proj(kv_c[:n]).view(n, num_heads, nope_dim + v_dim)
+    k_nope, v = kv.split([nope_dim, v_dim], dim=-1)
+    q = torch.cat([q_nope[:n], q_pe[:n]], dim=-1)
+    k = torch.cat([k_nope, k_pe[:n, None, :].expand(n, num_heads, k_pe.shape[-1])], dim=-1)
+    attn = ops.dense_causal_attention(q, k, v, prompts.cu_seqlens, prompts.max_len, sm_scale)
+    values.view(n, num_heads, v_dim).copy_(attn)

@@ -111,6 +111,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
             max_seq_len=cm.max_seq_len,
             split_decode=self.split_decode,
             decode_min_tokens=self.decode_min_tokens,
+            seq_lens=_seq_lens(cm),
         )
         if self.trace_path:
             plan = meta.plan
@@ -120,8 +121,17 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
                     "rows_per_rank": plan.rows_per_rank, "skip_reason": plan.skip_reason,
                     "num_reqs": len(query_lens), "decode_kernel": meta.use_decode_kernel,
                     "num_input_tokens": cm.num_actual_tokens, "graph_padded": graph_padded,
+                    "whole_prompts": meta.whole_prompts is not None, "max_seq_len": cm.max_seq_len,
                 }) + "\n")
         return meta
+
+
+def _seq_lens(cm: CommonAttentionMetadata) -> list[int] | None:
+    """Each request's sequence length, where vLLM states it on the host: its upper bound is
+    exact for prefill rows, and a row whose bound equals its query length has no context
+    (the bound is at least the length). None where the runner does not fill it."""
+    bound = cm.seq_lens_cpu_upper_bound
+    return None if bound is None else bound[: cm.num_reqs].tolist()
 
 
 def kernel_block_sizes() -> list[MultipleOf]:

@@ -303,7 +303,13 @@ class CpNsaAttention(nn.Module):
             group=self.runtime.group,
             ops=self.runtime.ops,
             out=values,
+            kv_up_proj=self._kv_up_proj if heads is None else None,
         )
+
+    def _kv_up_proj(self, kv_c: torch.Tensor) -> torch.Tensor:
+        """kv_b_proj (vLLM's linear: its fp8 block GEMM for the release weights), the keys and
+        values of a whole-prompt batch's dense prefill."""
+        return self.kv_b_proj(kv_c)[0]
 
     def _q_b(self, q_c: torch.Tensor, heads: slice | None) -> torch.Tensor:
         """q_b_proj for all heads, or for ``heads`` through a view of its weight's rows."""
