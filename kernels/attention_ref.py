@@ -154,16 +154,16 @@ def dense_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, sm_scale: float
 ) -> torch.Tensor:
     """Causal softmax attention within each sequence ``[cu_seqlens[i], cu_seqlens[i+1])`` of
-    q / k [n, H, D], v [n, H, Dv] -> [n, H, Dv] (fp32 math; rows past the last sequence: 0)."""
+    q / k [n, H, D], v [n, H, Dv] -> [n, H, Dv] (rows past the last sequence: 0). torch's
+    SDPA per sequence: on CUDA its memory-efficient kernel, so a 2K-token prompt does not
+    materialise [H, 2K, 2K] scores."""
     out = q.new_zeros((q.shape[0], q.shape[1], v.shape[-1]))
     bounds = cu_seqlens.tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi <= lo:
-            continue
-        scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k[lo:hi].float()) * sm_scale
-        causal = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        out[lo:hi] = torch.einsum("hqk,khv->qhv", probs, v[lo:hi].float()).to(out.dtype)
+        if hi > lo:
+            heads_first = [t[lo:hi].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # [1, H, L, D]
+            attn = torch.nn.functional.scaled_dot_product_attention(*heads_first, is_causal=True, scale=sm_scale)
+            out[lo:hi] = attn[0].transpose(0, 1)
     return out
 
 
