@@ -51,6 +51,7 @@ class AttentionShape:
     """Bytes per element of the model dtype (the query and the gathered rows)."""
     fp8_latent_cache: bool
     """``fp8_ds_mla``: prefill reads the batch's blocks through a bf16 workspace."""
+    qk_nope_head_dim: int = 128
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,11 @@ def attention_phase_bytes(bounds: BatchBounds, shape: AttentionShape, limits: In
                  + workspace + padded_query + output + pieces)
     # 4. the attention output through W_UV
     values = output + rows * shape.num_heads * shape.v_head_dim * e
-    return {"gather": gather, "indexer": indexer, "attention": attention, "values": values}
+    # or, whole prompts within the top-k: keys / values up-projected, q and k with their rope
+    #    dims, the attention output per head (dense_prefill_attention)
+    nope, v = shape.qk_nope_head_dim, shape.v_head_dim
+    dense = rows * shape.num_heads * ((nope + v) + 2 * (nope + ROPE_DIM) + v) * e
+    return {"gather": gather, "indexer": indexer, "attention": attention, "values": values, "dense": dense}
 
 
 def attention_scratch_bytes(bounds: BatchBounds, shape: AttentionShape, limits: IndexerLimits) -> int:

@@ -31,6 +31,7 @@ def test_each_phase_at_deepseek_v32_shapes():
     output = rows * 128 * (512 * e + 4)
     assert phases["attention"] == picks + rows * 128 * 576 * e + rows * 2048 * 12 + 256 * MIB + output
     assert phases["values"] == output + rows * 128 * 128 * e
+    assert phases["dense"] == rows * 128 * ((128 + 128) + 2 * (128 + 64) + 128) * e  # kv up, q, k, output
     assert attention_scratch_bytes(BOUNDS, V32, VLLM_PROVIDER) == max(phases.values()) == phases["attention"]
     assert 2600 * MIB < phases["attention"] < 2700 * MIB  # what one layer's attention adds
 

@@ -357,7 +357,7 @@ def attention_scratch_bytes_for(vllm_config: VllmConfig, config, ops) -> int:
     shape = AttentionShape(
         num_heads=config.num_attention_heads, v_head_dim=config.v_head_dim, index_heads=config.index_n_heads,
         topk=config.index_topk, dtype_bytes=model_config.dtype.itemsize,
-        fp8_latent_cache=str(cache_config.cache_dtype).startswith("fp8"),
+        fp8_latent_cache=str(cache_config.cache_dtype).startswith("fp8"), qk_nope_head_dim=config.qk_nope_head_dim,
     )
     return attention_scratch_bytes(bounds, shape, limits)
 
