@@ -1,9 +1,15 @@
-"""Sparse-attention indices in the form FlashMLA takes: int32, -1 for every index outside
-``[0, num_slots)`` (its fp8 kernel skips only -1), -1 padded to a whole number of top-k tiles.
-One Triton pass (the torch form is the reference).
+"""Sparse-attention indices in the forms the vLLM kernels take, each one Triton pass (the torch
+forms are the references):
 
-The torch form made four to five passes over the [rows, top-k] indices in every layer
-(two compares, an or, the fill, the pad copy): elementwise work vLLM's own model does not do,
+- :func:`kernel_indices`, FlashMLA's: int32, -1 for every index outside ``[0, num_slots)``
+  (its fp8 kernel skips only -1), -1 padded to a whole number of top-k tiles;
+- :func:`compact_kernel_indices`, FA3's paged varlen kernel's: per row the indices inside the
+  cache first, in their order, -1 after them, and their count. FA3 reads only the first
+  ``count`` entries of a row, so its cost follows the valid keys, where FlashMLA's sparse
+  kernel pays for the whole top-k width even when most of it is -1 (short rows).
+
+The torch form of the first made four to five passes over the [rows, top-k] indices in every
+layer (two compares, an or, the fill, the pad copy): elementwise work vLLM's own model does not do,
 inside the +9.9 ms of such kernels a 16K prefill at -tp 1 spent over it on one H200
 (``eval/results/profile_h200_n1_v034_prefill16K_1204.md``). Dispatch: Triton for CUDA
 tensors, the reference elsewhere (tests force Triton under the CPU interpreter).
@@ -57,3 +63,52 @@ def kernel_indices(indices: torch.Tensor, num_slots: int, multiple: int, use_tri
     _kernel_indices_kernel[grid](rows, out, topk, padded, rows.stride(0), out.stride(0), num_slots,
                                  BLOCK=_BLOCK, num_warps=4)  # fmt: skip
     return out.view(*indices.shape[:-1], padded)
+
+
+@triton.jit
+def _compact_kernel_indices_kernel(idx_ptr, out_ptr, counts_ptr, topk, stride_idx, stride_out, num_slots,
+                                   BLOCK: tl.constexpr):  # fmt: skip
+    """One program per row: each block's valid entries go to the running count plus their
+    prefix rank, then -1 fills ``[count, topk)`` (disjoint addresses: no ordering needed)."""
+    row = tl.program_id(0).to(tl.int64)
+    count = 0
+    for k0 in range(0, topk, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        idx = tl.load(idx_ptr + row * stride_idx + offs, mask=offs < topk, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < num_slots)
+        valid_i = valid.to(tl.int32)
+        dst = count + tl.cumsum(valid_i, 0) - valid_i
+        tl.store(out_ptr + row * stride_out + dst, idx.to(tl.int32), mask=valid)
+        count += tl.sum(valid_i, 0)
+    for k0 in range(0, topk, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        tail = (offs >= count) & (offs < topk)
+        tl.store(out_ptr + row * stride_out + offs, tl.full([BLOCK], -1, tl.int32), mask=tail)
+    tl.store(counts_ptr + row, count)
+
+
+def compact_kernel_indices_ref(indices: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: indices [..., K] (any integer dtype) -> (int32 [..., K], int32 counts [...])."""
+    valid = (indices >= 0) & (indices < num_slots)
+    valid_first = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    idx = torch.where(valid, indices, -1).gather(-1, valid_first).to(torch.int32)
+    return idx.contiguous(), valid.sum(-1, dtype=torch.int32)
+
+
+def compact_kernel_indices(indices: torch.Tensor, num_slots: int,
+                           use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per row, the indices in ``[0, num_slots)`` first (their order kept), -1 after them, and
+    how many: (int32 [..., K] contiguous, int32 [...]). Dispatch as :func:`kernel_indices`."""
+    if indices.dim() < 1 or indices.dtype.is_floating_point:
+        raise ValueError(f"integer indices [..., K]; got {indices.dtype} {tuple(indices.shape)}")
+    if not (indices.is_cuda if use_triton is None else use_triton) or indices.numel() == 0:
+        return compact_kernel_indices_ref(indices, num_slots)
+    topk = indices.shape[-1]
+    rows = indices.reshape(-1, topk)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty((rows.shape[0], topk), dtype=torch.int32, device=indices.device)
+    counts = torch.empty(rows.shape[0], dtype=torch.int32, device=indices.device)
+    _compact_kernel_indices_kernel[(rows.shape[0],)](
+        rows, out, counts, topk, rows.stride(0), out.stride(0), num_slots, BLOCK=_BLOCK, num_warps=4
+    )
+    return out.view(indices.shape), counts.view(indices.shape[:-1])

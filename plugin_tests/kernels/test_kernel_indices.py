@@ -1,5 +1,6 @@
 """kernels/kernel_indices.py: FlashMLA's index form (int32, -1 outside the cache, -1 padded
-to whole tiles), Triton vs the torch reference vs the rule written out here.
+to whole tiles) and FA3's compacted form (the indices inside the cache first, in order, -1
+after them, and their count), Triton vs the torch reference vs the rule written out here.
 
 CPU: the Triton interpreter. GPU (``-m gpu``): a real prefill shape.
 """
@@ -57,3 +58,61 @@ def test_gpu_real_prefill_shape():
     idx = _indices((16384, 2048), 1 << 20, torch.int32, gen)
     got = ki.kernel_indices(idx.cuda(), 1 << 20, 128)  # CUDA: Triton
     assert torch.equal(got.cpu(), ki.kernel_indices_ref(idx, 1 << 20, 128))
+
+
+def _indices_with_holes(shape, num_slots, dtype, gen):
+    """Indices whose rows hold anywhere from none to all of their entries inside the cache
+    (row 0 none, row 1 all), the others -1, below -1, just past the cache, or (int64)
+    ``>= 2**31``, scattered through the row."""
+    k = shape[-1]
+    rows = torch.randint(0, num_slots, (int(torch.tensor(shape[:-1]).prod()), k), generator=gen).to(dtype)
+    keep = torch.rand(rows.shape, generator=gen) < torch.rand(rows.shape[0], 1, generator=gen)
+    keep[0], keep[min(1, rows.shape[0] - 1)] = False, True
+    bad = [-1, -3, num_slots, num_slots + 7] + ([2**31 + 5, 2**32 + 1] if dtype == torch.int64 else [])
+    bad = torch.tensor(bad, dtype=dtype)[torch.randint(0, len(bad), rows.shape, generator=gen)]
+    return torch.where(keep, rows, bad).view(shape)
+
+
+def _check_compacted(idx, got_idx, got_counts, num_slots):
+    """The rule, row by row: the entries inside the cache in their order, then -1; their count."""
+    k = idx.shape[-1]
+    assert got_idx.dtype == got_counts.dtype == torch.int32 and got_idx.is_contiguous()
+    assert got_idx.shape == idx.shape and got_counts.shape == idx.shape[:-1]
+    rows_in, rows_out = idx.reshape(-1, k).tolist(), got_idx.reshape(-1, k).tolist()
+    for row_in, row_out, count in zip(rows_in, rows_out, got_counts.reshape(-1).tolist()):
+        kept = [v for v in row_in if 0 <= v < num_slots]
+        assert row_out == kept + [-1] * (k - len(kept)) and count == len(kept)
+
+
+@pytest.mark.parametrize("shape", [(9, 1), (7, 40), (5, 2048), (3, 2, 2050)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_compact_kernel_equals_reference_and_the_rule(shape, dtype, device):
+    gen = torch.Generator().manual_seed(sum(shape) + dtype.itemsize)
+    num_slots = 500
+    idx = _indices_with_holes(shape, num_slots, dtype, gen)
+    want_idx, want_counts = ki.compact_kernel_indices_ref(idx, num_slots)
+    _check_compacted(idx, want_idx, want_counts, num_slots)
+    got_idx, got_counts = ki.compact_kernel_indices(idx.to(device), num_slots, use_triton=True)
+    assert torch.equal(got_idx.cpu(), want_idx) and torch.equal(got_counts.cpu(), want_counts)
+
+
+def test_compact_strided_input_and_errors(device):
+    gen = torch.Generator().manual_seed(5)
+    wide = _indices_with_holes((6, 80), 300, torch.int64, gen)
+    strided = wide[:, ::2]  # stride 2 along the top-k
+    got_idx, got_counts = ki.compact_kernel_indices(strided.to(device), 300, use_triton=True)
+    _check_compacted(strided, got_idx.cpu(), got_counts.cpu(), 300)
+    # CPU tensors without use_triton: the reference
+    for got, want in zip(ki.compact_kernel_indices(strided, 300), ki.compact_kernel_indices_ref(strided, 300)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="integer indices"):
+        ki.compact_kernel_indices(strided.float(), 300)
+
+
+@pytest.mark.gpu
+def test_gpu_compact_real_prefill_shape():
+    gen = torch.Generator().manual_seed(6)
+    idx = _indices_with_holes((16384, 2048), 1 << 20, torch.int32, gen)
+    got_idx, got_counts = ki.compact_kernel_indices(idx.cuda(), 1 << 20)  # CUDA: Triton
+    want_idx, want_counts = ki.compact_kernel_indices_ref(idx, 1 << 20)
+    assert torch.equal(got_idx.cpu(), want_idx) and torch.equal(got_counts.cpu(), want_counts)

@@ -1,16 +1,20 @@
-"""Kernel provider ``vllm`` (adapter/vllm_kernels.py): vLLM's FlashMLA sparse, Triton indexer.
+"""Kernel provider ``vllm`` (adapter/vllm_kernels.py): vLLM's FA3 (bf16 cache on Hopper) and
+FlashMLA sparse, Triton indexer.
 
 CPU: it is registered, refuses CPU devices (``auto`` stays on torch, ``kernels='vllm'``
 fails naming the device), hands every op FlashMLA cannot take (CPU tensors among them) and
 the cache writes to the Triton provider (results checked against the torch references), and
 its ``indexer_topk`` picks the best keys by scores the test computes itself (fp8 and bf16
-indexer caches).
+indexer caches). With a torch stand-in for FA3's ``flash_attn_varlen_func`` (FA3's contract
+and its argument checks), the bf16-cache ops reach FA3 where it serves the GPU and equal the
+torch reference, and stay on FlashMLA where it does not.
 
 GPU (``-m gpu``, vLLM GPU build on the path): both sparse MLA ops against the torch
-reference on fresh random inputs, with the Triton fallback disabled so FlashMLA must serve
-them; ``indexer_topk`` against the test's own scores at the model's shapes; the fallbacks
-where FlashMLA does not apply; and one CUDA-graph capture of the decode ops (FlashMLA and
-the Triton indexer).
+reference on fresh random inputs, with the Triton fallback disabled so FlashMLA / FA3 must
+serve them (the bf16 cache on each of the two kernels); ``indexer_topk`` against the test's
+own scores at the model's shapes; the fallbacks where these kernels do not apply; and
+CUDA-graph captures of the decode ops (FlashMLA, FA3 with new indices replayed, and the
+Triton indexer).
 """
 
 from __future__ import annotations
@@ -129,6 +133,182 @@ def test_fp8_cache_off_whole_pages_falls_back_with_a_warning(monkeypatch, caplog
         "pages: sparse attention runs on the slower Triton kernels (use a --block-size that is a "
         "multiple of 64)"
     ]
+
+
+def _fa3_stand_in(calls):
+    """A torch stand-in for vLLM's ``flash_attn_varlen_func`` on FA3's paged varlen ``q_v``
+    path: it asserts what FA3 checks (``mha_fwd``, hopper/flash_api.cpp) and computes what
+    FA3 computes, row ``m`` one query whose keys are ``block_table[m, :seqused_k[m]]`` (1-slot
+    pages; what follows is never read). Rows without keys get NaN / +inf: the provider must
+    give them 0 / -inf itself."""
+
+    def flash_attn_varlen_func(*, q, k, v, q_v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, block_table,
+                               softmax_scale, causal, return_softmax_lse, fa_version):  # fmt: skip
+        rows, heads = q.shape[:2]
+        assert fa_version == 3 and return_softmax_lse and max_seqlen_q == 1
+        assert q.dtype == k.dtype == v.dtype == q_v.dtype == torch.bfloat16
+        assert all(t.stride(-1) == 1 for t in (q, k, v, q_v)), "FA3 takes only a contiguous last dim"
+        assert q.shape == (rows, heads, 64) and q_v.shape == (rows, heads, 512)
+        assert k.shape == (k.shape[0], 1, 1, 64) and v.shape == (k.shape[0], 1, 1, 512)
+        assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.is_contiguous()
+        assert torch.equal(cu_seqlens_q, torch.arange(rows + 1, dtype=torch.int32))
+        assert seqused_k.dtype == torch.int32 and seqused_k.is_contiguous() and seqused_k.shape == (rows,)
+        assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
+        assert block_table.shape == (rows, max_seqlen_k)
+        calls.append(rows)
+        out = torch.full((rows, heads, 512), float("nan"), dtype=q.dtype)
+        lse = torch.full((heads, rows), float("inf"))
+        for m in range(rows):
+            pages = block_table[m, : int(seqused_k[m])].long()
+            assert bool(((pages >= 0) & (pages < k.shape[0])).all()), f"row {m}: a page outside the cache"
+            if pages.numel():
+                keys, values = k[pages, 0, 0].float(), v[pages, 0, 0].float()
+                scores = (q[m].float() @ keys.T + q_v[m].float() @ values.T) * softmax_scale  # [H, n]
+                lse[:, m] = scores.logsumexp(-1)
+                out[m] = (scores.softmax(-1) @ values).to(out.dtype)
+        return out, lse
+
+    return flash_attn_varlen_func
+
+
+def _must_not_run(name):
+    def kernel(*args):
+        raise AssertionError(f"{name} served a bf16-cache op")
+
+    return kernel
+
+
+def test_bf16_cache_ops_run_on_fa3_where_it_serves(monkeypatch):
+    """Where FA3 serves the GPU, both bf16-cache ops call it (as vLLM's FlashAttnMLASparse
+    backend does; here the torch stand-in) and equal the torch reference: rows with -1 and
+    slots outside the cache in the middle, rows of one key, rows with none (out 0, lse -inf),
+    and an odd head count (FA3 takes any)."""
+    monkeypatch.setattr(vllm_kernels, "_flashmla_common_applies", lambda q, kv_cache, d_v: True)
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: True)
+    calls = []
+    monkeypatch.setattr(vllm_kernels, "_flash_attn_varlen_func", lambda: _fa3_stand_in(calls))
+    monkeypatch.setattr(vllm_kernels, "_flashmla_bf16", _must_not_run("FlashMLA"))
+    gen = torch.Generator().manual_seed(11)
+    num_slots, topk, heads = 96, 24, 3
+    cache = torch.empty(6, 16, 576, dtype=torch.bfloat16)
+    kv_c, k_pe = torch.randn(num_slots, 512, generator=gen), torch.randn(num_slots, 64, generator=gen)
+    kv_cache_ref.write_latent_cache(cache, kv_c, k_pe, torch.arange(num_slots), "auto")
+    idx = torch.randint(0, num_slots, (8, topk), generator=gen, dtype=torch.int32)
+    idx[1, 3:20:4] = -1
+    idx[2] = -1  # no keys
+    idx[3, ::3] = num_slots + 4  # outside the cache: skipped like -1
+    idx[4, torch.randperm(topk, generator=gen)[:20]] = -1
+    idx[5, 1:] = -1  # one key, first
+    idx[6] = torch.where(torch.arange(topk) % 2 == 0, -1, num_slots)  # none inside the cache
+    idx[7, :-1] = -1  # one key, last
+    q = torch.randn(8, heads, 576, generator=gen).to(torch.bfloat16)
+    ref_out, ref_lse = attention_ref.sparse_mla(q, cache, idx, SCALE, 512, "auto")
+
+    out, lse = VllmKernelOps().sparse_mla_prefill(q, cache, idx, SCALE, 512, "auto")
+    _check_attention(out, lse, ref_out, ref_lse)
+    assert bool((out[[2, 6]] == 0).all()) and bool((lse[[2, 6]] == float("-inf")).all())
+    out, lse = VllmKernelOps().sparse_mla_decode(q.view(2, 4, heads, 576), cache, idx.view(2, 4, topk), SCALE, 512,
+                                                 "auto")  # fmt: skip
+    assert out.shape == (2, 4, heads, 512) and lse.shape == (2, 4, heads)
+    _check_attention(out.flatten(0, 1), lse.flatten(0, 1), ref_out, ref_lse)
+    assert calls == [8, 8]
+
+
+def _dense_inputs(lens, heads, gen, device="cpu"):
+    n = sum(lens)
+    q, k = (torch.randn(n, heads, 192, generator=gen).to(torch.bfloat16).to(device) for _ in range(2))
+    v = torch.randn(n, heads, 128, generator=gen).to(torch.bfloat16).to(device)
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    return q, k, v, cu
+
+
+def test_dense_prefill_runs_on_fa3_where_it_serves(monkeypatch):
+    """Whole prompts' dense causal prefill goes to FA3's varlen kernel with vLLM's MLA-prefill
+    arguments (here a torch stand-in that checks them and computes causal attention per
+    sequence), and equals the SDPA reference; without FA3 the reference serves."""
+    calls = []
+
+    def varlen(*, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, fa_version):
+        assert fa_version == 3 and causal and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        assert cu_seqlens_q.dtype == torch.int32 and max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        calls.append(cu_seqlens_q.tolist())
+        out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype)
+        for lo, hi in zip(cu_seqlens_q.tolist()[:-1], cu_seqlens_q.tolist()[1:]):
+            scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k[lo:hi].float()) * softmax_scale
+            scores = scores.masked_fill(~torch.ones(hi - lo, hi - lo, dtype=torch.bool).tril(), float("-inf"))
+            out[lo:hi] = torch.einsum("hqk,khv->qhv", scores.softmax(-1), v[lo:hi].float()).to(q.dtype)
+        return out
+
+    gen = torch.Generator().manual_seed(12)
+    q, k, v, cu = _dense_inputs([7, 1, 30], 3, gen)
+    ref = attention_ref.dense_causal_attention(q, k, v, cu, 0.1)
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: True)
+    monkeypatch.setattr(vllm_kernels, "_flash_attn_varlen_func", lambda: varlen)
+    assert not vllm_kernels._fa3_dense_applies(q, k, v)  # CPU tensors
+    with monkeypatch.context() as cuda:  # the inputs as if on the GPU, for the routing only
+        cuda.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+        assert vllm_kernels._fa3_dense_applies(q, k, v)
+        assert not vllm_kernels._fa3_dense_applies(q.float(), k.float(), v.float())
+        assert not vllm_kernels._fa3_dense_applies(q, k, torch.cat([v, v, v], -1))  # v wider than q
+        out = VllmKernelOps().dense_causal_attention(q, k, v, cu, 30, 0.1)
+    assert calls == [[0, 7, 8, 38]]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: False)
+    assert torch.equal(VllmKernelOps().dense_causal_attention(q, k, v, cu, 30, 0.1), ref) and len(calls) == 1
+
+
+def test_bf16_cache_ops_stay_on_flashmla_without_fa3(monkeypatch):
+    monkeypatch.setattr(vllm_kernels, "_flashmla_common_applies", lambda q, kv_cache, d_v: True)
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: False)
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse", _must_not_run("FA3"))
+    served = []
+
+    def flashmla(q, kv_cache, indices, sm_scale):
+        served.append(q.shape[0])
+        return attention_ref.sparse_mla(q, kv_cache, indices, sm_scale, 512, "auto")
+
+    monkeypatch.setattr(vllm_kernels, "_flashmla_bf16", flashmla)
+    cache = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
+    q = torch.zeros(6, 4, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(6, 8, dtype=torch.int32)
+    VllmKernelOps().sparse_mla_prefill(q, cache, idx, SCALE, 512, "auto")
+    VllmKernelOps().sparse_mla_decode(q.view(3, 2, 4, 576), cache, idx.view(3, 2, 8), SCALE, 512, "auto")
+    assert served == [6, 6]
+
+
+def test_startup_line_names_the_bf16_cache_kernel(monkeypatch):
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: True)
+    detail = VllmKernelOps().startup_detail()
+    assert "FA3's paged varlen kernel over each row's valid slots for the bf16 cache" in detail
+    assert "sparse attention: FlashMLA for the fp8_ds_mla cache" in detail
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: False)
+    detail = VllmKernelOps().startup_detail()
+    assert "FlashMLA's sparse prefill kernel for the bf16 cache" in detail and "FA3" not in detail
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the probe's answer on a GPU depends on it")
+def test_fa3_probe_says_no_without_cuda():
+    assert vllm_kernels._fa3_sparse_supported() is False
+
+
+def test_cu_seqlens_q_grows_and_keeps_what_graphs_hold(monkeypatch):
+    """FA3's ``cu_seqlens_q`` is a view of one arange per device, replaced by a longer one
+    only when too short; the old ones stay alive (a captured graph holds their address). A
+    capture that finds it too short gets an arange of its own and leaves the cache as it was
+    (its values exist only once the graph replays)."""
+    monkeypatch.setattr(vllm_kernels, "_CU_SEQLENS_Q", {})
+    cpu = torch.device("cpu")
+    first = vllm_kernels._cu_seqlens_q(5, cpu, False)
+    assert torch.equal(first, torch.arange(6, dtype=torch.int32))
+    again = vllm_kernels._cu_seqlens_q(3, cpu, True)
+    assert torch.equal(again, torch.arange(4, dtype=torch.int32)) and again.data_ptr() == first.data_ptr()
+    captured = vllm_kernels._cu_seqlens_q(9, cpu, True)
+    assert torch.equal(captured, torch.arange(10, dtype=torch.int32)) and len(vllm_kernels._CU_SEQLENS_Q[cpu]) == 1
+    longer = vllm_kernels._cu_seqlens_q(40, cpu, False)
+    assert torch.equal(longer, torch.arange(41, dtype=torch.int32)) and longer.data_ptr() != first.data_ptr()
+    held = vllm_kernels._CU_SEQLENS_Q[cpu]
+    assert len(held) == 2 and held[0].data_ptr() == first.data_ptr()
+    assert vllm_kernels._cu_seqlens_q(12, cpu, False).data_ptr() == longer.data_ptr()
 
 
 def _positions(rows, topk, gen):
@@ -379,6 +559,119 @@ def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, monkeypa
     _check_attention(dec_out.flatten(0, 1), dec_lse.flatten(0, 1), ref_out, ref_lse)
 
 
+def _record_bf16_kernels(monkeypatch):
+    """The names of the bf16-cache kernels (FA3's or FlashMLA's) as they serve, in order."""
+    served = []
+
+    def recording(name):
+        kernel = getattr(vllm_kernels, name)
+
+        def run(*args):
+            served.append(name)
+            return kernel(*args)
+
+        return run
+
+    for name in ("_fa3_sparse", "_flashmla_bf16"):
+        monkeypatch.setattr(vllm_kernels, name, recording(name))
+    return served
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [128, 16])
+@pytest.mark.parametrize("bf16_kernel", ["_fa3_sparse", "_flashmla_bf16"])
+def test_gpu_bf16_cache_kernels_match_reference(vllm_ops, no_triton_fallback, monkeypatch, bf16_kernel, heads):
+    """Each bf16-cache kernel (FA3 where it serves this GPU; FlashMLA, which serves the bf16
+    cache elsewhere) on both ops at top-2048: rows of 1 to 2048 valid slots with -1 shuffled
+    in, slots outside the cache, rows with no keys."""
+    if bf16_kernel == "_fa3_sparse" and not vllm_kernels._fa3_sparse_supported():
+        pytest.skip("vLLM's FA3 does not serve this GPU")
+    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: bf16_kernel == "_fa3_sparse")
+    served = _record_bf16_kernels(monkeypatch)
+    gen = torch.Generator().manual_seed(heads + len(bf16_kernel))
+    block_size, topk = 64, 2048
+    num_blocks = 8192 // block_size
+    lens_req = [5000, 700, 90, 2048]
+    table = _paged_requests(lens_req, block_size, num_blocks, gen)
+    cache = _latent_cache(num_blocks, block_size, "auto", gen)
+    rows = [(0, 5000), (1, 700), (-1, 0), (2, 90), (2, 1), (3, 2048), (0, 2047), (1, 3)] * 32
+    idx = _sparse_rows(table, rows, topk, block_size, num_blocks * block_size, gen)
+    q = torch.randn(len(rows), heads, 576, generator=gen).to(torch.bfloat16).cuda()
+    ref_out, ref_lse = attention_ref.sparse_mla(q, cache, idx, SCALE, 512, "auto")
+
+    out, lse = vllm_ops.sparse_mla_prefill(q, cache, idx, SCALE, 512, "auto")
+    _check_attention(out, lse, ref_out, ref_lse)
+    assert bool((out[2::8] == 0).all()) and bool((lse[2::8] == float("-inf")).all())  # no keys
+    batch, s_q = 64, 4
+    dec_out, dec_lse = vllm_ops.sparse_mla_decode(
+        q.view(batch, s_q, heads, 576), cache, idx.view(batch, s_q, topk), SCALE, 512, "auto"
+    )
+    assert dec_out.shape == (batch, s_q, heads, 512) and dec_lse.shape == (batch, s_q, heads)
+    _check_attention(dec_out.flatten(0, 1), dec_lse.flatten(0, 1), ref_out, ref_lse)
+    assert served == [bf16_kernel, bf16_kernel]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [128, 16])
+def test_gpu_dense_prefill_matches_reference(vllm_ops, heads):
+    """FA3's dense causal prefill (q / k 192, v 128, whole prompts of 1 to 2048 tokens)
+    against the SDPA reference."""
+    if not vllm_kernels._fa3_sparse_supported():
+        pytest.skip("vLLM's FA3 does not serve this GPU")
+    gen = torch.Generator().manual_seed(heads)
+    q, k, v, cu = _dense_inputs([1000, 1, 2048, 37, 513], heads, gen, "cuda")
+    scale = 192**-0.5
+    out = vllm_ops.dense_causal_attention(q, k, v, cu, 2048, scale)
+    ref = attention_ref.dense_causal_attention(q.float(), k.float(), v.float(), cu, scale)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert _rel(out.float(), ref) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_fa3_decode_replays_new_indices_in_a_cuda_graph(vllm_ops, no_triton_fallback, monkeypatch):
+    """FA3's decode path captures (compaction, counts and ``cu_seqlens_q`` on the device, no
+    host read), and a replay after new indices (other valid counts: rows that had no keys get
+    some, and the reverse) and new queries are written into the captured buffers equals an
+    eager run and the torch reference."""
+    if not vllm_kernels._fa3_sparse_supported():
+        pytest.skip("vLLM's FA3 does not serve this GPU")
+    served = _record_bf16_kernels(monkeypatch)
+    gen = torch.Generator().manual_seed(12)
+    block_size, heads, topk = 64, 128, 2048
+    num_blocks = 8192 // block_size
+    lens_req = [4000, 2500, 300]
+    table = _paged_requests(lens_req, block_size, num_blocks, gen)
+    cache = _latent_cache(num_blocks, block_size, "auto", gen)
+    rows = [(0, 4000), (1, 2500), (-1, 0), (2, 300), (0, 5), (1, 1), (-1, 0), (2, 299)]
+    new_rows = [(-1, 0), (2, 300), (0, 4000), (1, 3), (1, 2500), (-1, 0), (0, 2048), (2, 17)]
+    idx = _sparse_rows(table, rows, topk, block_size, num_blocks * block_size, gen).view(4, 2, topk)
+    new_idx = _sparse_rows(table, new_rows, topk, block_size, num_blocks * block_size, gen).view(4, 2, topk)
+    q = torch.randn(4, 2, heads, 576, generator=gen).to(torch.bfloat16).cuda()
+
+    def step():
+        return vllm_ops.sparse_mla_decode(q, cache, idx, SCALE, 512, "auto")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    idx.copy_(new_idx)
+    q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_out, eager_lse = step()
+    assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
+    ref_out, ref_lse = attention_ref.sparse_mla(q.flatten(0, 1), cache, idx.flatten(0, 1), SCALE, 512, "auto")
+    _check_attention(out.flatten(0, 1), lse.flatten(0, 1), ref_out, ref_lse)
+    assert bool((lse[0, 0] == float("-inf")).all()) and bool(torch.isfinite(lse[1, 0]).all())  # emptied, filled
+    assert set(served) == {"_fa3_sparse"}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,topk,block_size", [(128, 2048, 64), (8, 100, 16)])
 def test_gpu_fp8_prefill_positions_matches_reference(vllm_ops, no_triton_fallback, heads, topk, block_size):
@@ -468,8 +761,9 @@ def test_gpu_falls_back_to_triton_where_vllm_kernels_do_not_apply(vllm_ops, monk
 
 @pytest.mark.gpu
 def test_gpu_ops_capture_in_a_cuda_graph(vllm_ops, no_triton_fallback):
-    """supports_cuda_graphs: the (Triton) indexer and both FlashMLA sparse MLA kernels
-    capture (no host sync) and a replay on new inputs equals an eager run."""
+    """supports_cuda_graphs: the (Triton) indexer and the sparse MLA kernels of both caches
+    (bf16: FA3 where it serves the GPU, else FlashMLA; fp8_ds_mla: FlashMLA) capture (no
+    host sync) and a replay on new inputs equals an eager run."""
     gen = torch.Generator().manual_seed(8)
     block_size, heads, topk = 64, 128, 2048
     lens_req = [4000, 2500]

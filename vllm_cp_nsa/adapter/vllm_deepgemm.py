@@ -8,7 +8,9 @@ are long or its rows x keys are many, the Triton indexer otherwise and always in
 graph; the thresholds and the measurements behind them are in ``IndexerPolicy``, and the
 startup line (``startup_detail``) states them.
 
-Sparse MLA and the cache writes are the ``vllm`` provider's (FlashMLA sparse, Triton).
+Sparse MLA, the dense prefill of whole prompts and the cache writes are the ``vllm`` provider's
+(FA3 / FlashMLA, Triton).
+
 ``indexer_topk`` over an fp8 indexer cache runs the call sequence of vLLM's own V3.2
 prefill indexer (``sparse_attn_indexer``, prefill branch, in
 ``vllm/model_executor/layers/sparse_attn_indexer.py``), for every local CP row (any
@@ -63,7 +65,7 @@ import torch.nn.functional as F
 from ..kernels.budgets import MAX_LOGITS_BYTES
 from ..kernels.forward_cache import SameTensorsCache
 from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
-from .vllm_kernels import VllmKernelOps
+from .vllm_kernels import VllmKernelOps, dense_prefill_detail
 
 MAX_GATHER_KEYS = 2 * 1024 * 1024
 """Bound of the keys gathered for one chunk (132 bytes each, so 264 MiB)."""
@@ -146,8 +148,8 @@ class VllmDeepGemmOps(VllmKernelOps):
         reason = deepgemm_indexer_unsupported_here()
         if reason:
             return f"{super().startup_detail()} (no DeepGEMM indexer: {reason})"
-        return (f"{self._attention_detail()}; indexer per batch: DeepGEMM fp8 MQA logits + vLLM "
-                f"top-k over the fp8 indexer cache ({logits_api_here()}) when "
+        return (f"{self._attention_detail()}; {dense_prefill_detail()}; indexer per batch: DeepGEMM fp8 MQA "
+                f"logits + vLLM top-k over the fp8 indexer cache ({logits_api_here()}) when "
                 f"{self.policy.describe()}, Triton otherwise and inside CUDA graphs; cache "
                 f"writes: Triton")  # fmt: skip
 

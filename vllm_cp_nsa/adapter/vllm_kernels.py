@@ -1,8 +1,17 @@
-"""Kernel provider ``vllm``: the sparse MLA ops on vLLM's FlashMLA kernels.
+"""Kernel provider ``vllm``: the sparse MLA ops on vLLM's FA3 and FlashMLA kernels.
 
-- ``sparse_mla_prefill`` / ``sparse_mla_decode``, bf16 latent cache: FlashMLA's sparse
-  prefill kernel (``flash_mla_sparse_fwd``), every row against the whole cache viewed as
-  ``[slots, 1, 576]``;
+- ``sparse_mla_prefill`` / ``sparse_mla_decode``, bf16 latent cache, where vLLM's FA3 serves
+  the GPU (Hopper): FA3's paged varlen kernel called as vLLM's own bf16-cache sparse backend
+  calls it (``FlashAttnMLASparseImpl._forward_mqa_kernel`` in
+  ``v1/attention/backends/mla/flashattn_mla_sparse.py``): every query row its own sequence
+  whose keys are its valid slots, compacted to the front of its indices
+  (``kernels/kernel_indices.py``), on 1-slot pages of the cache. Its cost follows the valid
+  keys: for 8 prompts x 1K tokens FlashMLA's sparse kernel, which pays for all 2048 top-k
+  slots of every row, took 23.5 ms where vLLM's own model took 2.1 ms (one H200, vLLM 0.34);
+- ``dense_causal_attention`` (whole prompts within the top-k, ``nsa_attention.dense_prefill_attention``):
+  FA3's dense varlen kernel, causal, as vLLM's MLA prefill calls it on Hopper (q / k 192, v 128);
+- the sparse ops, bf16 latent cache, elsewhere: FlashMLA's sparse prefill kernel
+  (``flash_mla_sparse_fwd``), every row against the whole cache viewed as ``[slots, 1, 576]``;
 - the same ops, ``fp8_ds_mla`` cache: FlashMLA's sparse fp8 decode kernel
   (``flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...)``) over the cache viewed
   as 64-slot pages ``[pages, 64, 1, 656]``; prefill rows go in as one batch of ``M`` queries
@@ -13,13 +22,13 @@
   have all heads). Above ``MAX_WORKSPACE_BYTES`` (``kernels/budgets.py``) the fp8 kernel
   over slots.
 
-FlashMLA takes 64 or 128 query heads here, so fewer heads are zero-padded and sliced back.
-Everything else goes to the Triton provider: ``indexer_topk`` (always), the cache writes,
-more than 128 attention heads, non-bf16 queries, an ``fp8_ds_mla`` cache whose slot count
-is not a multiple of 64, and any op on a vLLM / GPU without these kernels. A DeepGEMM
-paged-MQA-logits indexer path was tried and removed because its GPU test failed (see
-``eval/results/gpu_vllm_provider_tests_h100.log`` and, in git history, the commit
-"Kernel provider 'vllm': ...").
+FlashMLA takes 64 or 128 query heads here, so fewer heads are zero-padded and sliced back
+(FA3 takes any number). Everything else goes to the Triton provider: ``indexer_topk``
+(always), the cache writes, more than 128 attention heads, non-bf16 queries, an
+``fp8_ds_mla`` cache whose slot count is not a multiple of 64, and any op on a vLLM / GPU
+without these kernels. A DeepGEMM paged-MQA-logits indexer path was tried and removed
+because its GPU test failed (see ``eval/results/gpu_vllm_provider_tests_h100.log`` and, in
+git history, the commit "Kernel provider 'vllm': ...").
 
 vLLM is imported only inside functions, so this module imports on any vLLM (the CPU
 build has none of these kernels) and without vLLM.
@@ -53,16 +62,34 @@ def _flashmla_sparse_supported() -> bool:
     return bool(is_flashmla_sparse_supported()[0])
 
 
+@functools.cache
+def _fa3_sparse_supported() -> bool:
+    """vLLM's FA3 on this GPU: its build and SM 9.x (``is_fa_version_supported(3)``, which
+    vLLM's FlashAttnMLASparse backend also asks, through ``fa_utils.flash_attn_supports_mla``).
+    Without CUDA (the CPU build) ``vllm.vllm_flash_attn`` does not import."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import (  # noqa: F401
+            flash_attn_varlen_func,
+            is_fa_version_supported,
+        )
+    except ImportError:
+        return False
+    return bool(is_fa_version_supported(3))
+
+
 class VllmKernelOps(NsaOps):
-    """FlashMLA sparse from vLLM for sparse MLA; Triton for the indexer, the cache writes
-    and whatever FlashMLA does not take."""
+    """FA3 (Hopper, bf16 cache) and FlashMLA sparse from vLLM for sparse MLA; Triton for the
+    indexer, the cache writes and whatever these kernels do not take."""
 
     name = "vllm"
     priority = 20
     supports_cuda_graphs = True
-    """Every path (the FlashMLA kernels with their head / top-k padding, and the Triton
-    provider's ops for the indexer, the cache writes and the fallbacks) decides on shapes
-    and dtypes only and never reads a tensor on the host."""
+    """Every path (the FlashMLA kernels with their head / top-k padding, FA3 with its
+    compacted indices, per-row counts and cached ``cu_seqlens_q``, and the Triton provider's
+    ops for the indexer, the cache writes and the fallbacks) decides on shapes and dtypes
+    only and never reads a tensor on the host."""
 
     def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
         if device is None or torch.device(device).type != "cuda":
@@ -85,13 +112,15 @@ class VllmKernelOps(NsaOps):
         return _triton().unsupported_reason(device, dtype, num_heads)
 
     def _attention_detail(self) -> str:
-        return (f"sparse attention: FlashMLA (bf16 cache: sparse prefill kernel; fp8_ds_mla cache: "
-                f"prefill batches through a bf16 workspace of their blocks up to "
-                f"{MAX_WORKSPACE_BYTES // 1024**2} MiB, else and for decode the fp8 kernel), Triton "
-                f"beyond FlashMLA's shapes")  # fmt: skip
+        bf16_kernel = ("FA3's paged varlen kernel over each row's valid slots" if _fa3_sparse_supported()
+                       else "FlashMLA's sparse prefill kernel")  # fmt: skip
+        return (f"sparse attention: FlashMLA for the fp8_ds_mla cache (prefill batches through a bf16 "
+                f"workspace of their blocks up to {MAX_WORKSPACE_BYTES // 1024**2} MiB, else and for "
+                f"decode the fp8 kernel), {bf16_kernel} for the bf16 cache, Triton beyond these "
+                f"kernels' shapes")  # fmt: skip
 
     def startup_detail(self) -> str:
-        return f"{self._attention_detail()}; indexer: Triton; cache writes: Triton"
+        return f"{self._attention_detail()}; {dense_prefill_detail()}; indexer: Triton; cache writes: Triton"
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8):  # fmt: skip
@@ -104,7 +133,7 @@ class VllmKernelOps(NsaOps):
         if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
             return _flashmla_fp8_prefill(q, kv_cache, indices, sm_scale)
         if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
-            return _flashmla_bf16(q, kv_cache, indices, sm_scale)
+            return _bf16_cache_kernel()(q, kv_cache, indices, sm_scale)
         return _triton().sparse_mla_prefill(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
 
     def sparse_mla_prefill_positions(self, q, kv_cache, positions, row_req, block_table, block_size,
@@ -114,7 +143,7 @@ class VllmKernelOps(NsaOps):
 
             workspace = latent_workspace(kv_cache, block_table, block_size)
             rows = workspace_rows(positions, row_req, block_table.shape[1] * block_size)
-            return _flashmla_bf16(q, workspace, rows, sm_scale)
+            return _bf16_cache_kernel()(q, workspace, rows, sm_scale)
         return super().sparse_mla_prefill_positions(
             q, kv_cache, positions, row_req, block_table, block_size, sm_scale, d_v, kv_cache_dtype,
         )  # fmt: skip
@@ -124,15 +153,28 @@ class VllmKernelOps(NsaOps):
             return _flashmla_fp8(q, kv_cache, indices, sm_scale)
         if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
             batch, seq = q.shape[:2]
-            out, lse = _flashmla_bf16(q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale)
+            out, lse = _bf16_cache_kernel()(q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale)
             return out.reshape(batch, seq, *out.shape[1:]), lse.reshape(batch, seq, -1)
         return _triton().sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+
+    def dense_causal_attention(self, q, k, v, cu_seqlens, max_seqlen, sm_scale):
+        if _fa3_dense_applies(q, k, v):
+            return _flash_attn_varlen_func()(
+                q=q, k=k, v=v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                max_seqlen_k=max_seqlen, softmax_scale=sm_scale, causal=True, fa_version=3,
+            )  # fmt: skip
+        return super().dense_causal_attention(q, k, v, cu_seqlens, max_seqlen, sm_scale)
 
     def write_latent_cache(self, cache, kv_c, k_pe, slot_mapping, kv_cache_dtype) -> None:
         _triton().write_latent_cache(cache, kv_c, k_pe, slot_mapping, kv_cache_dtype)
 
     def write_indexer_cache(self, cache, k, slot_mapping, block_size, fp8) -> None:
         _triton().write_indexer_cache(cache, k, slot_mapping, block_size, fp8)
+
+
+def dense_prefill_detail() -> str:
+    kernel = "FA3's dense varlen kernel" if _fa3_sparse_supported() else "torch SDPA"
+    return f"whole prompts within the top-k: dense causal prefill on {kernel}"
 
 
 def _triton() -> NsaOps:
@@ -227,6 +269,25 @@ def _kernel_indices(indices: torch.Tensor, num_slots: int) -> torch.Tensor:
     return kernel_indices(indices, num_slots, _FLASHMLA_TOPK_MULTIPLE)
 
 
+def _fa3_dense_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """FA3's dense varlen prefill as vLLM's MLA prefill calls it on Hopper: bf16 / fp16, q / k
+    head dim at most 256 and v's no larger (192 / 128 for V3.2: FA3 takes the two dims
+    natively, vLLM pads v only for other FA versions)."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype == k.dtype == v.dtype
+        and q.shape[-1] == k.shape[-1] <= 256
+        and v.shape[-1] <= q.shape[-1]
+        and _fa3_sparse_supported()
+    )
+
+
+def _bf16_cache_kernel():
+    """The kernel for rows q [M, H, 576] against a bf16 cache: FA3 where it serves this GPU."""
+    return _fa3_sparse if _fa3_sparse_supported() else _flashmla_bf16
+
+
 def _flashmla_bf16(q, kv_cache, indices, sm_scale):
     """q [M, H, 576] against the bf16 cache -> (out [M, H, 512], lse [M, H])."""
     from vllm.v1.attention.ops.flashmla import flash_mla_sparse_fwd
@@ -280,3 +341,63 @@ def _flashmla_fp8(q, kv_cache, indices, sm_scale):
     )
     # lse comes as [B, H, S]
     return _empty_rows().zero_rows_without_keys(out[:, :, :num_heads], lse[:, :num_heads].transpose(1, 2), idx)
+
+
+def _flash_attn_varlen_func():
+    """vLLM's FA wrapper, imported on first use (``vllm.vllm_flash_attn`` needs CUDA)."""
+    from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+_CU_SEQLENS_Q: dict[torch.device, list[torch.Tensor]] = {}
+"""Per device, every int32 arange made so far, the last the longest. All are kept: a captured
+CUDA graph holds the address of the one it was captured with."""
+
+
+def _cu_seqlens_q(rows: int, device: torch.device, capturing: bool) -> torch.Tensor:
+    """[0, 1, ..., rows] int32: every query row its own sequence. A view of this device's
+    longest arange; an eager call that finds it too short makes one twice as long. A call
+    being captured makes its own instead: a capture only records the arange, whose values
+    then exist once the graph replays, so no other call may read it."""
+    held = _CU_SEQLENS_Q.setdefault(device, [])
+    if held and held[-1].numel() > rows:
+        return held[-1][: rows + 1]
+    if capturing:
+        return torch.arange(rows + 1, dtype=torch.int32, device=device)
+    held.append(torch.arange(max(rows + 1, 2 * held[-1].numel() if held else 0), dtype=torch.int32, device=device))
+    return held[-1][: rows + 1]
+
+
+def _fa3_sparse(q, kv_cache, indices, sm_scale):
+    """q [M, H, 576] against the bf16 cache -> (out [M, H, 512], lse [M, H]) by FA3 with the
+    arguments of vLLM's own call (flashattn_mla_sparse.py): row ``m`` is a sequence of one
+    query and ``counts[m]`` keys, the first entries of its compacted indices as 1-slot pages;
+    scores are ``q_rope . k_pe + q_nope . latent`` (``q_v`` is FA3's second query half)."""
+    from ..kernels.kernel_indices import compact_kernel_indices  # imports triton: lazily
+
+    cache_rows = kv_cache.view(-1, LATENT_ROW_DIM)
+    idx, counts = compact_kernel_indices(indices, cache_rows.shape[0])
+    # FA3's checks on this path (mha_fwd in vLLM's flash-attention, hopper/flash_api.cpp): q / k
+    # head dim <= 64, v head dim in [256, 512], bf16 / fp16, SM90; q, k, v and q_v need only a
+    # contiguous last dim (their other strides are passed on), so the halves of q and of the
+    # cache rows go in as views, as vLLM's dense FlashAttnMLA passes its split q; query heads
+    # need only be a multiple of the KV heads (1): any head count, none padded. `causal` is
+    # vLLM's argument and changes nothing: FA3 turns it off for max_seqlen_q == 1 at head dim 64.
+    out, lse = _flash_attn_varlen_func()(
+        q=q[..., LATENT_DIM:],
+        k=cache_rows[:, None, None, LATENT_DIM:],
+        v=cache_rows[:, None, None, :LATENT_DIM],
+        q_v=q[..., :LATENT_DIM],
+        max_seqlen_q=1,
+        cu_seqlens_q=_cu_seqlens_q(q.shape[0], q.device, q.is_cuda and torch.cuda.is_current_stream_capturing()),
+        max_seqlen_k=idx.shape[-1],
+        seqused_k=counts,
+        block_table=idx,
+        softmax_scale=sm_scale,
+        causal=True,
+        return_softmax_lse=True,
+        fa_version=3,
+    )
+    # lse comes as [H, M] (varlen). Compacted indices: a row has a key iff its first index is one.
+    return _empty_rows().zero_rows_without_keys(out, lse.t(), idx[:, :1])
