@@ -5,7 +5,9 @@ Per layer, given the projections of this rank's rows:
    order, write every real token into this rank's full caches;
 2. indexer top-k for the local queries over their request's keys ``[0, pos]``;
 3. sparse MLA (absorbed MQA form, 576/512) over the selected slots, then W_UV.
-Only the rows of step 1 cross ranks; queries, top-k and outputs stay local.
+Only the rows of step 1 cross ranks; queries, top-k and outputs stay local. A batch whose rows
+all have at most ``topk`` keys skips the indexer (step 2 would select every key); if it is
+whole prompts, unsplit, steps 2-3 are a dense causal prefill (``dense_prefill_attention``).
 """
 
 from __future__ import annotations
