@@ -184,7 +184,7 @@ def test_bf16_cache_ops_run_on_fa3_where_it_serves(monkeypatch):
     slots outside the cache in the middle, rows of one key, rows with none (out 0, lse -inf),
     and an odd head count (FA3 takes any)."""
     monkeypatch.setattr(vllm_kernels, "_flashmla_common_applies", lambda q, kv_cache, d_v: True)
-    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: True)
+    monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: True)
     calls = []
     monkeypatch.setattr(vllm_kernels, "_flash_attn_varlen_func", lambda: _fa3_stand_in(calls))
     monkeypatch.setattr(vllm_kernels, "_flashmla_bf16", _must_not_run("FlashMLA"))
@@ -242,7 +242,7 @@ def test_dense_prefill_runs_on_fa3_where_it_serves(monkeypatch):
     gen = torch.Generator().manual_seed(12)
     q, k, v, cu = _dense_inputs([7, 1, 30], 3, gen)
     ref = attention_ref.dense_causal_attention(q, k, v, cu, 0.1)
-    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: True)
+    monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: True)
     monkeypatch.setattr(vllm_kernels, "_flash_attn_varlen_func", lambda: varlen)
     assert not vllm_kernels._fa3_dense_applies(q, k, v)  # CPU tensors
     with monkeypatch.context() as cuda:  # the inputs as if on the GPU, for the routing only
@@ -253,13 +253,13 @@ def test_dense_prefill_runs_on_fa3_where_it_serves(monkeypatch):
         out = VllmKernelOps().dense_causal_attention(q, k, v, cu, 30, 0.1)
     assert calls == [[0, 7, 8, 38]]
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
-    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: False)
+    monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: False)
     assert torch.equal(VllmKernelOps().dense_causal_attention(q, k, v, cu, 30, 0.1), ref) and len(calls) == 1
 
 
 def test_bf16_cache_ops_stay_on_flashmla_without_fa3(monkeypatch):
     monkeypatch.setattr(vllm_kernels, "_flashmla_common_applies", lambda q, kv_cache, d_v: True)
-    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: False)
+    monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: False)
     monkeypatch.setattr(vllm_kernels, "_fa3_sparse", _must_not_run("FA3"))
     served = []
 
@@ -277,18 +277,18 @@ def test_bf16_cache_ops_stay_on_flashmla_without_fa3(monkeypatch):
 
 
 def test_startup_line_names_the_bf16_cache_kernel(monkeypatch):
-    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: True)
+    monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: True)
     detail = VllmKernelOps().startup_detail()
     assert "FA3's paged varlen kernel over each row's valid slots for the bf16 cache" in detail
     assert "sparse attention: FlashMLA for the fp8_ds_mla cache" in detail
-    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: False)
+    monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: False)
     detail = VllmKernelOps().startup_detail()
     assert "FlashMLA's sparse prefill kernel for the bf16 cache" in detail and "FA3" not in detail
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the probe's answer on a GPU depends on it")
 def test_fa3_probe_says_no_without_cuda():
-    assert vllm_kernels._fa3_sparse_supported() is False
+    assert vllm_kernels._fa3_supported() is False
 
 
 def test_cu_seqlens_q_grows_and_keeps_what_graphs_hold(monkeypatch):
@@ -584,9 +584,9 @@ def test_gpu_bf16_cache_kernels_match_reference(vllm_ops, no_triton_fallback, mo
     """Each bf16-cache kernel (FA3 where it serves this GPU; FlashMLA, which serves the bf16
     cache elsewhere) on both ops at top-2048: rows of 1 to 2048 valid slots with -1 shuffled
     in, slots outside the cache, rows with no keys."""
-    if bf16_kernel == "_fa3_sparse" and not vllm_kernels._fa3_sparse_supported():
+    if bf16_kernel == "_fa3_sparse" and not vllm_kernels._fa3_supported():
         pytest.skip("vLLM's FA3 does not serve this GPU")
-    monkeypatch.setattr(vllm_kernels, "_fa3_sparse_supported", lambda: bf16_kernel == "_fa3_sparse")
+    monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: bf16_kernel == "_fa3_sparse")
     served = _record_bf16_kernels(monkeypatch)
     gen = torch.Generator().manual_seed(heads + len(bf16_kernel))
     block_size, topk = 64, 2048
@@ -616,7 +616,7 @@ def test_gpu_bf16_cache_kernels_match_reference(vllm_ops, no_triton_fallback, mo
 def test_gpu_dense_prefill_matches_reference(vllm_ops, heads):
     """FA3's dense causal prefill (q / k 192, v 128, whole prompts of 1 to 2048 tokens)
     against the SDPA reference."""
-    if not vllm_kernels._fa3_sparse_supported():
+    if not vllm_kernels._fa3_supported():
         pytest.skip("vLLM's FA3 does not serve this GPU")
     gen = torch.Generator().manual_seed(heads)
     q, k, v, cu = _dense_inputs([1000, 1, 2048, 37, 513], heads, gen, "cuda")
@@ -627,13 +627,27 @@ def test_gpu_dense_prefill_matches_reference(vllm_ops, heads):
     assert _rel(out.float(), ref) <= 1e-2
 
 
+def _capture(step):
+    """``step`` warmed up twice on a side stream (JIT, allocator), then captured: (graph, its outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 @pytest.mark.gpu
 def test_gpu_fa3_decode_replays_new_indices_in_a_cuda_graph(vllm_ops, no_triton_fallback, monkeypatch):
     """FA3's decode path captures (compaction, counts and ``cu_seqlens_q`` on the device, no
     host read), and a replay after new indices (other valid counts: rows that had no keys get
     some, and the reverse) and new queries are written into the captured buffers equals an
     eager run and the torch reference."""
-    if not vllm_kernels._fa3_sparse_supported():
+    if not vllm_kernels._fa3_supported():
         pytest.skip("vLLM's FA3 does not serve this GPU")
     served = _record_bf16_kernels(monkeypatch)
     gen = torch.Generator().manual_seed(12)
@@ -651,15 +665,7 @@ def test_gpu_fa3_decode_replays_new_indices_in_a_cuda_graph(vllm_ops, no_triton_
     def step():
         return vllm_ops.sparse_mla_decode(q, cache, idx, SCALE, 512, "auto")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = _capture(step)
     idx.copy_(new_idx)
     q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype).cuda())
     graph.replay()
@@ -781,15 +787,7 @@ def test_gpu_ops_capture_in_a_cuda_graph(vllm_ops, no_triton_fallback):
         return [picks] + [t for dt, c in caches.items()
                           for t in vllm_ops.sparse_mla_decode(q, c, idx, SCALE, 512, dt)]  # fmt: skip
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = _capture(step)
     iq.copy_(torch.randn(iq.shape, generator=gen).to(iq.dtype).cuda())
     q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype).cuda())
     graph.replay()

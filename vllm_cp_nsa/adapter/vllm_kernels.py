@@ -63,7 +63,7 @@ def _flashmla_sparse_supported() -> bool:
 
 
 @functools.cache
-def _fa3_sparse_supported() -> bool:
+def _fa3_supported() -> bool:
     """vLLM's FA3 on this GPU: its build and SM 9.x (``is_fa_version_supported(3)``, which
     vLLM's FlashAttnMLASparse backend also asks, through ``fa_utils.flash_attn_supports_mla``).
     Without CUDA (the CPU build) ``vllm.vllm_flash_attn`` does not import."""
@@ -112,7 +112,7 @@ class VllmKernelOps(NsaOps):
         return _triton().unsupported_reason(device, dtype, num_heads)
 
     def _attention_detail(self) -> str:
-        bf16_kernel = ("FA3's paged varlen kernel over each row's valid slots" if _fa3_sparse_supported()
+        bf16_kernel = ("FA3's paged varlen kernel over each row's valid slots" if _fa3_supported()
                        else "FlashMLA's sparse prefill kernel")  # fmt: skip
         return (f"sparse attention: FlashMLA for the fp8_ds_mla cache (prefill batches through a bf16 "
                 f"workspace of their blocks up to {MAX_WORKSPACE_BYTES // 1024**2} MiB, else and for "
@@ -173,7 +173,7 @@ class VllmKernelOps(NsaOps):
 
 
 def dense_prefill_detail() -> str:
-    kernel = "FA3's dense varlen kernel" if _fa3_sparse_supported() else "torch SDPA"
+    kernel = "FA3's dense varlen kernel" if _fa3_supported() else "torch SDPA"
     return f"whole prompts within the top-k: dense causal prefill on {kernel}"
 
 
@@ -279,13 +279,13 @@ def _fa3_dense_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
         and q.dtype == k.dtype == v.dtype
         and q.shape[-1] == k.shape[-1] <= 256
         and v.shape[-1] <= q.shape[-1]
-        and _fa3_sparse_supported()
+        and _fa3_supported()
     )
 
 
 def _bf16_cache_kernel():
     """The kernel for rows q [M, H, 576] against a bf16 cache: FA3 where it serves this GPU."""
-    return _fa3_sparse if _fa3_sparse_supported() else _flashmla_bf16
+    return _fa3_sparse if _fa3_supported() else _flashmla_bf16
 
 
 def _flashmla_bf16(q, kv_cache, indices, sm_scale):
