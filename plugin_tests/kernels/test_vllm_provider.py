@@ -250,11 +250,23 @@ def test_dense_prefill_runs_on_fa3_where_it_serves(monkeypatch):
         assert vllm_kernels._fa3_dense_applies(q, k, v)
         assert not vllm_kernels._fa3_dense_applies(q.float(), k.float(), v.float())
         assert not vllm_kernels._fa3_dense_applies(q, k, torch.cat([v, v, v], -1))  # v wider than q
+        # head dims FA3 refuses (a small model's 96 / 64: "Q/K headdim in (128, 192] and V in (96, 128]")
+        assert not vllm_kernels._fa3_dense_applies(q[..., :96], k[..., :96], v[..., :64])
         out = VllmKernelOps().dense_causal_attention(q, k, v, cu, 30, 0.1)
     assert calls == [[0, 7, 8, 38]]
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     monkeypatch.setattr(vllm_kernels, "_fa3_supported", lambda: False)
     assert torch.equal(VllmKernelOps().dense_causal_attention(q, k, v, cu, 30, 0.1), ref) and len(calls) == 1
+
+
+@pytest.mark.parametrize("qk_dim,v_dim,takes", [
+    (192, 128, True), (128, 128, True), (256, 256, True), (64, 512, True),  # V3.2, equal dims, the MLA decode shape
+    (96, 64, False), (192, 96, False), (256, 128, False), (320, 320, False), (128, 64, False),
+])
+def test_fa3_head_dims_follow_its_own_check(qk_dim, v_dim, takes):
+    """What FA3's forward accepts (flash_api.cpp): a dense prefill on other dims (the tiny
+    test model's) goes to the Triton / torch path instead of failing in FA3."""
+    assert vllm_kernels._fa3_takes_head_dims(qk_dim, v_dim) is takes
 
 
 def test_bf16_cache_ops_stay_on_flashmla_without_fa3(monkeypatch):

@@ -277,10 +277,18 @@ def _fa3_dense_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
         q.is_cuda
         and q.dtype in (torch.bfloat16, torch.float16)
         and q.dtype == k.dtype == v.dtype
-        and q.shape[-1] == k.shape[-1] <= 256
-        and v.shape[-1] <= q.shape[-1]
+        and q.shape[-1] == k.shape[-1]
+        and _fa3_takes_head_dims(q.shape[-1], v.shape[-1])
         and _fa3_supported()
     )
+
+
+def _fa3_takes_head_dims(qk_dim: int, v_dim: int) -> bool:
+    """The head dims FA3's forward accepts (its ``flash_api.cpp`` check): equal dims up to
+    256, or q/k in (128, 192] with v in (96, 128], or q/k <= 64 with v <= 512."""
+    if qk_dim == v_dim:
+        return qk_dim <= 256
+    return (128 < qk_dim <= 192 and 96 < v_dim <= 128) or (qk_dim <= 64 and v_dim <= 512)
 
 
 def _bf16_cache_kernel():
