@@ -90,6 +90,13 @@ def gather_token_rows(x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) ->
     return plan.restore_token_order(group.all_gather(x_local))
 
 
+def pad_rows(x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Zero rows past the real tokens, for inputs vLLM padded (or a collective sized its rows)."""
+    if x.shape[0] >= num_rows:
+        return x
+    return torch.cat([x, x.new_zeros(num_rows - x.shape[0], *x.shape[1:])])
+
+
 MlpFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -136,7 +143,9 @@ class ScatteredMoeCommunicator:
     """Local rows go straight into an expert-parallel MLP (it owns its all-to-all).
 
     ``mlp`` must return complete (reduced) outputs for exactly the rows it gets;
-    unsplit batches hold the same rows on every rank and take the same path.
+    unsplit batches hold the same rows on every rank and take the same path. An MLP
+    whose ``takes_split_plan`` is true also gets the plan (vLLM's sequence-parallel MoE
+    sizes its collectives per rank and needs to know whether the rows are split).
     """
 
     name = "scattered"
@@ -144,6 +153,8 @@ class ScatteredMoeCommunicator:
     supports_cuda_graphs = False  # all-to-all split sizes come from the routing (host sync)
 
     def forward(self, mlp: MlpFn, x_local: torch.Tensor, plan: SplitPlan, group: CpGroup) -> torch.Tensor:
+        if getattr(mlp, "takes_split_plan", False):
+            return mlp(x_local, plan)
         return mlp(x_local)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from vllm.platforms import current_platform
 
 import vllm_cp_nsa.plugin as plugin
 from vllm_cp_nsa.adapter import config_hook, handover
@@ -288,7 +289,16 @@ def test_dp_with_expert_parallel_runs_scattered_moe(monkeypatch, base_config, mo
     refusal, line = config_hook.data_parallel_decision(cfg, options)
     assert refusal == ""
     assert "data parallelism 2 x -tp 2" in line and "moe=scattered" in line and "all 4 ranks" in line
-    assert ("is not used by the plugin's MoE" in line) is (backend != "allgather_reducescatter")
+    # on CPU vLLM's own EP MoE cannot run: the torch all-to-all stays, and the line says why
+    assert ("rows moved by torch all-to-all over that group (vLLM's CPU build cannot run its "
+            "expert-parallel MoE") in line
+    assert runtime.vllm_expert_parallel_moe(cfg)[0] is False
+    # on a GPU platform the rows ride vLLM's FusedMoE and the configured all2all backend
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    _, line = config_hook.data_parallel_decision(cfg, options)
+    assert (f"rows moved by vLLM's FusedMoE with its '{backend}' all2all backend, each rank's CP rows as "
+            "its sequence-parallel chunk") in line
+    assert runtime.vllm_expert_parallel_moe(cfg)[0] is True
     _, _, communicator = runtime.resolve_ops_and_communicator(cfg, torch.device("cpu"), 4)
     assert communicator.name == "scattered"
     monkeypatch.setattr(runtime, "get_ep_group", lambda: "ep")
@@ -296,6 +306,24 @@ def test_dp_with_expert_parallel_runs_scattered_moe(monkeypatch, base_config, mo
     assert runtime.moe_group_coordinator(cfg) == "ep"
     cfg.parallel_config.data_parallel_size = 1
     assert runtime.moe_group_coordinator(cfg) == "tp"
+    assert runtime.vllm_expert_parallel_moe(cfg)[0] is False  # vLLM's sequence-parallel MoE needs DP > 1
+
+
+def test_dp_with_a_backend_outside_vllms_sequence_parallel_moe_keeps_torch_all_to_all(monkeypatch, base_config):
+    """'naive' is not one of the backends vLLM runs its sequence-parallel MoE with: even on a
+    GPU platform the scattered MoE keeps its torch all-to-all, and the line names the reason."""
+    from vllm_cp_nsa.adapter import runtime
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    cfg = _fresh(base_config, {"cp_nsa": {"mode": "round-robin-split", "moe": "scattered"}})
+    _set(cfg, {"parallel_config__data_parallel_size": 2, "parallel_config__tensor_parallel_size": 2,
+               "parallel_config__enable_expert_parallel": True, "parallel_config__all2all_backend": "naive"})
+    refusal, line = config_hook.data_parallel_decision(
+        cfg, config_hook.CpNsaConfig.from_additional_config(cfg.additional_config))
+    assert refusal == ""
+    assert ("torch all-to-all over that group (vLLM's sequence-parallel MoE is off here" in line
+            and "'naive' is set" in line)
+    assert runtime.vllm_expert_parallel_moe(cfg)[0] is False
 
 
 def test_eagle3_drafter_is_refused(base_config):

@@ -77,7 +77,9 @@ def describe_moe(vllm_config: VllmConfig, options: CpNsaConfig, communicator, al
         line = f"moe={communicator.name} (auto: {why})"
     else:
         line = f"moe={communicator.name}"
-    if communicator.name == "scattered":
+    if communicator.name == "scattered" and _vllm_expert_parallel_moe(vllm_config)[0]:
+        line += f", moving token rows through {_vllm_expert_parallel_moe(vllm_config)[1]}"
+    elif communicator.name == "scattered":
         ranks = ("the TP ranks" if vllm_config.parallel_config.data_parallel_size == 1
                  else "vLLM's EP group (all DP x TP ranks)")
         line += (f", moving token rows with torch all-to-all over {ranks}"
@@ -163,11 +165,12 @@ def data_parallel_decision(vllm_config: VllmConfig, options: CpNsaConfig) -> tup
         return (f"moe='scattered' cannot run with data parallelism (--data-parallel-size {dp}) without "
                 f"--enable-expert-parallel: the experts are spread over all {dp * tp} DP x TP ranks only "
                 f"under expert parallelism; {fix}"), ""
+    vllm_ep, why = _vllm_expert_parallel_moe(vllm_config)
     line = (f"vllm_cp_nsa: data parallelism {dp} x -tp {tp}: CP (mode={options.mode}) inside each replica's "
             f"{tp} TP ranks, moe={communicator} with the routed experts spread over vLLM's EP group "
-            f"(all {dp * tp} ranks), rows moved by torch all-to-all over that group")
-    if parallel.all2all_backend != "allgather_reducescatter":
-        line += f" (the '{parallel.all2all_backend}' backend is not used by the plugin's MoE)"
+            f"(all {dp * tp} ranks), rows moved by "
+            + (f"{why}, each rank's CP rows as its sequence-parallel chunk" if vllm_ep
+               else f"torch all-to-all over that group ({why})"))
     return "", line
 
 
@@ -188,6 +191,12 @@ def _expert_all_to_all(vllm_config: VllmConfig) -> bool:
     from .runtime import expert_all_to_all_configured
 
     return expert_all_to_all_configured(vllm_config)
+
+
+def _vllm_expert_parallel_moe(vllm_config: VllmConfig) -> tuple[bool, str]:
+    from .runtime import vllm_expert_parallel_moe
+
+    return vllm_expert_parallel_moe(vllm_config)
 
 
 def _attention_split_policy(vllm_config: VllmConfig) -> AttentionSplitPolicy:

@@ -1,7 +1,12 @@
-"""Expert-parallel MoE for the ``scattered`` communicator (tokens stay on their rank).
+"""Expert-parallel MoEs for the ``scattered`` communicator (tokens stay on their rank).
 
-Routed expert e is owned by rank ``e * N // E`` with its full intermediate size;
-the router and the shared expert are replicated. Each rank routes its own rows,
+``VllmExpertParallelMoE``: under vLLM's sequence-parallel MoE (``--data-parallel-size D``,
+``-tp N > 1``, ``--enable-expert-parallel``, one of its dispatching all2all backends) the rows
+go to vLLM's own DeepseekV2MoE -- its FusedMoE, expert map and all2all manager (DeepEP where
+configured) -- exactly as vLLM's own V3.2 hands it each rank's sequence-parallel chunk.
+
+``CpNsaExpertParallelMoE`` (the fallback, and the CPU path): routed expert e is owned by
+rank ``e * N // E`` with its full intermediate size; the router and the shared expert are replicated. Each rank routes its own rows,
 sends every (row, expert) pair to the expert's owner with ``all_to_all``,
 computes its local experts, and receives the weighted results back. Returns
 complete outputs for exactly the rows it was given, so no gather is needed
@@ -17,9 +22,11 @@ from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.linear import ReplicatedLinear
-from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP, DeepseekV2MoE
 
-from ..communicator import CpGroup, expert_parallel_moe
+from ..communicator import CpGroup, expert_parallel_moe, gather_token_rows, pad_rows
+from ..split_plan import SplitPlan
 
 
 def expert_owner(expert: int, num_experts: int, world_size: int) -> int:
@@ -83,3 +90,38 @@ class CpNsaExpertParallelMoE(nn.Module):
         if self.shared_experts is not None:
             out += self.shared_experts(x).float()
         return out.to(x.dtype)
+
+
+class VllmExpertParallelMoE(DeepseekV2MoE):
+    """vLLM's own DeepseekV2MoE (same parameters, same weight loading as ``moe: full``) fed
+    the CP split's rows.
+
+    vLLM sizes its sequence-parallel collectives from the forward context: every TP rank of
+    DP replica d holds ``ceil(T_d / N)`` rows. A round-robin split holds exactly that many
+    (``rows_per_rank`` of a plan built for vLLM's padded batch), so they go in as they are. An
+    unsplit batch (the same rows on every rank), or a split with another row count than vLLM's
+    chunk (in-seq over uneven requests), goes in whole in token order and vLLM chunks it, at
+    the cost of one all-gather over the CP group.
+    """
+
+    takes_split_plan = True
+
+    def __init__(self, vllm_config: VllmConfig, config, prefix: str, cp_group: CpGroup):
+        super().__init__(config=config, parallel_config=vllm_config.parallel_config,
+                         quant_config=vllm_config.quant_config, prefix=prefix,
+                         apply_routed_scale_to_output=True)
+        if not self.is_sequence_parallel:
+            raise ValueError("vllm_cp_nsa: VllmExpertParallelMoE needs vLLM's sequence-parallel MoE "
+                             "(parallel_config.use_sequence_parallel_moe)")
+        self.cp_group = cp_group
+        self.data_parallel_rank = vllm_config.parallel_config.data_parallel_rank
+
+    def forward(self, x_local: torch.Tensor, plan: SplitPlan) -> torch.Tensor:  # type: ignore[override]
+        # this DP replica's token count as vLLM sized the forward (its padded batch)
+        num_tokens = int(get_forward_context().dp_metadata.num_tokens_across_dp_cpu[self.data_parallel_rank])
+        chunk = -(-num_tokens // self.cp_group.world_size)
+        if plan.is_split and x_local.shape[0] == chunk:
+            return super().forward(x_local, already_sequence_parallel=True)
+        tokens = pad_rows(gather_token_rows(x_local, plan, self.cp_group), num_tokens)
+        return plan.take_local(super().forward(tokens, already_sequence_parallel=False)[: plan.num_tokens])
+

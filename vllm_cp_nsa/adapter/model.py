@@ -29,14 +29,14 @@ from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP, DeepseekV2MoE,
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
-from ..communicator import gather_token_rows
+from ..communicator import gather_token_rows, pad_rows
 from ..config import CpNsaConfigError
 from ..kernels.kv_cache_ref import INDEXER_FP8_SLOT_BYTES
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
 from ..scratch import AttentionShape, BatchBounds, IndexerLimits, attention_scratch_bytes
 from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache
-from .ep_moe import CpNsaExpertParallelMoE
+from .ep_moe import CpNsaExpertParallelMoE, VllmExpertParallelMoE
 from .runtime import CpNsaRuntime
 from .weights import load_deepseek_v32_weights
 
@@ -378,6 +378,19 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor | None:
     return weight if weight is not None and weight.dim() == 2 and weight.numel() > 0 else None
 
 
+def _scattered_mlp(vllm_config: VllmConfig, config, prefix: str, runtime: CpNsaRuntime, is_moe: bool) -> nn.Module:
+    """The ``scattered`` communicator's MLP, complete outputs for this rank's rows: routed
+    experts owned by ranks behind vLLM's expert-parallel FusedMoE or the plugin's torch
+    all-to-all (``runtime.vllm_expert_parallel``); a dense MLP replicated."""
+    if is_moe and runtime.vllm_expert_parallel:
+        return VllmExpertParallelMoE(vllm_config, config, prefix, runtime.group)
+    if is_moe:
+        return CpNsaExpertParallelMoE(vllm_config, config, prefix, runtime.expert_group)
+    return DeepseekV2MLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                         hidden_act=config.hidden_act, quant_config=vllm_config.quant_config,
+                         reduce_results=False, is_sequence_parallel=True, prefix=prefix)
+
+
 class CpNsaDecoderLayer(nn.Module):
     def __init__(self, vllm_config: VllmConfig, config, prefix: str, layer_idx: int, runtime: CpNsaRuntime):
         super().__init__()
@@ -388,12 +401,7 @@ class CpNsaDecoderLayer(nn.Module):
         )
         quant_config = vllm_config.quant_config
         if not runtime.communicator.mlp_returns_partial_sums:
-            # scattered: experts owned by ranks behind an all-to-all, dense MLP replicated;
-            # both return complete outputs for this rank's rows.
-            self.mlp = (CpNsaExpertParallelMoE(vllm_config, config, f"{prefix}.mlp", runtime.expert_group) if is_moe
-                        else DeepseekV2MLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                                           hidden_act=config.hidden_act, quant_config=quant_config,
-                                           reduce_results=False, is_sequence_parallel=True, prefix=f"{prefix}.mlp"))
+            self.mlp = _scattered_mlp(vllm_config, config, f"{prefix}.mlp", runtime, is_moe)
         elif is_moe:
             # reduce_results=False: the MoE communicator does the TP reduction
             # (all-reduce unsplit, reduce-scatter under CP).
@@ -470,13 +478,6 @@ def forward_metadata_for(layer_name: str, num_input_tokens: int, group) -> tuple
     if meta is None:
         return None, unsplit_plan(num_input_tokens, group.world_size, group.rank, "no batch metadata")
     return meta, meta.plan
-
-
-def pad_rows(x: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Zero rows past the real tokens, for inputs vLLM padded."""
-    if x.shape[0] >= num_rows:
-        return x
-    return torch.cat([x, x.new_zeros(num_rows - x.shape[0], *x.shape[1:])])
 
 
 class CpNsaDeepseekV32ForCausalLM(nn.Module):

@@ -21,8 +21,8 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.platforms import current_platform
 
-from ..communicator import gather_token_rows
-from .model import CpNsaDecoderLayer, forward_metadata_for, pad_rows
+from ..communicator import gather_token_rows, pad_rows
+from .model import CpNsaDecoderLayer, forward_metadata_for
 from .runtime import CpNsaRuntime
 from .weights import load_deepseek_v32_weights
 

@@ -73,6 +73,24 @@ def moe_group_coordinator(vllm_config: VllmConfig):
     return get_tp_group()
 
 
+def vllm_expert_parallel_moe(vllm_config: VllmConfig) -> tuple[bool, str]:
+    """Whether the ``scattered`` MoE hands its rows to vLLM's own expert-parallel FusedMoE
+    (``ep_moe.VllmExpertParallelMoE``) rather than the plugin's torch all-to-all, and why.
+
+    vLLM runs its MoE on per-rank rows only under its sequence-parallel MoE, and only on
+    GPUs: its CPU communicator has no ``all_gatherv`` and its CPU fused-MoE kernel ignores
+    the expert map, so on CPU the torch all-to-all stays."""
+    parallel = vllm_config.parallel_config
+    backend = parallel.all2all_backend
+    if not parallel.use_sequence_parallel_moe:
+        return False, (f"vLLM's sequence-parallel MoE is off here (it needs --data-parallel-size > 1, -tp > 1, "
+                       f"--enable-expert-parallel and a dispatching --all2all-backend; '{backend}' is set)")
+    if current_platform.is_cpu():
+        return False, ("vLLM's CPU build cannot run its expert-parallel MoE (no all_gatherv in its CPU "
+                       "communicator, its CPU fused-MoE kernel ignores the expert map)")
+    return True, f"vLLM's FusedMoE with its '{backend}' all2all backend"
+
+
 def resolve_ops_and_communicator(vllm_config: VllmConfig, device: torch.device, num_heads: int):
     """(options, kernel provider, MoE communicator) the configuration selects."""
     options = CpNsaConfig.from_additional_config(vllm_config.additional_config)
@@ -157,6 +175,8 @@ class CpNsaRuntime:
     moe_group: CpGroup | None = None
     """The ranks the ``scattered`` MoE's experts are spread over (``moe_group_coordinator``);
     None: the CP group."""
+    vllm_expert_parallel: bool = False
+    """``scattered`` rides vLLM's own expert-parallel FusedMoE (``vllm_expert_parallel_moe``)."""
 
     @property
     def expert_group(self) -> CpGroup:
@@ -172,7 +192,9 @@ class CpNsaRuntime:
                                               getattr(ops, "reads_fp8_indexer_cache", False))
         group = VllmTpGroup(get_tp_group())
         heads_split = attention_split_policy(vllm_config).heads_split
+        scattered = communicator.name == "scattered"
+        vllm_ep = scattered and vllm_expert_parallel_moe(vllm_config)[0]
         moe_group = (VllmTpGroup(moe_group_coordinator(vllm_config))
-                     if communicator.name == "scattered" and vllm_config.parallel_config.data_parallel_size > 1
+                     if scattered and not vllm_ep and vllm_config.parallel_config.data_parallel_size > 1
                      else None)
-        return cls(group, communicator, ops, index_fp8, heads_split, moe_group)
+        return cls(group, communicator, ops, index_fp8, heads_split, moe_group, vllm_ep)
