@@ -242,13 +242,19 @@ def _installed_vllm_version() -> str:
     return getattr(vllm, "__version__", "unknown")
 
 
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def check_touchpoints() -> tuple[Touchpoint, ...]:
     """The required touchpoints the installed vLLM lacks (empty when every one resolves).
 
     Never raises: the entry point stays inactive on a vLLM without one, so other models
     still launch, and only a launch that asks for ``cp_nsa`` fails (with
-    ``unavailable_reason``). A missing optional one is logged: the vLLM kernel providers
-    leave that op to Triton.
+    ``unavailable_reason``). A missing optional one is logged (a warning where CUDA is
+    present, else at debug level): the vLLM kernel providers leave that op to Triton.
     """
     missing = []
     for point in TOUCHPOINTS:
@@ -258,7 +264,9 @@ def check_touchpoints() -> tuple[Touchpoint, ...]:
                 obj = getattr(obj, part)
         except Exception:  # noqa: BLE001 - any failure to resolve it means the same: absent
             if point.optional:
-                logger.warning(
+                # only the CUDA kernel providers use optional symbols: elsewhere their absence is no news
+                logger.log(
+                    logging.WARNING if _cuda_present() else logging.DEBUG,
                     "vllm_cp_nsa: vLLM %s has no %s.%s (needed to %s); the vLLM kernel providers "
                     "leave that op to Triton", _installed_vllm_version(), point.module, point.symbol,
                     point.why,

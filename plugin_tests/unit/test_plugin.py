@@ -154,12 +154,17 @@ def test_vllm_kernel_provider_imports_vllm_lazily():
     assert used - required == optional
 
 
-def test_missing_optional_symbol_only_warns(monkeypatch, caplog):
+@pytest.mark.parametrize("cuda", [True, False])
+def test_missing_optional_symbol_only_warns_where_cuda_is(monkeypatch, caplog, cuda):
+    """A missing optional (CUDA-kernel) symbol is a warning on a CUDA host and debug-level
+    elsewhere (a CPU build of vLLM lacks some; no kernel provider there would use them)."""
     fake = touchpoints.Touchpoint("vllm.utils.deep_gemm", "no_such_kernel", "test", optional=True)
     monkeypatch.setattr(touchpoints, "TOUCHPOINTS", touchpoints.TOUCHPOINTS + (fake,))
-    with caplog.at_level(logging.WARNING, logger="vllm.cp_nsa"):
-        touchpoints.check_touchpoints()
-    assert any("vllm.utils.deep_gemm.no_such_kernel" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(touchpoints, "_cuda_present", lambda: cuda)
+    with caplog.at_level(logging.DEBUG, logger="vllm.cp_nsa"):
+        assert touchpoints.check_touchpoints() == ()
+    levels = [r.levelno for r in caplog.records if "vllm.utils.deep_gemm.no_such_kernel" in r.getMessage()]
+    assert levels == [logging.WARNING if cuda else logging.DEBUG]
 
 
 @pytest.mark.parametrize("version,tested", [("0.32.0", True), ("0.32.3+cpu", True), ("0.33.0", True), ("0.34.0", True),
