@@ -89,3 +89,19 @@ def test_dp_times_cp_with_scattered_moe_equals_hf(tiny_model, tokenizer, tmp_pat
             expected = prompt_logprobs(hf, prompt)
             worst = max(abs(g - e) / max(abs(e), 1e-6) for g, e in zip(out["prompt_logprobs"][1:], expected[1:]))
             assert worst <= 2e-5, f"replica {rank}: prompt-logprob rel err {worst:.1e}"
+
+
+def test_two_nodes_on_one_host_through_vllms_multinode_launch(tiny_model, tmp_path):
+    """vLLM's multi-node DP launch (``vllm serve`` on node 0, ``--headless
+    --data-parallel-start-rank 1`` on node 1, one world over ``--data-parallel-address``):
+    concurrent greedy requests through node 0's API server equal HF's."""
+    from multinode_dp import main
+
+    out = tmp_path / "multinode.json"
+    cp_nsa = json.dumps({"mode": "round-robin-split", **SPLIT_EVERY_BATCH})
+    assert main(["--model", str(tiny_model), "--cp-nsa", cp_nsa, "--requests", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["equal_to_hf"] == [True] * 4
+    assert result["dp_ranks"] == ["rank 0 in world size 4 is assigned as DP rank 0",
+                                  "rank 2 in world size 4 is assigned as DP rank 1"]  # one world over both nodes
+    assert any("data parallelism 2 x -tp 2" in line for line in result["plugin_lines"])
