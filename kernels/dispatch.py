@@ -67,7 +67,17 @@ class NsaOps:
         topk: int,
         block_size: int,
         index_cache_fp8: bool,
+        host_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``host_rows``: ``(row_req, row_kv_len)`` on the host where the batch states them
+        exactly (``NsaForwardMetadata.local_rows_host``); a provider that plans its work on
+        the host reads them instead of the device tensors (no sync). This reference checks
+        them against the device values where both live on the host (every CPU run then
+        tests the contract the host-planning providers rely on)."""
+        if host_rows is not None and row_kv_len.device.type == "cpu":
+            if not (torch.equal(host_rows[0].long(), row_req.long())
+                    and torch.equal(host_rows[1].long(), row_kv_len.long())):  # fmt: skip
+                raise ValueError("indexer_topk: host_rows differ from row_req / row_kv_len")
         return attention_ref.indexer_topk_paged(
             q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
             index_cache_fp8,
@@ -187,7 +197,7 @@ class TritonOps(NsaOps):
         return super().unsupported_reason(device, dtype, num_heads)
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                     block_size, index_cache_fp8, **kw):  # fmt: skip
+                     block_size, index_cache_fp8, host_rows=None, **kw):  # fmt: skip
         from .indexer_topk import indexer_topk
 
         return indexer_topk(

@@ -52,6 +52,10 @@ class NsaForwardMetadata:
     max_seq_len: int | None = None
     """An upper bound of the batch's sequence lengths (vLLM's, on the host); None: unknown."""
     whole_prompts: WholePrompts | None = None
+    local_rows_host: tuple[torch.Tensor, torch.Tensor] | None = None
+    """``(local_req, kv_len)`` of the local rows on the host, where the batch states them
+    exactly (prefill batches: vLLM's host sequence lengths are exact for prefill rows), so a
+    kernel provider can plan its work without reading the device; None elsewhere."""
     _per_forward: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -130,7 +134,8 @@ def build_forward_metadata(
     ``decode_min_tokens`` (``split_policy``, ``min_tokens_for_cp: auto``): the bound decode /
     verify batches use instead of ``min_tokens_for_cp`` when they split (None: the same).
     ``seq_lens`` (host, per request, optional): a prefill batch that runs unsplit and whose
-    sequences are exactly its query tokens gets ``whole_prompts``.
+    sequences are exactly its query tokens gets ``whole_prompts``; a batch whose lengths are
+    exact gets ``local_rows_host`` (``_exact_host_lengths``).
     """
     query_lens = [int(n) for n in query_lens]
     num_real_tokens = sum(query_lens)
@@ -159,6 +164,16 @@ def build_forward_metadata(
             and seq_lens is not None and [int(n) for n in seq_lens] == query_lens):  # fmt: skip
         cu_seqlens = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         whole_prompts = WholePrompts(cu_seqlens.to(device, non_blocking=True), max(query_lens), num_real_tokens)
+    local_rows_host = None
+    if not is_decode and _exact_host_lengths(query_lens, seq_lens, max_decode_query_len):
+        # a token's position = its request's cached tokens + its offset in the request's query
+        context = torch.as_tensor([int(s) - n for s, n in zip(seq_lens, query_lens)], dtype=torch.long)
+        token_kv_len = torch.zeros(plan.num_tokens, dtype=torch.long)
+        starts = torch.as_tensor([0] + query_lens[:-1], dtype=torch.long).cumsum(0)
+        req = token_req[:num_real_tokens]
+        token_kv_len[:num_real_tokens] = context[req] + torch.arange(num_real_tokens) - starts[req] + 1
+        kv_len = torch.where(local_req >= 0, token_kv_len[idx.clamp(min=0)], 0) if plan.num_tokens else idx
+        local_rows_host = (local_req, kv_len)
     if buffers is None:
         plan, local_req, slots = plan.to(device), local_req.to(device), slots.long()
     else:
@@ -172,7 +187,18 @@ def build_forward_metadata(
         use_decode_kernel=is_decode,
         max_seq_len=max_seq_len,
         whole_prompts=whole_prompts,
+        local_rows_host=local_rows_host,
     )
+
+
+def _exact_host_lengths(query_lens: Sequence[int], seq_lens: Sequence[int] | None, max_decode_query_len: int) -> bool:
+    """Whether vLLM's host sequence lengths are exact for every request of the batch: they
+    are an upper bound only for rows extending a sequence by speculative tokens (async
+    scheduling learns the accepted count later), which a request of at most
+    ``max_decode_query_len`` tokens may be when speculative decoding is on."""
+    if seq_lens is None or len(seq_lens) != len(query_lens) or not query_lens:
+        return False
+    return max_decode_query_len == 1 or min(query_lens) > max_decode_query_len
 
 
 def _padding_requests(num_padding_tokens: int, request_len: int) -> list[int]:
@@ -271,7 +297,7 @@ def select_topk_positions(
         return hit["positions"]
     return ops.indexer_topk(
         index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
-        topk, meta.block_size, caches.index_fp8,
+        topk, meta.block_size, caches.index_fp8, host_rows=meta.local_rows_host,
     )  # fmt: skip
 
 

@@ -503,6 +503,24 @@ def test_gather_plan_is_read_once_per_forward(monkeypatch):
     assert len(builds) == 5
 
 
+def test_host_rows_spare_the_plan_its_device_read():
+    """With the rows' lengths stated on the host (prefill batches), the plan is built from
+    them and never reads the device tensors (here: meta tensors, which cannot be read), and
+    it is the plan the device values would give."""
+    row_req = torch.tensor([0, 1, 0, -1, 1], dtype=torch.int32)
+    kv_len = torch.tensor([5, 3, 7, 0, 4])
+    table = torch.arange(8, dtype=torch.int32).view(2, 4)
+    api = vllm_deepgemm.LOGITS_COMPRESSED
+    unreadable = (torch.empty(5, dtype=torch.int32, device="meta"), torch.empty(5, dtype=torch.long, device="meta"))
+    planned = vllm_deepgemm.ForwardPlanCache().get(*unreadable, table, api, host_rows=(row_req, kv_len))
+    read = vllm_deepgemm.ForwardPlanCache().get(row_req, kv_len, table, api)
+    for field in ("reqs", "key_lens", "key_starts", "rows", "ks", "ke"):
+        assert torch.equal(getattr(planned.host, field), getattr(read.host, field)), field
+    assert planned.host.chunks == read.host.chunks
+    with pytest.raises(NotImplementedError):  # without them the device tensors are read
+        vllm_deepgemm.ForwardPlanCache().get(*unreadable, table, api)
+
+
 def test_every_layer_gets_the_same_kv_len_tensor():
     from vllm_cp_nsa.nsa_attention import build_forward_metadata
 

@@ -154,7 +154,7 @@ class VllmDeepGemmOps(VllmKernelOps):
                 f"writes: Triton")  # fmt: skip
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                     block_size, index_cache_fp8):  # fmt: skip
+                     block_size, index_cache_fp8, host_rows=None):  # fmt: skip
         key_width = block_table.shape[1] * block_size
         if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
                 and not torch.cuda.is_current_stream_capturing()
@@ -166,7 +166,7 @@ class VllmDeepGemmOps(VllmKernelOps):
             )  # fmt: skip
         _log_first_deepgemm_batch(q.shape[0], key_width)
         return _deepgemm_indexer_topk(
-            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size, self._plans
+            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size, self._plans, host_rows
         )
 
 
@@ -309,8 +309,9 @@ class GatherPlan:
 
 def plan_gather(row_req: torch.Tensor, row_kv_len: torch.Tensor, max_logits_bytes: int,
                 max_gather_keys: int) -> GatherPlan:  # fmt: skip
-    """The gather / chunk plan of ``indexer_topk``'s rows (reads both on the host)."""
-    row_req, kv_len = torch.stack([row_req.long(), row_kv_len.long()]).cpu()  # one sync
+    """The gather / chunk plan of ``indexer_topk``'s rows, on the host: device tensors are
+    read there in one sync, host ones (``host_rows``) are taken as they are."""
+    row_req, kv_len = torch.stack([row_req.long(), row_kv_len.long()]).cpu()
     rows = torch.nonzero((row_req >= 0) & (kv_len > 0)).flatten()
     reqs, req_of_row = torch.unique(row_req[rows], return_inverse=True)
     kv_len = kv_len[rows]
@@ -366,9 +367,12 @@ class ForwardPlanCache:
     def __init__(self):
         self._cache: SameTensorsCache[DevicePlan] = SameTensorsCache()
 
-    def get(self, row_req, row_kv_len, block_table, api: str) -> "DevicePlan":
+    def get(self, row_req, row_kv_len, block_table, api: str, host_rows=None) -> "DevicePlan":
+        """``host_rows`` (the same rows' ``(row_req, row_kv_len)`` on the host, exact) spares
+        the plan its read of the device tensors."""
         return self._cache.get((row_req, row_kv_len, block_table), (MAX_LOGITS_BYTES, MAX_GATHER_KEYS, api),
-                               lambda: DevicePlan.build(row_req, row_kv_len, block_table, api))  # fmt: skip
+                               lambda: DevicePlan.build(*(host_rows or (row_req, row_kv_len)), block_table,
+                                                        api))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -434,7 +438,7 @@ class DevicePlan:
 
 # -------------------------------------------------------------------- device path
 def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                           block_size, plans: ForwardPlanCache | None = None):  # fmt: skip
+                           block_size, plans: ForwardPlanCache | None = None, host_rows=None):  # fmt: skip
     from vllm._custom_ops import cp_gather_indexer_k_quant_cache, top_k_per_row_prefill
     from vllm.utils.deep_gemm import fp8_fp4_mqa_logits
 
@@ -444,7 +448,7 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
     api = logits_api(fp8_fp4_mqa_logits)
     if api is None:
         raise RuntimeError("vllm.utils.deep_gemm.fp8_fp4_mqa_logits has an unknown signature")
-    device_plan = (plans or ForwardPlanCache()).get(row_req, row_kv_len, block_table, api)
+    device_plan = (plans or ForwardPlanCache()).get(row_req, row_kv_len, block_table, api, host_rows)
     # rows without keys (padding) stay -1; when the chunks cover every row, the top-k writes all
     covered = device_plan.host.rows.numel() == q.shape[0]
     out = (torch.empty((q.shape[0], topk), dtype=torch.int32, device=dev) if covered
