@@ -652,6 +652,10 @@ def test_gpu_indexer_topk_matches_reference(deepgemm_ops, no_triton_fallback, mo
     monkeypatch.setattr(vllm_deepgemm, "MAX_GATHER_KEYS", 2000)
     chunked = deepgemm_ops.indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, True)
     assert torch.equal(chunked.cpu().sort(dim=1).values, out.sort(dim=1).values)
+    # planned from host rows (prefill batches): the same picks, the device tensors never read
+    host = deepgemm_ops.indexer_topk(q, weights, cache, table, row_req.clone(), row_len.clone(), topk, block_size,
+                                     True, host_rows=(inputs[4], inputs[5]))  # fmt: skip
+    assert torch.equal(host.cpu().sort(dim=1).values, out.sort(dim=1).values)
 
 
 @pytest.mark.gpu
