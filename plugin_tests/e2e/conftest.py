@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,21 +46,38 @@ class VllmRunFailed(RuntimeError):
 
 
 def run_vllm(spec: dict, timeout: int = 900, **env_extra: str) -> dict:
-    """Run one engine configuration in a fresh process; return its RESULT dict."""
+    """Run one engine configuration in a fresh process; return its RESULT dict.
+
+    The runner's output goes to files, not pipes, and its process group is killed once it
+    exits: a vLLM worker that outlives the runner (it leaves with ``os._exit``) would
+    otherwise hold the pipes open and block the test until the timeout."""
     tp = spec["llm"].get("tensor_parallel_size", 1)
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), "-"], input=json.dumps(spec),
-        capture_output=True, text=True, timeout=timeout, env=vllm_env(tp, **env_extra),
-    )
-    for line in reversed(proc.stdout.splitlines()):
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(RUNNER), "-"], stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                text=True, env=vllm_env(tp, **env_extra), start_new_session=True)
+        try:
+            proc.communicate(json.dumps(spec), timeout=timeout)
+        finally:
+            kill_process_group(proc.pid)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    for line in reversed(stdout.splitlines()):
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
-            result["log"] = proc.stdout + proc.stderr
+            result["log"] = stdout + stderr
             return result
     raise VllmRunFailed(
-        f"vLLM run failed (rc={proc.returncode}).\n--- stderr tail ---\n{proc.stderr[-6000:]}"
-        f"\n--- stdout tail ---\n{proc.stdout[-2000:]}"
+        f"vLLM run failed (rc={proc.returncode}).\n--- stderr tail ---\n{stderr[-6000:]}"
+        f"\n--- stdout tail ---\n{stdout[-2000:]}"
     )
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL whatever is left of a runner's process group (its vLLM workers)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import RUNNER, SPLIT_EVERY_BATCH, VllmRunFailed, mixed_prompts, vllm_env
+from conftest import RUNNER, SPLIT_EVERY_BATCH, VllmRunFailed, kill_process_group, mixed_prompts, vllm_env
 from hf_oracle import greedy_generate, load_hf_model, prompt_logprobs
 
 pytestmark = pytest.mark.e2e
@@ -46,14 +46,13 @@ def _run_replicas(tiny_model, prompts_per_replica, tmp_path, timeout: int = 900)
                        CP_NSA_TRACE_PLANS=str(tmp_path / f"plans-dp{rank}"))
         log = open(tmp_path / f"dp{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, str(RUNNER), json.dumps(spec)], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+                                       stderr=subprocess.STDOUT, start_new_session=True), log))
     try:
         for proc, _ in procs:
             proc.wait(timeout=timeout)
     finally:
         for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
+            kill_process_group(proc.pid)  # the runner and any vLLM worker it left behind
             log.close()
     results = []
     for rank in range(DP):
