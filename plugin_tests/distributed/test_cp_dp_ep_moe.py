@@ -14,6 +14,7 @@ other replica).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -35,45 +36,57 @@ def _replica_rows(rank: int) -> torch.Tensor:
     return torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(80 + rank // TP))
 
 
-def _run_dp_ep_moe(group, run_id: str):
+@contextmanager
+def dp_tp_parallel_state(group, run_id: str, **parallel_fields):
+    """vLLM's parallel state over the harness's gloo world, built as ``--data-parallel-size DP
+    -tp TP --enable-expert-parallel`` builds it (DP outermost), with ``parallel_fields`` set on
+    the parallel config as well; yields the ``VllmConfig``."""
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import (destroy_model_parallel, get_tp_group,
-                                  init_distributed_environment, initialize_model_parallel)
+    from vllm.distributed import destroy_model_parallel, init_distributed_environment, initialize_model_parallel
+
+    vllm_config = VllmConfig()
+    object.__setattr__(vllm_config, "model_config", SimpleNamespace(dtype=torch.float32, is_moe=True))
+    os.environ["VLLM_DIST_IDENT"] = run_id
+    with set_current_vllm_config(vllm_config):
+        # join as one world of DP x TP (DP 1 here: the harness already numbered the ranks
+        # globally), then build the groups as the DP launch does
+        init_distributed_environment(world_size=group.world_size, rank=group.rank, local_rank=group.rank,
+                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo")
+        parallel = vllm_config.parallel_config
+        parallel.data_parallel_size, parallel.tensor_parallel_size = DP, TP
+        parallel.enable_expert_parallel = True
+        for name, value in parallel_fields.items():
+            setattr(parallel, name, value)
+        initialize_model_parallel(TP, 1)
+        try:
+            yield vllm_config
+        finally:
+            destroy_model_parallel()
+
+
+def _run_dp_ep_moe(group, run_id: str):
+    from vllm.distributed import get_tp_group
 
     from vllm_cp_nsa.adapter.ep_moe import CpNsaExpertParallelMoE
     from vllm_cp_nsa.adapter.runtime import VllmTpGroup, moe_group_coordinator
     from vllm_cp_nsa.communicator import ScatteredMoeCommunicator
 
     config, hf = _hf_moe()
-    vllm_config = VllmConfig()
-    object.__setattr__(vllm_config, "model_config", SimpleNamespace(dtype=torch.float32, is_moe=True))
-    os.environ["VLLM_DIST_IDENT"] = run_id
-    with set_current_vllm_config(vllm_config):
-        # join as one world of 4 (DP 1 here: the harness already numbered the ranks globally),
-        # then build the groups as --data-parallel-size 2 -tp 2 --enable-expert-parallel does
-        init_distributed_environment(world_size=group.world_size, rank=group.rank, local_rank=group.rank,
-                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo")
-        parallel = vllm_config.parallel_config
-        parallel.data_parallel_size, parallel.tensor_parallel_size = DP, TP
-        parallel.enable_expert_parallel = True
-        initialize_model_parallel(TP, 1)
-        try:
-            tp = get_tp_group()
-            moe_coordinator = moe_group_coordinator(vllm_config)
-            moe_group = VllmTpGroup(moe_coordinator)
-            config.scoring_func, config.topk_method = "sigmoid", "noaux_tc"
-            moe = CpNsaExpertParallelMoE(vllm_config, config, "model.layers.1.mlp", moe_group)
-            _load_hf_weights(moe, hf)
-            communicator, plan = ScatteredMoeCommunicator(), SimpleNamespace(is_split=True)
-            with torch.no_grad():
-                split = communicator.forward(moe, _split_rows(group.rank), plan, VllmTpGroup(tp))
-                unsplit = communicator.forward(moe, _replica_rows(group.rank), plan, VllmTpGroup(tp))
-                empty = moe(torch.empty(0, HIDDEN)) if group.rank == 1 else moe(_split_rows(group.rank))
-            return {"split": split, "unsplit": unsplit, "empty_rank_ok": empty.shape,
-                    "local_experts": sorted(int(e) for e in moe.experts),
-                    "tp_ranks": list(tp.ranks), "moe_ranks": list(moe_coordinator.ranks)}
-        finally:
-            destroy_model_parallel()
+    with dp_tp_parallel_state(group, run_id) as vllm_config:
+        tp = get_tp_group()
+        moe_coordinator = moe_group_coordinator(vllm_config)
+        moe_group = VllmTpGroup(moe_coordinator)
+        config.scoring_func, config.topk_method = "sigmoid", "noaux_tc"
+        moe = CpNsaExpertParallelMoE(vllm_config, config, "model.layers.1.mlp", moe_group)
+        _load_hf_weights(moe, hf)
+        communicator, plan = ScatteredMoeCommunicator(), SimpleNamespace(is_split=True)
+        with torch.no_grad():
+            split = communicator.forward(moe, _split_rows(group.rank), plan, VllmTpGroup(tp))
+            unsplit = communicator.forward(moe, _replica_rows(group.rank), plan, VllmTpGroup(tp))
+            empty = moe(torch.empty(0, HIDDEN)) if group.rank == 1 else moe(_split_rows(group.rank))
+        return {"split": split, "unsplit": unsplit, "empty_rank_ok": empty.shape,
+                "local_experts": sorted(int(e) for e in moe.experts),
+                "tp_ranks": list(tp.ranks), "moe_ranks": list(moe_coordinator.ranks)}
 
 
 def _err(out, expected) -> float:

@@ -21,18 +21,17 @@ experts other ranks own, as the GPU kernels do). Everything else is vLLM's code.
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from cp_gloo_harness import free_port, run_ranks
-from test_cp_ep_moe_adapter import EXPERTS, HIDDEN, _hf_moe
+from cp_gloo_harness import run_ranks
+from test_cp_dp_ep_moe import DP, TP, dp_tp_parallel_state
+from test_cp_ep_moe_adapter import EXPERTS, HIDDEN, _hf_moe, _process_weights_after_loading
 
 pytestmark = pytest.mark.distributed
 
-DP, TP = 2, 2
 # per replica: the requests' query lengths and the rows vLLM hands the model (graph padding)
 ROUND_ROBIN = {0: ([7], 10), 1: ([5], 5)}  # replica 0: 3 padding rows, a chunk more than its tokens need
 IN_SEQ_UNEVEN = {0: ([9, 1], 10), 1: ([2, 3], 5)}
@@ -95,9 +94,7 @@ def _checkpoint(hf) -> list[tuple[str, torch.Tensor]]:
 
 def _run_vllm_ep_moe(group, run_id: str):
     from torch import nn
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import (destroy_model_parallel, get_tp_group,
-                                  init_distributed_environment, initialize_model_parallel)
+    from vllm.distributed import get_tp_group
     from vllm.forward_context import set_forward_context
 
     from vllm_cp_nsa.adapter.ep_moe import VllmExpertParallelMoE
@@ -109,49 +106,33 @@ def _run_vllm_ep_moe(group, run_id: str):
     _install_cpu_ep_shims()
     config, hf = _hf_moe()
     config.scoring_func, config.topk_method, config.first_k_dense_replace = "sigmoid", "noaux_tc", 0
-    vllm_config = VllmConfig()
-    object.__setattr__(vllm_config, "model_config", SimpleNamespace(dtype=torch.float32, is_moe=True))
-    os.environ["VLLM_DIST_IDENT"] = run_id
     replica, tp_rank = divmod(group.rank, TP)
-    with set_current_vllm_config(vllm_config):
-        init_distributed_environment(world_size=group.world_size, rank=group.rank, local_rank=group.rank,
-                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo")
-        parallel = vllm_config.parallel_config
-        parallel.data_parallel_size, parallel.tensor_parallel_size = DP, TP
-        parallel.data_parallel_rank = replica
-        parallel.enable_expert_parallel = True
-        parallel.all2all_backend = "allgather_reducescatter"
-        initialize_model_parallel(TP, 1)
-        try:
-            cp_group = VllmTpGroup(get_tp_group())
-            root = nn.Module()
-            root.model = nn.Module()
-            root.model.layers = nn.ModuleList([nn.Module(), nn.Module()])
-            moe = VllmExpertParallelMoE(vllm_config, config, "model.layers.1.mlp", cp_group)
-            root.model.layers[1].mlp = moe
-            load_deepseek_v32_weights(root, _checkpoint(hf), config, None)
-            for module in moe.modules():
-                method = getattr(module, "quant_method", None)
-                if method is not None and hasattr(method, "process_weights_after_loading"):
-                    method.process_weights_after_loading(module)
-            results = {}
-            cases = {"round_robin": (ROUND_ROBIN, RoundRobinSplit()), "in_seq_uneven": (IN_SEQ_UNEVEN, InSeqSplit()),
-                     "unsplit": (ROUND_ROBIN, None)}
-            for name, (batches, strategy) in cases.items():
-                query_lens, num_input_tokens = batches[replica]
-                plan = (build_split_plan(query_lens, TP, tp_rank, strategy, num_input_tokens=num_input_tokens)
-                        if strategy is not None else unsplit_plan(sum(query_lens), TP, tp_rank, "test"))
-                tokens = _replica_tokens(replica, num_input_tokens)
-                x_local = plan.take_local(tokens[: plan.num_tokens])
-                across_dp = torch.tensor([batches[d][1] for d in range(DP)])
-                with torch.no_grad(), set_forward_context(None, vllm_config, num_tokens=num_input_tokens,
-                                                          num_tokens_across_dp=across_dp):
-                    out = ScatteredMoeCommunicator().forward(moe, x_local, plan, cp_group)
-                results[name] = {"out": out, "local_token_idx": plan.local_token_idx, "is_split": plan.is_split,
-                                 "rows": x_local.shape[0], "chunk": -(-num_input_tokens // TP)}
-            return results
-        finally:
-            destroy_model_parallel()
+    with dp_tp_parallel_state(group, run_id, data_parallel_rank=replica,
+                              all2all_backend="allgather_reducescatter") as vllm_config:
+        cp_group = VllmTpGroup(get_tp_group())
+        root = nn.Module()
+        root.model = nn.Module()
+        root.model.layers = nn.ModuleList([nn.Module(), nn.Module()])
+        moe = VllmExpertParallelMoE(vllm_config, config, "model.layers.1.mlp", cp_group)
+        root.model.layers[1].mlp = moe
+        load_deepseek_v32_weights(root, _checkpoint(hf), config, None)
+        _process_weights_after_loading(moe)
+        results = {}
+        cases = {"round_robin": (ROUND_ROBIN, RoundRobinSplit()), "in_seq_uneven": (IN_SEQ_UNEVEN, InSeqSplit()),
+                 "unsplit": (ROUND_ROBIN, None)}
+        for name, (batches, strategy) in cases.items():
+            query_lens, num_input_tokens = batches[replica]
+            plan = (build_split_plan(query_lens, TP, tp_rank, strategy, num_input_tokens=num_input_tokens)
+                    if strategy is not None else unsplit_plan(sum(query_lens), TP, tp_rank, "test"))
+            tokens = _replica_tokens(replica, num_input_tokens)
+            x_local = plan.take_local(tokens[: plan.num_tokens])
+            across_dp = torch.tensor([batches[d][1] for d in range(DP)])
+            with torch.no_grad(), set_forward_context(None, vllm_config, num_tokens=num_input_tokens,
+                                                      num_tokens_across_dp=across_dp):
+                out = ScatteredMoeCommunicator().forward(moe, x_local, plan, cp_group)
+            results[name] = {"out": out, "local_token_idx": plan.local_token_idx, "is_split": plan.is_split,
+                             "rows": x_local.shape[0], "chunk": -(-num_input_tokens // TP)}
+        return results
 
 
 def test_dp_times_cp_scattered_rides_vllms_expert_parallel_moe():

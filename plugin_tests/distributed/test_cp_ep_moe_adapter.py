@@ -89,10 +89,15 @@ def _load_hf_weights(moe, hf) -> None:
         shared = hf.shared_experts
         moe.shared_experts.gate_up_proj.weight.copy_(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
         moe.shared_experts.down_proj.weight.copy_(shared.down_proj.weight)
-    for module in moe.modules():
-        method = getattr(module, "quant_method", None)
+    _process_weights_after_loading(moe)
+
+
+def _process_weights_after_loading(module) -> None:
+    """What vLLM's loader runs after the weights are in: each quant method's post-processing."""
+    for sub in module.modules():
+        method = getattr(sub, "quant_method", None)
         if method is not None:
-            method.process_weights_after_loading(module)
+            method.process_weights_after_loading(sub)
 
 
 def test_routing_config_exercises_groups_and_bias():

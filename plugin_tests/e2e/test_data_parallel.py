@@ -9,7 +9,6 @@ greedy tokens and prompt logprobs must equal HF transformers' (the no-CP, no-DP 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import pytest
 
 from conftest import RUNNER, SPLIT_EVERY_BATCH, VllmRunFailed, kill_process_group, mixed_prompts, vllm_env
 from hf_oracle import greedy_generate, load_hf_model, prompt_logprobs
+from server import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +24,9 @@ DP, TP = 2, 2
 MAX_TOKENS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_replicas(tiny_model, prompts_per_replica, tmp_path, timeout: int = 900) -> list[dict]:
     """One vLLM process per DP replica, started together (they join one world of DP x TP)."""
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank, prompts in enumerate(prompts_per_replica):
         spec = {
             "llm": {"model": str(tiny_model), "dtype": "float32", "tensor_parallel_size": TP, "max_model_len": 1024,

@@ -77,13 +77,15 @@ def describe_moe(vllm_config: VllmConfig, options: CpNsaConfig, communicator, al
         line = f"moe={communicator.name} (auto: {why})"
     else:
         line = f"moe={communicator.name}"
-    if communicator.name == "scattered" and _vllm_expert_parallel_moe(vllm_config)[0]:
-        line += f", moving token rows through {_vllm_expert_parallel_moe(vllm_config)[1]}"
-    elif communicator.name == "scattered":
-        ranks = ("the TP ranks" if vllm_config.parallel_config.data_parallel_size == 1
-                 else "vLLM's EP group (all DP x TP ranks)")
-        line += (f", moving token rows with torch all-to-all over {ranks}"
-                 + (f" (not with '{backend}')" if all_to_all else ""))
+    if communicator.name == "scattered":
+        vllm_ep, path = _vllm_expert_parallel_moe(vllm_config)
+        if vllm_ep:
+            line += f", moving token rows through {path}"
+        else:
+            ranks = ("the TP ranks" if vllm_config.parallel_config.data_parallel_size == 1
+                     else "vLLM's EP group (all DP x TP ranks)")
+            line += (f", moving token rows with torch all-to-all over {ranks}"
+                     + (f" (not with '{backend}')" if all_to_all else ""))
     if not getattr(communicator, "supports_cuda_graphs", False):
         line += ", CUDA graphs off (its collective sizes follow the routing)"
     return line

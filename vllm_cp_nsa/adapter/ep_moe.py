@@ -6,7 +6,8 @@ go to vLLM's own DeepseekV2MoE -- its FusedMoE, expert map and all2all manager (
 configured) -- exactly as vLLM's own V3.2 hands it each rank's sequence-parallel chunk.
 
 ``CpNsaExpertParallelMoE`` (the fallback, and the CPU path): routed expert e is owned by
-rank ``e * N // E`` with its full intermediate size; the router and the shared expert are replicated. Each rank routes its own rows,
+rank ``e * N // E`` with its full intermediate size; the router and the shared expert are
+replicated. Each rank routes its own rows,
 sends every (row, expert) pair to the expert's owner with ``all_to_all``,
 computes its local experts, and receives the weighted results back. Returns
 complete outputs for exactly the rows it was given, so no gather is needed
@@ -124,4 +125,3 @@ class VllmExpertParallelMoE(DeepseekV2MoE):
             return super().forward(x_local, already_sequence_parallel=True)
         tokens = pad_rows(gather_token_rows(x_local, plan, self.cp_group), num_tokens)
         return plan.take_local(super().forward(tokens, already_sequence_parallel=False)[: plan.num_tokens])
-
