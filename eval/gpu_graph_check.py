@@ -44,12 +44,23 @@ CONFIGS = {
     # batches replay breakable piecewise graphs, padded to a capture size
     "tp1-bf16-chunked": (1, "off", "auto", 0, "bfloat16"),
     "tp1-fp8-mtp1-chunked": (1, "off", "fp8", 1, "bfloat16"),
+    # the piecewise graphs the plugin holds back (fp8 KV, MTP) tried anyway, one at a time, to find
+    # which fails to replay (config_hook.TRY_HELD_PIECEWISE_ENV)
+    "tp1-fp8-chunked-trypw": (1, "off", "fp8", 0, "bfloat16"),
+    "tp1-bf16-mtp1-chunked-trypw": (1, "off", "auto", 1, "bfloat16"),
+    "tp1-fp8-mtp1-chunked-trypw": (1, "off", "fp8", 1, "bfloat16"),
 }
 # engine arguments beyond the defaults, per configuration
-LLM_OVERRIDES = {
-    "tp1-bf16-chunked": {"max_num_batched_tokens": 128},
-    "tp1-fp8-mtp1-chunked": {"max_num_batched_tokens": 128},
-}
+LLM_OVERRIDES = {name: {"max_num_batched_tokens": 128} for name in CONFIGS if "-chunked" in name}
+
+
+def extra_env(name: str) -> dict[str, str]:
+    """A "-trypw" case's held piecewise cases to try: fp8 for an fp8 cache, mtp with drafts."""
+    if not name.endswith("-trypw"):
+        return {}
+    _, _, kv_dtype, num_spec, *_ = CONFIGS[name]
+    tried = [case for case, on in (("fp8", kv_dtype == "fp8"), ("mtp", num_spec > 0)) if on]
+    return {"VLLM_CP_NSA_TRY_PIECEWISE": ",".join(tried)}
 
 
 def tiny_prompts() -> list[list[int]]:
@@ -82,7 +93,7 @@ def run_one(name: str, eager: bool, out_dir: Path, prompts, max_tokens: int, tim
         llm["speculative_config"] = {"method": "mtp", "num_speculative_tokens": num_spec}
     spec = {"llm": llm, "prompts": prompts,
             "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}}
-    env = dict(os.environ, CP_NSA_TRACE_PLANS=trace)
+    env = dict(os.environ, CP_NSA_TRACE_PLANS=trace, **extra_env(name))
     started = time.time()
     try:
         proc = subprocess.run([sys.executable, str(REPO / "plugin_tests/e2e/vllm_runner.py"), json.dumps(spec)],

@@ -7,12 +7,29 @@ so the model allocates the scratch these bounds imply in its profile forward ins
 
 from __future__ import annotations
 
-MAX_LOGITS_BYTES = 256 * 1024**2
+import os
+
+LOGITS_MB_ENV = "VLLM_SPARSE_INDEXER_MAX_LOGITS_MB"
+"""vLLM's own bound of its indexer's prefill logits chunk; when an operator sets it, the plugin's
+indexer chunks by it too."""
+
+
+def _max_logits_bytes() -> int:
+    raw = os.environ.get(LOGITS_MB_ENV, "").strip()
+    if not raw:
+        return 256 * 1024**2
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{LOGITS_MB_ENV}={raw!r}: a positive number of MiB")
+    return int(raw) * 1024**2
+
+
+MAX_LOGITS_BYTES = _max_logits_bytes()
 """One chunk of fp32 indexer logits, for every indexer path (the Triton kernels and the DeepGEMM
-one). 256 MiB, not vLLM's 512 MiB default (``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB``): vLLM's own
-indexer allocates its logits inside the profiled forward, the plugin's are unprofiled, and a
-chunk this size already holds 4096 query rows of 16K keys (1024 of 64K), enough to keep the
-kernels at full rate (eval/kernel_notes.md); more rows only split into more chunks."""
+one): ``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB`` where set, else 256 MiB, not vLLM's 512 MiB default:
+vLLM's own indexer allocates its logits inside the profiled forward, the plugin's are unprofiled
+(``scratch.py`` holds this much in the profile forward), and a chunk this size already holds 4096
+query rows of 16K keys (1024 of 64K), enough to keep the kernels at full rate
+(eval/kernel_notes.md); more rows only split into more chunks."""
 
 MAX_WORKSPACE_BYTES = 256 * 1024**2
 """Largest bf16 latent workspace an fp8 prefill dequantizes into (1152 bytes per block-table

@@ -225,3 +225,19 @@ def test_piecewise_graphs_not_yet_with_mtp_or_fp8_kv(speculative, fp8_kv):
     ok, reason = piecewise_graph_decision(cp_size=1, mode="off", heads_split=False, moe_capturable=True,
                                           speculative=speculative, fp8_kv=fp8_kv)
     assert not ok and "not verified" in reason
+
+
+def test_try_held_piecewise_knob_parses_and_refuses_unknown(monkeypatch):
+    """The GPU graph check's diagnostic knob names the held cases to try; anything else fails at startup."""
+    from vllm_cp_nsa.adapter.config_hook import TRY_HELD_PIECEWISE_ENV, held_piecewise_cases_to_try
+    from vllm_cp_nsa.config import CpNsaConfigError
+
+    monkeypatch.delenv(TRY_HELD_PIECEWISE_ENV, raising=False)
+    assert held_piecewise_cases_to_try() == frozenset()
+    monkeypatch.setenv(TRY_HELD_PIECEWISE_ENV, "fp8")
+    assert held_piecewise_cases_to_try() == {"fp8"}
+    monkeypatch.setenv(TRY_HELD_PIECEWISE_ENV, " mtp, fp8 ")
+    assert held_piecewise_cases_to_try() == {"fp8", "mtp"}
+    monkeypatch.setenv(TRY_HELD_PIECEWISE_ENV, "fp8,bf16")
+    with pytest.raises(CpNsaConfigError, match="bf16"):
+        held_piecewise_cases_to_try()

@@ -18,6 +18,7 @@ other symbols the plugin needs.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
@@ -52,6 +53,10 @@ AUX_HIDDEN_STATE_METHODS = ("eagle3", "dflash", "extract_hidden_states")
 # The plugin's MoE communicators whose collectives span only the CP (= TP) group
 # ("scattered" spreads its experts over vLLM's EP group under DP: runtime.moe_group_coordinator).
 TP_GROUP_MOE_COMMUNICATORS = ("full",)
+# Diagnostic for the GPU graph check (eval/gpu_graph_check.py's "-trypw" cases), not for serving:
+# a comma list of the held-back piecewise cases to try anyway ("fp8", "mtp"), so that a device run
+# can tell which of them fails to replay (graph_sizing.piecewise_graph_decision).
+TRY_HELD_PIECEWISE_ENV = "VLLM_CP_NSA_TRY_PIECEWISE"
 
 
 def canonical_kv_cache_dtype(requested: str) -> str:
@@ -210,10 +215,10 @@ def _attention_split_policy(vllm_config: VllmConfig) -> AttentionSplitPolicy:
 _logged_lines: set[str] = set()
 
 
-def _log_once(line: str) -> None:
+def _log_once(line: str, warning: bool = False) -> None:
     if line not in _logged_lines:
         _logged_lines.add(line)
-        logger.info(line)
+        (logger.warning if warning else logger.info)(line)
 
 
 class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
@@ -244,16 +249,31 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
+        tried = held_piecewise_cases_to_try()
         piecewise, why = piecewise_graph_decision(
             cp_size=parallel.tensor_parallel_size, mode=options.mode, heads_split=policy.heads_split,
             moe_capturable=getattr(communicator, "supports_cuda_graphs", False),
-            speculative=vllm_config.speculative_config is not None,
-            fp8_kv=cache_config.cache_dtype == "fp8_ds_mla")
+            speculative=vllm_config.speculative_config is not None and "mtp" not in tried,
+            fp8_kv=cache_config.cache_dtype == "fp8_ds_mla" and "fp8" not in tried)
         set_cudagraph_mode(vllm_config, piecewise, why, split=options.mode != "off")
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
             set_cp_capture_sizes(vllm_config, split_decode=policy.split_decode)
         logger.info(describe_decision(
             vllm_config, options, policy, kernels, describe_moe(vllm_config, options, communicator, all_to_all)))
+
+
+def held_piecewise_cases_to_try() -> frozenset[str]:
+    """The held-back piecewise cases ``VLLM_CP_NSA_TRY_PIECEWISE`` asks to try (a warning says so)."""
+    raw = os.environ.get(TRY_HELD_PIECEWISE_ENV, "")
+    tried = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    unknown = tried - {"fp8", "mtp"}
+    if unknown:
+        raise CpNsaConfigError(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}={raw!r}: unknown {sorted(unknown)} "
+                               "(a comma list of fp8, mtp)")
+    if tried:
+        _log_once(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}={raw}: trying piecewise graphs held back for "
+                  f"{', '.join(sorted(tried))} (a diagnostic, not verified)", warning=True)
+    return tried
 
 
 def set_cudagraph_mode(vllm_config: VllmConfig, piecewise: bool, why: str, split: bool = True) -> None:
