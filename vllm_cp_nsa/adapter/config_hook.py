@@ -53,9 +53,9 @@ AUX_HIDDEN_STATE_METHODS = ("eagle3", "dflash", "extract_hidden_states")
 # The plugin's MoE communicators whose collectives span only the CP (= TP) group
 # ("scattered" spreads its experts over vLLM's EP group under DP: runtime.moe_group_coordinator).
 TP_GROUP_MOE_COMMUNICATORS = ("full",)
-# Diagnostic for the GPU graph check (eval/gpu_graph_check.py's "-trypw" cases), not for serving:
-# a comma list of the held-back piecewise cases to try anyway ("fp8", "mtp"), so that a device run
-# can tell which of them fails to replay (graph_sizing.piecewise_graph_decision).
+# Diagnostic for the GPU graph check (eval/gpu_graph_check.py's "-trypw" case), not for serving:
+# "1" tries the piecewise graphs held back for MTP with an fp8 KV cache
+# (graph_sizing.piecewise_graph_decision), so a device run can show whether they replay.
 TRY_HELD_PIECEWISE_ENV = "VLLM_CP_NSA_TRY_PIECEWISE"
 
 
@@ -249,12 +249,12 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
-        tried = held_piecewise_cases_to_try()
+        try_held = try_held_piecewise()
         piecewise, why = piecewise_graph_decision(
             cp_size=parallel.tensor_parallel_size, mode=options.mode, heads_split=policy.heads_split,
             moe_capturable=getattr(communicator, "supports_cuda_graphs", False),
-            speculative=vllm_config.speculative_config is not None and "mtp" not in tried,
-            fp8_kv=cache_config.cache_dtype == "fp8_ds_mla" and "fp8" not in tried)
+            speculative=vllm_config.speculative_config is not None and not try_held,
+            fp8_kv=cache_config.cache_dtype == "fp8_ds_mla")
         set_cudagraph_mode(vllm_config, piecewise, why, split=options.mode != "off")
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
             set_cp_capture_sizes(vllm_config, split_decode=policy.split_decode)
@@ -262,18 +262,15 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             vllm_config, options, policy, kernels, describe_moe(vllm_config, options, communicator, all_to_all)))
 
 
-def held_piecewise_cases_to_try() -> frozenset[str]:
-    """The held-back piecewise cases ``VLLM_CP_NSA_TRY_PIECEWISE`` asks to try (a warning says so)."""
-    raw = os.environ.get(TRY_HELD_PIECEWISE_ENV, "")
-    tried = frozenset(part.strip() for part in raw.split(",") if part.strip())
-    unknown = tried - {"fp8", "mtp"}
-    if unknown:
-        raise CpNsaConfigError(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}={raw!r}: unknown {sorted(unknown)} "
-                               "(a comma list of fp8, mtp)")
-    if tried:
-        _log_once(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}={raw}: trying piecewise graphs held back for "
-                  f"{', '.join(sorted(tried))} (a diagnostic, not verified)", warning=True)
-    return tried
+def try_held_piecewise() -> bool:
+    """Whether ``VLLM_CP_NSA_TRY_PIECEWISE=1`` asks to try the held-back piecewise graphs (a warning says so)."""
+    raw = os.environ.get(TRY_HELD_PIECEWISE_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise CpNsaConfigError(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}={raw!r}: 1 or 0")
+    if raw == "1":
+        _log_once(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}=1: trying the piecewise graphs held back for MTP "
+                  "with an fp8 KV cache (a diagnostic, not verified)", warning=True)
+    return raw == "1"
 
 
 def set_cudagraph_mode(vllm_config: VllmConfig, piecewise: bool, why: str, split: bool = True) -> None:
