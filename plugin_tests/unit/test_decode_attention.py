@@ -67,6 +67,8 @@ def _fp8_block_linear(n_in: int, n_out: int, gen: torch.Generator):
     return layer, dequantized
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
+                    reason="vLLM's CPU fp8 block GEMM needs AMX tiles (Sapphire Rapids or newer); this CPU has none")
 def test_a_quantized_checkpoints_projection_has_no_weight_to_slice_by_head(vllm_single_rank):
     """What the config-time check stands for: under an fp8 checkpoint's quantization the
     projection holds fp8 blocks whose meaning needs the per-block scales (a row slice of the
