@@ -107,8 +107,11 @@ def run_one(name: str, eager: bool, out_dir: Path, prompts, max_tokens: int, tim
                       generate_s=round(payload["generate_s"], 2), spec_decode=payload["info"].get("spec_decode"))
     else:
         result["error"] = log[-3000:]
-    forwards = [json.loads(line) for path in glob.glob(trace + ".rank*") for line in open(path)]
+    lines = [json.loads(line) for path in glob.glob(trace + ".rank*") for line in open(path)]
+    forwards = [line for line in lines if "strategy" in line]  # the builder's line per forward
     result["forwards"] = len(forwards)
+    # forwards a piecewise graph replayed padded (the attention's eager break writes these)
+    result["piecewise_padded_forwards"] = sum(1 for line in lines if line.get("piecewise_padded"))
     result["graph_padded_forwards"] = sum(1 for f in forwards if f.get("graph_padded"))
     result["graph_padded_examples"] = sorted({(f["num_tokens"], f["rows_per_rank"], f["strategy"])
                                               for f in forwards if f.get("graph_padded")})[:6]
@@ -152,6 +155,7 @@ def main() -> None:
         results.append(row)
         print("RESULT", json.dumps({k: row[k] for k in ("name", "equal")}),
               f"padded graph forwards {graph['graph_padded_forwards']}/{graph['forwards']}",
+              f"piecewise padded {graph['piecewise_padded_forwards']}",
               f"wall eager {eager['wall_s']}s graph {graph['wall_s']}s",
               f"spec {graph.get('spec_decode')}", flush=True)
         (out_dir / "graph_check.json").write_text(json.dumps(results, indent=1))

@@ -37,6 +37,8 @@ def test_graph_replays_equal_eager(name, tmp_path):
     captured_piecewise = any("PIECEWISE" in mode for mode in graph["vllm_captured_modes"])
     if name.endswith("-chunked"):
         assert captured_piecewise is (name not in PIECEWISE_HELD), graph["vllm_captured_modes"]
+        # short mixed batches (a prompt's last chunk beside decodes) replayed them, padded
+        assert (graph["piecewise_padded_forwards"] > 0) is (name not in PIECEWISE_HELD)
 
 
 def test_decode_attention_tp_equals_split_decode(tmp_path):

@@ -48,6 +48,16 @@ CPU_BLOCK_ALIGNMENT = 16
 TRACE_PLANS_ENV = "CP_NSA_TRACE_PLANS"
 
 
+def trace_piecewise_replay(cp_rank: int, rows: int, padded_rows: int) -> None:
+    """One trace line (``CP_NSA_TRACE_PLANS``) for a forward a piecewise CUDA graph replayed
+    padded: the attention's eager break got ``padded_rows`` input rows for the batch's ``rows``.
+    The builder never sees such a batch padded, so only the break can count them."""
+    trace = os.environ.get(TRACE_PLANS_ENV)
+    if trace:
+        with open(f"{trace}.rank{cp_rank}", "a") as f:
+            f.write(json.dumps({"piecewise_padded": True, "rows": rows, "padded_rows": padded_rows}) + "\n")
+
+
 class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
     """Builds the split plan once per forward into persistent buffers.
 

@@ -35,7 +35,7 @@ from ..kernels.kv_cache_ref import INDEXER_FP8_SLOT_BYTES
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
 from ..scratch import AttentionShape, BatchBounds, IndexerLimits, attention_scratch_bytes
 from ..split_plan import SplitPlan, unsplit_plan
-from .backend import CpNsaBackend, CpNsaIndexerCache
+from .backend import CpNsaBackend, CpNsaIndexerCache, trace_piecewise_replay
 from .ep_moe import CpNsaExpertParallelMoE, VllmExpertParallelMoE
 from .runtime import CpNsaRuntime
 from .weights import load_deepseek_v32_weights
@@ -273,7 +273,9 @@ class CpNsaAttention(nn.Module):
             return
         heads = self._head_slice(meta)
         rows = meta.num_local_rows
-        if rows < values.shape[0]:
+        if rows < values.shape[0]:  # a piecewise graph replaying this batch padded to its size
+            meta.per_forward_value("piecewise_traced", lambda: trace_piecewise_replay(
+                self.runtime.group.rank, rows, values.shape[0]))
             values[rows:].zero_()
             values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k = (
                 t[:rows] for t in (values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k))
