@@ -48,14 +48,24 @@ CPU_BLOCK_ALIGNMENT = 16
 TRACE_PLANS_ENV = "CP_NSA_TRACE_PLANS"
 
 
-def trace_piecewise_replay(cp_rank: int, rows: int, padded_rows: int) -> None:
-    """One trace line (``CP_NSA_TRACE_PLANS``) for a forward a piecewise CUDA graph replayed
-    padded: the attention's eager break got ``padded_rows`` input rows for the batch's ``rows``.
-    The builder never sees such a batch padded, so only the break can count them."""
+def trace_file(cp_rank: int) -> str | None:
+    """This rank's trace file (``<CP_NSA_TRACE_PLANS>.rank<r>``), None when not tracing."""
     trace = os.environ.get(TRACE_PLANS_ENV)
-    if trace:
-        with open(f"{trace}.rank{cp_rank}", "a") as f:
-            f.write(json.dumps({"piecewise_padded": True, "rows": rows, "padded_rows": padded_rows}) + "\n")
+    return f"{trace}.rank{cp_rank}" if trace else None
+
+
+def append_trace(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trace_piecewise_replay(cp_rank: int, rows: int, padded_rows: int) -> None:
+    """One trace line for a forward a piecewise CUDA graph replayed padded: the attention's
+    eager break got ``padded_rows`` input rows for the batch's ``rows``. The builder never
+    sees such a batch padded, so only the break can count them."""
+    path = trace_file(cp_rank)
+    if path:
+        append_trace(path, {"piecewise_padded": True, "rows": rows, "padded_rows": padded_rows})
 
 
 class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
@@ -89,8 +99,7 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         self.buffers = MetadataBuffers(
             scheduler.max_num_batched_tokens + scheduler.max_num_seqs * self.max_decode_query_len, device
         )
-        trace = os.environ.get(TRACE_PLANS_ENV)
-        self.trace_path = f"{trace}.rank{self.cp_rank}" if trace else None
+        self.trace_path = trace_file(self.cp_rank)
 
     def build(
         self,
@@ -125,14 +134,13 @@ class CpNsaMetadataBuilder(AttentionMetadataBuilder[NsaForwardMetadata]):
         )
         if self.trace_path:
             plan = meta.plan
-            with open(self.trace_path, "a") as f:
-                f.write(json.dumps({
-                    "strategy": plan.strategy, "num_tokens": plan.num_tokens,
-                    "rows_per_rank": plan.rows_per_rank, "skip_reason": plan.skip_reason,
-                    "num_reqs": len(query_lens), "decode_kernel": meta.use_decode_kernel,
-                    "num_input_tokens": cm.num_actual_tokens, "graph_padded": graph_padded,
-                    "whole_prompts": meta.whole_prompts is not None, "max_seq_len": cm.max_seq_len,
-                }) + "\n")
+            append_trace(self.trace_path, {
+                "strategy": plan.strategy, "num_tokens": plan.num_tokens,
+                "rows_per_rank": plan.rows_per_rank, "skip_reason": plan.skip_reason,
+                "num_reqs": len(query_lens), "decode_kernel": meta.use_decode_kernel,
+                "num_input_tokens": cm.num_actual_tokens, "graph_padded": graph_padded,
+                "whole_prompts": meta.whole_prompts is not None, "max_seq_len": cm.max_seq_len,
+            })
         return meta
 
 
