@@ -40,8 +40,8 @@ CONFIGS = {
     "tp2-rr-fp8": (2, "round-robin-split", "fp8", 0, "bfloat16"),
     "tp2-rr-fp32-mtp2": (2, "round-robin-split", "auto", 2, "float32"),
     "tp2-rr-tpdecode-fp32-mtp1": (2, "round-robin-split", "auto", 1, "float32", {"decode_attention": "tp"}),
-    # chunked prefill (128-token chunks, <= the largest capture size): prefill and mixed
-    # batches replay breakable piecewise graphs, padded to a capture size
+    # chunked prefill (128-token chunks, capture sizes up to 128: CHUNKED_CAPTURE_SIZES):
+    # prefill and mixed batches replay breakable piecewise graphs, padded to a capture size
     "tp1-bf16-chunked": (1, "off", "auto", 0, "bfloat16"),
     "tp1-fp8-mtp1-chunked": (1, "off", "fp8", 1, "bfloat16"),
     "tp1-fp8-chunked": (1, "off", "fp8", 0, "bfloat16"),
@@ -50,8 +50,15 @@ CONFIGS = {
     # (config_hook.TRY_HELD_PIECEWISE_ENV); each alone ran as "-trypw" cases on 2026-12-04
     "tp1-fp8-mtp1-chunked-trypw": (1, "off", "fp8", 1, "bfloat16"),
 }
+CHUNKED_CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+"""Graph sizes of the chunked cases. vLLM 0.34's default largest size is 2 x max_num_seqs (x the
+decode query length): 16 tokens here, below every mixed batch of these prompts, so without these
+sizes the piecewise graphs are captured but never replayed (the 2026-12-04 GPU run counted 0)."""
 # engine arguments beyond the defaults, per configuration
-LLM_OVERRIDES = {name: {"max_num_batched_tokens": 128} for name in CONFIGS if "-chunked" in name}
+LLM_OVERRIDES = {
+    name: {"max_num_batched_tokens": 128, "compilation_config": {"cudagraph_capture_sizes": CHUNKED_CAPTURE_SIZES}}
+    for name in CONFIGS if "-chunked" in name
+}
 
 
 def extra_env(name: str) -> dict[str, str]:
