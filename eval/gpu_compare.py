@@ -54,9 +54,10 @@ CONFIGS = {
     "plugin-inseq": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split", **_SPLIT}},
     # Attention unsplit on every rank: separates the plugin's kernels from its CP split.
     "plugin-off": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"}},
-    # the plugin's indexer chunked by vLLM's own default logits bound (512 MiB, not the plugin's 256)
-    "plugin-off-logits512": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"},
-                             "env": {"VLLM_SPARSE_INDEXER_MAX_LOGITS_MB": "512"}},
+    # the plugin's indexer chunked by its logits bound before 2026-12-04 (256 MiB; default now
+    # vLLM's 512: kernels/budgets.py), for the A/B behind that change
+    "plugin-off-logits256": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"},
+                             "env": {"VLLM_SPARSE_INDEXER_MAX_LOGITS_MB": "256"}},
     # -dg: vLLM's DeepGEMM prefill indexer on the plugin's CP rows, over an fp8 indexer cache
     # as native vLLM keeps it (kernels "vllm-deepgemm", indexer_cache "fp8"; see README).
     "plugin-rr-dg": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "round-robin-split", **_SPLIT, **_DEEPGEMM}},

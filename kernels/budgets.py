@@ -14,10 +14,14 @@ LOGITS_MB_ENV = "VLLM_SPARSE_INDEXER_MAX_LOGITS_MB"
 indexer chunks by it too."""
 
 
+DEFAULT_LOGITS_MB = 512
+"""vLLM's own default for its indexer's logits chunk (``envs.VLLM_SPARSE_INDEXER_MAX_LOGITS_MB``)."""
+
+
 def _max_logits_bytes() -> int:
     raw = os.environ.get(LOGITS_MB_ENV, "").strip()
     if not raw:
-        return 256 * 1024**2
+        return DEFAULT_LOGITS_MB * 1024**2
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{LOGITS_MB_ENV}={raw!r}: a positive number of MiB")
     return int(raw) * 1024**2
@@ -25,11 +29,12 @@ def _max_logits_bytes() -> int:
 
 MAX_LOGITS_BYTES = _max_logits_bytes()
 """One chunk of fp32 indexer logits, for every indexer path (the Triton kernels and the DeepGEMM
-one): ``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB`` where set, else 256 MiB, not vLLM's 512 MiB default:
-vLLM's own indexer allocates its logits inside the profiled forward, the plugin's are unprofiled
-(``scratch.py`` holds this much in the profile forward), and a chunk this size already holds 4096
-query rows of 16K keys (1024 of 64K), enough to keep the kernels at full rate
-(eval/kernel_notes.md); more rows only split into more chunks."""
+one): ``VLLM_SPARSE_INDEXER_MAX_LOGITS_MB`` where set, else vLLM's default of 512 MiB. Until
+2026-12-04 the plugin kept 256 MiB (it holds this much in vLLM's profile forward, ``scratch.py``,
+so the KV cache is sized around it); one H200, vLLM 0.34, -tp 1, release-format checkpoint, bf16
+KV, side by side (``eval/results/compare_h200_n1_v034_release_logits_1204f.md``): 64K TTFT
+742.3 ms at 256 MiB, 726.5 ms at 512 MiB, vLLM's own 714.9 ms, for 0.5 % fewer KV-cache tokens
+(28.88M -> 28.74M): a 64K prompt's rows go in 32 chunks of 2048 instead of 64 of 1024."""
 
 MAX_WORKSPACE_BYTES = 256 * 1024**2
 """Largest bf16 latent workspace an fp8 prefill dequantizes into (1152 bytes per block-table
