@@ -162,7 +162,7 @@ def test_startup_detail_says_what_runs_per_batch(fake_hardware):
     fake_hardware(H200, LOGITS_COMPRESSED)
     detail = VllmDeepGemmOps().startup_detail()
     assert "sparse attention: FlashMLA" in detail and "indexer per batch: DeepGEMM" in detail
-    assert "longest key range >= 16384 or rows x key range >= 32Mi" in detail
+    assert "longest key range >= 16384 or rows x key range >= 4Mi" in detail
     assert "Triton otherwise and inside CUDA graphs" in detail and LOGITS_COMPRESSED in detail
     fake_hardware(B200, LOGITS_COMPRESSED)
     detail = VllmDeepGemmOps().startup_detail()
@@ -171,9 +171,9 @@ def test_startup_detail_says_what_runs_per_batch(fake_hardware):
 
 
 @pytest.mark.parametrize("rows, key_width, deepgemm", [
-    (256, 1024, False), (1024, 4096, False), (4096, 4096, False), (8192, 4095, False),  # < 32Mi
-    (8192, 4096, True), (4096, 8192, True), (1, 16384, True), (64, 65536, True),  # >= 32Mi or long
-    (1, 16383, False), (2048, 16383, False), (2049, 16383, True),
+    (256, 1024, False), (1024, 4095, False), (2047, 2048, False),  # < 4Mi
+    (1024, 4096, True), (2048, 2048, True), (4096, 4096, True), (1, 16384, True), (64, 65536, True),  # >= 4Mi or long
+    (1, 16383, False), (256, 16383, False), (257, 16383, True),
 ])
 def test_policy_thresholds(rows, key_width, deepgemm):
     assert IndexerPolicy().use_deepgemm(rows, key_width) is deepgemm
@@ -205,7 +205,8 @@ def test_each_batch_takes_the_policys_indexer(monkeypatch, caplog):
         assert _route(monkeypatch, ops, rows=4096, blocks=512) == ["deepgemm"]
     assert caplog.text.count("DeepGEMM indexer serving its first batch (4096 rows, key range 32768)") == 1
     assert _route(monkeypatch, ops, rows=256, blocks=16) == ["triton"]  # 1K prompt at N=4
-    assert _route(monkeypatch, ops, rows=4096, blocks=64) == ["triton"]  # 4x4K at N=4
+    assert _route(monkeypatch, ops, rows=64, blocks=48) == ["triton"]  # a 64-token chunk beside 3K of context
+    assert _route(monkeypatch, ops, rows=4096, blocks=64) == ["deepgemm"]  # a 4K prompt at N=1
     assert _route(monkeypatch, ops, rows=4096, blocks=256) == ["deepgemm"]  # 16K
     assert _route(monkeypatch, ops, rows=8, blocks=1024) == ["deepgemm"]  # eager decode, 64K table
     assert _route(monkeypatch, VllmDeepGemmOps(IndexerPolicy(min_key_width=1 << 30, min_row_keys=1 << 40)),

@@ -100,16 +100,23 @@ class IndexerPolicy:
       4x4K 82.2 vs 89.3 [16M]; 16K 89.3 vs 89.2 [64M]; 32K 181 vs 169; 64K 402 vs 361.
     - Kernels, H200 (eval/kernel_notes.md): decode-shaped rows (64 rows, 32K keys) 0.945 ms
       Triton logits + top-k vs 0.083 ms DeepGEMM logits; 4096 rows x 16K keys 5.13 vs 2.30 ms.
-    So: at or below 16M row-keys Triton was faster in 7 of 9 comparisons (by 5-13 %),
-    DeepGEMM in 2 (by 2-2.5 %: N=1 4K and 8x1K, fp8 weights); from 64M DeepGEMM won (by 2-11 %)
-    or tied in all 6; the threshold sits between, at 32M. From a 16K-key range DeepGEMM won or
-    tied everywhere, and for few long rows (decode shapes) the Triton top-k cannot fill the
-    GPU. Re-measure when the kernels change: ``kernels: vllm`` (the Triton indexer for every
-    batch) against the default (this policy) in ``eval/gpu_compare.py``.
+    So, then: at or below 16M row-keys Triton was faster in 7 of 9 comparisons (by 5-13 %),
+    DeepGEMM in 2; from 64M DeepGEMM won or tied in all 6, and the threshold sat at 32M.
+    Since then whole prompts within the top-k skip the indexer (dense prefill: the 1K and 8x1K
+    points above), the DeepGEMM path plans its chunks once per forward from host rows, and
+    vLLM 0.34's top-k returns unsorted picks. The 4K prefill profile on one H200 (vLLM 0.34,
+    bf16 KV, 2026-12-04, ``eval/results/compare_h200_n1_v034_release_logits_1204f.md``) then
+    showed the Triton indexer at 2.72 ms of GPU time (logits 1.43 + top-k 1.29, 3 layers) where
+    vLLM's own DeepGEMM sequence took 0.62 ms, the plugin's 4K TTFT 40.1 ms against vLLM's 36.4:
+    so DeepGEMM from 4M row-keys (a 2K prompt; below that, short chunks beside a context).
+    From a 16K-key range DeepGEMM won or tied everywhere, and for few long rows (decode
+    shapes) the Triton top-k cannot fill the GPU. Re-measure when the kernels change:
+    ``kernels: vllm`` (the Triton indexer for every batch) against the default (this policy)
+    in ``eval/gpu_compare.py``.
     """
 
     min_key_width: int = 16 * 1024
-    min_row_keys: int = 32 * 1024**2
+    min_row_keys: int = 4 * 1024**2
 
     def use_deepgemm(self, rows: int, key_width: int) -> bool:
         return key_width >= self.min_key_width or rows * key_width >= self.min_row_keys
