@@ -91,6 +91,7 @@ class DeepseekRope(nn.Module):
         self.rotary_emb = get_rope(rope_dim, max_position=config.max_position_embeddings,
                                    rope_parameters=rope_parameters, is_neox_style=is_neox_style)
         self.heads_axis = rope_parameters["rope_type"] in DEEPSEEK_SCALED_ROPE_TYPES
+        self.converted_cache: torch.Tensor | None = None
 
     def check_covers(self, max_model_len: int) -> None:
         """vLLM's rotary caches cos/sin for a fixed number of positions (DeepSeek YaRN's:
@@ -107,13 +108,16 @@ class DeepseekRope(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate ``q`` [n, H, D] and ``k`` [n, D] -> same shapes.
 
-        vLLM's rotary classes take different shapes. DeepSeek's YaRN class (``heads_axis``)
+        On CUDA, vLLM's rotary kernel rotates both where they lie (``rotate_in_place``).
+        Elsewhere vLLM's rotary classes run, and they take different shapes. DeepSeek's YaRN class (``heads_axis``)
         broadcasts cos/sin over a heads axis: ``q`` [n, H, D], ``k`` [n, 1, D], as vLLM's
         own MLA passes them. The plain class (``default``) gets contiguous 2-D
         ``[n, H * D]`` / ``[n, D]``: vLLM 0.32's CPU rotary kernel mis-rotates a 3-D
         multi-head query.
         """
         num_rows, num_heads, dim = q.shape
+        if q.is_cuda and positions.dtype == torch.int64 and q.stride(-1) == 1 and k.stride(-1) == 1:
+            return self.rotate_in_place(positions, q, k) if num_rows else (q, k)
         if self.heads_axis:
             q2, k2 = self.rotary_emb(positions, q, k.unsqueeze(1))
         else:
@@ -121,11 +125,34 @@ class DeepseekRope(nn.Module):
                                      k.reshape(num_rows, dim).contiguous())
         return q2.reshape(num_rows, num_heads, dim), k2.reshape(num_rows, dim)
 
+    def rotate_in_place(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """vLLM's rotary kernel (``_custom_ops.rotary_embedding``, what its plain rotary class
+        runs on CUDA) over ``q`` and ``k`` in place, strided slices of the projections as they
+        are: one launch. vLLM's DeepSeek YaRN class runs torch ops on CUDA unless FlashInfer is
+        installed (about 15 launches a call, two calls a layer): with the plugin's other unfused
+        ops, the 1K prefill profile of 2026-12-04 counted 237 launches against vLLM's own 125
+        for the same 6.4 ms of kernels (eval/gpu_vllm_notes.md)."""
+        from vllm._custom_ops import rotary_embedding
+
+        rotary_embedding(positions, q, k.unsqueeze(1), q.shape[-1], self._cos_sin_cache(q), self.rotary_emb.is_neox_style)
+        return q, k
+
+    def _cos_sin_cache(self, q: torch.Tensor) -> torch.Tensor:
+        """vLLM's cos/sin table in the query's dtype and device (its rotary classes keep it so,
+        except with FlashInfer, which keeps fp32), converted once."""
+        cache = self.rotary_emb.cos_sin_cache
+        if cache.dtype != q.dtype or cache.device != q.device:
+            if self.converted_cache is None or self.converted_cache.dtype != q.dtype:
+                self.converted_cache = cache.to(device=q.device, dtype=q.dtype)
+            return self.converted_cache
+        return cache
+
 
 def write_back(dst: torch.Tensor, rotated: torch.Tensor) -> None:
     """Put rotated dims back into ``dst``, unless vLLM's rotary already rotated ``dst``
-    itself in place (its in-place kernels do when no copy was made: a contiguous slice,
-    e.g. one row, on the plain class's 2-D path, or the YaRN class's FlashInfer path)."""
+    itself in place (always on CUDA: ``DeepseekRope.rotate_in_place``; elsewhere its in-place
+    kernels do when no copy was made: a contiguous slice, e.g. one row, on the plain class's
+    2-D path)."""
     if rotated.data_ptr() != dst.data_ptr():
         dst.copy_(rotated.view(dst.shape))
 
