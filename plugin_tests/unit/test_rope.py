@@ -188,6 +188,20 @@ def test_hf_oracle_refuses_exactly_the_ropes_where_hf_differs(params):
     assert same == (rope_differences_from_vllm(hf_config.rope_parameters) == [])
 
 
+def test_kernel_cos_sin_table_is_the_rotarys_own_or_one_converted_copy(vllm_context):
+    """The CUDA path hands vLLM's kernel the rotary's table when its dtype matches the query's,
+    else one converted copy reused by every later call (a new copy per layer call would be a
+    launch and an allocation on the host's critical path)."""
+    rope = DeepseekRope(_config(RELEASE_YARN), ROPE_DIM, is_neox_style=False)
+    table = rope.rotary_emb.cos_sin_cache
+    assert rope._cos_sin_cache(torch.empty(1, dtype=table.dtype)) is table
+    other = torch.float64 if table.dtype != torch.float64 else torch.float32
+    first = rope._cos_sin_cache(torch.empty(1, dtype=other))
+    assert first.dtype == other and torch.equal(first, table.to(other))
+    assert rope._cos_sin_cache(torch.empty(1, dtype=other)) is first
+    assert rope._cos_sin_cache(torch.empty(1, dtype=table.dtype)) is table
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("interleaved,heads,rope_first", [(True, 128, False), (False, 64, True)], ids=["mla", "indexer"])
