@@ -411,7 +411,20 @@ def dense_prefill_attention(
     v_dim = values.shape[1] // num_heads
     kv = kv_up_proj(kv_c[:n]).view(n, num_heads, nope_dim + v_dim)
     k_nope, v = kv.split([nope_dim, v_dim], dim=-1)
-    q = torch.cat([q_nope[:n], q_pe[:n]], dim=-1)
+    q = joined_last_dim(q_nope[:n], q_pe[:n])
+    if q is None:
+        q = torch.cat([q_nope[:n], q_pe[:n]], dim=-1)
     k = torch.cat([k_nope, k_pe[:n, None, :].expand(n, num_heads, k_pe.shape[-1])], dim=-1)
     attn = ops.dense_causal_attention(q, k, v, prompts.cu_seqlens, prompts.max_len, sm_scale)
     values.view(n, num_heads, v_dim).copy_(attn)
+
+
+def joined_last_dim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``torch.cat([a, b], -1)`` as a view, when ``b`` lies right after ``a`` in every row of one
+    buffer (the query's nope and rope parts, split from one projection and roped in place, as
+    on CUDA): no copy, no launch. None otherwise."""
+    if (a.dtype != b.dtype or a.device != b.device or a.shape[:-1] != b.shape[:-1] or a.stride() != b.stride()
+            or a.stride(-1) != 1 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+            or b.storage_offset() != a.storage_offset() + a.shape[-1]):
+        return None
+    return a.as_strided((*a.shape[:-1], a.shape[-1] + b.shape[-1]), a.stride(), a.storage_offset())
