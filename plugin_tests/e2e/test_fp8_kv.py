@@ -20,12 +20,23 @@ def _spec(model, prompts, **llm):
     }
 
 
-def test_reported_kv_bytes_per_token(tiny_model, tokenizer):
-    prompts = mixed_prompts(tokenizer, index_topk=64)[:2]
-    fp8 = run_vllm(_spec(tiny_model, prompts, dtype="bfloat16", kv_cache_dtype="fp8"))
-    auto = run_vllm(_spec(tiny_model, prompts, dtype="bfloat16"))
+@pytest.fixture(scope="module")
+def one_rank_runs(tiny_model, tokenizer) -> dict:
+    """One-rank runs (the engine in-process: it reports the KV bytes per token) on the mixed
+    prompts, shared by the tests below so each configuration starts once."""
+    prompts = mixed_prompts(tokenizer, index_topk=64)
+
+    def single(dtype, kv_cache_dtype="auto"):
+        return run_vllm(_spec(tiny_model, prompts, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                              max_num_batched_tokens=128))
+
+    return {"bf16": single("bfloat16"), "bf16-fp8": single("bfloat16", "fp8"), "fp32": single("float32")}
+
+
+def test_reported_kv_bytes_per_token(tiny_model, tokenizer, one_rank_runs):
+    fp8, auto = one_rank_runs["bf16-fp8"], one_rank_runs["bf16"]
     # bf16 latents with vLLM's own fp8 indexer keys (what the vllm-deepgemm indexer reads)
-    fp8_index = run_vllm(_spec(tiny_model, prompts, dtype="bfloat16",
+    fp8_index = run_vllm(_spec(tiny_model, mixed_prompts(tokenizer, index_topk=64)[:2], dtype="bfloat16",
                                additional_config={"cp_nsa": {"indexer_cache": "fp8"}}))
     for result, latent, index in ((fp8, 656, 132), (auto, 576 * 2, 128 * 2), (fp8_index, 576 * 2, 132)):
         sizes = result["info"]["kv_bytes_per_token"]
@@ -46,7 +57,7 @@ def _mean_abs_logprob_delta(run_a, run_b) -> tuple[float, float]:
     return sum(deltas) / len(deltas), max(deltas)
 
 
-def test_fp8_round_robin_equals_off_and_stays_close_to_bf16(tiny_model, tokenizer, tmp_path):
+def test_fp8_round_robin_equals_off_and_stays_close_to_bf16(tiny_model, tokenizer, tmp_path, one_rank_runs):
     prompts = mixed_prompts(tokenizer, index_topk=64)
     engine = {"tensor_parallel_size": 2, "max_num_batched_tokens": 128}
 
@@ -64,11 +75,7 @@ def test_fp8_round_robin_equals_off_and_stays_close_to_bf16(tiny_model, tokenize
     # Logprobs: the bf16 model with fp8 KV against the bf16 run, measured against the
     # model's own bf16 noise floor (bf16 vs fp32, both unquantized caches). One rank:
     # the CP path of the fp8 cache is covered by the token equality above.
-    def single(dtype, kv_cache_dtype="auto"):
-        return run_vllm(_spec(tiny_model, prompts, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                              max_num_batched_tokens=128))
-
-    bf16, bf16_fp8, fp32 = single("bfloat16"), single("bfloat16", "fp8"), single("float32")
+    bf16, bf16_fp8, fp32 = one_rank_runs["bf16"], one_rank_runs["bf16-fp8"], one_rank_runs["fp32"]
     fp8_mean, fp8_max = _mean_abs_logprob_delta(bf16_fp8, bf16)
     floor_mean, floor_max = _mean_abs_logprob_delta(bf16, fp32)
     print(f"prompt logprobs over {sum(len(p) - 1 for p in prompts)} tokens: fp8 vs bf16 KV mean |d| "

@@ -52,9 +52,13 @@ _DRAFT_STATS: dict[str, dict] = {}
     (2, {"mode": "round-robin-split", **SPLIT_EVERY_BATCH, "decode_attention": "tp"}),
 ], ids=["tp1-off", "tp2-rr", "tp2-rr-decode-attention-tp"])
 def test_greedy_with_mtp_equals_without_and_hf(mtp_model, prompts, hf_tokens, tp, cp_nsa, request):
-    base = _run(mtp_model, prompts, tp, cp_nsa, 0)
+    """With MTP, every configuration gives HF's greedy tokens, which are what the engine gives
+    without MTP (the tp1-off run here; the CP modes without MTP equal off and HF in
+    test_cp_modes, so their runs without MTP are not repeated: two engine starts of CI time)."""
     mtp = _run(mtp_model, prompts, tp, cp_nsa, 2)
-    assert [o["token_ids"] for o in base["outputs"]] == hf_tokens
+    if tp == 1:
+        base = _run(mtp_model, prompts, tp, cp_nsa, 0)
+        assert [o["token_ids"] for o in base["outputs"]] == hf_tokens
     assert [o["token_ids"] for o in mtp["outputs"]] == hf_tokens
     stats = mtp["info"]["spec_decode"]
     # The draft really ran (verify batches of 1+2 tokens); some drafts were accepted and
@@ -68,7 +72,7 @@ def test_greedy_with_mtp_equals_without_and_hf(mtp_model, prompts, hf_tokens, tp
     if tp > 1 and "tp1-off" in _DRAFT_STATS:
         assert stats == _DRAFT_STATS["tp1-off"], (stats, _DRAFT_STATS["tp1-off"])
     print(f"tp={tp} {cp_nsa}: acceptance {stats['accepted_tokens']}/{stats['draft_tokens']} draft tokens "
-          f"({stats['drafts']} drafts); generate {mtp['generate_s']:.1f}s with MTP vs {base['generate_s']:.1f}s")
+          f"({stats['drafts']} drafts); generate {mtp['generate_s']:.1f}s with MTP")
 
 
 def test_greedy_with_mtp_under_in_seq_split_equals_hf(mtp_model, prompts, hf_tokens):
