@@ -83,6 +83,28 @@ class NsaOps:
             index_cache_fp8,
         )  # fmt: skip
 
+    # 1b. the same for the rows of a uniform decode / verify batch
+    def indexer_topk_decode(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        index_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        row_req: torch.Tensor,
+        row_kv_len: torch.Tensor,
+        next_n: int,
+        topk: int,
+        block_size: int,
+        index_cache_fp8: bool,
+    ) -> torch.Tensor:
+        """``indexer_topk`` for rows laid out as ``len(q) // next_n`` requests of ``next_n``
+        consecutive rows each (``NsaForwardMetadata.decode_next_n``): request ``b``'s rows are
+        ``b * next_n ..``, with ``row_req`` ``b`` or -1 (graph padding, kv_len 0, possibly
+        past ``block_table``'s rows). A provider with a paged decode kernel uses the layout;
+        the answer is ``indexer_topk``'s."""
+        return self.indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
+                                 index_cache_fp8)  # fmt: skip
+
     # 2. sparse MLA, prefill rows [M, H, 576] / indices [M, K]
     def sparse_mla_prefill(
         self,

@@ -56,6 +56,11 @@ class NsaForwardMetadata:
     """``(local_req, kv_len)`` of the local rows on the host, where the batch states them
     exactly (prefill batches: vLLM's host sequence lengths are exact for prefill rows), so a
     kernel provider can plan its work without reading the device; None elsewhere."""
+    decode_next_n: int = 0
+    """A decode / verify batch run unsplit whose requests (graph padding included) all have
+    this many query rows, consecutive and in request order: vLLM's uniform decode batches and
+    every FULL-graph capture. A kernel provider may then score the rows as [requests, next_n]
+    (``indexer_topk_decode``). 0 for every other batch."""
     _per_forward: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -178,6 +183,7 @@ def build_forward_metadata(
         plan, local_req, slots = plan.to(device), local_req.to(device), slots.long()
     else:
         plan, local_req, slots = buffers.stage(plan, local_req, slots)
+    uniform = is_decode and not plan.is_split and plan.num_tokens == sum(split_lens) and len(set(split_lens)) == 1
     return NsaForwardMetadata(
         plan=plan,
         slot_mapping=slots,
@@ -188,6 +194,7 @@ def build_forward_metadata(
         max_seq_len=max_seq_len,
         whole_prompts=whole_prompts,
         local_rows_host=local_rows_host,
+        decode_next_n=split_lens[0] if uniform else 0,
     )
 
 
@@ -295,6 +302,11 @@ def select_topk_positions(
         if hit.get("kv_len") is not kv_len:
             hit.update(kv_len=kv_len, positions=every_key_positions(kv_len, width))
         return hit["positions"]
+    if meta.decode_next_n:
+        return ops.indexer_topk_decode(
+            index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
+            meta.decode_next_n, topk, meta.block_size, caches.index_fp8,
+        )  # fmt: skip
     return ops.indexer_topk(
         index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
         topk, meta.block_size, caches.index_fp8, host_rows=meta.local_rows_host,

@@ -105,6 +105,16 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
                       "(0.34 adds logits_dtype=fp32 by default); told apart by inspecting the signature "
                       "(plugin_tests/kernels/test_vllm_deepgemm_provider.py::test_logits_api_by_signature)"),
     Touchpoint("vllm._custom_ops", "top_k_per_row_prefill", "per-row indexer top-k over [ks, ke)", optional=True),
+    # the same provider's decode indexer for uniform decode / verify batches (graph-captured)
+    Touchpoint("vllm.utils.deep_gemm", "get_paged_mqa_logits_metadata", "DeepGEMM's SM schedule of the paged MQA logits",
+               optional=True, versions=("0.32.0", "0.34.0")),
+    Touchpoint("vllm.utils.deep_gemm", "fp8_fp4_paged_mqa_logits", "DeepGEMM fp8 indexer logits of decode rows over their pages",
+               optional=True, versions=("0.32.0", "0.34.0"),
+               branch="adapter/vllm_deepgemm.py paged_logits_takes_clean_logits: 0.32 requires clean_logits, 0.34 "
+                      "replaced it by logits_dtype (fp32 by default); told apart by inspecting the signature "
+                      "(plugin_tests/kernels/test_vllm_deepgemm_provider.py::test_decode_glue_with_kernel_stand_ins_is_the_reference)"),
+    Touchpoint("vllm._custom_ops", "top_k_per_row_decode", "per-row indexer top-k of decode rows over [0, kv_len)",
+               optional=True, versions=("0.32.0", "0.34.0")),
 )
 
 
@@ -234,6 +244,15 @@ CALLED_SIGNATURES: tuple[CalledSignature, ...] = (
     CalledSignature("vllm._custom_ops", "top_k_per_row_prefill",
                     ("logits", "cu_seqlen_ks", "cu_seqlen_ke", "raw_topk_indices", "num_rows", "stride0", "stride1",
                      "topk_tokens"), "adapter/vllm_deepgemm.py", optional=True),
+    CalledSignature("vllm.utils.deep_gemm", "get_paged_mqa_logits_metadata", ("context_lens", "block_size", "num_sms"),
+                    "adapter/vllm_deepgemm.py (passed positionally)", optional=True, versions=("0.32.0", "0.34.0")),
+    CalledSignature("vllm.utils.deep_gemm", "fp8_fp4_paged_mqa_logits",
+                    ("q", "kv_cache", "weights", "context_lens", "block_tables", "schedule_metadata", "max_model_len"),
+                    "adapter/vllm_deepgemm.py (passed positionally; clean_logits told apart at run time)",
+                    optional=True, versions=("0.32.0", "0.34.0")),
+    CalledSignature("vllm._custom_ops", "top_k_per_row_decode",
+                    ("logits", "next_n", "seq_lens", "raw_topk_indices", "num_rows", "stride0", "stride1", "topk_tokens"),
+                    "adapter/vllm_deepgemm.py (passed positionally)", optional=True, versions=("0.32.0", "0.34.0")),
     CalledSignature("vllm.utils.deep_gemm", "fp8_fp4_mqa_logits", ("q", "kv", "weights", "cu_seqlen_ks", "cu_seqlen_ke"),
                     "adapter/vllm_deepgemm.py (the keyword that differs is told apart at run time: logits_api)",
                     optional=True),

@@ -534,6 +534,165 @@ def test_every_layer_gets_the_same_kv_len_tensor():
     assert other.tolist() == [2, 3, 4, 2, 3]
 
 
+class _PagedStandIns:
+    """Torch stand-ins of vLLM's decode indexer kernels with their documented contracts:
+    DeepGEMM's scheduler (2-D int32 context lengths), its paged MQA logits (``[B, next_n, H,
+    128]`` fp8 queries over ``[blocks, 64, 1, 132]`` pages; ``[rows, max_model_len]`` fp32,
+    garbage past each row's keys, a padded row stride) and ``top_k_per_row_decode`` (its
+    ``next_n = 1`` form: one length per row; unordered, -1 padded; ties to the lower
+    position, like the reference)."""
+
+    def __init__(self, seed: int, takes_clean_logits: bool):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.calls = {"schedule": 0, "logits": 0, "topk": 0}
+        self.schedule_of = None
+        self.logits = self.logits_0_32 if takes_clean_logits else self.logits_0_34
+
+    def schedule(self, context_lens, block_size, num_sms):
+        self.calls["schedule"] += 1
+        assert context_lens.dim() == 2 and context_lens.dtype == torch.int32 and block_size == 64 and num_sms > 0
+        self.schedule_of = torch.zeros(num_sms + 1, 2, dtype=torch.int32)
+        return self.schedule_of
+
+    def _logits(self, q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len):
+        self.calls["logits"] += 1
+        q_fp8, q_sf = q
+        assert q_sf is None and q_fp8.dtype == torch.float8_e4m3fn and q_fp8.is_contiguous()
+        batch, next_n, heads, dim = q_fp8.shape
+        assert heads in (32, 64) and dim == 128 and context_lens.shape == (batch, next_n)
+        assert kv_cache.dtype == torch.uint8 and kv_cache.shape[1:] == (64, 1, 132)
+        assert weights.dtype == torch.float32 and weights.shape == (batch * next_n, heads)
+        assert block_tables.dtype == torch.int32 and block_tables.shape[0] == batch and block_tables.stride(-1) == 1
+        assert schedule_metadata is self.schedule_of and max_model_len == block_tables.shape[1] * 64
+        out = torch.randn(batch * next_n, max_model_len + 64, generator=self.gen)[:, :max_model_len] * 1e6
+        flat = kv_cache.view(kv_cache.shape[0], -1)
+        lens = context_lens.reshape(-1)
+        for m in range(batch * next_n):
+            n = int(lens[m])
+            if n == 0:
+                continue
+            slots = attention_ref.slots_from_positions(block_tables[m // next_n][None], torch.arange(n)[None], 64)[0]
+            keys = kv_cache_ref.gather_indexer_keys(flat, slots, 64, True)
+            zero = torch.zeros(1, dtype=torch.long)
+            row = q_fp8.view(-1, heads, dim)[m : m + 1].float()
+            out[m, :n] = attention_ref.indexer_logits(row, keys, weights[m : m + 1], zero, zero + n)[0]
+        return out
+
+    def logits_0_32(self, q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len,
+                    clean_logits, indices=None):  # fmt: skip
+        assert clean_logits is False and indices is None
+        return self._logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len)
+
+    def logits_0_34(self, q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len,
+                    logits_dtype=torch.float32, indices=None):  # fmt: skip
+        assert logits_dtype == torch.float32 and indices is None
+        return self._logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len)
+
+    def topk(self, logits, next_n, seq_lens, out, num_rows, stride0, stride1, topk):
+        self.calls["topk"] += 1
+        assert next_n == 1 and seq_lens.dtype == torch.int32 and seq_lens.shape == (num_rows,)
+        assert out.dtype == torch.int32 and out.shape == (num_rows, topk) and (stride0, stride1) == logits.stride()
+        out.fill_(-1)
+        for m in range(num_rows):
+            pick = torch.sort(-logits[m, : int(seq_lens[m])], stable=True).indices[:topk]
+            out[m, : len(pick)] = pick[torch.randperm(len(pick), generator=self.gen)].int()
+
+
+def _decode_rows(lens_req: list[int], next_n: int, padding_requests: int) -> list[tuple[int, int]]:
+    """A uniform decode / verify batch: each request's ``next_n`` newest positions in order,
+    then graph-padding requests (no request, no keys)."""
+    rows = [(r, n - next_n + 1 + j) for r, n in enumerate(lens_req) for j in range(next_n)]
+    return rows + [(-1, 0)] * (padding_requests * next_n)
+
+
+@pytest.mark.parametrize("takes_clean_logits", [True, False], ids=["0.32", "0.33+"])
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_decode_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, takes_clean_logits, next_n):
+    """The paged decode path's glue (rows as [requests, next_n], per-row context lengths,
+    padding requests past the block table, the scheduler's output to the logits, one length
+    per row to the top-k) with vLLM's kernels replaced by stand-ins of their contracts, on
+    exactly representable data: every row picks the reference's set; the schedule is built
+    once for all layers of a forward."""
+    custom_ops = pytest.importorskip("vllm._custom_ops")
+    deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
+    kernels = _PagedStandIns(5, takes_clean_logits)
+    monkeypatch.setattr(custom_ops, "top_k_per_row_decode", kernels.topk)
+    monkeypatch.setattr(deep_gemm, "fp8_fp4_paged_mqa_logits", kernels.logits)
+    monkeypatch.setattr(deep_gemm, "get_paged_mqa_logits_metadata", kernels.schedule)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 8}))
+
+    gen = torch.Generator().manual_seed(next_n)
+    block_size, topk, heads = 64, 16, 12
+    lens_req = [150, 9, 70]
+    table = torch.randperm(12, generator=gen)[:9].view(3, 3).int()
+    cache = torch.zeros(12, block_size * 132, dtype=torch.uint8)
+    for r, n in enumerate(lens_req):
+        slots = attention_ref.slots_from_positions(table[r][None], torch.arange(n)[None], block_size)[0]
+        keys = torch.randint(-8, 9, (n, 128), generator=gen).float()
+        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+    rows = _decode_rows(lens_req, next_n, padding_requests=1)
+    q = torch.randint(-8, 9, (len(rows), heads, 128), generator=gen).to(torch.bfloat16)
+    weights = torch.exp2(torch.randint(-6, 0, (len(rows), heads), generator=gen).float())
+    row_req = torch.tensor([r for r, _ in rows], dtype=torch.int32)
+    row_len = torch.tensor([n for _, n in rows])
+
+    schedules = vllm_deepgemm.SameTensorsCache()
+    for _layer in range(2):
+        out = vllm_deepgemm._deepgemm_decode_indexer_topk(q, weights, cache, table, row_len, next_n, topk, block_size,
+                                                          schedules)  # fmt: skip
+        q8, w8 = kv_cache_ref.quantize_indexer_queries(q, weights, 32)
+        ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
+        assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)
+    assert kernels.calls == {"schedule": 1, "logits": 2, "topk": 2}
+
+
+@pytest.mark.parametrize("rows, next_n, blocks, block_size, takes", [
+    (8, 1, 1024, 64, True), (16, 2, 2560, 64, True),  # decode b8 at 64K; MTP k=1 at 160K
+    (3, 2, 16, 64, False), (12, 3, 16, 64, False), (16, 4, 16, 64, False),  # split request; next_n 3, 4
+    (8, 1, 16, 16, False), (4096, 1, 65536, 64, False), (0, 1, 16, 64, False),  # block size; logits; empty
+])  # fmt: skip
+def test_paged_decode_shapes(rows, next_n, blocks, block_size, takes):
+    assert vllm_deepgemm._paged_decode_applies(rows, next_n, blocks * block_size, block_size) is takes
+
+
+def _route_decode(monkeypatch, rows, next_n, block_size=64, capturing=False):
+    calls = []
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_applies", lambda *a: True)
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: True)
+    monkeypatch.setattr(vllm_deepgemm, "_paged_decode_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_decode_indexer_topk", lambda *a: calls.append("paged"))
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_topk", lambda *a: calls.append("deepgemm"))
+    monkeypatch.setattr(VllmKernelOps, "indexer_topk", lambda *a: calls.append("triton"))
+    q = torch.empty(rows, 64, 128)
+    VllmDeepGemmOps().indexer_topk_decode(q, None, None, torch.empty(1, 1024, dtype=torch.int32), None, None, next_n,
+                                          2048, block_size, True)  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_uniform_decode_batches_take_the_paged_path_captured_or_not(monkeypatch, capturing):
+    """Uniform decode / verify rows go to the paged path, inside a graph capture too (it
+    reads nothing on the host); shapes it does not take go where ``indexer_topk`` sends them
+    (Triton under capture)."""
+    assert _route_decode(monkeypatch, 8, 1, capturing=capturing) == ["paged"]
+    assert _route_decode(monkeypatch, 16, 2, capturing=capturing) == ["paged"]
+    assert _route_decode(monkeypatch, 12, 3, capturing=capturing) == ["triton" if capturing else "deepgemm"]
+    assert _route_decode(monkeypatch, 8, 1, block_size=16, capturing=capturing) == ["triton" if capturing else "deepgemm"]
+
+
+def test_other_providers_answer_decode_rows_with_indexer_topk(device):
+    """The interface's default: ``indexer_topk_decode`` is ``indexer_topk`` (Triton, the
+    references, and the DeepGEMM provider on inputs its paged path does not take)."""
+    gen = torch.Generator().manual_seed(8)
+    rows = _decode_rows([40, 17], 2, padding_requests=1)
+    q, w, cache, table, row_req, row_len = [t.to(device) for t in _indexer_inputs([40, 17], rows, 8, 16,
+                                                                                    torch.bfloat16, gen)]  # fmt: skip
+    for ops in (dispatch.get_ops("torch", device), dispatch.get_ops("triton", device), VllmDeepGemmOps()):
+        got = ops.indexer_topk_decode(q, w, cache, table, row_req, row_len, 2, 8, 16, True)
+        assert torch.equal(got, ops.indexer_topk(q, w, cache, table, row_req, row_len, 8, 16, True))
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.fixture
 def deepgemm_ops():
@@ -732,3 +891,52 @@ def test_gpu_auto_resolves_here_and_routes_each_batch(deepgemm_ops, monkeypatch)
     assert ran == [1]
     q8, w8 = kv_cache_ref.quantize_indexer_queries(long[0], long[1], 64)
     assert _check_picks(out.cpu(), q8.float(), w8, *long[2:], 2048, 64, 5e-3) >= 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,topk", [(64, 2048), (16, 64)])
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_gpu_decode_indexer_matches_reference(deepgemm_ops, no_triton_fallback, heads, topk, next_n):
+    """Uniform decode / verify rows (vLLM's paged MQA logits + decode top-k): long and short
+    requests, a row of one key, a graph-padding request past the block table: against the
+    torch reference on the queries the kernels see, fp8 near-ties aside; padding rows all -1."""
+    gen = torch.Generator().manual_seed(heads + topk + next_n)
+    lens_req = [5000, 1200, 3000, topk, next_n]
+    rows = _decode_rows(lens_req, next_n, padding_requests=1)
+    inputs = _indexer_inputs(lens_req, rows, heads, 64, torch.bfloat16, gen)
+    q, weights, cache, table, row_req, row_len = [t.cuda() for t in inputs]
+    out = deepgemm_ops.indexer_topk_decode(q, weights, cache, table, row_req, row_len, next_n, topk, 64, True)
+    torch.cuda.synchronize()
+    out = out.cpu()
+    assert bool((out[-next_n:] == -1).all())
+    q8, w8 = kv_cache_ref.quantize_indexer_queries(inputs[0], inputs[1], 64 if heads > 32 else 32)
+    recall = _check_picks(out, q8.float(), w8, *inputs[2:], topk, 64, 5e-3)
+    assert recall >= 0.98, recall
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_gpu_decode_indexer_replays_in_a_cuda_graph(deepgemm_ops, no_triton_fallback, next_n):
+    """Captured in a CUDA graph (as vLLM's FULL decode graphs capture it), the paged path
+    replays new batches written into the captured tensors: new queries, weights, lengths and
+    cache contents give the picks an eager call gives for them."""
+    gen = torch.Generator().manual_seed(40 + next_n)
+    lens_req = [3000, 700]
+
+    def inputs(lens):
+        return [t.cuda() for t in _indexer_inputs(lens, _decode_rows(lens, next_n, 1), 64, 64, torch.bfloat16, gen)]
+
+    static = inputs(lens_req)
+    deepgemm_ops.indexer_topk_decode(*static, next_n, 2048, 64, True)  # warm-up (JIT) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = deepgemm_ops.indexer_topk_decode(*static, next_n, 2048, 64, True)
+    for lens in ([3001, 701], [2990, 690]):  # the same block-table and cache shapes
+        fresh = inputs(lens)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = VllmDeepGemmOps(ALWAYS_DEEPGEMM).indexer_topk_decode(*fresh, next_n, 2048, 64, True)
+        assert torch.equal(out.sort(dim=1).values, want.sort(dim=1).values)

@@ -95,3 +95,62 @@ def test_decode_attention_tp_leaves_decode_batches_unsplit(graph_padded):
     assert not prefill.use_decode_kernel and prefill.plan.is_split
     split_too = build_forward_metadata([2, 2, 2], torch.arange(6), **{**kwargs, "split_decode": True})
     assert split_too.plan.is_split
+
+
+def test_uniform_decode_batches_state_their_rows_per_request():
+    """``decode_next_n``: a decode / verify batch run unsplit whose requests (graph padding
+    included) all have the same query length states it; mixed lengths, prefill pieces and
+    split batches state 0 (their rows are not [requests, next_n])."""
+    from vllm_cp_nsa.split_plan import RoundRobinSplit
+
+    kwargs = dict(block_table=torch.zeros(4, 8, dtype=torch.int32), block_size=16, cp_size=1, cp_rank=0,
+                  strategy=None, min_tokens_for_cp=0, max_decode_query_len=2, device="cpu")  # fmt: skip
+
+    def next_n(query_lens, num_input=None, **more):
+        num_input = num_input or sum(query_lens)
+        meta = build_forward_metadata(query_lens, torch.arange(num_input), num_input_tokens=num_input,
+                                      graph_padded=num_input > sum(query_lens), **{**kwargs, **more})  # fmt: skip
+        return meta.decode_next_n
+
+    assert next_n([2, 2, 2]) == 2
+    assert next_n([2, 2, 2], num_input=8) == 2  # a graph-padded verify batch: a padding request of 2
+    assert next_n([1, 1], **{**kwargs, "max_decode_query_len": 1}) == 1
+    assert next_n([1, 1, 1], num_input=4, **{**kwargs, "max_decode_query_len": 1}) == 1
+    assert next_n([2, 1, 2]) == 0  # a request with fewer rows
+    assert next_n([2, 2, 2], num_input=7) == 0  # padding that is not a whole request
+    assert next_n([5, 2]) == 0  # a prefill piece
+    split = dict(cp_size=2, cp_rank=1, strategy=RoundRobinSplit())
+    assert next_n([2, 2, 2], **split) == 0
+    assert next_n([2, 2, 2], **split, split_decode=False) == 2  # decode attention "tp": unsplit rows
+
+
+class _RecordingOps:
+    """Which indexer entry point ``select_topk_positions`` calls, with what layout."""
+
+    def __init__(self):
+        self.calls = []
+
+    def indexer_topk(self, *args, **kwargs):
+        self.calls.append(("indexer_topk", None))
+        return torch.zeros(1, 1, dtype=torch.int32)
+
+    def indexer_topk_decode(self, q, weights, cache, table, row_req, kv_len, next_n, topk, block_size, fp8):
+        self.calls.append(("indexer_topk_decode", next_n, row_req.tolist(), kv_len.tolist()))
+        return torch.zeros(1, 1, dtype=torch.int32)
+
+
+def test_decode_rows_reach_the_indexer_with_their_layout():
+    from vllm_cp_nsa.nsa_attention import select_topk_positions
+
+    caches = NsaCaches(torch.zeros(0), torch.zeros(0), "auto", True)
+    kwargs = dict(block_table=torch.zeros(4, 8, dtype=torch.int32), block_size=16, cp_size=1, cp_rank=0,
+                  strategy=None, min_tokens_for_cp=0, max_decode_query_len=2, device="cpu")  # fmt: skip
+    verify = build_forward_metadata([2, 2], torch.arange(6), num_input_tokens=6, graph_padded=True, **kwargs)
+    ops = _RecordingOps()
+    select_topk_positions(torch.zeros(6, 4, 128), torch.zeros(6, 4), torch.tensor([40, 41, 9, 10, 0, 0]), verify,
+                          caches, 2048, ops)  # fmt: skip
+    assert ops.calls == [("indexer_topk_decode", 2, [0, 0, 1, 1, -1, -1], [41, 42, 10, 11, 0, 0])]
+    mixed = build_forward_metadata([2, 1], torch.arange(3), **kwargs)
+    select_topk_positions(torch.zeros(3, 4, 128), torch.zeros(3, 4), torch.tensor([40, 41, 9]), mixed, caches,
+                          2048, ops)  # fmt: skip
+    assert ops.calls[-1] == ("indexer_topk", None)

@@ -26,6 +26,10 @@ class _CountingOps:
         self.indexer_calls += 1
         return self.ops.indexer_topk(*args, **kwargs)
 
+    def indexer_topk_decode(self, *args, **kwargs):
+        self.indexer_calls += 1
+        return self.ops.indexer_topk_decode(*args, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self.ops, name)
 

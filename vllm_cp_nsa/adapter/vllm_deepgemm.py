@@ -47,7 +47,11 @@ more than 64 indexer heads, ``topk > 2048``, block sizes that break the gather k
 16-byte loads, and any vLLM / GPU without these kernels (``deepgemm_indexer_unsupported``).
 
 CUDA graphs: sizing the gather and the logits reads ``row_req`` / ``row_kv_len`` on the
-host, which a graph cannot replay. So a forward being captured takes the Triton indexer.
+host, which a graph cannot replay. So a forward being captured takes the Triton indexer,
+except uniform decode / verify batches (``indexer_topk_decode``): they run vLLM's own decode
+indexer (DeepGEMM's paged MQA logits over each request's pages, then
+``top_k_per_row_decode``), whose shapes are fixed by the batch size and which reads nothing
+on the host, so FULL decode graphs capture it.
 
 vLLM is imported only inside functions, so this module imports on any vLLM and without one.
 """
@@ -142,6 +146,7 @@ class VllmDeepGemmOps(VllmKernelOps):
     def __init__(self, policy: IndexerPolicy = INDEXER_POLICY):
         self.policy = policy
         self._plans = ForwardPlanCache()
+        self._decode_schedules: SameTensorsCache[DecodeSchedule] = SameTensorsCache()
 
     def supports(self, device, dtype=None, num_heads: int = 0) -> bool:
         return super().supports(device, dtype, num_heads) and _deepgemm_indexer_available()
@@ -157,8 +162,21 @@ class VllmDeepGemmOps(VllmKernelOps):
             return f"{super().startup_detail()} (no DeepGEMM indexer: {reason})"
         return (f"{self._attention_detail()}; {dense_prefill_detail()}; indexer per batch: DeepGEMM fp8 MQA "
                 f"logits + vLLM top-k over the fp8 indexer cache ({logits_api_here()}) when "
-                f"{self.policy.describe()}, Triton otherwise and inside CUDA graphs; cache "
-                f"writes: Triton")  # fmt: skip
+                f"{self.policy.describe()}, Triton otherwise and inside CUDA graphs; uniform decode / "
+                f"verify batches of {' or '.join(map(str, PAGED_DECODE_NEXT_N))} rows per request: DeepGEMM "
+                f"paged MQA logits + vLLM decode top-k, graphs included; cache writes: Triton")  # fmt: skip
+
+    def indexer_topk_decode(self, q, weights, index_cache, block_table, row_req, row_kv_len, next_n, topk,
+                            block_size, index_cache_fp8):  # fmt: skip
+        """DeepGEMM's paged MQA logits + vLLM's decode top-k (``_deepgemm_decode_indexer_topk``)
+        where they apply, graph captures included; ``indexer_topk`` otherwise."""
+        if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
+                and _paged_decode_applies(q.shape[0], next_n, block_table.shape[1] * block_size, block_size)
+                and _deepgemm_indexer_available() and _paged_decode_available()):  # fmt: skip
+            return self.indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
+                                     index_cache_fp8)  # fmt: skip
+        return _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_len, next_n, topk,
+                                             block_size, self._decode_schedules)  # fmt: skip
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
                      block_size, index_cache_fp8, host_rows=None):  # fmt: skip
@@ -490,4 +508,98 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
                               logits.stride(1), topk)  # fmt: skip
         if not isinstance(dc.rows, slice):
             out[dc.rows] = picks
+    return out
+
+
+# ------------------------------------------------------------- uniform decode batches
+PAGED_DECODE_NEXT_N = (1, 2)
+"""Rows per request DeepGEMM's paged MQA logits takes on every GPU it runs on (SM90 also takes
+4, with another schedule size; vLLM flattens other counts to one row per request)."""
+PAGED_DECODE_BLOCK_SIZE = 64
+"""The paged logits kernel's key block: vLLM's indexer cache block for V3.2."""
+
+
+def _paged_decode_applies(rows: int, next_n: int, key_width: int, block_size: int) -> bool:
+    """Shapes the paged decode path takes: whole requests of a supported ``next_n``, vLLM's
+    block size, and fp32 logits ``rows x key_width`` within ``MAX_LOGITS_BYTES``."""
+    return (next_n in PAGED_DECODE_NEXT_N and rows % next_n == 0 and rows > 0
+            and block_size == PAGED_DECODE_BLOCK_SIZE and rows * key_width * 4 <= MAX_LOGITS_BYTES)  # fmt: skip
+
+
+@functools.cache
+def _paged_decode_available() -> bool:
+    """This vLLM has the paged logits, its scheduler and the decode top-k."""
+    try:
+        from vllm._custom_ops import top_k_per_row_decode  # noqa: F401
+        from vllm.utils.deep_gemm import fp8_fp4_paged_mqa_logits, get_paged_mqa_logits_metadata  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops._C, "top_k_per_row_decode")
+
+
+@functools.cache
+def paged_logits_takes_clean_logits(fn) -> bool:
+    """vLLM 0.32's ``fp8_fp4_paged_mqa_logits`` requires ``clean_logits``; 0.33 / 0.34 replaced it
+    by ``logits_dtype`` (fp32 by default)."""
+    try:
+        return "clean_logits" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class DecodeSchedule:
+    """A decode forward's inputs of the paged logits, the same for every layer."""
+
+    context_lens: torch.Tensor
+    """[requests, next_n] int32 keys of each row (its kv_len; 0 for padding rows)."""
+    block_table: torch.Tensor
+    """[requests, blocks] int32, padding requests' rows zero."""
+    schedule: torch.Tensor
+    """DeepGEMM's split of the work over the SMs (``get_paged_mqa_logits_metadata``)."""
+
+
+def _decode_schedule(row_kv_len: torch.Tensor, block_table: torch.Tensor, next_n: int, block_size: int):
+    """Built on the device (no host read), so a captured graph recomputes it on replay."""
+    from vllm.utils.deep_gemm import get_paged_mqa_logits_metadata
+
+    requests = row_kv_len.shape[0] // next_n
+    context_lens = row_kv_len.view(requests, next_n).to(torch.int32)
+    table = block_table[:requests].to(torch.int32)
+    if table.shape[0] < requests:  # graph padding of an eagerly run padded batch: rows of no keys
+        table = torch.cat([table, table.new_zeros(requests - table.shape[0], table.shape[1])])
+    num_sms = torch.cuda.get_device_properties(row_kv_len.device).multi_processor_count
+    schedule = get_paged_mqa_logits_metadata(context_lens, block_size, num_sms)
+    return DecodeSchedule(context_lens, table.contiguous(), schedule)
+
+
+def _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_len, next_n, topk, block_size,
+                                  schedules: SameTensorsCache | None = None):  # fmt: skip
+    """vLLM's own V3.2 decode indexer (``sparse_attn_indexer``, decode branch): queries to fp8
+    (vLLM's recipe, as for prefill), DeepGEMM's paged MQA logits of every row over its
+    request's pages (``[rows, key_width]`` fp32, columns past a row's keys not cleaned), then
+    ``top_k_per_row_decode`` over each row's ``[0, kv_len)``: request-local positions,
+    unordered, -1 padded. No host read and fixed shapes per batch size: CUDA graphs capture it.
+    The top-k gets one length per row (its ``next_n = 1`` form), which every vLLM version reads
+    the same way."""
+    from vllm._custom_ops import top_k_per_row_decode
+    from vllm.utils.deep_gemm import fp8_fp4_paged_mqa_logits
+
+    from ..kernels.indexer_q_quant import quantize_indexer_queries  # imports triton: lazily
+
+    rows = q.shape[0]
+    key_width = block_table.shape[1] * block_size
+    sched = (schedules or SameTensorsCache()).get(
+        (row_kv_len, block_table), (next_n, block_size),
+        lambda: _decode_schedule(row_kv_len, block_table, next_n, block_size),
+    )  # fmt: skip
+    heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
+    q_fp8, weights = quantize_indexer_queries(q, weights, heads)
+    cache = index_cache.view(-1, block_size, 1, INDEXER_FP8_SLOT_BYTES)  # vLLM's 4-D view
+    extra = {"clean_logits": False} if paged_logits_takes_clean_logits(fp8_fp4_paged_mqa_logits) else {}
+    logits = fp8_fp4_paged_mqa_logits((q_fp8.view(rows // next_n, next_n, heads, INDEX_HEAD_DIM), None), cache,
+                                      weights, sched.context_lens, sched.block_table, sched.schedule, key_width,
+                                      **extra)  # fmt: skip
+    out = torch.empty((rows, topk), dtype=torch.int32, device=q.device)
+    top_k_per_row_decode(logits, 1, sched.context_lens.view(-1), out, rows, logits.stride(0), logits.stride(1), topk)
     return out
