@@ -644,6 +644,13 @@ def test_decode_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, takes_c
         ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
         assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)
     assert kernels.calls == {"schedule": 1, "logits": 2, "topk": 2}
+    # a capture of the same tensors (after a warm-up on them) builds its own schedule, inside the
+    # graph, then reuses it; an eager call after the capture builds one again
+    for capturing, schedules_built in ((True, 2), (True, 2), (False, 3)):
+        monkeypatch.setattr(vllm_deepgemm, "_capturing", lambda t: capturing)
+        vllm_deepgemm._deepgemm_decode_indexer_topk(q, weights, cache, table, row_len, next_n, topk, block_size,
+                                                    schedules)  # fmt: skip
+        assert kernels.calls["schedule"] == schedules_built
 
 
 @pytest.mark.parametrize("rows, next_n, blocks, block_size, takes", [

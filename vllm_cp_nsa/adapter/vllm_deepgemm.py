@@ -586,6 +586,10 @@ def _decode_schedule(row_kv_len: torch.Tensor, block_table: torch.Tensor, next_n
     return DecodeSchedule(context_lens, table.contiguous(), schedule)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_len, next_n, topk, block_size,
                                   schedules: SameTensorsCache | None = None):  # fmt: skip
     """vLLM's own V3.2 decode indexer (``sparse_attn_indexer``, decode branch): queries to fp8
@@ -602,8 +606,11 @@ def _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_l
 
     rows = q.shape[0]
     key_width = block_table.shape[1] * block_size
+    # Never across a capture's edge: a schedule built before the capture (a warm-up on the same
+    # tensors) is not in the graph, so a replay would read its stale lengths.
+    capturing = _capturing(q)
     sched = (schedules or SameTensorsCache()).get(
-        (row_kv_len, block_table), (next_n, block_size),
+        (row_kv_len, block_table), (next_n, block_size, capturing),
         lambda: _decode_schedule(row_kv_len, block_table, next_n, block_size),
     )  # fmt: skip
     heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
