@@ -587,6 +587,7 @@ def _decode_schedule(row_kv_len: torch.Tensor, block_table: torch.Tensor, next_n
 
 
 def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s stream is being captured (CPU builds of torch cannot ask)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
