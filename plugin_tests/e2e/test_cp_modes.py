@@ -95,20 +95,20 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
     assert all(err <= 2e-5 for err in worst.values()), worst  # measured 1.7e-6
 
 
-def test_auto_split_policy_equals_split_and_off(tiny_model, tmp_path):
+def test_auto_split_policy_equals_off(tiny_model, tmp_path):
     """The default policy (decode_attention and min_tokens_for_cp auto; N=2, bf16-kind cache:
     batches of >= 2048 real tokens split, shorter ones and decode steps unsplit with the heads
-    split over the ranks) gives what the split of every batch and mode off give, on one
+    split over the ranks) gives what mode off gives, on one
     long prompt among short ones: a first step of 2304 tokens that splits, a mixed step (the
     300-token prompt's last chunk, the 5-token prompt, decode tokens) that runs unsplit, then
-    decode steps."""
+    decode steps. (Splitting every batch equals off in the test above, on chunked and mixed
+    batches and decode steps; not re-run here, for CI time.)"""
     import random
 
     rng = random.Random(0)
     lengths = [2100, 30, 12, 300, 5]
     prompts = [[rng.randrange(2, 1344) for _ in range(n)] for n in lengths]
-    configs = {"auto": {"mode": "round-robin-split"}, "split": {"mode": "round-robin-split", **SPLIT_EVERY_BATCH},
-               "off": {"mode": "off"}}
+    configs = {"auto": {"mode": "round-robin-split"}, "off": {"mode": "off"}}
     results = {}
     for name, cp_nsa in configs.items():
         trace = tmp_path / f"plans-{name}"
@@ -131,14 +131,13 @@ def test_auto_split_policy_equals_split_and_off(tiny_model, tmp_path):
     assert prefill[0]["skip_reason"] is None and prefill[0]["strategy"] == "round-robin-split"
     assert "min_tokens_for_cp=2048" in prefill[1]["skip_reason"]
     assert decode and all(p["skip_reason"] == "decode attention on a TP partition" for p in decode)
-    assert all(p["skip_reason"] is None for p in results["split"]["plans"][0])  # every step splits
     assert not any(p["skip_reason"] is None for p in results["off"]["plans"][0])
     tokens = {name: [o["token_ids"] for o in r["outputs"]] for name, r in results.items()}
-    assert tokens["auto"] == tokens["split"] == tokens["off"]
+    assert tokens["auto"] == tokens["off"]
     worst = {name: max(abs(g - e) / max(abs(e), 1e-6) for out, ref in zip(results[name]["outputs"],
                                                                           results["off"]["outputs"])
                        for g, e in zip(out["prompt_logprobs"][1:], ref["prompt_logprobs"][1:]))
-             for name in ("auto", "split")}  # fmt: skip
-    print(f"auto vs split vs off: {len(auto)} forwards; prompt-logprob rel err vs off {worst}; "
+             for name in ("auto",)}  # fmt: skip
+    print(f"auto vs off: {len(auto)} forwards; prompt-logprob rel err vs off {worst}; "
           + "; ".join(f"{n}: init {r['init_s']:.1f}s generate {r['generate_s']:.1f}s" for n, r in results.items()))
     assert all(err <= 2e-5 for err in worst.values()), worst
