@@ -196,7 +196,7 @@ def _route(monkeypatch, ops, rows, blocks, block_size=64, capturing=False):
 
 def test_each_batch_takes_the_policys_indexer(monkeypatch, caplog):
     ops = VllmDeepGemmOps()
-    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_served", False)
+    monkeypatch.setattr(vllm_deepgemm, "_paths_served", set())
     with caplog.at_level("INFO", logger="vllm.cp_nsa"):
         assert _route(monkeypatch, ops, rows=256, blocks=16) == ["triton"]
     assert "DeepGEMM" not in caplog.text

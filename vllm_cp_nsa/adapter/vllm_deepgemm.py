@@ -175,7 +175,7 @@ class VllmDeepGemmOps(VllmKernelOps):
                 and _deepgemm_indexer_available() and _paged_decode_available()):  # fmt: skip
             return self.indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
                                      index_cache_fp8)  # fmt: skip
-        _log_first_paged_decode_batch(q.shape[0], next_n)
+        _say_first_batch("DeepGEMM paged decode indexer", "%d rows, %d per request", q.shape[0], next_n)
         return _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_len, next_n, topk,
                                              block_size, self._decode_schedules)  # fmt: skip
 
@@ -190,34 +190,21 @@ class VllmDeepGemmOps(VllmKernelOps):
                 q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
                 index_cache_fp8,
             )  # fmt: skip
-        _log_first_deepgemm_batch(q.shape[0], key_width)
+        _say_first_batch("DeepGEMM indexer", "%d rows, key range %d", q.shape[0], key_width)
         return _deepgemm_indexer_topk(
             q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size, self._plans, host_rows
         )
 
 
-_deepgemm_served = False
+_paths_served: set[str] = set()
 
 
-def _log_first_deepgemm_batch(rows: int, key_width: int) -> None:
-    """Say once per process that DeepGEMM served a batch (a run's log then shows it ran)."""
-    global _deepgemm_served
-    if not _deepgemm_served:
-        _deepgemm_served = True
-        logger.info("vllm_cp_nsa: DeepGEMM indexer serving its first batch (%d rows, key range %d)",
-                    rows, key_width)  # fmt: skip
-
-
-_paged_decode_served = False
-
-
-def _log_first_paged_decode_batch(rows: int, next_n: int) -> None:
-    """Say once per process that the paged decode indexer served (or was captured for) a batch."""
-    global _paged_decode_served
-    if not _paged_decode_served:
-        _paged_decode_served = True
-        logger.info("vllm_cp_nsa: DeepGEMM paged decode indexer serving its first batch (%d rows, %d per request)",
-                    rows, next_n)  # fmt: skip
+def _say_first_batch(path: str, detail: str, *args) -> None:
+    """Say once per process that ``path`` served (or was captured for) a batch: a run's log then
+    shows which indexer ran."""
+    if path not in _paths_served:
+        _paths_served.add(path)
+        logger.info(f"vllm_cp_nsa: {path} serving its first batch ({detail})", *args)
 
 
 # ------------------------------------------------------------ what this vLLM / GPU has
