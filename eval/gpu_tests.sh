@@ -16,7 +16,7 @@ python3 -c "import torch, vllm; print('stack: vLLM', vllm.__version__, '| torch'
 # (the memory test beside plugin_tests/kernels failed to collect on 2026-12-04).
 : > "$OUT/gpu_tests.log"; RC=0
 ALL_PATHS=${TEST_PATHS:-plugin_tests/kernels plugin_tests/e2e/test_gpu_graphs.py}
-folder() { case "$1" in *.py) dirname "$1";; *) echo "${1%/}";; esac; }
+folder() { case "$1" in *.py|*.py::*) dirname "${1%%::*}";; *) echo "${1%/}";; esac; }
 for DIR in $(for P in $ALL_PATHS; do folder "$P"; done | sort -u); do
   PATHS=$(for P in $ALL_PATHS; do [ "$(folder "$P")" = "$DIR" ] && echo "$P"; done)
   echo "## pytest" $PATHS >> "$OUT/gpu_tests.log"
