@@ -153,14 +153,16 @@ def test_loader_dequantizes_fp8_indexer_wk_like_vllm():
     quant, scale_inv = rc.quantize_block_fp8(weight)
     assert scale_inv.shape == (1, 5)
     name = "model.layers.0.self_attn.indexer.wk.weight"
-    params = {name: torch.nn.Parameter(torch.empty(128, 640, dtype=torch.bfloat16), requires_grad=False)}
+    fused = "model.layers.0.self_attn.indexer.wk_weights_proj.weight"  # wk rows, then weights_proj's
+    params = {fused: torch.nn.Parameter(torch.empty(128 + 16, 640, dtype=torch.bfloat16), requires_grad=False)}
     pairing = Fp8IndexerWk()
     assert pairing.accepts(name + "_scale_inv", scale_inv, params) and pairing.accepts(name, quant, params)
-    assert not pairing.accepts(name, weight.bfloat16(), params)  # a bf16 wk loads as is
+    assert not pairing.accepts(name, weight.bfloat16(), params)  # a bf16 wk loads as a stacked part
+    assert not pairing.accepts("model.layers.0.self_attn.indexer.weights_proj.weight", weight.bfloat16(), params)
     assert pairing.add(name + "_scale_inv", scale_inv, torch.bfloat16) is None
     assert pairing.unpaired() == [name + "_scale_inv"]
     loaded_name, loaded = pairing.add(name, quant, torch.bfloat16)
-    assert loaded_name == name and pairing.unpaired() == []
+    assert loaded_name == fused and pairing.unpaired() == []
     expected = scaled_dequantize(quant, scale_inv, group_shape=GroupShape(128, 128), out_dtype=torch.bfloat16)
     assert torch.equal(loaded, expected)
 
@@ -180,3 +182,24 @@ def test_gpu_compare_measures_every_run_against_the_bf16_reference():
     log = ("(EngineCore pid=1) INFO 12-03 08:50:01 [plugin.py:40] vllm_cp_nsa: installed but not active\n"
            "INFO 12-03 08:50:02 [model.py:1] something else\n")
     assert gc.plugin_log_lines(log) == ["vllm_cp_nsa: installed but not active"]
+
+
+def test_checkpoint_parts_go_to_vllms_fused_layers_by_whole_module_name():
+    """q_a / kv_a into ``fused_qkv_a_proj``, the indexer's wk / weights_proj into
+    ``wk_weights_proj`` (weights and block scales), as vLLM's own V3.2 stacks them; a name that
+    only contains a part's name (``wk`` in ``wk_weights_proj``, ``q_a_proj`` beside
+    ``q_a_layernorm``) is not a part."""
+    from vllm_cp_nsa.adapter.weights import PACKED_MODULES, STACKED_PARAMS, _stacked_name
+
+    attn = "model.layers.3.self_attn."
+    assert _stacked_name(attn + "q_a_proj.weight_scale_inv", STACKED_PARAMS) == (
+        attn + "fused_qkv_a_proj.weight_scale_inv", 0)
+    assert _stacked_name(attn + "kv_a_proj_with_mqa.weight", STACKED_PARAMS) == (attn + "fused_qkv_a_proj.weight", 1)
+    assert _stacked_name(attn + "indexer.wk.weight", STACKED_PARAMS) == (attn + "indexer.wk_weights_proj.weight", 0)
+    assert _stacked_name(attn + "indexer.weights_proj.weight", STACKED_PARAMS) == (
+        attn + "indexer.wk_weights_proj.weight", 1)
+    for name in (attn + "q_a_layernorm.weight", attn + "indexer.wk_weights_proj.weight", attn + "kv_b_proj.weight"):
+        assert _stacked_name(name, STACKED_PARAMS) == (name, None)
+    assert PACKED_MODULES == {"gate_up_proj": ["gate_proj", "up_proj"],
+                              "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"],
+                              "wk_weights_proj": ["wk", "weights_proj"]}

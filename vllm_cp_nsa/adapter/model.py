@@ -21,11 +21,16 @@ from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
-from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLP, DeepseekV2MoE, yarn_get_mscale
+from vllm.model_executor.models.deepseek_v2 import (
+    DeepseekV2MLP,
+    DeepseekV2MoE,
+    DeepSeekV2FusedQkvAProjLinear,
+    yarn_get_mscale,
+)
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
@@ -38,7 +43,7 @@ from ..split_plan import SplitPlan, unsplit_plan
 from .backend import CpNsaBackend, CpNsaIndexerCache, trace_piecewise_replay
 from .ep_moe import CpNsaExpertParallelMoE, VllmExpertParallelMoE
 from .runtime import CpNsaRuntime
-from .weights import load_deepseek_v32_weights
+from .weights import PACKED_MODULES, load_deepseek_v32_weights
 
 logger = logging.getLogger("vllm.cp_nsa")
 
@@ -168,12 +173,12 @@ class CpNsaIndexer(nn.Module):
         quant_config = vllm_config.quant_config
         self.wq_b = ReplicatedLinear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False,
                                      quant_config=quant_config, prefix=f"{prefix}.wq_b")
-        # Unquantized as in vLLM's own V3.2; an fp8 ``wk`` + scale (the release) is
+        # ``wk`` and ``weights_proj`` as one unquantized GEMM [hidden -> 128 + Hi], as in vLLM's
+        # own V3.2 (one launch instead of two); an fp8 ``wk`` + scale (the release) is
         # dequantized at load (weights.Fp8IndexerWk).
-        self.wk = ReplicatedLinear(config.hidden_size, self.head_dim, bias=False,
-                                   quant_config=None, prefix=f"{prefix}.wk")
-        self.weights_proj = ReplicatedLinear(config.hidden_size, self.n_heads, bias=False,
-                                             quant_config=None, prefix=f"{prefix}.weights_proj")
+        self.wk_weights_proj = MergedColumnParallelLinear(
+            input_size=config.hidden_size, output_sizes=[self.head_dim, self.n_heads], bias=False,
+            quant_config=None, disable_tp=True, prefix=f"{prefix}.wk_weights_proj")
         self.k_norm = LayerNorm(self.head_dim, eps=1e-6, dtype=torch.float32)
         # The indexer rotates the first rope_dim dims with MLA's rope parameters, NeoX
         # style unless the checkpoint says interleaved (as vLLM's own V3.2 indexer).
@@ -189,11 +194,12 @@ class CpNsaIndexer(nn.Module):
     def forward(self, x: torch.Tensor, q_c: torch.Tensor, positions: torch.Tensor):
         """(q [n, Hi, 128] roped, weights [n, Hi] scaled, k [n, 128] roped)."""
         q = self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
-        k = self.k_norm(self.wk(x)[0])
+        k_and_weights = self.wk_weights_proj(x)[0]
+        k = self.k_norm(k_and_weights[:, : self.head_dim])
         q_pe, k_pe = self.rotary_emb(positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
         write_back(q[..., : self.rope_dim], q_pe)  # q and k are this layer's own outputs
         write_back(k[:, : self.rope_dim], k_pe)
-        weights = self.weights_proj(x)[0].float() * self.weight_scale
+        weights = k_and_weights[:, self.head_dim :].float() * self.weight_scale
         return q, weights, k
 
 
@@ -216,10 +222,14 @@ class CpNsaAttention(nn.Module):
         def linear(name, n_in, n_out, quant=quant_config):
             return ReplicatedLinear(n_in, n_out, bias=False, quant_config=quant, prefix=f"{prefix}.{name}")
 
-        self.q_a_proj = linear("q_a_proj", hidden, config.q_lora_rank)
+        # q_a_proj and kv_a_proj_with_mqa as one GEMM (replicated), vLLM's own V3.2 layer: one
+        # launch and one activation quantization instead of two (its small-batch bf16 GEMM too)
+        self.q_lora_rank = config.q_lora_rank
+        self.fused_qkv_a_proj = DeepSeekV2FusedQkvAProjLinear(
+            input_size=hidden, output_size=[self.q_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim],
+            quant_config=quant_config, prefix=f"{prefix}.fused_qkv_a_proj")
         self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
         self.q_b_proj = linear("q_b_proj", config.q_lora_rank, self.num_heads * self.qk_head_dim)
-        self.kv_a_proj_with_mqa = linear("kv_a_proj_with_mqa", hidden, self.kv_lora_rank + self.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = linear("kv_b_proj", self.kv_lora_rank,
                                 self.num_heads * (self.qk_nope_head_dim + self.v_head_dim))
@@ -265,11 +275,12 @@ class CpNsaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: NsaForwardMetadata | None) -> torch.Tensor:
         num_rows = x.shape[0]
         heads = self._head_slice(meta)
-        q_c = self.q_a_layernorm(self.q_a_proj(x)[0])
+        q_c, kv_c, k_pe = self.fused_qkv_a_proj(x)[0].split(
+            [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        q_c = self.q_a_layernorm(q_c)  # vLLM's RMSNorm reads strided rows: no copy (as its own MLA)
         q = self._q_b(q_c, heads).view(num_rows, -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        kv_c, k_pe = self.kv_a_proj_with_mqa(x)[0].split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv_c = self.kv_a_layernorm(kv_c.contiguous())
+        kv_c = self.kv_a_layernorm(kv_c)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
         index_q, index_weights, index_k = self.indexer(x, q_c, positions)
         values = q_nope.new_empty((num_rows, q_nope.shape[1] * self.v_head_dim), dtype=self.mla_attn.W_UV.dtype)
@@ -512,7 +523,7 @@ def forward_metadata_for(layer_name: str, num_input_tokens: int, group) -> tuple
 class CpNsaDeepseekV32ForCausalLM(nn.Module):
     """Registered over ``DeepseekV32ForCausalLM``."""
 
-    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

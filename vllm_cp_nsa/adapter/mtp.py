@@ -24,7 +24,7 @@ from vllm.platforms import current_platform
 from ..communicator import gather_token_rows, pad_rows
 from .model import CpNsaDecoderLayer, forward_metadata_for
 from .runtime import CpNsaRuntime
-from .weights import load_deepseek_v32_weights
+from .weights import PACKED_MODULES, load_deepseek_v32_weights
 
 
 class CpNsaSharedHead(nn.Module):
@@ -76,6 +76,8 @@ class CpNsaMtpPredictor(nn.Module):
 class CpNsaDeepseekV32MTP(nn.Module):
     """Registered over ``DeepseekV32MTPModel``; returns (hidden for logits, hidden
     recycled into the next draft step), like vLLM's DeepSeek MTP."""
+
+    packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
