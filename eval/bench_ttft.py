@@ -137,10 +137,10 @@ class PaddedHeadsOps:
         out, lse = self.ops.sparse_mla_prefill(qp, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
         return out[:, :heads], lse[:, :heads]
 
-    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto", forward_state=None):
         heads = q.shape[2]
         qp, _ = self._pad(q, 2)
-        out, lse = self.ops.sparse_mla_decode(qp, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+        out, lse = self.ops.sparse_mla_decode(qp, kv_cache, indices, sm_scale, d_v, kv_cache_dtype, forward_state)
         return out[:, :, :heads], lse[:, :, :heads]
 
 

@@ -147,7 +147,10 @@ class NsaOps:
         sm_scale: float,
         d_v: int = 512,
         kv_cache_dtype: str = "auto",
+        forward_state: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_state``: one dict per forward, the same for every layer: a provider may keep
+        work there that every layer's call shares (FlashMLA's tile schedule); None keeps nothing."""
         b, s, h, d = q.shape
         out, lse = self.sparse_mla_prefill(
             q.reshape(b * s, h, d), kv_cache, indices.reshape(b * s, -1), sm_scale, d_v,
@@ -232,7 +235,7 @@ class TritonOps(NsaOps):
 
         return sparse_mla_prefill(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
 
-    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto", forward_state=None):
         from .sparse_mla import sparse_mla_decode
 
         return sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)

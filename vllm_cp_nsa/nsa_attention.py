@@ -347,6 +347,7 @@ def sparse_attention(
         slots = positions_to_slots(topk_positions, meta.local_req, meta.block_table, meta.block_size)
         out, _ = ops.sparse_mla_decode(
             q.unsqueeze(1), caches.latent, slots.unsqueeze(1), sm_scale, LATENT_DIM, caches.kv_cache_dtype,
+            forward_state=meta.per_forward_value("sparse_mla_decode", dict),
         )  # fmt: skip
         return out.squeeze(1)
     out, _ = ops.sparse_mla_prefill_positions(

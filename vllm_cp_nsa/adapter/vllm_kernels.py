@@ -37,6 +37,7 @@ build has none of these kernels) and without vLLM.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import logging
 
 import torch
@@ -148,9 +149,9 @@ class VllmKernelOps(NsaOps):
             q, kv_cache, positions, row_req, block_table, block_size, sm_scale, d_v, kv_cache_dtype,
         )  # fmt: skip
 
-    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto"):
+    def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto", forward_state=None):
         if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
-            return _flashmla_fp8(q, kv_cache, indices, sm_scale)
+            return _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state)
         if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
             batch, seq = q.shape[:2]
             out, lse = _bf16_cache_kernel()(q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale)
@@ -325,24 +326,56 @@ def _flashmla_fp8_prefill(q, kv_cache, indices, sm_scale):
     return out, lse
 
 
-def _flashmla_fp8(q, kv_cache, indices, sm_scale):
+@dataclass(frozen=True)
+class FlashMlaCall:
+    """What every layer's FlashMLA fp8 call of one forward shares: the tile schedule (FlashMLA
+    builds it on the call that first gets it: one metadata kernel a forward, not one a layer,
+    as vLLM's own backend shares one per batch) and the placeholder block table / lengths."""
+
+    schedule: object
+    block_table: torch.Tensor
+    cache_seqlens: torch.Tensor
+
+
+def _flashmla_call(batch: int, num_slots: int, shape_key: tuple, device, forward_state: dict | None) -> FlashMlaCall:
+    """This forward's ``FlashMlaCall`` for calls of ``shape_key``, new when there is none yet
+    (or no ``forward_state``). FlashMLA may reuse a schedule while the shapes and the lengths'
+    values stay the same: they do for every layer of a forward (the lengths are the cache
+    size). One forward's state never reaches another, so a schedule built while a CUDA graph
+    is captured (its kernel recorded in that graph, not run) serves only that graph's layers."""
+    from vllm.v1.attention.ops.flashmla import get_mla_metadata
+
+    key = ("flashmla_fp8", shape_key, num_slots)
+    call = None if forward_state is None else forward_state.get(key)
+    if call is None:
+        call = FlashMlaCall(
+            schedule=get_mla_metadata()[0],
+            # unused with indices; vLLM passes placeholders of these shapes too
+            block_table=torch.zeros((batch, 1), dtype=torch.int32, device=device),
+            cache_seqlens=torch.full((batch,), num_slots, dtype=torch.int32, device=device),
+        )
+        if forward_state is not None:
+            forward_state[key] = call
+    return call
+
+
+def _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state: dict | None = None):
     """q [B, S, H, 576] against the fp8_ds_mla cache -> (out [B, S, H, 512], lse [B, S, H])."""
-    from vllm.v1.attention.ops.flashmla import flash_mla_with_kvcache, get_mla_metadata
+    from vllm.v1.attention.ops.flashmla import flash_mla_with_kvcache
 
     batch, _, num_heads, _ = q.shape
     pages = kv_cache.view(-1, _FP8_PAGE_SLOTS, 1, FP8_DS_MLA_ROW_BYTES)
     num_slots = pages.shape[0] * _FP8_PAGE_SLOTS
     idx = _kernel_indices(indices, num_slots)
     q = pad_heads(q, _flashmla_heads(num_heads))
-    schedule, _ = get_mla_metadata()
+    call = _flashmla_call(batch, num_slots, (*q.shape[:3], idx.shape[-1]), q.device, forward_state)
     out, lse = flash_mla_with_kvcache(
         q=q,
         k_cache=pages,
-        # Unused with indices; vLLM passes placeholders of these shapes too.
-        block_table=torch.zeros((batch, 1), dtype=torch.int32, device=q.device),
-        cache_seqlens=torch.full((batch,), num_slots, dtype=torch.int32, device=q.device),
+        block_table=call.block_table,
+        cache_seqlens=call.cache_seqlens,
         head_dim_v=LATENT_DIM,
-        tile_scheduler_metadata=schedule,
+        tile_scheduler_metadata=call.schedule,
         is_fp8_kvcache=True,
         indices=idx,
         softmax_scale=sm_scale,
