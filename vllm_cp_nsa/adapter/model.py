@@ -184,7 +184,10 @@ class CpNsaIndexer(nn.Module):
         # style unless the checkpoint says interleaved (as vLLM's own V3.2 indexer).
         self.rotary_emb = DeepseekRope(config, self.rope_dim,
                                        is_neox_style=not getattr(config, "indexer_rope_interleave", False))
-        self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
+        # a 1-element fp32 tensor, not a Python float: bf16 weights times it come out fp32 in one
+        # kernel (a float scalar needs ``.float()`` first: two), the same values either way
+        self.register_buffer("weight_scale", torch.tensor([self.n_heads**-0.5 * self.head_dim**-0.5],
+                                                          dtype=torch.float32), persistent=False)
         self.k_cache = CpNsaIndexerCache(
             prefix=f"{prefix}.k_cache",
             fp8=fp8_cache,
@@ -199,7 +202,7 @@ class CpNsaIndexer(nn.Module):
         q_pe, k_pe = self.rotary_emb(positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
         write_back(q[..., : self.rope_dim], q_pe)  # q and k are this layer's own outputs
         write_back(k[:, : self.rope_dim], k_pe)
-        weights = k_and_weights[:, self.head_dim :].float() * self.weight_scale
+        weights = k_and_weights[:, self.head_dim :] * self.weight_scale
         return q, weights, k
 
 
