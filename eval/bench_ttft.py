@@ -137,6 +137,14 @@ class PaddedHeadsOps:
         out, lse = self.ops.sparse_mla_prefill(qp, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
         return out[:, :heads], lse[:, :heads]
 
+    def sparse_mla_decode_positions(self, q, kv_cache, positions, row_req, block_table, block_size, sm_scale,
+                                    d_v=512, kv_cache_dtype="auto", forward_state=None):  # fmt: skip
+        heads = q.shape[2]
+        qp, _ = self._pad(q, 2)
+        out, lse = self.ops.sparse_mla_decode_positions(qp, kv_cache, positions, row_req, block_table, block_size,
+                                                        sm_scale, d_v, kv_cache_dtype, forward_state)  # fmt: skip
+        return out[:, :, :heads], lse[:, :, :heads]
+
     def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto", forward_state=None):
         heads = q.shape[2]
         qp, _ = self._pad(q, 2)

@@ -158,6 +158,28 @@ class NsaOps:
         )  # fmt: skip
         return out.view(b, s, h, -1), lse.view(b, s, h)
 
+    def sparse_mla_decode_positions(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        positions: torch.Tensor,
+        row_req: torch.Tensor,
+        block_table: torch.Tensor,
+        block_size: int,
+        sm_scale: float,
+        d_v: int = 512,
+        kv_cache_dtype: str = "auto",
+        forward_state: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sparse_mla_decode`` over the cache slots of request-local ``positions`` [B, S, K]
+        of request ``row_req[m]`` (row ``m`` = b * S + s; -1: no key / no request). A provider
+        may map them to slots inside its own index pass (the ``vllm`` providers do)."""
+        from .slots import positions_to_slots  # imports triton: lazily, like every kernel module
+
+        slots = positions_to_slots(positions.flatten(0, 1), row_req, block_table, block_size)
+        return self.sparse_mla_decode(q, kv_cache, slots.view(positions.shape), sm_scale, d_v, kv_cache_dtype,
+                                      forward_state)  # fmt: skip
+
     # 4. latent cache write (656-byte fp8_ds_mla rows or plain rows)
     def write_latent_cache(
         self,

@@ -342,11 +342,9 @@ def sparse_attention(
     """[rows, H, 512] sparse MLA output for q [rows, H, 576] (decode kernel for decode /
     verify batches, over cache slots; prefill rows hand the provider their positions)."""
     if meta.use_decode_kernel:
-        from .kernels.slots import positions_to_slots  # imports triton: lazily, like every kernel module
-
-        slots = positions_to_slots(topk_positions, meta.local_req, meta.block_table, meta.block_size)
-        out, _ = ops.sparse_mla_decode(
-            q.unsqueeze(1), caches.latent, slots.unsqueeze(1), sm_scale, LATENT_DIM, caches.kv_cache_dtype,
+        out, _ = ops.sparse_mla_decode_positions(
+            q.unsqueeze(1), caches.latent, topk_positions.unsqueeze(1), meta.local_req, meta.block_table,
+            meta.block_size, sm_scale, LATENT_DIM, caches.kv_cache_dtype,
             forward_state=meta.per_forward_value("sparse_mla_decode", dict),
         )  # fmt: skip
         return out.squeeze(1)

@@ -116,3 +116,47 @@ def test_gpu_compact_real_prefill_shape():
     got_idx, got_counts = ki.compact_kernel_indices(idx.cuda(), 1 << 20)  # CUDA: Triton
     want_idx, want_counts = ki.compact_kernel_indices_ref(idx, 1 << 20)
     assert torch.equal(got_idx.cpu(), want_idx) and torch.equal(got_counts.cpu(), want_counts)
+
+
+def _paged_positions(rows: int, topk: int, block_size: int, gen):
+    """Request-local positions (-1 holes, some past a request's pages) for rows of three
+    requests and a padding row (request -1), with a shuffled block table of 6 pages each."""
+    table = torch.randperm(24, generator=gen)[:18].view(3, 6).to(torch.int32)
+    row_req = torch.randint(0, 3, (rows,), generator=gen).to(torch.int32)
+    row_req[rows // 2] = -1
+    positions = torch.randint(-2, 6 * block_size, (rows, topk), generator=gen).to(torch.int32)
+    return positions, row_req, table
+
+
+def _slot_rule(positions, row_req, table, block_size):
+    """The positions -> slots rule, element by element: page * block_size + offset, -1 for a
+    negative position or a row without a request."""
+    out = []
+    for req, row in zip(row_req.tolist(), positions.tolist()):
+        out.append([table[req][p // block_size].item() * block_size + p % block_size if p >= 0 and req >= 0 else -1
+                    for p in row])  # fmt: skip
+    return torch.tensor(out, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("topk,block_size,num_slots", [(40, 16, 24 * 16), (130, 64, 10 * 64), (2048, 64, 24 * 64)])
+def test_positions_map_to_slots_in_the_same_pass(topk, block_size, num_slots, device):
+    """Both forms from request-local positions (``Paging``) equal the forms of the slots the
+    positions -> slots rule gives; slots past ``num_slots`` (pages beyond a smaller cache)
+    become -1 as any index outside the cache does."""
+    gen = torch.Generator().manual_seed(topk + block_size)
+    positions, row_req, table = _paged_positions(9, topk, block_size, gen)
+    slots = _slot_rule(positions, row_req, table, block_size)
+    paging = ki.Paging(row_req, table, block_size)
+    want = ki.kernel_indices_ref(slots, num_slots, 64)
+    assert torch.equal(ki.kernel_indices_ref(positions, num_slots, 64, paging), want)
+    on_device = ki.Paging(row_req.to(device), table.to(device), block_size)
+    got = ki.kernel_indices(positions.to(device), num_slots, 64, use_triton=True, paging=on_device)
+    assert torch.equal(got.cpu(), want)
+    want_idx, want_counts = ki.compact_kernel_indices_ref(slots, num_slots)
+    ref_idx, ref_counts = ki.compact_kernel_indices_ref(positions, num_slots, paging)
+    assert torch.equal(ref_idx, want_idx) and torch.equal(ref_counts, want_counts)
+    got_idx, got_counts = ki.compact_kernel_indices(positions.to(device), num_slots, use_triton=True, paging=on_device)
+    assert torch.equal(got_idx.cpu(), want_idx) and torch.equal(got_counts.cpu(), want_counts)
+    with pytest.raises(ValueError, match="paging"):
+        ki.kernel_indices(positions.to(device), num_slots, 64, use_triton=True,
+                          paging=ki.Paging(row_req[:3].to(device), table.to(device), block_size))  # fmt: skip

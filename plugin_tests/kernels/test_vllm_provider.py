@@ -27,6 +27,7 @@ from vllm_cp_nsa.adapter import vllm_kernels
 from vllm_cp_nsa.adapter.vllm_kernels import VllmKernelOps
 from vllm_cp_nsa.config import CpNsaConfigError
 from vllm_cp_nsa.kernels import attention_ref, dispatch, kv_cache_ref
+from vllm_cp_nsa.kernels.slots import positions_to_slots_ref
 from vllm_cp_nsa.kernels import indexer_topk, kv_cache, sparse_mla  # noqa: F401  (import under the interpreter)
 
 SCALE = 576**-0.5
@@ -275,7 +276,8 @@ def test_bf16_cache_ops_stay_on_flashmla_without_fa3(monkeypatch):
     monkeypatch.setattr(vllm_kernels, "_fa3_sparse", _must_not_run("FA3"))
     served = []
 
-    def flashmla(q, kv_cache, indices, sm_scale):
+    def flashmla(q, kv_cache, indices, sm_scale, paging=None):
+        assert paging is None  # slots, not positions
         served.append(q.shape[0])
         return attention_ref.sparse_mla(q, kv_cache, indices, sm_scale, 512, "auto")
 
@@ -435,7 +437,7 @@ def test_fp8_decode_layers_of_one_forward_share_flashmlas_schedule(monkeypatch):
 
     monkeypatch.setattr(flashmla, "get_mla_metadata", get_mla_metadata)
     monkeypatch.setattr(flashmla, "flash_mla_with_kvcache", flash_mla_with_kvcache)
-    monkeypatch.setattr(vllm_kernels, "_kernel_indices", lambda indices, num_slots: indices.int())
+    monkeypatch.setattr(vllm_kernels, "_kernel_indices", lambda indices, num_slots, paging=None: indices.int())
     monkeypatch.setattr(vllm_kernels, "_empty_rows", lambda: type("Rows", (), {
         "zero_rows_without_keys": staticmethod(lambda out, lse, idx: (out, lse))}))
     cache = torch.zeros(4, 64, 656, dtype=torch.uint8)
@@ -451,6 +453,48 @@ def test_fp8_decode_layers_of_one_forward_share_flashmlas_schedule(monkeypatch):
     vllm_kernels._flashmla_fp8(q, cache, idx, SCALE, {})  # the next forward
     vllm_kernels._flashmla_fp8(q, cache, idx, SCALE, None)  # no state: nothing kept
     assert len(built) == 4 and used[-1][0] is not used[-2][0] is not used[0][0]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_ds_mla", "auto"])
+def test_decode_from_positions_hands_the_kernels_their_paging(monkeypatch, kv_cache_dtype):
+    """Decode rows from request-local positions reach the vLLM kernels (torch stand-ins on CPU)
+    as positions + ``Paging`` — no separate positions -> slots pass — and attend to the same
+    keys as the slots the rule gives (the torch provider over those slots)."""
+    from vllm_cp_nsa.kernels import kernel_indices as ki
+
+    handed = []
+
+    def stand_in(q, kv_cache, indices, sm_scale, *rest):
+        paging = rest[-1]
+        handed.append(paging)
+        assert isinstance(paging, ki.Paging)
+        rows_q = q.reshape(-1, *q.shape[-2:])
+        num_slots = kv_cache.shape[0] * kv_cache.shape[1]
+        slots = ki.kernel_indices_ref(indices.reshape(rows_q.shape[0], -1), num_slots, 1, paging)
+        out, lse = attention_ref.sparse_mla(rows_q, kv_cache, slots, sm_scale, 512, kv_cache_dtype)
+        return out.view(*q.shape[:-1], 512), lse.view(q.shape[:-1])
+
+    fp8 = kv_cache_dtype == "fp8_ds_mla"
+    monkeypatch.setattr(vllm_kernels, "_fp8_kernel_applies", lambda *args: fp8)
+    monkeypatch.setattr(vllm_kernels, "_bf16_kernel_applies", lambda *args: not fp8)
+    monkeypatch.setattr(vllm_kernels, "_flashmla_fp8", stand_in)
+    monkeypatch.setattr(vllm_kernels, "_bf16_cache_kernel", lambda: stand_in)
+    gen = torch.Generator().manual_seed(21)
+    block_size, num_blocks, topk = 16, 12, 24
+    table = _paged_requests([70, 40, 9], block_size, num_blocks, gen)
+    kv_c, k_pe = torch.randn(num_blocks * block_size, 512, generator=gen), torch.randn(num_blocks * block_size, 64,
+                                                                                      generator=gen)  # fmt: skip
+    cache = torch.zeros(num_blocks, block_size, 656 if fp8 else 576, dtype=torch.uint8 if fp8 else torch.bfloat16)
+    kv_cache_ref.write_latent_cache(cache, kv_c, k_pe, torch.arange(num_blocks * block_size), kv_cache_dtype)
+    positions, row_req = _sparse_positions([(0, 70), (-1, 0), (1, 40), (2, 9), (0, 3), (1, 1)], topk, gen)
+    q = torch.randn(3, 2, 4, 576, generator=gen).to(torch.bfloat16)
+    out, lse = VllmKernelOps().sparse_mla_decode_positions(q, cache, positions.view(3, 2, topk), row_req, table,
+                                                           block_size, SCALE, 512, kv_cache_dtype)  # fmt: skip
+    assert len(handed) == 1
+    slots = positions_to_slots_ref(positions, row_req, table, block_size)
+    want_out, want_lse = dispatch.get_ops("torch").sparse_mla_decode(q, cache, slots.view(3, 2, topk), SCALE, 512,
+                                                                      kv_cache_dtype)  # fmt: skip
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
 
 
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8_cache", "bf16_cache"])
@@ -569,6 +613,20 @@ def _sparse_rows(table, rows, topk, block_size, num_slots, gen):
     return idx.cuda()
 
 
+def _sparse_positions(rows, topk, gen):
+    """([M, topk] int32 request-local positions, [M] int32 requests): each row's distinct
+    random positions of its request, -1 shuffled in; request -1: a padding row (its
+    positions must not count)."""
+    positions = torch.full((len(rows), topk), -1, dtype=torch.int32)
+    for m, (req, kv_len) in enumerate(rows):
+        n = min(kv_len, topk)
+        if n:
+            positions[m, :n] = torch.randperm(kv_len, generator=gen)[:n].int()
+        positions[m] = positions[m][torch.randperm(topk, generator=gen)]
+    row_req = torch.tensor([req for req, _ in rows], dtype=torch.int32)
+    return positions, row_req
+
+
 def _check_attention(out, lse, ref_out, ref_lse):
     assert out.shape == ref_out.shape and out.dtype == ref_out.dtype and lse.shape == ref_lse.shape
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -621,6 +679,15 @@ def test_gpu_sparse_mla_matches_reference(vllm_ops, no_triton_fallback, monkeypa
         )
         _check_attention(got_out.flatten(0, 1), got_lse.flatten(0, 1), want_out, want_lse)
     assert len(state) == (1 if kv_cache_dtype == "fp8_ds_mla" else 0)
+    # decode rows from request-local positions: the kernels' own index pass maps them to slots
+    positions, row_req = _sparse_positions(rows, topk, gen)
+    slots = positions_to_slots_ref(positions, row_req, table, block_size)
+    pos_ref_out, pos_ref_lse = attention_ref.sparse_mla(q, cache, slots.cuda(), SCALE, 512, kv_cache_dtype)
+    pos_out, pos_lse = vllm_ops.sparse_mla_decode_positions(
+        q.view(batch, s_q, heads, 576), cache, positions.view(batch, s_q, topk).cuda(), row_req.cuda(), table.cuda(),
+        block_size, SCALE, 512, kv_cache_dtype,
+    )  # fmt: skip
+    _check_attention(pos_out.flatten(0, 1), pos_lse.flatten(0, 1), pos_ref_out, pos_ref_lse)
 
 
 def _record_bf16_kernels(monkeypatch):

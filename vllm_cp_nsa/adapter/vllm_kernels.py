@@ -150,11 +150,25 @@ class VllmKernelOps(NsaOps):
         )  # fmt: skip
 
     def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto", forward_state=None):
+        return self._decode(q, kv_cache, indices, None, sm_scale, d_v, kv_cache_dtype, forward_state)
+
+    def sparse_mla_decode_positions(self, q, kv_cache, positions, row_req, block_table, block_size, sm_scale,
+                                    d_v=512, kv_cache_dtype="auto", forward_state=None):  # fmt: skip
+        paging = _paging(row_req, block_table, block_size)
+        if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) or _bf16_kernel_applies(q, kv_cache, d_v,
+                                                                                          kv_cache_dtype):  # fmt: skip
+            return self._decode(q, kv_cache, positions, paging, sm_scale, d_v, kv_cache_dtype, forward_state)
+        return super().sparse_mla_decode_positions(q, kv_cache, positions, row_req, block_table, block_size,
+                                                   sm_scale, d_v, kv_cache_dtype, forward_state)  # fmt: skip
+
+    def _decode(self, q, kv_cache, indices, paging, sm_scale, d_v, kv_cache_dtype, forward_state):
+        """Decode rows [B, S, H, 576] over slots, or positions with their ``paging`` (mapped to
+        slots in the kernels' own index pass)."""
         if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
-            return _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state)
+            return _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state, paging)
         if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
             batch, seq = q.shape[:2]
-            out, lse = _bf16_cache_kernel()(q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale)
+            out, lse = _bf16_cache_kernel()(q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale, paging)
             return out.reshape(batch, seq, *out.shape[1:]), lse.reshape(batch, seq, -1)
         return _triton().sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
 
@@ -262,12 +276,20 @@ def _flashmla_heads(num_heads: int) -> int:
     return 64 if num_heads <= 64 else 128
 
 
-def _kernel_indices(indices: torch.Tensor, num_slots: int) -> torch.Tensor:
+def _kernel_indices(indices: torch.Tensor, num_slots: int, paging=None) -> torch.Tensor:
     """int32 slots with everything outside the cache as -1 (the fp8 kernel skips only -1),
-    -1 padded to a whole number of the kernels' top-k tiles: one pass (kernels/kernel_indices.py)."""
+    -1 padded to a whole number of the kernels' top-k tiles: one pass (kernels/kernel_indices.py;
+    ``paging``: the indices are positions, mapped to slots in that pass)."""
     from ..kernels.kernel_indices import kernel_indices  # imports triton: lazily
 
-    return kernel_indices(indices, num_slots, _FLASHMLA_TOPK_MULTIPLE)
+    return kernel_indices(indices, num_slots, _FLASHMLA_TOPK_MULTIPLE, paging=paging)
+
+
+def _paging(row_req: torch.Tensor, block_table: torch.Tensor, block_size: int):
+    """Positions' row -> request -> block table (kernels.kernel_indices.Paging)."""
+    from ..kernels.kernel_indices import Paging  # imports triton: lazily
+
+    return Paging(row_req, block_table, block_size)
 
 
 def _fa3_dense_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -297,13 +319,13 @@ def _bf16_cache_kernel():
     return _fa3_sparse if _fa3_supported() else _flashmla_bf16
 
 
-def _flashmla_bf16(q, kv_cache, indices, sm_scale):
+def _flashmla_bf16(q, kv_cache, indices, sm_scale, paging=None):
     """q [M, H, 576] against the bf16 cache -> (out [M, H, 512], lse [M, H])."""
     from vllm.v1.attention.ops.flashmla import flash_mla_sparse_fwd
 
     num_heads = q.shape[1]
     kv = kv_cache.view(-1, 1, LATENT_ROW_DIM)
-    idx = _kernel_indices(indices, kv.shape[0])
+    idx = _kernel_indices(indices, kv.shape[0], paging)
     q = pad_heads(q, _flashmla_heads(num_heads))
     out, _, lse = flash_mla_sparse_fwd(q, kv, idx.unsqueeze(1), sm_scale)
     return _empty_rows().zero_rows_without_keys(out[:, :num_heads], lse[:, :num_heads], idx)
@@ -359,14 +381,14 @@ def _flashmla_call(batch: int, num_slots: int, shape_key: tuple, device, forward
     return call
 
 
-def _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state: dict | None = None):
+def _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state: dict | None = None, paging=None):
     """q [B, S, H, 576] against the fp8_ds_mla cache -> (out [B, S, H, 512], lse [B, S, H])."""
     from vllm.v1.attention.ops.flashmla import flash_mla_with_kvcache
 
     batch, _, num_heads, _ = q.shape
     pages = kv_cache.view(-1, _FP8_PAGE_SLOTS, 1, FP8_DS_MLA_ROW_BYTES)
     num_slots = pages.shape[0] * _FP8_PAGE_SLOTS
-    idx = _kernel_indices(indices, num_slots)
+    idx = _kernel_indices(indices, num_slots, paging)
     q = pad_heads(q, _flashmla_heads(num_heads))
     call = _flashmla_call(batch, num_slots, (*q.shape[:3], idx.shape[-1]), q.device, forward_state)
     out, lse = flash_mla_with_kvcache(
@@ -410,7 +432,7 @@ def _cu_seqlens_q(rows: int, device: torch.device, capturing: bool) -> torch.Ten
     return held[-1][: rows + 1]
 
 
-def _fa3_sparse(q, kv_cache, indices, sm_scale):
+def _fa3_sparse(q, kv_cache, indices, sm_scale, paging=None):
     """q [M, H, 576] against the bf16 cache -> (out [M, H, 512], lse [M, H]) by FA3 with the
     arguments of vLLM's own call (flashattn_mla_sparse.py): row ``m`` is a sequence of one
     query and ``counts[m]`` keys, the first entries of its compacted indices as 1-slot pages;
@@ -418,7 +440,7 @@ def _fa3_sparse(q, kv_cache, indices, sm_scale):
     from ..kernels.kernel_indices import compact_kernel_indices  # imports triton: lazily
 
     cache_rows = kv_cache.view(-1, LATENT_ROW_DIM)
-    idx, counts = compact_kernel_indices(indices, cache_rows.shape[0])
+    idx, counts = compact_kernel_indices(indices, cache_rows.shape[0], paging=paging)
     # FA3's checks on this path (mha_fwd in vLLM's flash-attention, hopper/flash_api.cpp): q / k
     # head dim <= 64, v head dim in [256, 512], bf16 / fp16, SM90; q, k, v and q_v need only a
     # contiguous last dim (their other strides are passed on), so the halves of q and of the
