@@ -163,6 +163,8 @@ CALLED_SIGNATURES: tuple[CalledSignature, ...] = (
     CalledSignature("vllm.model_executor.models.deepseek_v2", "DeepSeekV2FusedQkvAProjLinear",
                     ("input_size", "output_size", "quant_config", "prefix"), "adapter/model.py"),
     CalledSignature("vllm.model_executor.layers.layernorm", "LayerNorm", ("eps", "dtype"), "adapter/model.py"),
+    CalledSignature("vllm.model_executor.layers.layernorm", "LayerNorm", ("weight", "bias", "eps"),
+                    "adapter/model.py CpNsaIndexer (its key's LayerNorm in kernels/indexer_key.py)", kind="fields"),
     CalledSignature("vllm.model_executor.layers.layernorm", "RMSNorm", ("hidden_size", "eps"), "adapter/model.py, mtp.py"),
     CalledSignature("vllm.model_executor.models.deepseek_v2", "DeepseekV2MLP",
                     ("hidden_size", "intermediate_size", "hidden_act", "quant_config", "reduce_results",

@@ -194,12 +194,12 @@ def test_kernel_cos_sin_table_is_the_rotarys_own_or_one_converted_copy(vllm_cont
     launch and an allocation on the host's critical path)."""
     rope = DeepseekRope(_config(RELEASE_YARN), ROPE_DIM, is_neox_style=False)
     table = rope.rotary_emb.cos_sin_cache
-    assert rope._cos_sin_cache(torch.empty(1, dtype=table.dtype)) is table
+    assert rope.cos_sin_cache(torch.empty(1, dtype=table.dtype)) is table
     other = torch.float64 if table.dtype != torch.float64 else torch.float32
-    first = rope._cos_sin_cache(torch.empty(1, dtype=other))
+    first = rope.cos_sin_cache(torch.empty(1, dtype=other))
     assert first.dtype == other and torch.equal(first, table.to(other))
-    assert rope._cos_sin_cache(torch.empty(1, dtype=other)) is first
-    assert rope._cos_sin_cache(torch.empty(1, dtype=table.dtype)) is table
+    assert rope.cos_sin_cache(torch.empty(1, dtype=other)) is first
+    assert rope.cos_sin_cache(torch.empty(1, dtype=table.dtype)) is table
 
 
 @pytest.mark.gpu
@@ -247,3 +247,42 @@ def test_gpu_rotation_in_place_matches_reference_and_vllms_own_call(interleaved,
 
     assert mean_error(ours_q, want_q) <= mean_error(own_q[..., rope_dims], want_q) * 1.05
     assert mean_error(ours_k, want_k) <= mean_error(own_k.reshape(ours_k.shape), want_k) * 1.05
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
+def test_indexer_key_kernel_branch_is_wired_like_the_unfused_path(vllm_context, monkeypatch, interleaved):
+    """On CUDA the indexer's key takes kernels/indexer_key.py (LayerNorm + rope in one pass)
+    and its query vLLM's rotary alone; elsewhere the LayerNorm class and the rotary class. Both
+    branches on CPU (the kernel's reference, the rotary class standing in for vLLM's in-place
+    kernel): same query, key within bf16 rounding, weights untouched — a wrong rope style, dim
+    range or norm parameter would be far off."""
+    from vllm.model_executor.layers.layernorm import LayerNorm
+
+    from vllm_cp_nsa.adapter.model import CpNsaIndexer
+
+    gen = torch.Generator().manual_seed(5)
+    n, heads = len(POSITIONS), 4
+    rope = DeepseekRope(_config(RELEASE_YARN), ROPE_DIM, is_neox_style=not interleaved)
+    q_proj = torch.randn(n, heads * 128, generator=gen).bfloat16()
+    k_and_weights = (torch.randn(n, 128 + heads, generator=gen) * 3 + 1).bfloat16()
+    norm = LayerNorm(128, eps=1e-6, dtype=torch.float32)
+    norm.weight.data = torch.rand(128, generator=gen) + 0.5
+    norm.bias.data = torch.randn(128, generator=gen) * 0.1
+    layer = SimpleNamespace(wq_b=lambda q_c: (q_proj.clone(),), wk_weights_proj=lambda x: (k_and_weights.clone(),),
+                            n_heads=heads, head_dim=128, rope_dim=ROPE_DIM, k_norm=norm, rotary_emb=rope,
+                            weight_scale=torch.tensor([0.25]))  # fmt: skip
+    q_unfused, w_unfused, k_unfused = CpNsaIndexer.forward(layer, None, None, POSITIONS)
+
+    def rotate_in_place(self, positions, q, k):  # vLLM's kernel, as its rotary class computes it
+        assert k is None and q.shape[-1] == ROPE_DIM
+        rotated, _ = self.rotary_emb(positions, q.clone(), torch.zeros(q.shape[0], 1, ROPE_DIM, dtype=q.dtype))
+        q.copy_(rotated.view(q.shape))
+        return q, k
+
+    monkeypatch.setattr(DeepseekRope, "in_place_applies", staticmethod(lambda positions, *tensors: True))
+    monkeypatch.setattr(DeepseekRope, "rotate_in_place", rotate_in_place)
+    q_fused, w_fused, k_fused = CpNsaIndexer.forward(layer, None, None, POSITIONS)
+    assert torch.equal(q_fused, q_unfused) and torch.equal(w_fused, w_unfused)
+    assert k_fused.shape == k_unfused.shape and k_fused.dtype == k_unfused.dtype
+    torch.testing.assert_close(k_fused.float(), k_unfused.float(), atol=0.05, rtol=0.02)
+    assert torch.equal(k_fused[:, ROPE_DIM:], k_unfused[:, ROPE_DIM:])  # unroped dims: the same LayerNorm

@@ -121,7 +121,7 @@ class DeepseekRope(nn.Module):
         multi-head query.
         """
         num_rows, num_heads, dim = q.shape
-        if q.is_cuda and positions.dtype == torch.int64 and q.stride(-1) == 1 and k.stride(-1) == 1:
+        if self.in_place_applies(positions, q, k):
             return self.rotate_in_place(positions, q, k) if num_rows else (q, k)
         if self.heads_axis:
             q2, k2 = self.rotary_emb(positions, q, k.unsqueeze(1))
@@ -130,7 +130,12 @@ class DeepseekRope(nn.Module):
                                      k.reshape(num_rows, dim).contiguous())
         return q2.reshape(num_rows, num_heads, dim), k2.reshape(num_rows, dim)
 
-    def rotate_in_place(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    @staticmethod
+    def in_place_applies(positions: torch.Tensor, *tensors: torch.Tensor) -> bool:
+        """Whether vLLM's CUDA rotary kernel rotates these tensors where they lie."""
+        return tensors[0].is_cuda and positions.dtype == torch.int64 and all(t.stride(-1) == 1 for t in tensors)
+
+    def rotate_in_place(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None):
         """vLLM's rotary kernel (``_custom_ops.rotary_embedding``, what its plain rotary class
         runs on CUDA) over ``q`` and ``k`` in place, strided slices of the projections as they
         are: one launch. vLLM's DeepSeek YaRN class runs torch ops on CUDA unless FlashInfer is
@@ -139,10 +144,11 @@ class DeepseekRope(nn.Module):
         for the same 6.4 ms of kernels (eval/gpu_vllm_notes.md)."""
         from vllm._custom_ops import rotary_embedding
 
-        rotary_embedding(positions, q, k.unsqueeze(1), q.shape[-1], self._cos_sin_cache(q), self.rotary_emb.is_neox_style)
+        key = None if k is None else k.unsqueeze(1)
+        rotary_embedding(positions, q, key, q.shape[-1], self.cos_sin_cache(q), self.rotary_emb.is_neox_style)
         return q, k
 
-    def _cos_sin_cache(self, q: torch.Tensor) -> torch.Tensor:
+    def cos_sin_cache(self, q: torch.Tensor) -> torch.Tensor:
         """vLLM's cos/sin table in the query's dtype and device (its rotary classes keep it so,
         except with FlashInfer, which keeps fp32), converted once."""
         cache = self.rotary_emb.cos_sin_cache
@@ -195,14 +201,26 @@ class CpNsaIndexer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, q_c: torch.Tensor, positions: torch.Tensor):
-        """(q [n, Hi, 128] roped, weights [n, Hi] scaled, k [n, 128] roped)."""
+        """(q [n, Hi, 128] roped, weights [n, Hi] scaled, k [n, 128] normed and roped)."""
         q = self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
         k_and_weights = self.wk_weights_proj(x)[0]
-        k = self.k_norm(k_and_weights[:, : self.head_dim])
-        q_pe, k_pe = self.rotary_emb(positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
+        weights = k_and_weights[:, self.head_dim :] * self.weight_scale
+        k_proj = k_and_weights[:, : self.head_dim]
+        q_pe = q[..., : self.rope_dim]
+        if self.rotary_emb.in_place_applies(positions, q_pe, k_proj) and q.shape[0]:
+            # CUDA: the key's LayerNorm + rope in one kernel (the same arithmetic as the
+            # LayerNorm class and vLLM's rotary kernel, three launches fewer), the query's rope
+            # on vLLM's kernel in place
+            from ..kernels.indexer_key import indexer_key  # imports triton: lazily, like every kernel module
+
+            k = indexer_key(k_proj, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps, positions,
+                            self.rotary_emb.cos_sin_cache(q), self.rope_dim, self.rotary_emb.rotary_emb.is_neox_style)
+            self.rotary_emb.rotate_in_place(positions, q_pe, None)
+            return q, weights, k
+        k = self.k_norm(k_proj)
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k[:, : self.rope_dim])
         write_back(q[..., : self.rope_dim], q_pe)  # q and k are this layer's own outputs
         write_back(k[:, : self.rope_dim], k_pe)
-        weights = k_and_weights[:, self.head_dim :] * self.weight_scale
         return q, weights, k
 
 
