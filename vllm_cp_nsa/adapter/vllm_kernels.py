@@ -37,8 +37,8 @@ build has none of these kernels) and without vLLM.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -154,12 +154,12 @@ class VllmKernelOps(NsaOps):
 
     def sparse_mla_decode_positions(self, q, kv_cache, positions, row_req, block_table, block_size, sm_scale,
                                     d_v=512, kv_cache_dtype="auto", forward_state=None):  # fmt: skip
+        if not (_fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype)
+                or _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype)):  # fmt: skip
+            return super().sparse_mla_decode_positions(q, kv_cache, positions, row_req, block_table, block_size,
+                                                       sm_scale, d_v, kv_cache_dtype, forward_state)  # fmt: skip
         paging = _paging(row_req, block_table, block_size)
-        if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype) or _bf16_kernel_applies(q, kv_cache, d_v,
-                                                                                          kv_cache_dtype):  # fmt: skip
-            return self._decode(q, kv_cache, positions, paging, sm_scale, d_v, kv_cache_dtype, forward_state)
-        return super().sparse_mla_decode_positions(q, kv_cache, positions, row_req, block_table, block_size,
-                                                   sm_scale, d_v, kv_cache_dtype, forward_state)  # fmt: skip
+        return self._decode(q, kv_cache, positions, paging, sm_scale, d_v, kv_cache_dtype, forward_state)
 
     def _decode(self, q, kv_cache, indices, paging, sm_scale, d_v, kv_cache_dtype, forward_state):
         """Decode rows [B, S, H, 576] over slots, or positions with their ``paging`` (mapped to
