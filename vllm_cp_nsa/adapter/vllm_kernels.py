@@ -150,27 +150,19 @@ class VllmKernelOps(NsaOps):
         )  # fmt: skip
 
     def sparse_mla_decode(self, q, kv_cache, indices, sm_scale, d_v=512, kv_cache_dtype="auto", forward_state=None):
-        return self._decode(q, kv_cache, indices, None, sm_scale, d_v, kv_cache_dtype, forward_state)
+        served = _vllm_decode(q, kv_cache, indices, None, sm_scale, d_v, kv_cache_dtype, forward_state)
+        if served is None:
+            return _triton().sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+        return served
 
     def sparse_mla_decode_positions(self, q, kv_cache, positions, row_req, block_table, block_size, sm_scale,
                                     d_v=512, kv_cache_dtype="auto", forward_state=None):  # fmt: skip
-        if not (_fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype)
-                or _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype)):  # fmt: skip
+        paging = _paging(row_req, block_table, block_size)
+        served = _vllm_decode(q, kv_cache, positions, paging, sm_scale, d_v, kv_cache_dtype, forward_state)
+        if served is None:
             return super().sparse_mla_decode_positions(q, kv_cache, positions, row_req, block_table, block_size,
                                                        sm_scale, d_v, kv_cache_dtype, forward_state)  # fmt: skip
-        paging = _paging(row_req, block_table, block_size)
-        return self._decode(q, kv_cache, positions, paging, sm_scale, d_v, kv_cache_dtype, forward_state)
-
-    def _decode(self, q, kv_cache, indices, paging, sm_scale, d_v, kv_cache_dtype, forward_state):
-        """Decode rows [B, S, H, 576] over slots, or positions with their ``paging`` (mapped to
-        slots in the kernels' own index pass)."""
-        if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
-            return _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state, paging)
-        if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
-            batch, seq = q.shape[:2]
-            out, lse = _bf16_cache_kernel()(q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale, paging)
-            return out.reshape(batch, seq, *out.shape[1:]), lse.reshape(batch, seq, -1)
-        return _triton().sparse_mla_decode(q, kv_cache, indices, sm_scale, d_v, kv_cache_dtype)
+        return served
 
     def dense_causal_attention(self, q, k, v, cu_seqlens, max_seqlen, sm_scale):
         if _fa3_dense_applies(q, k, v):
@@ -202,6 +194,18 @@ def _empty_rows():
     from ..kernels import empty_rows
 
     return empty_rows
+
+
+def _vllm_decode(q, kv_cache, indices, paging, sm_scale, d_v, kv_cache_dtype, forward_state):
+    """Decode rows [B, S, H, 576] over slots, or positions with their ``paging`` (mapped to slots
+    in the kernels' own index pass), on the vLLM kernel that takes them; None where none does."""
+    if _fp8_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
+        return _flashmla_fp8(q, kv_cache, indices, sm_scale, forward_state, paging)
+    if _bf16_kernel_applies(q, kv_cache, d_v, kv_cache_dtype):
+        batch, seq = q.shape[:2]
+        out, lse = _bf16_cache_kernel()(q.flatten(0, 1), kv_cache, indices.flatten(0, 1), sm_scale, paging)
+        return out.reshape(batch, seq, *out.shape[1:]), lse.reshape(batch, seq, -1)
+    return None
 
 
 def _flashmla_common_applies(q: torch.Tensor, kv_cache: torch.Tensor, d_v: int) -> bool:
