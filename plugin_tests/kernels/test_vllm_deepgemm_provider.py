@@ -252,6 +252,15 @@ def test_cpu_tensors_and_bf16_caches_go_to_triton(device):
         assert torch.equal(got, tops.indexer_topk(q, w, cache, table, row_req, row_len, 8, block_size, fp8))
 
 
+def _write_integer_keys(cache, table, lens_req, block_size, gen) -> None:
+    """Request ``r``'s keys at positions ``0 .. lens_req[r] - 1`` into the fp8 indexer ``cache``
+    through ``table``: small integers, exact in fp8, so the stand-ins' scores have no rounding."""
+    for r, n in enumerate(lens_req):
+        slots = attention_ref.slots_from_positions(table[r][None], torch.arange(n)[None], block_size)[0]
+        keys = torch.randint(-8, 9, (n, 128), generator=gen).float()
+        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+
+
 def _cp_rows(gen: random.Random, lens_req: list[int], mode: str) -> list[tuple[int, int]]:
     """(request, kv_len) of one CP rank's rows: round-robin (rows of all requests
     interleaved), in-seq (a head and a tail chunk per request) or random, with padding rows
@@ -445,10 +454,7 @@ def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budge
     lens_req = [70, 9, 0, 40]  # request 2 has no keys in this step
     table = torch.randperm(40, generator=gen)[:36].view(4, 9).int()
     cache = torch.zeros(40, block_size * 132, dtype=torch.uint8)
-    for r, n in enumerate(lens_req):
-        slots = attention_ref.slots_from_positions(table[r][None], torch.arange(n)[None], block_size)[0]
-        keys = torch.randint(-8, 9, (n, 128), generator=gen).float()
-        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+    _write_integer_keys(cache, table, lens_req, block_size, gen)
     if layout == "cp-rows":
         rows = _cp_rows(rgen, [70, 9, 1, 40], "round-robin")
         rows = [(r, n) if r != 2 else (2, 0) for r, n in rows] + [(0, 70), (3, 40), (0, 16), (0, 17)]
@@ -626,10 +632,7 @@ def test_decode_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, takes_c
     lens_req = [150, 9, 70]
     table = torch.randperm(12, generator=gen)[:9].view(3, 3).int()
     cache = torch.zeros(12, block_size * 132, dtype=torch.uint8)
-    for r, n in enumerate(lens_req):
-        slots = attention_ref.slots_from_positions(table[r][None], torch.arange(n)[None], block_size)[0]
-        keys = torch.randint(-8, 9, (n, 128), generator=gen).float()
-        kv_cache_ref.write_indexer_cache(cache, keys, slots, block_size, True)
+    _write_integer_keys(cache, table, lens_req, block_size, gen)
     rows = _decode_rows(lens_req, next_n, padding_requests=1)
     q = torch.randint(-8, 9, (len(rows), heads, 128), generator=gen).to(torch.bfloat16)
     weights = torch.exp2(torch.randint(-6, 0, (len(rows), heads), generator=gen).float())
