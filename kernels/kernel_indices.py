@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .slots import positions_to_slots_ref, slots_of
+
 _BLOCK = 1024
 
 
@@ -41,26 +43,13 @@ class Paging:
 
 
 @triton.jit
-def _slots_of(idx, row, req_ptr, table_ptr, stride_table, block_size, FROM_POSITIONS: tl.constexpr):
-    """``idx`` as cache slots: itself, or (positions) its request's page * block_size + offset,
-    -1 where the position or the row's request is negative."""
-    if FROM_POSITIONS:
-        req = tl.load(req_ptr + row + idx * 0).to(tl.int64)  # the row's request, as a vector
-        valid = (idx >= 0) & (req >= 0)
-        block = tl.load(table_ptr + tl.maximum(req, 0) * stride_table + tl.maximum(idx, 0) // block_size,
-                        mask=valid, other=0)  # fmt: skip
-        idx = tl.where(valid, block.to(tl.int64) * block_size + tl.maximum(idx, 0) % block_size, -1)
-    return idx
-
-
-@triton.jit
 def _kernel_indices_kernel(idx_ptr, out_ptr, topk, padded, stride_idx, stride_out, num_slots,
                            req_ptr, table_ptr, stride_table, block_size,
                            FROM_POSITIONS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     idx = tl.load(idx_ptr + row * stride_idx + offs, mask=offs < topk, other=-1).to(tl.int64)
-    idx = _slots_of(idx, row, req_ptr, table_ptr, stride_table, block_size, FROM_POSITIONS)
+    idx = slots_of(idx, row, req_ptr, table_ptr, stride_table, block_size, FROM_POSITIONS)
     idx = tl.where((idx < 0) | (idx >= num_slots), -1, idx)
     tl.store(out_ptr + row * stride_out + offs, idx.to(tl.int32), mask=offs < padded)
 
@@ -74,8 +63,6 @@ def _slots_ref(indices: torch.Tensor, paging: Paging | None) -> torch.Tensor:
     """Reference: ``indices`` as cache slots (positions through ``paging``, kernels/slots.py)."""
     if paging is None:
         return indices
-    from .slots import positions_to_slots_ref
-
     rows = positions_to_slots_ref(indices.reshape(-1, indices.shape[-1]), paging.row_req, paging.block_table,
                                   paging.block_size)  # fmt: skip
     return rows.view(indices.shape)
@@ -133,7 +120,7 @@ def _compact_kernel_indices_kernel(idx_ptr, out_ptr, counts_ptr, topk, stride_id
     for k0 in range(0, topk, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         idx = tl.load(idx_ptr + row * stride_idx + offs, mask=offs < topk, other=-1).to(tl.int64)
-        idx = _slots_of(idx, row, req_ptr, table_ptr, stride_table, block_size, FROM_POSITIONS)
+        idx = slots_of(idx, row, req_ptr, table_ptr, stride_table, block_size, FROM_POSITIONS)
         valid = (idx >= 0) & (idx < num_slots)
         valid_i = valid.to(tl.int32)
         dst = count + tl.cumsum(valid_i, 0) - valid_i

@@ -19,6 +19,19 @@ _BLOCK_K = 1024
 
 
 @triton.jit
+def slots_of(idx, row, req_ptr, table_ptr, stride_table, block_size, FROM_POSITIONS: tl.constexpr):
+    """``idx`` as cache slots: itself, or (positions) its request's page * block_size + offset,
+    -1 where the position or the row's request is negative."""
+    if FROM_POSITIONS:
+        req = tl.load(req_ptr + row + idx * 0).to(tl.int64)  # the row's request, as a vector
+        valid = (idx >= 0) & (req >= 0)
+        block = tl.load(table_ptr + tl.maximum(req, 0) * stride_table + tl.maximum(idx, 0) // block_size,
+                        mask=valid, other=0)  # fmt: skip
+        idx = tl.where(valid, block.to(tl.int64) * block_size + tl.maximum(idx, 0) % block_size, -1)
+    return idx
+
+
+@triton.jit
 def _positions_to_slots_kernel(
     pos_ptr, req_ptr, table_ptr, out_ptr, topk, stride_pos, stride_table, stride_out, block_size,
     BLOCK_K: tl.constexpr,
@@ -26,11 +39,8 @@ def _positions_to_slots_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_row = offs < topk
-    req = tl.load(req_ptr + row + offs * 0).to(tl.int64)  # the row's request, as a vector
     pos = tl.load(pos_ptr + row * stride_pos + offs, mask=in_row, other=-1).to(tl.int64)
-    valid = in_row & (pos >= 0) & (req >= 0)
-    block = tl.load(table_ptr + tl.maximum(req, 0) * stride_table + pos // block_size, mask=valid, other=0)
-    slot = tl.where(valid, block.to(tl.int64) * block_size + pos % block_size, -1)
+    slot = slots_of(pos, row, req_ptr, table_ptr, stride_table, block_size, True)
     tl.store(out_ptr + row * stride_out + offs, slot.to(tl.int32), mask=in_row)
 
 
