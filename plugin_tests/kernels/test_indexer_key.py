@@ -83,11 +83,13 @@ def test_gpu_equals_vllms_layernorm_and_rotary_kernel(neox):
     """The path it replaces on CUDA: vLLM's LayerNorm (fp32 weights) on the strided slice, then
     vLLM's rotary kernel in place; equal up to one bf16 step (the LayerNorm's reduction order)."""
     from vllm._custom_ops import rotary_embedding
+    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.layernorm import LayerNorm
 
     gen = torch.Generator().manual_seed(11)
     x, weight, bias, positions, cos_sin = (t.cuda() for t in _inputs(4096, gen))
-    norm = LayerNorm(128, eps=1e-6, dtype=torch.float32).cuda()
+    with set_current_vllm_config(VllmConfig()):  # a CustomOp picks its forward from the config
+        norm = LayerNorm(128, eps=1e-6, dtype=torch.float32).cuda()
     norm.weight.data.copy_(weight)
     norm.bias.data.copy_(bias)
     want = norm(x)
