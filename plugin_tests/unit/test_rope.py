@@ -202,15 +202,51 @@ def test_kernel_cos_sin_table_is_the_rotarys_own_or_one_converted_copy(vllm_cont
     assert rope.cos_sin_cache(torch.empty(1, dtype=table.dtype)) is table
 
 
+@pytest.mark.parametrize("params", YARN_VARIANTS.values(), ids=YARN_VARIANTS.keys())
+def test_prologue_kernels_rotate_with_the_rotarys_table_as_the_reference(vllm_context, params):
+    """kernels/mla_prologue.py (the CUDA path; on CPU its torch reference, which the kernel
+    tests hold the Triton kernels to) with the tables ``DeepseekRope.kernel_rope`` hands it:
+    MLA's rope (interleaved) of q_pe and k_pe, the indexer's (NeoX) of its query and key, equal
+    to DeepSeek's YaRN written out above, below and past the original context; dims outside
+    the rope untouched."""
+    from kernels.mla_prologue import Norm, latent_prologue, query_rope
+
+    torch.manual_seed(0)
+    mla = DeepseekRope(_config(params), ROPE_DIM, is_neox_style=False)
+    indexer = DeepseekRope(_config(params), ROPE_DIM, is_neox_style=True)
+    n = len(POSITIONS)
+    q = torch.randn(n, 3, 32 + ROPE_DIM)
+    index_q = torch.randn(n, 2, ROPE_DIM + 64)
+    want_q, want_iq = reference_rotate(q[..., 32:], POSITIONS, params, True), reference_rotate(
+        index_q[..., :ROPE_DIM], POSITIONS, params, False)
+    got_q, got_iq = q.clone(), index_q.clone()
+    query_rope(got_q[..., 32:], got_iq, POSITIONS, mla.kernel_rope(q), indexer.kernel_rope(q))
+    torch.testing.assert_close(got_q[..., 32:].double(), want_q, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_iq[..., :ROPE_DIM].double(), want_iq, atol=ATOL, rtol=0)
+    assert torch.equal(got_q[..., :32], q[..., :32]) and torch.equal(got_iq[..., ROPE_DIM:], index_q[..., ROPE_DIM:])
+    # the keys: k_pe after the kv norm's rows, the indexer key after its LayerNorm (identity here)
+    rows = torch.randn(n, 16 + 16 + ROPE_DIM)
+    key = torch.randn(n, 128)
+    ones = torch.ones(16)
+    _, _, k_pe, k = latent_prologue(rows[:, :16], rows[:, 16:32], rows[:, 32:], key, POSITIONS, Norm(ones, None, 1e-6),
+                                    Norm(ones, None, 1e-6), Norm(torch.ones(128), torch.zeros(128), 0.0),
+                                    mla.kernel_rope(key), indexer.kernel_rope(key))  # fmt: skip
+    torch.testing.assert_close(k_pe.double(), reference_rotate(rows[:, 32:], POSITIONS, params, True), atol=ATOL, rtol=0)
+    normed = torch.nn.functional.layer_norm(key, (128,))
+    torch.testing.assert_close(k[:, :ROPE_DIM].double(), reference_rotate(normed[:, :ROPE_DIM], POSITIONS, params, False),
+                               atol=ATOL, rtol=0)  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("interleaved,heads,rope_first", [(True, 128, False), (False, 64, True)], ids=["mla", "indexer"])
-def test_gpu_rotation_in_place_matches_reference_and_vllms_own_call(interleaved, heads, rope_first):
-    """Real dimensions and the release's rope on CUDA: the plugin rotates the rope dims of the
-    projections where they lie (vLLM's rotary kernel over strided slices: MLA's last 64 of 192
-    dims per head, the indexer's first 64 of 128), leaves every other dim as it was, and
-    agrees with the reference at positions up to 163839 at least as closely as vLLM's own
-    rotary class called on the same tensors (its torch path rounds to bf16 after each op)."""
+def test_gpu_prologue_ropes_match_reference_and_vllms_own_class():
+    """Real dimensions and the release's rope on CUDA, positions up to 163839: the prologue
+    kernels rotate the rope dims of the projections where they lie (MLA's last 64 of 192 dims
+    per head and k_pe, the indexer's first 64 of 128), leave every other dim as it was, and
+    agree with the reference at least as closely as vLLM's own rotary class called on the same
+    tensors (its torch path rounds to bf16 after each op)."""
+    from kernels.mla_prologue import query_rope
+
     params = {**RELEASE_YARN, "original_max_position_embeddings": 4096}
     positions = torch.tensor([0, 1, 4095, 4096, 4097, 20000, 100000, 163839], device="cuda")
     config = _config(params, max_positions=163840)
@@ -218,71 +254,78 @@ def test_gpu_rotation_in_place_matches_reference_and_vllms_own_call(interleaved,
     torch.set_default_dtype(torch.bfloat16)  # vLLM builds the model's rotary in the model dtype
     try:
         with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig(custom_ops=["all"]))):
-            rope = DeepseekRope(config, ROPE_DIM, is_neox_style=not interleaved).cuda()
-            width = 128 if rope_first else 192
-            rope_dims = slice(0, ROPE_DIM) if rope_first else slice(width - ROPE_DIM, width)
-            other_dims = slice(ROPE_DIM, width) if rope_first else slice(0, width - ROPE_DIM)
+            mla = DeepseekRope(config, ROPE_DIM, is_neox_style=False).cuda()
+            indexer = DeepseekRope(config, ROPE_DIM, is_neox_style=True).cuda()
             gen = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(len(positions), heads, width, device="cuda", generator=gen, dtype=torch.bfloat16)
-            kv = torch.randn(len(positions), 512 + ROPE_DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
-            # vLLM's own rotary class on the same tensors
-            own_q, own_kv = q.clone(), kv.clone()
-            own_q[..., rope_dims], own_k = rope.rotary_emb(positions, own_q[..., rope_dims],
-                                                           own_kv[:, 512:].unsqueeze(1))
-            # the plugin's, in place on the projections' slices
-            ours_q_rows, ours_kv = q.clone(), kv.clone()
-            ours_q, ours_k = rope(positions, ours_q_rows[..., rope_dims], ours_kv[:, 512:])
+            q = torch.randn(len(positions), 128, 192, device="cuda", generator=gen, dtype=torch.bfloat16)
+            index_q = torch.randn(len(positions), 64, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+            own_q, own_iq = q.clone(), index_q.clone()
+            dummy = torch.zeros(len(positions), 1, ROPE_DIM, device="cuda", dtype=torch.bfloat16)
+            own_q[..., 128:] = mla.rotary_emb(positions, own_q[..., 128:].contiguous(), dummy.clone())[0].view(
+                own_q[..., 128:].shape)
+            own_iq[..., :ROPE_DIM] = indexer.rotary_emb(positions, own_iq[..., :ROPE_DIM].contiguous(),
+                                                        dummy.clone())[0].view(own_iq[..., :ROPE_DIM].shape)
+            ours_q, ours_iq = q.clone(), index_q.clone()
+            query_rope(ours_q[..., 128:], ours_iq, positions, mla.kernel_rope(q), indexer.kernel_rope(q))
             torch.cuda.synchronize()
     finally:
         torch.set_default_dtype(default_dtype)
-    assert ours_q.data_ptr() == ours_q_rows[..., rope_dims].data_ptr() and ours_k.data_ptr() == ours_kv[:, 512:].data_ptr()
-    assert torch.equal(ours_q_rows[..., other_dims], q[..., other_dims]) and torch.equal(ours_kv[:, :512], kv[:, :512])
-    want_q = reference_rotate(q[..., rope_dims].cpu().float(), positions.cpu(), params, interleaved)
-    want_k = reference_rotate(kv[:, 512:].cpu().float(), positions.cpu(), params, interleaved)
-    torch.testing.assert_close(ours_q.cpu().double(), want_q, atol=0.1, rtol=0.02)
-    torch.testing.assert_close(ours_k.cpu().double(), want_k, atol=0.1, rtol=0.02)
-
-    def mean_error(got, want):
-        return (got.cpu().double() - want).abs().mean().item()
-
-    assert mean_error(ours_q, want_q) <= mean_error(own_q[..., rope_dims], want_q) * 1.05
-    assert mean_error(ours_k, want_k) <= mean_error(own_k.reshape(ours_k.shape), want_k) * 1.05
+    assert torch.equal(ours_q[..., :128], q[..., :128]) and torch.equal(ours_iq[..., ROPE_DIM:], index_q[..., ROPE_DIM:])
+    for ours, own, x, interleaved in ((ours_q[..., 128:], own_q[..., 128:], q[..., 128:], True),
+                                      (ours_iq[..., :ROPE_DIM], own_iq[..., :ROPE_DIM], index_q[..., :ROPE_DIM], False)):
+        want = reference_rotate(x.cpu().float(), positions.cpu(), params, interleaved)
+        torch.testing.assert_close(ours.cpu().double(), want, atol=0.1, rtol=0.02)
+        error = (ours.cpu().double() - want).abs().mean().item()
+        assert error <= (own.cpu().double() - want).abs().mean().item() * 1.05
 
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
-def test_indexer_key_kernel_branch_is_wired_like_the_unfused_path(vllm_context, monkeypatch, interleaved):
-    """On CUDA the indexer's key takes kernels/indexer_key.py (LayerNorm + rope in one pass)
-    and its query vLLM's rotary alone; elsewhere the LayerNorm class and the rotary class. Both
-    branches on CPU (the kernel's reference, the rotary class standing in for vLLM's in-place
-    kernel): same query, key within bf16 rounding, weights untouched — a wrong rope style, dim
-    range or norm parameter would be far off."""
-    from vllm.model_executor.layers.layernorm import LayerNorm
+def test_projection_branches_agree(vllm_context, monkeypatch, interleaved):
+    """On CUDA the layer's norms and ropes take kernels/mla_prologue.py; elsewhere vLLM's
+    RMSNorm, LayerNorm and rotary classes. Both branches on CPU (the kernels' references, the
+    branch forced): the same seven tensors within bf16 rounding, q_nope and the indexer weights
+    equal — a wrong rope style, dim range or norm would be far off."""
+    from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
 
-    from vllm_cp_nsa.adapter.model import CpNsaIndexer
+    from vllm_cp_nsa.adapter import model as adapter_model
+    from vllm_cp_nsa.adapter.model import CpNsaAttention, CpNsaIndexer
 
     gen = torch.Generator().manual_seed(5)
-    n, heads = len(POSITIONS), 4
-    rope = DeepseekRope(_config(RELEASE_YARN), ROPE_DIM, is_neox_style=not interleaved)
-    q_proj = torch.randn(n, heads * 128, generator=gen).bfloat16()
-    k_and_weights = (torch.randn(n, 128 + heads, generator=gen) * 3 + 1).bfloat16()
-    norm = LayerNorm(128, eps=1e-6, dtype=torch.float32)
-    norm.weight.data = torch.rand(128, generator=gen) + 0.5
-    norm.bias.data = torch.randn(128, generator=gen) * 0.1
-    layer = SimpleNamespace(wq_b=lambda q_c: (q_proj.clone(),), wk_weights_proj=lambda x: (k_and_weights.clone(),),
-                            n_heads=heads, head_dim=128, rope_dim=ROPE_DIM, k_norm=norm, rotary_emb=rope,
-                            weight_scale=torch.tensor([0.25]))  # fmt: skip
-    q_unfused, w_unfused, k_unfused = CpNsaIndexer.forward(layer, None, None, POSITIONS)
-
-    def rotate_in_place(self, positions, q, k):  # vLLM's kernel, as its rotary class computes it
-        assert k is None and q.shape[-1] == ROPE_DIM
-        rotated, _ = self.rotary_emb(positions, q.clone(), torch.zeros(q.shape[0], 1, ROPE_DIM, dtype=q.dtype))
-        q.copy_(rotated.view(q.shape))
-        return q, k
-
-    monkeypatch.setattr(DeepseekRope, "in_place_applies", staticmethod(lambda positions, *tensors: True))
-    monkeypatch.setattr(DeepseekRope, "rotate_in_place", rotate_in_place)
-    q_fused, w_fused, k_fused = CpNsaIndexer.forward(layer, None, None, POSITIONS)
-    assert torch.equal(q_fused, q_unfused) and torch.equal(w_fused, w_unfused)
-    assert k_fused.shape == k_unfused.shape and k_fused.dtype == k_unfused.dtype
-    torch.testing.assert_close(k_fused.float(), k_unfused.float(), atol=0.05, rtol=0.02)
-    assert torch.equal(k_fused[:, ROPE_DIM:], k_unfused[:, ROPE_DIM:])  # unroped dims: the same LayerNorm
+    n, heads, index_heads, q_rank, kv_rank = len(POSITIONS), 4, 4, 48, 32
+    qkv = (torch.randn(n, q_rank + kv_rank + ROPE_DIM, generator=gen) * 3 + 1).bfloat16()
+    k_and_weights = (torch.randn(n, 128 + index_heads, generator=gen) * 3 + 1).bfloat16()
+    q_b = torch.randn(q_rank, heads * (32 + ROPE_DIM), generator=gen).bfloat16()
+    wq_b = torch.randn(q_rank, index_heads * 128, generator=gen).bfloat16()
+    key_norm = LayerNorm(128, eps=1e-6, dtype=torch.float32)
+    key_norm.weight.data = torch.rand(128, generator=gen) + 0.5
+    key_norm.bias.data = torch.randn(128, generator=gen) * 0.1
+    q_norm, kv_norm = RMSNorm(q_rank, eps=1e-6, dtype=torch.bfloat16), RMSNorm(kv_rank, eps=1e-5, dtype=torch.bfloat16)
+    q_norm.weight.data = (torch.rand(q_rank, generator=gen) + 0.5).bfloat16()
+    kv_norm.weight.data = (torch.rand(kv_rank, generator=gen) + 0.5).bfloat16()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # vLLM builds the model's rotary in the model dtype
+    try:
+        mla_rope = DeepseekRope(_config(RELEASE_YARN), ROPE_DIM, is_neox_style=False)
+        index_rope = DeepseekRope(_config(RELEASE_YARN), ROPE_DIM, is_neox_style=not interleaved)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    indexer = SimpleNamespace(wq_b=lambda q_c: (q_c @ wq_b,), wk_weights_proj=lambda x: (k_and_weights.clone(),),
+                              n_heads=index_heads, head_dim=128, rope_dim=ROPE_DIM, k_norm=key_norm,
+                              rotary_emb=index_rope, weight_scale=torch.tensor([0.25]))  # fmt: skip
+    for name in ("key_and_weights", "query", "key_norm", "norm_and_rotate"):
+        setattr(indexer, name, getattr(CpNsaIndexer, name).__get__(indexer))
+    layer = SimpleNamespace(fused_qkv_a_proj=lambda x: (qkv.clone(),), q_lora_rank=q_rank, kv_lora_rank=kv_rank,
+                            qk_rope_head_dim=ROPE_DIM, qk_nope_head_dim=32, qk_head_dim=32 + ROPE_DIM,
+                            q_a_layernorm=q_norm, kv_a_layernorm=kv_norm, indexer=indexer,
+                            rotary_emb=mla_rope,
+                            _q_b=lambda q_c, heads: q_c @ q_b)  # fmt: skip
+    x = torch.empty(n, 8)  # the stand-in projections ignore it: it sizes the rows
+    with torch.inference_mode():  # as vLLM runs the model: the ropes write the projections' views
+        unfused = CpNsaAttention._project(layer, POSITIONS, x, None)
+        monkeypatch.setattr(adapter_model, "prologue_kernels_apply", lambda positions, *rows: True)
+        fused = CpNsaAttention._project(layer, POSITIONS, x, None)
+    names = ("q_nope", "q_pe", "kv_c", "k_pe", "index_q", "index_weights", "index_k")
+    for name, a, b in zip(names, fused, unfused):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.02, msg=name)
+    assert torch.equal(fused[5], unfused[5])  # the weights: no norm, no rope

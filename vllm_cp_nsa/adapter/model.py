@@ -96,6 +96,7 @@ class DeepseekRope(nn.Module):
         self.rotary_emb = get_rope(rope_dim, max_position=config.max_position_embeddings,
                                    rope_parameters=rope_parameters, is_neox_style=is_neox_style)
         self.heads_axis = rope_parameters["rope_type"] in DEEPSEEK_SCALED_ROPE_TYPES
+        self.rope_dim = rope_dim
         self.converted_cache: torch.Tensor | None = None
 
     def check_covers(self, max_model_len: int) -> None:
@@ -111,18 +112,15 @@ class DeepseekRope(nn.Module):
             )
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate ``q`` [n, H, D] and ``k`` [n, D] -> same shapes.
+        """Rotate ``q`` [n, H, D] and ``k`` [n, D] -> same shapes, with vLLM's rotary classes (on
+        CUDA the layer runs kernels/mla_prologue.py instead: ``prologue_kernels_apply``).
 
-        On CUDA, vLLM's rotary kernel rotates both where they lie (``rotate_in_place``).
-        Elsewhere vLLM's rotary classes run, and they take different shapes. DeepSeek's YaRN class (``heads_axis``)
-        broadcasts cos/sin over a heads axis: ``q`` [n, H, D], ``k`` [n, 1, D], as vLLM's
-        own MLA passes them. The plain class (``default``) gets contiguous 2-D
-        ``[n, H * D]`` / ``[n, D]``: vLLM 0.32's CPU rotary kernel mis-rotates a 3-D
-        multi-head query.
+        They take different shapes. DeepSeek's YaRN class (``heads_axis``) broadcasts cos/sin
+        over a heads axis: ``q`` [n, H, D], ``k`` [n, 1, D], as vLLM's own MLA passes them. The
+        plain class (``default``) gets contiguous 2-D ``[n, H * D]`` / ``[n, D]``: vLLM 0.32's
+        CPU rotary kernel mis-rotates a 3-D multi-head query.
         """
         num_rows, num_heads, dim = q.shape
-        if self.in_place_applies(positions, q, k):
-            return self.rotate_in_place(positions, q, k) if num_rows else (q, k)
         if self.heads_axis:
             q2, k2 = self.rotary_emb(positions, q, k.unsqueeze(1))
         else:
@@ -130,27 +128,16 @@ class DeepseekRope(nn.Module):
                                      k.reshape(num_rows, dim).contiguous())
         return q2.reshape(num_rows, num_heads, dim), k2.reshape(num_rows, dim)
 
-    @staticmethod
-    def in_place_applies(positions: torch.Tensor, *tensors: torch.Tensor) -> bool:
-        """Whether vLLM's CUDA rotary kernel rotates these tensors where they lie."""
-        return tensors[0].is_cuda and positions.dtype == torch.int64 and all(t.stride(-1) == 1 for t in tensors)
+    def kernel_rope(self, like: torch.Tensor):
+        """This rope for kernels/mla_prologue.py: vLLM's cos/sin table in ``like``'s dtype."""
+        from ..kernels.mla_prologue import Rope  # imports triton: lazily, like every kernel module
 
-    def rotate_in_place(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None):
-        """vLLM's rotary kernel (``_custom_ops.rotary_embedding``, what its plain rotary class
-        runs on CUDA) over ``q`` and ``k`` in place, strided slices of the projections as they
-        are: one launch. vLLM's DeepSeek YaRN class runs torch ops on CUDA unless FlashInfer is
-        installed (about 15 launches a call, two calls a layer): with the plugin's other unfused
-        ops, the 1K prefill profile of 2026-12-04 counted 237 launches against vLLM's own 125
-        for the same 6.4 ms of kernels (eval/gpu_vllm_notes.md)."""
-        from vllm._custom_ops import rotary_embedding
-
-        key = None if k is None else k.unsqueeze(1)
-        rotary_embedding(positions, q, key, q.shape[-1], self.cos_sin_cache(q), self.rotary_emb.is_neox_style)
-        return q, k
+        return Rope(self.cos_sin_cache(like), self.rope_dim, self.rotary_emb.is_neox_style)
 
     def cos_sin_cache(self, q: torch.Tensor) -> torch.Tensor:
         """vLLM's cos/sin table in the query's dtype and device (its rotary classes keep it so,
-        except with FlashInfer, which keeps fp32), converted once."""
+        except with FlashInfer, which keeps fp32), converted once: the table its rotary kernel
+        would read."""
         cache = self.rotary_emb.cos_sin_cache
         if cache.dtype != q.dtype or cache.device != q.device:
             if self.converted_cache is None or self.converted_cache.dtype != q.dtype:
@@ -159,11 +146,16 @@ class DeepseekRope(nn.Module):
         return cache
 
 
+def prologue_kernels_apply(positions: torch.Tensor, *rows: torch.Tensor) -> bool:
+    """Whether kernels/mla_prologue.py takes the layer's norms and ropes: CUDA rows with a unit
+    last stride (the projections' slices as they lie), vLLM's int64 positions."""
+    return rows[0].is_cuda and positions.dtype == torch.int64 and all(t.stride(-1) == 1 for t in rows)
+
+
 def write_back(dst: torch.Tensor, rotated: torch.Tensor) -> None:
-    """Put rotated dims back into ``dst``, unless vLLM's rotary already rotated ``dst``
-    itself in place (always on CUDA: ``DeepseekRope.rotate_in_place``; elsewhere its in-place
-    kernels do when no copy was made: a contiguous slice, e.g. one row, on the plain class's
-    2-D path)."""
+    """Put rotated dims back into ``dst``, unless vLLM's rotary already rotated ``dst`` itself
+    in place (its in-place CPU kernels do when no copy was made: a contiguous slice, e.g. one
+    row, on the plain class's 2-D path)."""
     if rotated.data_ptr() != dst.data_ptr():
         dst.copy_(rotated.view(dst.shape))
 
@@ -200,28 +192,28 @@ class CpNsaIndexer(nn.Module):
             dtype=vllm_config.model_config.dtype,
         )
 
-    def forward(self, x: torch.Tensor, q_c: torch.Tensor, positions: torch.Tensor):
-        """(q [n, Hi, 128] roped, weights [n, Hi] scaled, k [n, 128] normed and roped)."""
-        q = self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
+    def key_and_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the key's projection [n, 128], a strided slice; the heads' weights [n, Hi] scaled, fp32)."""
         k_and_weights = self.wk_weights_proj(x)[0]
-        weights = k_and_weights[:, self.head_dim :] * self.weight_scale
-        k_proj = k_and_weights[:, : self.head_dim]
-        q_pe = q[..., : self.rope_dim]
-        if self.rotary_emb.in_place_applies(positions, q_pe, k_proj) and q.shape[0]:
-            # CUDA: the key's LayerNorm + rope in one kernel (the same arithmetic as the
-            # LayerNorm class and vLLM's rotary kernel, three launches fewer), the query's rope
-            # on vLLM's kernel in place
-            from ..kernels.indexer_key import indexer_key  # imports triton: lazily, like every kernel module
+        return k_and_weights[:, : self.head_dim], k_and_weights[:, self.head_dim :] * self.weight_scale
 
-            k = indexer_key(k_proj, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps, positions,
-                            self.rotary_emb.cos_sin_cache(q), self.rope_dim, self.rotary_emb.rotary_emb.is_neox_style)
-            self.rotary_emb.rotate_in_place(positions, q_pe, None)
-            return q, weights, k
-        k = self.k_norm(k_proj)
-        q_pe, k_pe = self.rotary_emb(positions, q_pe, k[:, : self.rope_dim])
+    def query(self, q_c: torch.Tensor) -> torch.Tensor:
+        """The query's projection [n, Hi, 128], rope not applied yet."""
+        return self.wq_b(q_c)[0].view(-1, self.n_heads, self.head_dim)
+
+    def key_norm(self):
+        """``k_norm``'s parameters for kernels/mla_prologue.py."""
+        from ..kernels.mla_prologue import Norm  # imports triton: lazily, like every kernel module
+
+        return Norm(self.k_norm.weight, self.k_norm.bias, self.k_norm.eps)
+
+    def norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, key: torch.Tensor):
+        """The unfused path (vLLM's LayerNorm and rotary classes): (q roped, key normed and roped)."""
+        k = self.k_norm(key)
+        q_pe, k_pe = self.rotary_emb(positions, q[..., : self.rope_dim], k[:, : self.rope_dim])
         write_back(q[..., : self.rope_dim], q_pe)  # q and k are this layer's own outputs
         write_back(k[:, : self.rope_dim], k_pe)
-        return q, weights, k
+        return q, k
 
 
 class CpNsaAttention(nn.Module):
@@ -296,20 +288,44 @@ class CpNsaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: NsaForwardMetadata | None) -> torch.Tensor:
         num_rows = x.shape[0]
         heads = self._head_slice(meta)
-        q_c, kv_c, k_pe = self.fused_qkv_a_proj(x)[0].split(
-            [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        q_c = self.q_a_layernorm(q_c)  # vLLM's RMSNorm reads strided rows: no copy (as its own MLA)
-        q = self._q_b(q_c, heads).view(num_rows, -1, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        kv_c = self.kv_a_layernorm(kv_c)
-        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
-        index_q, index_weights, index_k = self.indexer(x, q_c, positions)
+        q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k = self._project(positions, x, heads)
         values = q_nope.new_empty((num_rows, q_nope.shape[1] * self.v_head_dim), dtype=self.mla_attn.W_UV.dtype)
         self.attend_into(values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k, positions)
         if heads is None:
             return self.o_proj(values.to(x.dtype))[0]
         # this rank's heads' share of o_proj, then the sum over ranks (as vLLM's TP does)
         return self.runtime.group.all_reduce(self._o_proj_partial(values.to(x.dtype), heads))
+
+    def _project(self, positions: torch.Tensor, x: torch.Tensor, heads: slice | None):
+        """Projections, norms and ropes of this forward's rows: (q_nope, q_pe, kv_c, k_pe,
+        index_q, index_weights, index_k). On CUDA the norms and ropes are kernels/mla_prologue.py's
+        two launches (vLLM's own V3.2 also runs two); elsewhere vLLM's RMSNorm, LayerNorm and
+        rotary classes, the same arithmetic."""
+        q_c, kv_c, k_pe = self.fused_qkv_a_proj(x)[0].split(
+            [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        key, index_weights = self.indexer.key_and_weights(x)
+        fused = prologue_kernels_apply(positions, q_c, kv_c, k_pe, key)
+        if fused:
+            from ..kernels.mla_prologue import Norm, latent_prologue, query_rope  # imports triton: lazily
+
+            mla_rope, key_rope = self.rotary_emb.kernel_rope(q_c), self.indexer.rotary_emb.kernel_rope(q_c)
+            q_c, kv_c, k_pe, index_k = latent_prologue(
+                q_c, kv_c, k_pe, key, positions,
+                Norm(self.q_a_layernorm.weight, None, self.q_a_layernorm.variance_epsilon),
+                Norm(self.kv_a_layernorm.weight, None, self.kv_a_layernorm.variance_epsilon),
+                self.indexer.key_norm(), mla_rope, key_rope)  # fmt: skip
+        else:
+            q_c = self.q_a_layernorm(q_c)  # vLLM's RMSNorm reads strided rows: no copy (as its own MLA)
+            kv_c = self.kv_a_layernorm(kv_c)
+        q = self._q_b(q_c, heads).view(x.shape[0], -1, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        index_q = self.indexer.query(q_c)
+        if fused:
+            query_rope(q_pe, index_q, positions, mla_rope, key_rope)
+        else:
+            q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+            index_q, index_k = self.indexer.norm_and_rotate(positions, index_q, key)
+        return q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k
 
     def _attend_into(self, values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k, positions) -> None:
         """NSA attention of this forward's rows written into ``values`` [rows, heads * V]: cache

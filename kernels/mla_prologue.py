@@ -1,0 +1,309 @@
+"""Triton: what an NSA layer does between its projections and its attention, in two launches.
+
+``latent_prologue`` (after the fused q_a / kv_a projection and the indexer's wk): the q_a and
+kv_a RMSNorms, MLA's rope of k_pe, the indexer key's fp32 LayerNorm and rope. ``query_rope``
+(after q_b and the indexer's wq_b): MLA's rope of q_pe and the indexer query's rope, in place.
+
+On CUDA the plugin ran these as two RMSNorm launches, vLLM's rotary kernel twice (MLA's q + k,
+the indexer's q) and the indexer key's own kernel: five launches a layer where vLLM 0.34's own
+V3.2 runs two (``fused_norm_rope`` / ``fused_q``); the norm / rope share of the b8 decode gap in
+the 1204j profile on one H200 (eval/gpu_vllm_notes.md). The arithmetic is the unfused path's:
+vLLM's RMSNorm (fp32, the normalized row rounded to the dtype, then times the weight, rounded),
+the LayerNorm in fp32 rounded to the dtype, and vLLM's rotary kernel, which reads cos / sin in
+the rows' dtype and rounds each product and each sum to it. Only the norms' fp32 reduction
+order may differ. References: :func:`latent_prologue_ref`, :func:`query_rope_ref`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import cast_rne, next_pow2
+
+
+class Norm(NamedTuple):
+    """A row norm's parameters: ``bias`` None is an RMSNorm (weight in any float dtype), else a
+    LayerNorm (fp32 weight and bias, as the indexer's ``k_norm``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+
+class Rope(NamedTuple):
+    """A rope over a row's first ``dim`` dims: ``cos_sin`` [positions, >= dim] (cos of pair i
+    at column i, its sin at dim / 2 + i) in the rows' dtype; pairs (i, i + dim / 2) NeoX,
+    (2i, 2i + 1) interleaved."""
+
+    cos_sin: torch.Tensor
+    dim: int
+    neox: bool
+
+
+@triton.jit
+def _pairs(HALF: tl.constexpr, PAIRS: tl.constexpr, NEOX: tl.constexpr):
+    pair = tl.arange(0, PAIRS)
+    if NEOX:
+        first = pair
+        second = pair + HALF
+    else:
+        first = 2 * pair
+        second = 2 * pair + 1
+    return pair, pair < HALF, first, second
+
+
+@triton.jit
+def _cos_sin(cs_ptr, pos, stride_cs, pair, mask, HALF: tl.constexpr, dtype: tl.constexpr):
+    row = cs_ptr + pos * stride_cs
+    cos = cast_rne(tl.load(row + pair, mask=mask, other=0.0).to(tl.float32), dtype).to(tl.float32)
+    sin = cast_rne(tl.load(row + HALF + pair, mask=mask, other=0.0).to(tl.float32), dtype).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rotated(a, b, cos, sin, dtype: tl.constexpr):
+    """vLLM's rotary arithmetic on a pair (a, b) already in ``dtype``: each product and each
+    sum rounded to it."""
+    out_a = cast_rne(a * cos, dtype).to(tl.float32) - cast_rne(b * sin, dtype).to(tl.float32)
+    out_b = cast_rne(b * cos, dtype).to(tl.float32) + cast_rne(a * sin, dtype).to(tl.float32)
+    return cast_rne(out_a, dtype), cast_rne(out_b, dtype)
+
+
+@triton.jit
+def _rms_norm_row(x_ptr, w_ptr, out_ptr, eps, DIM: tl.constexpr, BLOCK: tl.constexpr, dtype: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < DIM
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / DIM + eps)
+    normed = cast_rne(x * rstd, dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, cast_rne(normed * w, dtype), mask=mask)
+
+
+@triton.jit
+def _layer_normed_at(x_ptr, w_ptr, b_ptr, cols, mask, mean, rstd, dtype: tl.constexpr):
+    """The LayerNorm's result at ``cols``, rounded to ``dtype``, back in fp32."""
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0)
+    return cast_rne((x - mean) * rstd * w + b, dtype).to(tl.float32)
+
+
+@triton.jit
+def _latent_prologue_kernel(
+    pos_ptr,
+    q_ptr, q_w_ptr, q_out_ptr, stride_q, q_eps,
+    kv_ptr, kv_w_ptr, kv_out_ptr, stride_kv, kv_eps,
+    pe_ptr, pe_out_ptr, stride_pe, mla_cs_ptr, stride_mla_cs,
+    key_ptr, key_w_ptr, key_b_ptr, key_out_ptr, stride_key, key_eps, key_cs_ptr, stride_key_cs,
+    Q_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
+    PE_HALF: tl.constexpr, PE_PAIRS: tl.constexpr, MLA_NEOX: tl.constexpr,
+    KEY_DIM: tl.constexpr, KEY_BLOCK: tl.constexpr, KEY_HALF: tl.constexpr, KEY_PAIRS: tl.constexpr,
+    KEY_NEOX: tl.constexpr,
+):  # fmt: skip
+    """Program (row, part): part 0 the q_a RMSNorm, 1 the kv_a RMSNorm and k_pe's rope, 2 the
+    indexer key. Outputs are contiguous rows."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    dtype = q_out_ptr.dtype.element_ty
+    if part == 0:
+        _rms_norm_row(q_ptr + row * stride_q, q_w_ptr, q_out_ptr + row * Q_DIM, q_eps, Q_DIM, Q_BLOCK, dtype)
+    elif part == 1:
+        _rms_norm_row(kv_ptr + row * stride_kv, kv_w_ptr, kv_out_ptr + row * KV_DIM, kv_eps, KV_DIM, KV_BLOCK, dtype)
+        pair, mask, first, second = _pairs(PE_HALF, PE_PAIRS, MLA_NEOX)
+        pos = tl.load(pos_ptr + row + pair * 0).to(tl.int64)
+        cos, sin = _cos_sin(mla_cs_ptr, pos, stride_mla_cs, pair, mask, PE_HALF, dtype)
+        src = pe_ptr + row * stride_pe
+        a = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(src + second, mask=mask, other=0.0).to(tl.float32)
+        out_a, out_b = _rotated(a, b, cos, sin, dtype)
+        dst = pe_out_ptr + row * (2 * PE_HALF)
+        tl.store(dst + first, out_a, mask=mask)
+        tl.store(dst + second, out_b, mask=mask)
+    else:
+        src = key_ptr + row * stride_key
+        dst = key_out_ptr + row * KEY_DIM
+        offs = tl.arange(0, KEY_BLOCK)
+        in_row = offs < KEY_DIM
+        x = tl.load(src + offs, mask=in_row, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / KEY_DIM
+        centered = tl.where(in_row, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 0) / KEY_DIM + key_eps)
+        w = tl.load(key_w_ptr + offs, mask=in_row, other=0.0)
+        b = tl.load(key_b_ptr + offs, mask=in_row, other=0.0)
+        tl.store(dst + offs, cast_rne(centered * rstd * w + b, dtype), mask=in_row & (offs >= 2 * KEY_HALF))
+        pair, mask, first, second = _pairs(KEY_HALF, KEY_PAIRS, KEY_NEOX)
+        pos = tl.load(pos_ptr + row + pair * 0).to(tl.int64)
+        cos, sin = _cos_sin(key_cs_ptr, pos, stride_key_cs, pair, mask, KEY_HALF, dtype)
+        a = _layer_normed_at(src, key_w_ptr, key_b_ptr, first, mask, mean, rstd, dtype)
+        b = _layer_normed_at(src, key_w_ptr, key_b_ptr, second, mask, mean, rstd, dtype)
+        out_a, out_b = _rotated(a, b, cos, sin, dtype)
+        tl.store(dst + first, out_a, mask=mask)
+        tl.store(dst + second, out_b, mask=mask)
+
+
+@triton.jit
+def _rope_heads(x_ptr, stride_head, num_heads, pos_ptr, row, cs_ptr, stride_cs,
+                HALF: tl.constexpr, PAIRS: tl.constexpr, NEOX: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """Rope over the first 2 * HALF dims of every head of one row, in place."""
+    dtype = x_ptr.dtype.element_ty
+    pair, mask, first, second = _pairs(HALF, PAIRS, NEOX)
+    pos = tl.load(pos_ptr + row + pair * 0).to(tl.int64)
+    cos, sin = _cos_sin(cs_ptr, pos, stride_cs, pair, mask, HALF, dtype)
+    for h0 in range(0, num_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        both = (heads < num_heads)[:, None] & mask[None, :]
+        base = x_ptr + heads[:, None].to(tl.int64) * stride_head
+        a = tl.load(base + first[None, :], mask=both, other=0.0).to(tl.float32)
+        b = tl.load(base + second[None, :], mask=both, other=0.0).to(tl.float32)
+        out_a, out_b = _rotated(a, b, cos[None, :], sin[None, :], dtype)
+        tl.store(base + first[None, :], out_a, mask=both)
+        tl.store(base + second[None, :], out_b, mask=both)
+
+
+@triton.jit
+def _query_rope_kernel(
+    pos_ptr,
+    q_ptr, stride_q_row, stride_q_head, num_q_heads, mla_cs_ptr, stride_mla_cs,
+    iq_ptr, stride_iq_row, stride_iq_head, num_iq_heads, key_cs_ptr, stride_key_cs,
+    MLA_HALF: tl.constexpr, MLA_PAIRS: tl.constexpr, MLA_NEOX: tl.constexpr,
+    KEY_HALF: tl.constexpr, KEY_PAIRS: tl.constexpr, KEY_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Program (row, part): part 0 MLA's q_pe heads, part 1 the indexer query's heads."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.program_id(1) == 0:
+        _rope_heads(q_ptr + row * stride_q_row, stride_q_head, num_q_heads, pos_ptr, row, mla_cs_ptr, stride_mla_cs,
+                    MLA_HALF, MLA_PAIRS, MLA_NEOX, BLOCK_H)  # fmt: skip
+    else:
+        _rope_heads(iq_ptr + row * stride_iq_row, stride_iq_head, num_iq_heads, pos_ptr, row, key_cs_ptr,
+                    stride_key_cs, KEY_HALF, KEY_PAIRS, KEY_NEOX, BLOCK_H)  # fmt: skip
+
+
+def rms_norm_ref(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """vLLM's RMSNorm arithmetic: fp32, the normalized row rounded to x's dtype, times the weight, rounded."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+    return (normed.float() * norm.weight.float()).to(x.dtype)
+
+
+def layer_norm_ref(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """The LayerNorm in fp32 (fp32 weight and bias), rounded to x's dtype."""
+    out = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps)
+    return out.to(x.dtype)
+
+
+def rope_ref(x: torch.Tensor, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """x [n, D] or [n, H, D] with dims ``[0, rope.dim)`` rotated at ``positions`` [n], as vLLM's
+    rotary kernel computes it (cos / sin in x's dtype, each product and sum rounded)."""
+    dtype, half = x.dtype, rope.dim // 2
+    pair = torch.arange(half, device=x.device)
+    first, second = (pair, pair + half) if rope.neox else (2 * pair, 2 * pair + 1)
+    rows = rope.cos_sin.to(dtype)[positions.long()]
+    if x.dim() == 3:
+        rows = rows[:, None]
+    cos, sin = rows[..., :half].float(), rows[..., half : rope.dim].float()
+    a, b = x[..., first].float(), x[..., second].float()
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).float()
+
+    out = x.clone()
+    out[..., first] = (rounded(a * cos) - rounded(b * sin)).to(dtype)
+    out[..., second] = (rounded(b * cos) + rounded(a * sin)).to(dtype)
+    return out
+
+
+def latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm: Norm, kv_norm: Norm, key_norm: Norm,
+                        mla_rope: Rope, key_rope: Rope):  # fmt: skip
+    """Reference of :func:`latent_prologue`: (q_c normed, kv_c normed, k_pe roped, key normed and roped)."""
+    return (rms_norm_ref(q_c, q_norm), rms_norm_ref(kv_c, kv_norm), rope_ref(k_pe, positions, mla_rope),
+            rope_ref(layer_norm_ref(key, key_norm), positions, key_rope))  # fmt: skip
+
+
+def query_rope_ref(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope) -> None:
+    """Reference of :func:`query_rope` (in place)."""
+    q_pe.copy_(rope_ref(q_pe, positions, mla_rope))
+    index_q.copy_(rope_ref(index_q, positions, key_rope))
+
+
+def _check_rope(name: str, rope: Rope, width: int) -> None:
+    cs = rope.cos_sin
+    if cs.dim() != 2 or cs.stride(-1) != 1 or rope.dim % 2 or not 0 < rope.dim <= min(width, cs.shape[-1]):
+        raise ValueError(f"{name}: a rope needs cos_sin [P, >= dim] with unit last stride and an even dim <= the "
+                         f"row width {width}; got cos_sin {tuple(cs.shape)} stride {cs.stride()}, dim {rope.dim}")
+
+
+def _check_rows(name: str, x: torch.Tensor, num_rows: int, ndim: int) -> None:
+    if x.dim() != ndim or x.shape[0] != num_rows or x.stride(-1) != 1:
+        raise ValueError(f"{name}: expected {ndim}-D rows [{num_rows}, ...] with unit last stride; got "
+                         f"{tuple(x.shape)} stride {x.stride()}")
+
+
+def latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm: Norm, kv_norm: Norm, key_norm: Norm,
+                    mla_rope: Rope, key_rope: Rope, use_triton: bool | None = None):  # fmt: skip
+    """Rows [n, ...] (strided slices of the projections are fine) -> contiguous
+    (q_c RMSNormed [n, Q], kv_c RMSNormed [n, KV], k_pe roped [n, R], key LayerNormed and roped
+    over its first ``key_rope.dim`` dims [n, K]), all in q_c's dtype. Triton for CUDA tensors
+    (capturable), :func:`latent_prologue_ref` otherwise; ``use_triton=True`` runs the kernel
+    anyway (the CPU interpreter in tests)."""
+    n = positions.shape[0]
+    for name, x in (("q_c", q_c), ("kv_c", kv_c), ("k_pe", k_pe), ("key", key)):
+        _check_rows(f"latent_prologue {name}", x, n, 2)
+    for name, x, norm in (("q_c", q_c, q_norm), ("kv_c", kv_c, kv_norm), ("key", key, key_norm)):
+        if norm.weight.shape != x.shape[-1:] or (norm.bias is not None and norm.bias.shape != x.shape[-1:]):
+            raise ValueError(f"latent_prologue: {name}'s norm needs weight / bias [{x.shape[-1]}]; got weight "
+                             f"{tuple(norm.weight.shape)}, bias {None if norm.bias is None else tuple(norm.bias.shape)}")
+    if q_norm.bias is not None or kv_norm.bias is not None or key_norm.bias is None:
+        raise ValueError("latent_prologue: q_c / kv_c take RMSNorms (no bias), the key a LayerNorm (a bias)")
+    if len({q_c.dtype, kv_c.dtype, k_pe.dtype, key.dtype}) != 1:
+        raise ValueError(f"latent_prologue: rows of one dtype; got {q_c.dtype}, {kv_c.dtype}, {k_pe.dtype}, {key.dtype}")
+    _check_rope("latent_prologue mla_rope", mla_rope, k_pe.shape[-1])
+    _check_rope("latent_prologue key_rope", key_rope, key.shape[-1])
+    if mla_rope.dim != k_pe.shape[-1]:
+        raise ValueError(f"latent_prologue: MLA's rope covers all of k_pe ({k_pe.shape[-1]}); got dim {mla_rope.dim}")
+    if not (q_c.is_cuda if use_triton is None else use_triton) or n == 0:
+        return latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, mla_rope, key_rope)
+    outs = tuple(torch.empty(x.shape, dtype=q_c.dtype, device=q_c.device) for x in (q_c, kv_c, k_pe, key))
+    q_dim, kv_dim, key_dim = q_c.shape[-1], kv_c.shape[-1], key.shape[-1]
+    _latent_prologue_kernel[(n, 3)](
+        positions.contiguous(),
+        q_c, q_norm.weight.contiguous(), outs[0], q_c.stride(0), q_norm.eps,
+        kv_c, kv_norm.weight.contiguous(), outs[1], kv_c.stride(0), kv_norm.eps,
+        k_pe, outs[2], k_pe.stride(0), mla_rope.cos_sin, mla_rope.cos_sin.stride(0),
+        key, key_norm.weight.float().contiguous(), key_norm.bias.float().contiguous(), outs[3], key.stride(0),
+        key_norm.eps, key_rope.cos_sin, key_rope.cos_sin.stride(0),
+        Q_DIM=q_dim, Q_BLOCK=next_pow2(q_dim), KV_DIM=kv_dim, KV_BLOCK=next_pow2(kv_dim),
+        PE_HALF=mla_rope.dim // 2, PE_PAIRS=next_pow2(mla_rope.dim // 2), MLA_NEOX=mla_rope.neox,
+        KEY_DIM=key_dim, KEY_BLOCK=next_pow2(key_dim), KEY_HALF=key_rope.dim // 2,
+        KEY_PAIRS=next_pow2(key_rope.dim // 2), KEY_NEOX=key_rope.neox, num_warps=4,
+    )  # fmt: skip
+    return outs
+
+
+def query_rope(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, use_triton: bool | None = None) -> None:
+    """MLA's rope over q_pe [n, H, R] and the indexer's over the first ``key_rope.dim`` dims of
+    index_q [n, Hi, K], in place (strided views of the projections: unit last stride). Triton
+    for CUDA tensors (capturable), :func:`query_rope_ref` otherwise."""
+    n = positions.shape[0]
+    _check_rows("query_rope q_pe", q_pe, n, 3)
+    _check_rows("query_rope index_q", index_q, n, 3)
+    _check_rope("query_rope mla_rope", mla_rope, q_pe.shape[-1])
+    _check_rope("query_rope key_rope", key_rope, index_q.shape[-1])
+    if mla_rope.dim != q_pe.shape[-1]:
+        raise ValueError(f"query_rope: MLA's rope covers all of q_pe ({q_pe.shape[-1]}); got dim {mla_rope.dim}")
+    if not (q_pe.is_cuda if use_triton is None else use_triton) or n == 0:
+        query_rope_ref(q_pe, index_q, positions, mla_rope, key_rope)
+        return
+    _query_rope_kernel[(n, 2)](
+        positions.contiguous(),
+        q_pe, q_pe.stride(0), q_pe.stride(1), q_pe.shape[1], mla_rope.cos_sin, mla_rope.cos_sin.stride(0),
+        index_q, index_q.stride(0), index_q.stride(1), index_q.shape[1], key_rope.cos_sin,
+        key_rope.cos_sin.stride(0),
+        MLA_HALF=mla_rope.dim // 2, MLA_PAIRS=next_pow2(mla_rope.dim // 2), MLA_NEOX=mla_rope.neox,
+        KEY_HALF=key_rope.dim // 2, KEY_PAIRS=next_pow2(key_rope.dim // 2), KEY_NEOX=key_rope.neox,
+        BLOCK_H=16, num_warps=4,
+    )  # fmt: skip

@@ -1,0 +1,190 @@
+"""kernels/mla_prologue.py: the layer's norms and ropes in two launches, Triton vs the torch
+reference vs the rule written out here with plain float math.
+
+CPU: the Triton interpreter. GPU (``-m gpu``): against the path it replaces, vLLM's RMSNorm,
+LayerNorm and rotary kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import mla_prologue as mp  # noqa: E402  (conftest set TRITON_INTERPRET)
+from kernels.mla_prologue import Norm, Rope
+
+Q_RANK, KV_RANK, PE, KEY, INDEX_HEADS = 1536, 512, 64, 128, 8
+NOPE, HEADS = 128, 4
+
+
+def _table(dtype=torch.bfloat16) -> torch.Tensor:
+    """A [4096, 64] cos / sin table (cos first, then sin), YaRN-like magnitudes."""
+    freqs = torch.outer(torch.arange(4096).float(), 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64)))
+    return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * 1.1).to(dtype)
+
+
+def _latent_inputs(rows: int, gen, dtype=torch.bfloat16):
+    """Strided slices of the fused q_a / kv_a output [rows, 1536 + 512 + 64] and of the indexer's
+    wk + weights_proj output [rows, 128 + 8], as the model hands them; the norms' parameters."""
+    qkv = (torch.randn(rows, Q_RANK + KV_RANK + PE, generator=gen) * 3 + 0.5).to(dtype)
+    key_w = (torch.randn(rows, KEY + INDEX_HEADS, generator=gen) * 3 + 0.5).to(dtype)
+    q_c, kv_c, k_pe = qkv.split([Q_RANK, KV_RANK, PE], dim=-1)
+    norms = (Norm((torch.rand(Q_RANK, generator=gen) + 0.5).to(dtype), None, 1e-6),
+             Norm((torch.rand(KV_RANK, generator=gen) + 0.5).to(dtype), None, 1e-6),
+             Norm(torch.rand(KEY, generator=gen) + 0.5, torch.randn(KEY, generator=gen) * 0.1, 1e-6))  # fmt: skip
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    return (q_c, kv_c, k_pe, key_w[:, :KEY], positions) + norms
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference of two bf16 tensors in bf16 steps at their magnitude."""
+    a, b = a.float(), b.float()
+    step = torch.maximum(a.abs(), b.abs()).clamp(min=2.0**-126).log2().floor().exp2() * 2.0**-7
+    return float(((a - b).abs() / step).max())
+
+
+def _bf(v: float) -> float:
+    return torch.tensor(v).to(torch.bfloat16).float().item()
+
+
+def _rope_rule(vals: list[float], table_row: list[float], rope_dim: int, neox: bool) -> list[float]:
+    """vLLM's rotary kernel on one row of bf16 values, in Python floats."""
+    out = list(vals)
+    half = rope_dim // 2
+    for i in range(half):
+        j, k = (i, i + half) if neox else (2 * i, 2 * i + 1)
+        c, s = table_row[i], table_row[half + i]
+        out[j] = _bf(_bf(vals[j] * c) - _bf(vals[k] * s))
+        out[k] = _bf(_bf(vals[k] * c) + _bf(vals[j] * s))
+    return out
+
+
+@pytest.mark.parametrize("key_neox", [True, False], ids=["key-neox", "key-interleaved"])
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_latent_prologue_equals_reference_and_the_rule(key_neox, rows, device):
+    gen = torch.Generator().manual_seed(rows + key_neox)
+    q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm = _latent_inputs(rows, gen)
+    mla_rope, key_rope = Rope(_table(), PE, False), Rope(_table(), PE, key_neox)
+    want = mp.latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, mla_rope, key_rope)
+
+    def dev(t):
+        return t.to(device)
+
+    got = mp.latent_prologue(dev(q_c), dev(kv_c), dev(k_pe), dev(key), dev(positions),
+                             *(Norm(dev(n.weight), None if n.bias is None else dev(n.bias), n.eps)
+                               for n in (q_norm, kv_norm, key_norm)),
+                             Rope(dev(mla_rope.cos_sin), PE, False), Rope(dev(key_rope.cos_sin), PE, key_neox),
+                             use_triton=True)  # fmt: skip
+    for g, w, src in zip(got, want, (q_c, kv_c, k_pe, key)):
+        assert g.dtype == src.dtype and g.shape == src.shape and g.is_contiguous()
+        assert _ulps(g.cpu(), w) <= 1  # the norms' fp32 reduction order
+    assert torch.equal(got[2].cpu(), want[2])  # k_pe: no reduction, bit-exact
+    # the rule, for a few rows, in plain Python floats
+    for m in range(min(rows, 2)):
+        pos = int(positions[m])
+        vals = q_c[m].float().tolist()
+        rstd = 1 / math.sqrt(sum(v * v for v in vals) / Q_RANK + 1e-6)
+        rule = [_bf(_bf(v * rstd) * w) for v, w in zip(vals, q_norm.weight.float().tolist())]
+        assert _ulps(torch.tensor(rule).bfloat16(), want[0][m]) <= 1
+        table_row = _table()[pos].float().tolist()
+        assert want[2][m].float().tolist() == _rope_rule(k_pe[m].float().tolist(), table_row, PE, False)
+        vals = key[m].float().tolist()
+        mean = sum(vals) / KEY
+        var = sum((v - mean) ** 2 for v in vals) / KEY
+        normed = [_bf((v - mean) / math.sqrt(var + 1e-6) * w + b)
+                  for v, w, b in zip(vals, key_norm.weight.tolist(), key_norm.bias.tolist())]  # fmt: skip
+        assert _ulps(torch.tensor(_rope_rule(normed, table_row, PE, key_neox)).bfloat16(), want[3][m]) <= 1
+        assert _ulps(torch.tensor(normed[PE:]).bfloat16(), want[3][m, PE:]) <= 1  # unroped dims: the norm
+
+
+@pytest.mark.parametrize("key_neox", [True, False], ids=["key-neox", "key-interleaved"])
+@pytest.mark.parametrize("rows,heads", [(1, 4), (5, 20)])
+def test_query_rope_equals_reference_and_the_rule(key_neox, rows, heads, device):
+    """In place on the projections' views; nothing outside the rope dims moves; bit-exact (no reduction)."""
+    gen = torch.Generator().manual_seed(rows * heads + key_neox)
+    q = (torch.randn(rows, heads, NOPE + PE, generator=gen) * 2).bfloat16()
+    index_q = (torch.randn(rows, INDEX_HEADS, KEY, generator=gen) * 2).bfloat16()
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    mla_rope, key_rope = Rope(_table(), PE, False), Rope(_table(), PE, key_neox)
+    want_q, want_iq = q.clone(), index_q.clone()
+    mp.query_rope_ref(want_q[..., NOPE:], want_iq, positions, mla_rope, key_rope)
+    got_q, got_iq = q.clone().to(device), index_q.clone().to(device)
+    mp.query_rope(got_q[..., NOPE:], got_iq, positions.to(device), Rope(mla_rope.cos_sin.to(device), PE, False),
+                  Rope(key_rope.cos_sin.to(device), PE, key_neox), use_triton=True)  # fmt: skip
+    assert torch.equal(got_q.cpu(), want_q) and torch.equal(got_iq.cpu(), want_iq)
+    assert torch.equal(want_q[..., :NOPE], q[..., :NOPE]) and torch.equal(want_iq[..., PE:], index_q[..., PE:])
+    assert not torch.equal(want_q[..., NOPE:], q[..., NOPE:])
+    table_row = _table()[int(positions[-1])].float().tolist()
+    for h in (0, heads - 1):
+        assert want_q[-1, h, NOPE:].float().tolist() == _rope_rule(q[-1, h, NOPE:].float().tolist(), table_row, PE, False)
+    rule = _rope_rule(index_q[-1, 3].float().tolist(), table_row, PE, key_neox)
+    assert want_iq[-1, 3].float().tolist() == rule
+
+
+def test_shape_errors_and_cpu_dispatch():
+    gen = torch.Generator().manual_seed(3)
+    q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm = _latent_inputs(4, gen)
+    ropes = Rope(_table(), PE, False), Rope(_table(), PE, True)
+    got = mp.latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, *ropes)  # CPU: the reference
+    want = mp.latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, *ropes)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    empty = mp.latent_prologue(q_c[:0], kv_c[:0], k_pe[:0], key[:0], positions[:0], q_norm, kv_norm, key_norm, *ropes,
+                               use_triton=True)  # no rows (a DP rank's dummy batch): no launch  # fmt: skip
+    assert [t.shape for t in empty] == [(0, Q_RANK), (0, KV_RANK), (0, PE), (0, KEY)]
+    mp.query_rope(torch.zeros(0, 2, PE).bfloat16(), torch.zeros(0, 2, KEY).bfloat16(), positions[:0], *ropes,
+                  use_triton=True)  # fmt: skip
+    with pytest.raises(ValueError, match="latent_prologue"):
+        mp.latent_prologue(q_c, kv_c, k_pe, key, positions[:3], q_norm, kv_norm, key_norm, *ropes)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        mp.latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, Norm(key_norm.weight, None, 1e-6), *ropes)
+    with pytest.raises(ValueError, match="rope"):
+        mp.latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, Rope(_table(), 32, False),
+                           ropes[1])  # fmt: skip
+    with pytest.raises(ValueError, match="query_rope"):
+        mp.query_rope(torch.zeros(4, 2, PE).bfloat16(), torch.zeros(4, 2, KEY).bfloat16(), positions,
+                      Rope(_table(), 62, False), ropes[1])  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key_neox", [True, False], ids=["key-neox", "key-interleaved"])
+def test_gpu_equals_vllms_norms_and_rotary_kernel(key_neox):
+    """The path it replaces on CUDA: vLLM's RMSNorms on the fused projection's strided slices,
+    its LayerNorm (fp32 weights) on the key slice, its rotary kernel in place on k_pe / the key,
+    then on q_pe / the indexer query; equal up to one bf16 step (the norms' reduction order),
+    the ropes of the queries bit-exact."""
+    from vllm._custom_ops import rotary_embedding
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
+
+    gen = torch.Generator().manual_seed(11)
+    q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm = (t.cuda() if isinstance(t, torch.Tensor) else t
+                                                                  for t in _latent_inputs(4096, gen))  # fmt: skip
+    with set_current_vllm_config(VllmConfig()):  # a CustomOp picks its forward from the config
+        q_layer, kv_layer = (RMSNorm(Q_RANK, eps=1e-6, dtype=torch.bfloat16).cuda(),
+                             RMSNorm(KV_RANK, eps=1e-6, dtype=torch.bfloat16).cuda())
+        key_layer = LayerNorm(KEY, eps=1e-6, dtype=torch.float32).cuda()
+    for layer, norm in ((q_layer, q_norm), (kv_layer, kv_norm), (key_layer, key_norm)):
+        layer.weight.data = norm.weight.cuda().to(layer.weight.dtype)
+        if norm.bias is not None:
+            layer.bias.data = norm.bias.cuda()
+    table = _table().cuda()
+    want_q, want_kv, want_key = q_layer(q_c), kv_layer(kv_c), key_layer(key)
+    want_pe = k_pe.clone()
+    rotary_embedding(positions, want_key[:, None, :PE], None, PE, table, key_neox)
+    rotary_embedding(positions, want_pe[:, None], None, PE, table, False)
+    got = mp.latent_prologue(q_c, kv_c, k_pe, key, positions, Norm(q_layer.weight, None, 1e-6),
+                             Norm(kv_layer.weight, None, 1e-6), Norm(key_layer.weight, key_layer.bias, 1e-6),
+                             Rope(table, PE, False), Rope(table, PE, key_neox))  # fmt: skip
+    for g, w in zip(got, (want_q, want_kv, want_pe, want_key)):
+        assert _ulps(g, w) <= 1
+        assert (g != w).float().mean().item() < 0.01
+    assert torch.equal(got[2], want_pe)
+    q = (torch.randn(4096, 16, NOPE + PE, generator=gen) * 2).bfloat16().cuda()
+    index_q = (torch.randn(4096, INDEX_HEADS, KEY, generator=gen) * 2).bfloat16().cuda()
+    want_q, want_iq = q.clone(), index_q.clone()
+    rotary_embedding(positions, want_q[..., NOPE:], None, PE, table, False)
+    rotary_embedding(positions, want_iq[..., :PE], None, PE, table, key_neox)
+    mp.query_rope(q[..., NOPE:], index_q, positions, Rope(table, PE, False), Rope(table, PE, key_neox))
+    assert torch.equal(q, want_q) and torch.equal(index_q, want_iq)
