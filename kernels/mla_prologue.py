@@ -1,12 +1,13 @@
 """Triton: what an NSA layer does between its projections and its attention, in two launches.
 
-``latent_prologue`` (after the fused q_a / kv_a projection and the indexer's wk): the q_a and
-kv_a RMSNorms, MLA's rope of k_pe, the indexer key's fp32 LayerNorm and rope. ``query_rope``
+``latent_prologue`` (after the fused q_a / kv_a projection and the indexer's wk + weights_proj):
+the q_a and kv_a RMSNorms, MLA's rope of k_pe, the indexer key's fp32 LayerNorm and rope, the
+indexer heads' weights scaled to fp32. ``query_rope``
 (after q_b and the indexer's wq_b): MLA's rope of q_pe and the indexer query's rope, in place.
 
 On CUDA the plugin ran these as two RMSNorm launches, vLLM's rotary kernel twice (MLA's q + k,
-the indexer's q) and the indexer key's own kernel: five launches a layer where vLLM 0.34's own
-V3.2 runs two (``fused_norm_rope`` / ``fused_q``); the norm / rope share of the b8 decode gap in
+the indexer's q), the indexer key's own kernel and the weights' scaling: six launches a layer
+where vLLM 0.34's own V3.2 runs two (``fused_norm_rope`` / ``fused_q``); the norm / rope share of the b8 decode gap in
 the 1204j profile on one H200 (eval/gpu_vllm_notes.md). The arithmetic is the unfused path's:
 vLLM's RMSNorm (fp32, the normalized row rounded to the dtype, then times the weight, rounded),
 the LayerNorm in fp32 rounded to the dtype, and vLLM's rotary kernel, which reads cos / sin in
@@ -100,13 +101,14 @@ def _latent_prologue_kernel(
     kv_ptr, kv_w_ptr, kv_out_ptr, stride_kv, kv_eps,
     pe_ptr, pe_out_ptr, stride_pe, mla_cs_ptr, stride_mla_cs,
     key_ptr, key_w_ptr, key_b_ptr, key_out_ptr, stride_key, key_eps, key_cs_ptr, stride_key_cs,
+    hw_ptr, hw_scale_ptr, hw_out_ptr, stride_hw, NUM_HW: tl.constexpr, HW_BLOCK: tl.constexpr,
     Q_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     PE_HALF: tl.constexpr, PE_PAIRS: tl.constexpr, MLA_NEOX: tl.constexpr,
     KEY_DIM: tl.constexpr, KEY_BLOCK: tl.constexpr, KEY_HALF: tl.constexpr, KEY_PAIRS: tl.constexpr,
     KEY_NEOX: tl.constexpr,
 ):  # fmt: skip
     """Program (row, part): part 0 the q_a RMSNorm, 1 the kv_a RMSNorm and k_pe's rope, 2 the
-    indexer key. Outputs are contiguous rows."""
+    indexer key and its heads' weights (times their scale, fp32). Outputs are contiguous rows."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     dtype = q_out_ptr.dtype.element_ty
@@ -144,6 +146,10 @@ def _latent_prologue_kernel(
         out_a, out_b = _rotated(a, b, cos, sin, dtype)
         tl.store(dst + first, out_a, mask=mask)
         tl.store(dst + second, out_b, mask=mask)
+        heads = tl.arange(0, HW_BLOCK)
+        hw = tl.load(hw_ptr + row * stride_hw + heads, mask=heads < NUM_HW, other=0.0).to(tl.float32)
+        scale = tl.load(hw_scale_ptr + heads * 0)
+        tl.store(hw_out_ptr + row * NUM_HW + heads, hw * scale, mask=heads < NUM_HW)
 
 
 @triton.jit
@@ -217,11 +223,13 @@ def rope_ref(x: torch.Tensor, positions: torch.Tensor, rope: Rope) -> torch.Tens
     return out
 
 
-def latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm: Norm, kv_norm: Norm, key_norm: Norm,
-                        mla_rope: Rope, key_rope: Rope):  # fmt: skip
-    """Reference of :func:`latent_prologue`: (q_c normed, kv_c normed, k_pe roped, key normed and roped)."""
+def latent_prologue_ref(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, positions, q_norm: Norm,
+                        kv_norm: Norm, key_norm: Norm, mla_rope: Rope, key_rope: Rope):  # fmt: skip
+    """Reference of :func:`latent_prologue`: (q_c normed, kv_c normed, k_pe roped, key normed
+    and roped, head weights times their scale in fp32)."""
     return (rms_norm_ref(q_c, q_norm), rms_norm_ref(kv_c, kv_norm), rope_ref(k_pe, positions, mla_rope),
-            rope_ref(layer_norm_ref(key, key_norm), positions, key_rope))  # fmt: skip
+            rope_ref(layer_norm_ref(key, key_norm), positions, key_rope),
+            head_weights.float() * head_weights_scale.float())  # fmt: skip
 
 
 def query_rope_ref(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope) -> None:
@@ -243,16 +251,21 @@ def _check_rows(name: str, x: torch.Tensor, num_rows: int, ndim: int) -> None:
                          f"{tuple(x.shape)} stride {x.stride()}")
 
 
-def latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm: Norm, kv_norm: Norm, key_norm: Norm,
-                    mla_rope: Rope, key_rope: Rope, use_triton: bool | None = None):  # fmt: skip
+def latent_prologue(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, positions, q_norm: Norm,
+                    kv_norm: Norm, key_norm: Norm, mla_rope: Rope, key_rope: Rope,
+                    use_triton: bool | None = None):  # fmt: skip
     """Rows [n, ...] (strided slices of the projections are fine) -> contiguous
     (q_c RMSNormed [n, Q], kv_c RMSNormed [n, KV], k_pe roped [n, R], key LayerNormed and roped
-    over its first ``key_rope.dim`` dims [n, K]), all in q_c's dtype. Triton for CUDA tensors
-    (capturable), :func:`latent_prologue_ref` otherwise; ``use_triton=True`` runs the kernel
-    anyway (the CPU interpreter in tests)."""
+    over its first ``key_rope.dim`` dims [n, K], in q_c's dtype; the indexer heads' weights
+    [n, Hi] times ``head_weights_scale`` (a 1-element fp32 tensor) in fp32). Triton for CUDA
+    tensors (capturable), :func:`latent_prologue_ref` otherwise; ``use_triton=True`` runs the
+    kernel anyway (the CPU interpreter in tests)."""
     n = positions.shape[0]
-    for name, x in (("q_c", q_c), ("kv_c", kv_c), ("k_pe", k_pe), ("key", key)):
+    for name, x in (("q_c", q_c), ("kv_c", kv_c), ("k_pe", k_pe), ("key", key), ("head_weights", head_weights)):
         _check_rows(f"latent_prologue {name}", x, n, 2)
+    if head_weights_scale.numel() != 1 or head_weights_scale.dtype != torch.float32:
+        raise ValueError(f"latent_prologue: head_weights_scale must be a 1-element fp32 tensor; got "
+                         f"{head_weights_scale.dtype} {tuple(head_weights_scale.shape)}")
     for name, x, norm in (("q_c", q_c, q_norm), ("kv_c", kv_c, kv_norm), ("key", key, key_norm)):
         if norm.weight.shape != x.shape[-1:] or (norm.bias is not None and norm.bias.shape != x.shape[-1:]):
             raise ValueError(f"latent_prologue: {name}'s norm needs weight / bias [{x.shape[-1]}]; got weight "
@@ -266,8 +279,10 @@ def latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm: Norm, kv_norm: Norm
     if mla_rope.dim != k_pe.shape[-1]:
         raise ValueError(f"latent_prologue: MLA's rope covers all of k_pe ({k_pe.shape[-1]}); got dim {mla_rope.dim}")
     if not (q_c.is_cuda if use_triton is None else use_triton) or n == 0:
-        return latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, mla_rope, key_rope)
+        return latent_prologue_ref(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, positions, q_norm,
+                                   kv_norm, key_norm, mla_rope, key_rope)  # fmt: skip
     outs = tuple(torch.empty(x.shape, dtype=q_c.dtype, device=q_c.device) for x in (q_c, kv_c, k_pe, key))
+    outs += (torch.empty(head_weights.shape, dtype=torch.float32, device=q_c.device),)
     q_dim, kv_dim, key_dim = q_c.shape[-1], kv_c.shape[-1], key.shape[-1]
     _latent_prologue_kernel[(n, 3)](
         positions.contiguous(),
@@ -276,6 +291,8 @@ def latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm: Norm, kv_norm: Norm
         k_pe, outs[2], k_pe.stride(0), mla_rope.cos_sin, mla_rope.cos_sin.stride(0),
         key, key_norm.weight.float().contiguous(), key_norm.bias.float().contiguous(), outs[3], key.stride(0),
         key_norm.eps, key_rope.cos_sin, key_rope.cos_sin.stride(0),
+        head_weights, head_weights_scale, outs[4], head_weights.stride(0), NUM_HW=head_weights.shape[-1],
+        HW_BLOCK=next_pow2(head_weights.shape[-1]),
         Q_DIM=q_dim, Q_BLOCK=next_pow2(q_dim), KV_DIM=kv_dim, KV_BLOCK=next_pow2(kv_dim),
         PE_HALF=mla_rope.dim // 2, PE_PAIRS=next_pow2(mla_rope.dim // 2), MLA_NEOX=mla_rope.neox,
         KEY_DIM=key_dim, KEY_BLOCK=next_pow2(key_dim), KEY_HALF=key_rope.dim // 2,

@@ -35,7 +35,7 @@ def _latent_inputs(rows: int, gen, dtype=torch.bfloat16):
              Norm((torch.rand(KV_RANK, generator=gen) + 0.5).to(dtype), None, 1e-6),
              Norm(torch.rand(KEY, generator=gen) + 0.5, torch.randn(KEY, generator=gen) * 0.1, 1e-6))  # fmt: skip
     positions = torch.randint(0, 4096, (rows,), generator=gen)
-    return (q_c, kv_c, k_pe, key_w[:, :KEY], positions) + norms
+    return (q_c, kv_c, k_pe, key_w[:, :KEY], key_w[:, KEY:], positions) + norms
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,14 +65,16 @@ def _rope_rule(vals: list[float], table_row: list[float], rope_dim: int, neox: b
 @pytest.mark.parametrize("rows", [1, 7, 33])
 def test_latent_prologue_equals_reference_and_the_rule(key_neox, rows, device):
     gen = torch.Generator().manual_seed(rows + key_neox)
-    q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm = _latent_inputs(rows, gen)
+    q_c, kv_c, k_pe, key, head_w, positions, q_norm, kv_norm, key_norm = _latent_inputs(rows, gen)
     mla_rope, key_rope = Rope(_table(), PE, False), Rope(_table(), PE, key_neox)
-    want = mp.latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, mla_rope, key_rope)
+    scale = torch.tensor([INDEX_HEADS**-0.5 * KEY**-0.5])
+    want = mp.latent_prologue_ref(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, mla_rope,
+                                  key_rope)  # fmt: skip
 
     def dev(t):
         return t.to(device)
 
-    got = mp.latent_prologue(dev(q_c), dev(kv_c), dev(k_pe), dev(key), dev(positions),
+    got = mp.latent_prologue(dev(q_c), dev(kv_c), dev(k_pe), dev(key), dev(head_w), dev(scale), dev(positions),
                              *(Norm(dev(n.weight), None if n.bias is None else dev(n.bias), n.eps)
                                for n in (q_norm, kv_norm, key_norm)),
                              Rope(dev(mla_rope.cos_sin), PE, False), Rope(dev(key_rope.cos_sin), PE, key_neox),
@@ -81,6 +83,8 @@ def test_latent_prologue_equals_reference_and_the_rule(key_neox, rows, device):
         assert g.dtype == src.dtype and g.shape == src.shape and g.is_contiguous()
         assert _ulps(g.cpu(), w) <= 1  # the norms' fp32 reduction order
     assert torch.equal(got[2].cpu(), want[2])  # k_pe: no reduction, bit-exact
+    assert got[4].dtype == torch.float32 and got[4].shape == head_w.shape and torch.equal(got[4].cpu(), want[4])
+    assert want[4][-1, -1].item() == head_w[-1, -1].item() * scale.item()  # fp32 product of a bf16 and an fp32
     # the rule, for a few rows, in plain Python floats
     for m in range(min(rows, 2)):
         pos = int(positions[m])
@@ -125,23 +129,27 @@ def test_query_rope_equals_reference_and_the_rule(key_neox, rows, heads, device)
 
 def test_shape_errors_and_cpu_dispatch():
     gen = torch.Generator().manual_seed(3)
-    q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm = _latent_inputs(4, gen)
+    q_c, kv_c, k_pe, key, head_w, positions, q_norm, kv_norm, key_norm = _latent_inputs(4, gen)
     ropes = Rope(_table(), PE, False), Rope(_table(), PE, True)
-    got = mp.latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, *ropes)  # CPU: the reference
-    want = mp.latent_prologue_ref(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, *ropes)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
-    empty = mp.latent_prologue(q_c[:0], kv_c[:0], k_pe[:0], key[:0], positions[:0], q_norm, kv_norm, key_norm, *ropes,
-                               use_triton=True)  # no rows (a DP rank's dummy batch): no launch  # fmt: skip
-    assert [t.shape for t in empty] == [(0, Q_RANK), (0, KV_RANK), (0, PE), (0, KEY)]
+    scale = torch.tensor([0.5])
+    got = mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, *ropes)
+    want = mp.latent_prologue_ref(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, *ropes)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))  # CPU: the reference
+    empty = mp.latent_prologue(q_c[:0], kv_c[:0], k_pe[:0], key[:0], head_w[:0], scale, positions[:0], q_norm, kv_norm,
+                               key_norm, *ropes, use_triton=True)  # no rows (a DP rank's dummy batch): no launch  # fmt: skip
+    assert [t.shape for t in empty] == [(0, Q_RANK), (0, KV_RANK), (0, PE), (0, KEY), (0, INDEX_HEADS)]
     mp.query_rope(torch.zeros(0, 2, PE).bfloat16(), torch.zeros(0, 2, KEY).bfloat16(), positions[:0], *ropes,
                   use_triton=True)  # fmt: skip
     with pytest.raises(ValueError, match="latent_prologue"):
-        mp.latent_prologue(q_c, kv_c, k_pe, key, positions[:3], q_norm, kv_norm, key_norm, *ropes)
+        mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions[:3], q_norm, kv_norm, key_norm, *ropes)
     with pytest.raises(ValueError, match="LayerNorm"):
-        mp.latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, Norm(key_norm.weight, None, 1e-6), *ropes)
+        mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm,
+                           Norm(key_norm.weight, None, 1e-6), *ropes)  # fmt: skip
     with pytest.raises(ValueError, match="rope"):
-        mp.latent_prologue(q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm, Rope(_table(), 32, False),
-                           ropes[1])  # fmt: skip
+        mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm,
+                           Rope(_table(), 32, False), ropes[1])  # fmt: skip
+    with pytest.raises(ValueError, match="1-element fp32"):
+        mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale.bfloat16(), positions, q_norm, kv_norm, key_norm, *ropes)
     with pytest.raises(ValueError, match="query_rope"):
         mp.query_rope(torch.zeros(4, 2, PE).bfloat16(), torch.zeros(4, 2, KEY).bfloat16(), positions,
                       Rope(_table(), 62, False), ropes[1])  # fmt: skip
@@ -159,8 +167,9 @@ def test_gpu_equals_vllms_norms_and_rotary_kernel(key_neox):
     from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
 
     gen = torch.Generator().manual_seed(11)
-    q_c, kv_c, k_pe, key, positions, q_norm, kv_norm, key_norm = (t.cuda() if isinstance(t, torch.Tensor) else t
-                                                                  for t in _latent_inputs(4096, gen))  # fmt: skip
+    q_c, kv_c, k_pe, key, head_w, positions, q_norm, kv_norm, key_norm = (
+        t.cuda() if isinstance(t, torch.Tensor) else t for t in _latent_inputs(4096, gen))
+    scale = torch.tensor([INDEX_HEADS**-0.5 * KEY**-0.5], device="cuda")
     with set_current_vllm_config(VllmConfig()):  # a CustomOp picks its forward from the config
         q_layer, kv_layer = (RMSNorm(Q_RANK, eps=1e-6, dtype=torch.bfloat16).cuda(),
                              RMSNorm(KV_RANK, eps=1e-6, dtype=torch.bfloat16).cuda())
@@ -174,13 +183,14 @@ def test_gpu_equals_vllms_norms_and_rotary_kernel(key_neox):
     want_pe = k_pe.clone()
     rotary_embedding(positions, want_key[:, None, :PE], None, PE, table, key_neox)
     rotary_embedding(positions, want_pe[:, None], None, PE, table, False)
-    got = mp.latent_prologue(q_c, kv_c, k_pe, key, positions, Norm(q_layer.weight, None, 1e-6),
+    got = mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, Norm(q_layer.weight, None, 1e-6),
                              Norm(kv_layer.weight, None, 1e-6), Norm(key_layer.weight, key_layer.bias, 1e-6),
                              Rope(table, PE, False), Rope(table, PE, key_neox))  # fmt: skip
     for g, w in zip(got, (want_q, want_kv, want_pe, want_key)):
         assert _ulps(g, w) <= 1
         assert (g != w).float().mean().item() < 0.01
     assert torch.equal(got[2], want_pe)
+    assert torch.equal(got[4], head_w * scale)  # the model's unfused weights: bf16 times the fp32 scale
     q = (torch.randn(4096, 16, NOPE + PE, generator=gen) * 2).bfloat16().cuda()
     index_q = (torch.randn(4096, INDEX_HEADS, KEY, generator=gen) * 2).bfloat16().cuda()
     want_q, want_iq = q.clone(), index_q.clone()

@@ -228,9 +228,10 @@ def test_prologue_kernels_rotate_with_the_rotarys_table_as_the_reference(vllm_co
     rows = torch.randn(n, 16 + 16 + ROPE_DIM)
     key = torch.randn(n, 128)
     ones = torch.ones(16)
-    _, _, k_pe, k = latent_prologue(rows[:, :16], rows[:, 16:32], rows[:, 32:], key, POSITIONS, Norm(ones, None, 1e-6),
-                                    Norm(ones, None, 1e-6), Norm(torch.ones(128), torch.zeros(128), 0.0),
-                                    mla.kernel_rope(key), indexer.kernel_rope(key))  # fmt: skip
+    _, _, k_pe, k, _ = latent_prologue(rows[:, :16], rows[:, 16:32], rows[:, 32:], key, key[:, :4], torch.ones(1),
+                                       POSITIONS, Norm(ones, None, 1e-6), Norm(ones, None, 1e-6),
+                                       Norm(torch.ones(128), torch.zeros(128), 0.0), mla.kernel_rope(key),
+                                       indexer.kernel_rope(key))  # fmt: skip
     torch.testing.assert_close(k_pe.double(), reference_rotate(rows[:, 32:], POSITIONS, params, True), atol=ATOL, rtol=0)
     normed = torch.nn.functional.layer_norm(key, (128,))
     torch.testing.assert_close(k[:, :ROPE_DIM].double(), reference_rotate(normed[:, :ROPE_DIM], POSITIONS, params, False),

@@ -182,8 +182,9 @@ class CpNsaIndexer(nn.Module):
         # style unless the checkpoint says interleaved (as vLLM's own V3.2 indexer).
         self.rotary_emb = DeepseekRope(config, self.rope_dim,
                                        is_neox_style=not getattr(config, "indexer_rope_interleave", False))
-        # a 1-element fp32 tensor, not a Python float: bf16 weights times it come out fp32 in one
-        # kernel (a float scalar needs ``.float()`` first: two), the same values either way
+        # the heads' weights' scale as a 1-element fp32 tensor (not a Python float): bf16 weights
+        # times it come out fp32 in one kernel (a float scalar needs ``.float()`` first: two),
+        # and kernels/mla_prologue.py reads it from memory
         self.register_buffer("weight_scale", torch.tensor([self.n_heads**-0.5 * self.head_dim**-0.5],
                                                           dtype=torch.float32), persistent=False)
         self.k_cache = CpNsaIndexerCache(
@@ -193,9 +194,10 @@ class CpNsaIndexer(nn.Module):
         )
 
     def key_and_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the key's projection [n, 128], a strided slice; the heads' weights [n, Hi] scaled, fp32)."""
+        """(the key's projection [n, 128], the heads' weights [n, Hi] before ``weight_scale``):
+        strided slices of one GEMM's output."""
         k_and_weights = self.wk_weights_proj(x)[0]
-        return k_and_weights[:, : self.head_dim], k_and_weights[:, self.head_dim :] * self.weight_scale
+        return k_and_weights[:, : self.head_dim], k_and_weights[:, self.head_dim :]
 
     def query(self, q_c: torch.Tensor) -> torch.Tensor:
         """The query's projection [n, Hi, 128], rope not applied yet."""
@@ -304,19 +306,21 @@ class CpNsaAttention(nn.Module):
         q_c, kv_c, k_pe = self.fused_qkv_a_proj(x)[0].split(
             [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         key, index_weights = self.indexer.key_and_weights(x)
-        fused = prologue_kernels_apply(positions, q_c, kv_c, k_pe, key)
+        fused = prologue_kernels_apply(positions, q_c, kv_c, k_pe, key, index_weights)
         if fused:
             from ..kernels.mla_prologue import Norm, latent_prologue, query_rope  # imports triton: lazily
 
             mla_rope, key_rope = self.rotary_emb.kernel_rope(q_c), self.indexer.rotary_emb.kernel_rope(q_c)
-            q_c, kv_c, k_pe, index_k = latent_prologue(
-                q_c, kv_c, k_pe, key, positions,
+            q_c, kv_c, k_pe, index_k, index_weights = latent_prologue(
+                q_c, kv_c, k_pe, key, index_weights, self.indexer.weight_scale, positions,
                 Norm(self.q_a_layernorm.weight, None, self.q_a_layernorm.variance_epsilon),
                 Norm(self.kv_a_layernorm.weight, None, self.kv_a_layernorm.variance_epsilon),
                 self.indexer.key_norm(), mla_rope, key_rope)  # fmt: skip
         else:
             q_c = self.q_a_layernorm(q_c)  # vLLM's RMSNorm reads strided rows: no copy (as its own MLA)
             kv_c = self.kv_a_layernorm(kv_c)
+            # a 1-element fp32 tensor, not a Python float: fp32 out in one kernel, the same values
+            index_weights = index_weights * self.indexer.weight_scale
         q = self._q_b(q_c, heads).view(x.shape[0], -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         index_q = self.indexer.query(q_c)
