@@ -117,3 +117,36 @@ def test_buffers_grow_only_past_their_capacity():
     assert small.local_req.data_ptr() == again.local_req.data_ptr()
     large, _ = _metadata([1] * 20, 20, 20, 1, 0, None, 0, buffers)
     assert large.local_req.shape == (20,) and torch.equal(large.local_req, torch.arange(20))
+
+
+def test_unsplit_rows_are_staged_once_and_rewritten_after_a_split():
+    """An unsplit plan's rows are 0, 1, 2, ...: staged with a copy the first time, then read
+    from the buffer as it is (one host-to-device copy a decode step fewer); a split plan's
+    rows overwrite it, so the next unsplit plan copies again. Every returned view holds the
+    plan's own rows at the buffer's address."""
+    buffers = MetadataBuffers(64, "cpu")
+    copies = []
+    put = buffers._put
+    buffers._put = lambda name, values: copies.append(name) or put(name, values)
+    first, _ = _metadata([1] * 8, 8, 8, 1, 0, None, 0, buffers)
+    again, _ = _metadata([1] * 6, 6, 6, 1, 0, None, 0, buffers)
+    assert copies.count("local_token_idx") == 1
+    assert torch.equal(again.plan.local_token_idx, torch.arange(6))
+    assert again.plan.local_token_idx.data_ptr() == first.plan.local_token_idx.data_ptr()
+    split, _ = _metadata([1] * 8, 8, 8, 2, 1, RoundRobinSplit(), 0, buffers)
+    assert torch.equal(split.plan.local_token_idx, torch.arange(1, 8, 2))
+    after, _ = _metadata([1] * 8, 8, 8, 1, 0, None, 0, buffers)
+    assert copies.count("local_token_idx") == 3 and torch.equal(after.plan.local_token_idx, torch.arange(8))
+    longer, _ = _metadata([2] * 8, 8, 16, 1, 0, None, 1, buffers)
+    assert copies.count("local_token_idx") == 4 and torch.equal(longer.plan.local_token_idx, torch.arange(16))
+
+
+@pytest.mark.parametrize("query_lens,num_tokens", [([1] * 8, 8), ([3, 0, 2], 6), ([300, 212], 512), ([300, 213], 520),
+                                                   ([1000, 1, 0, 7], 1010)])
+def test_token_requests_built_from_a_list_or_by_torch_agree(query_lens, num_tokens):
+    from vllm_cp_nsa.nsa_attention import _token_requests
+
+    want = [r for r, n in enumerate(query_lens) for _ in range(n)]
+    want += [-1] * (num_tokens - len(want))
+    got = _token_requests(query_lens, num_tokens)
+    assert got.dtype == torch.long and got.tolist() == want
