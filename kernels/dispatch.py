@@ -202,6 +202,24 @@ class NsaOps:
     ) -> None:
         kv_cache_ref.write_indexer_cache(cache, k, slot_mapping, block_size, fp8)
 
+    # 4 + 5 in one call: a layer's new tokens into both caches (same slots)
+    def write_token_caches(
+        self,
+        latent_cache: torch.Tensor,
+        kv_c: torch.Tensor,
+        k_pe: torch.Tensor,
+        kv_cache_dtype: str,
+        index_cache: torch.Tensor,
+        k: torch.Tensor,
+        index_fp8: bool,
+        slot_mapping: torch.Tensor,
+        block_size: int,
+    ) -> None:
+        """``write_latent_cache`` then ``write_indexer_cache`` of the same tokens; a provider
+        may write both in one launch (the Triton one does)."""
+        self.write_latent_cache(latent_cache, kv_c, k_pe, slot_mapping, kv_cache_dtype)
+        self.write_indexer_cache(index_cache, k, slot_mapping, block_size, index_fp8)
+
     # 6. dense causal attention of whole prompts (MLA's MHA form: q / k [n, H, 192], v [n, H, 128])
     def dense_causal_attention(
         self,
@@ -271,6 +289,13 @@ class TritonOps(NsaOps):
         from .kv_cache import write_indexer_cache
 
         write_indexer_cache(cache, k, slot_mapping, block_size, fp8)
+
+    def write_token_caches(self, latent_cache, kv_c, k_pe, kv_cache_dtype, index_cache, k, index_fp8, slot_mapping,
+                           block_size) -> None:  # fmt: skip
+        from .kv_cache import write_token_caches
+
+        write_token_caches(latent_cache, kv_c, k_pe, kv_cache_dtype, index_cache, k, index_fp8, slot_mapping,
+                           block_size)  # fmt: skip
 
 
 def builtin_providers() -> list[NsaOps]:

@@ -304,8 +304,8 @@ def write_new_tokens(
     else:
         n = meta.plan.num_tokens
         latent, rope, key = kv_c[:n], k_pe[:n], index_k[:n].to(kv_c.dtype)
-    ops.write_latent_cache(caches.latent, latent, rope, meta.slot_mapping, caches.kv_cache_dtype)
-    ops.write_indexer_cache(caches.index, key, meta.slot_mapping, meta.block_size, caches.index_fp8)
+    ops.write_token_caches(caches.latent, latent, rope, caches.kv_cache_dtype, caches.index, key, caches.index_fp8,
+                           meta.slot_mapping, meta.block_size)  # fmt: skip
 
 
 def select_topk_positions(

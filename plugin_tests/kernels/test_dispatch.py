@@ -30,7 +30,7 @@ def test_provider_names_and_capabilities():
 
 
 def test_triton_provider_equals_torch_provider(device):
-    """All five ops through the two providers on one small batch."""
+    """All the ops through the two providers on one small batch."""
     gen = torch.Generator().manual_seed(0)
     tops = kernels.get_ops("torch")
     xops = kernels.get_ops("triton", device)
@@ -63,6 +63,14 @@ def test_triton_provider_equals_torch_provider(device):
         tops.write_indexer_cache(icaches[0], k, slots, block_size, fp8)
         xops.write_indexer_cache(icaches[1], k, slots, block_size, fp8)
         assert torch.equal(icaches[0], icaches[1])
+        # both caches in one call: the interface's two writes (torch) vs one launch (Triton)
+        latents = [torch.zeros(num_blocks, block_size, 656, dtype=torch.uint8, device=device) for _ in range(2)]
+        both = [torch.zeros_like(icaches[0]) for _ in range(2)]
+        kv_c = torch.randn(tokens, 512, generator=gen).to(torch.bfloat16).to(device)
+        k_pe = torch.randn(tokens, 64, generator=gen).to(torch.bfloat16).to(device)
+        for ops, latent, index in zip((tops, xops), latents, both):
+            ops.write_token_caches(latent, kv_c, k_pe, "fp8_ds_mla", index, k, fp8, slots, block_size)
+        assert torch.equal(latents[0], latents[1]) and torch.equal(both[0], both[1]) and torch.equal(both[0], icaches[0])
         bt = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
         qi = torch.randn(3, 4, 128, generator=gen).to(torch.bfloat16).to(device)
         w = torch.randn(3, 4, generator=gen).to(device)

@@ -128,3 +128,28 @@ def test_gpu_write_indexer_cache_real_shapes(fp8):
     kv_cache.write_indexer_cache(cache, k.cuda(), slots.cuda(), block_size, fp8)
     torch.cuda.synchronize()
     assert torch.equal(cache.cpu().view(torch.uint8), ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kv_cache_dtype,index_fp8", [("fp8_ds_mla", True), ("auto", False), ("auto", True)])
+def test_write_token_caches_one_launch_same_bytes(kv_cache_dtype, index_fp8, device):
+    """Both caches' new tokens in one launch: the bytes of the two references, negative slots
+    writing nothing in either cache."""
+    gen = torch.Generator().manual_seed(7)
+    num_blocks, block_size, num_tokens = 4, 16, 37
+    kv_c, k_pe, slots = _latent_inputs(num_tokens, num_blocks * block_size, torch.bfloat16, device, gen)
+    k = (torch.randn(num_tokens, 128, generator=gen) * 3).to(torch.bfloat16).to(device)
+    if kv_cache_dtype == "fp8_ds_mla":
+        latent = _poisoned((num_blocks, block_size, 656), torch.uint8, device, gen)
+    else:
+        latent = _poisoned((num_blocks, block_size, 576), torch.bfloat16, device, gen)
+    if index_fp8:
+        index = _poisoned((num_blocks, block_size * 132), torch.uint8, device, gen)
+    else:
+        index = _poisoned((num_blocks, block_size, 128), torch.bfloat16, device, gen)
+    want_latent, want_index = latent.cpu().clone(), index.cpu().clone()
+    kv_cache_ref.write_latent_cache(want_latent, kv_c.cpu(), k_pe.cpu(), slots.cpu(), kv_cache_dtype)
+    kv_cache_ref.write_indexer_cache(want_index, k.cpu(), slots.cpu(), block_size, index_fp8)
+    kv_cache.write_token_caches(latent, kv_c, k_pe, kv_cache_dtype, index, k, index_fp8, slots, block_size)
+    assert torch.equal(latent.cpu().view(torch.uint8), want_latent.view(torch.uint8))
+    assert torch.equal(index.cpu().view(torch.uint8), want_index.view(torch.uint8))
+    assert (slots < 0).any()  # the inputs hold slots that must write nothing

@@ -110,8 +110,14 @@ def test_ops_the_vllm_kernels_cannot_take_go_to_triton(device, monkeypatch):
         vops.write_indexer_cache(index, keys, slots, block_size, fp8)
         kv_cache_ref.write_indexer_cache(expected, keys, slots, block_size, fp8)
         assert torch.equal(index, expected)
+    both = torch.zeros_like(latent), torch.zeros(num_blocks, block_size * 132, dtype=torch.uint8, device=device)
+    vops.write_token_caches(both[0], kv_c, k_pe, "fp8_ds_mla", both[1], keys, True, slots, block_size)
+    assert torch.equal(both[0], latent)
+    want_index = torch.zeros_like(both[1])
+    kv_cache_ref.write_indexer_cache(want_index, keys, slots, block_size, True)
+    assert torch.equal(both[1], want_index)
     assert triton_ops.calls == ["write_latent_cache", "sparse_mla_decode", "sparse_mla_prefill",
-                                "write_indexer_cache", "write_indexer_cache"]  # fmt: skip
+                                "write_indexer_cache", "write_indexer_cache", "write_token_caches"]  # fmt: skip
 
 
 def test_fp8_cache_off_whole_pages_falls_back_with_a_warning(monkeypatch, caplog):

@@ -178,6 +178,11 @@ class VllmKernelOps(NsaOps):
     def write_indexer_cache(self, cache, k, slot_mapping, block_size, fp8) -> None:
         _triton().write_indexer_cache(cache, k, slot_mapping, block_size, fp8)
 
+    def write_token_caches(self, latent_cache, kv_c, k_pe, kv_cache_dtype, index_cache, k, index_fp8, slot_mapping,
+                           block_size) -> None:  # fmt: skip
+        _triton().write_token_caches(latent_cache, kv_c, k_pe, kv_cache_dtype, index_cache, k, index_fp8,
+                                     slot_mapping, block_size)  # fmt: skip
+
 
 def dense_prefill_detail() -> str:
     kernel = "FA3's dense varlen kernel" if _fa3_supported() else "torch SDPA"
