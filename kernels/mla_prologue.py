@@ -3,7 +3,8 @@
 ``latent_prologue`` (after the fused q_a / kv_a projection and the indexer's wk + weights_proj):
 the q_a and kv_a RMSNorms, MLA's rope of k_pe, the indexer key's fp32 LayerNorm and rope, the
 indexer heads' weights scaled to fp32. ``query_rope``
-(after q_b and the indexer's wq_b): MLA's rope of q_pe and the indexer query's rope, in place.
+(after q_b and the indexer's wq_b): MLA's rope of q_pe and the indexer query's rope, in place,
+q_pe also into the attention's latent query buffer (the copy that buffer took before).
 
 On CUDA the plugin ran these as two RMSNorm launches, vLLM's rotary kernel twice (MLA's q + k,
 the indexer's q), the indexer key's own kernel and the weights' scaling: six launches a layer
@@ -153,9 +154,11 @@ def _latent_prologue_kernel(
 
 
 @triton.jit
-def _rope_heads(x_ptr, stride_head, num_heads, pos_ptr, row, cs_ptr, stride_cs,
-                HALF: tl.constexpr, PAIRS: tl.constexpr, NEOX: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    """Rope over the first 2 * HALF dims of every head of one row, in place."""
+def _rope_heads(x_ptr, stride_head, num_heads, pos_ptr, row, cs_ptr, stride_cs, copy_ptr, stride_copy_head,
+                HALF: tl.constexpr, PAIRS: tl.constexpr, NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
+                COPY: tl.constexpr):  # fmt: skip
+    """Rope over the first 2 * HALF dims of every head of one row, in place (and into ``copy_ptr``'s
+    heads when COPY)."""
     dtype = x_ptr.dtype.element_ty
     pair, mask, first, second = _pairs(HALF, PAIRS, NEOX)
     pos = tl.load(pos_ptr + row + pair * 0).to(tl.int64)
@@ -169,24 +172,32 @@ def _rope_heads(x_ptr, stride_head, num_heads, pos_ptr, row, cs_ptr, stride_cs,
         out_a, out_b = _rotated(a, b, cos[None, :], sin[None, :], dtype)
         tl.store(base + first[None, :], out_a, mask=both)
         tl.store(base + second[None, :], out_b, mask=both)
+        if COPY:
+            copy = copy_ptr + heads[:, None].to(tl.int64) * stride_copy_head
+            tl.store(copy + first[None, :], out_a, mask=both)
+            tl.store(copy + second[None, :], out_b, mask=both)
 
 
 @triton.jit
 def _query_rope_kernel(
     pos_ptr,
     q_ptr, stride_q_row, stride_q_head, num_q_heads, mla_cs_ptr, stride_mla_cs,
+    copy_ptr, stride_copy_row, stride_copy_head,
     iq_ptr, stride_iq_row, stride_iq_head, num_iq_heads, key_cs_ptr, stride_key_cs,
     MLA_HALF: tl.constexpr, MLA_PAIRS: tl.constexpr, MLA_NEOX: tl.constexpr,
     KEY_HALF: tl.constexpr, KEY_PAIRS: tl.constexpr, KEY_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
+    COPY: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, part): part 0 MLA's q_pe heads, part 1 the indexer query's heads."""
+    """Program (row, part): part 0 MLA's q_pe heads (also into the copy when COPY), part 1 the
+    indexer query's heads."""
     row = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
         _rope_heads(q_ptr + row * stride_q_row, stride_q_head, num_q_heads, pos_ptr, row, mla_cs_ptr, stride_mla_cs,
-                    MLA_HALF, MLA_PAIRS, MLA_NEOX, BLOCK_H)  # fmt: skip
+                    copy_ptr + row * stride_copy_row, stride_copy_head, MLA_HALF, MLA_PAIRS, MLA_NEOX, BLOCK_H,
+                    COPY)  # fmt: skip
     else:
         _rope_heads(iq_ptr + row * stride_iq_row, stride_iq_head, num_iq_heads, pos_ptr, row, key_cs_ptr,
-                    stride_key_cs, KEY_HALF, KEY_PAIRS, KEY_NEOX, BLOCK_H)  # fmt: skip
+                    stride_key_cs, iq_ptr, 0, KEY_HALF, KEY_PAIRS, KEY_NEOX, BLOCK_H, False)  # fmt: skip
 
 
 def rms_norm_ref(x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -232,10 +243,12 @@ def latent_prologue_ref(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, 
             head_weights.float() * head_weights_scale.float())  # fmt: skip
 
 
-def query_rope_ref(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope) -> None:
+def query_rope_ref(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None) -> None:
     """Reference of :func:`query_rope` (in place)."""
     q_pe.copy_(rope_ref(q_pe, positions, mla_rope))
     index_q.copy_(rope_ref(index_q, positions, key_rope))
+    if q_pe_copy is not None:
+        q_pe_copy.copy_(q_pe)
 
 
 def _check_rope(name: str, rope: Rope, width: int) -> None:
@@ -301,26 +314,35 @@ def latent_prologue(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, posi
     return outs
 
 
-def query_rope(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, use_triton: bool | None = None) -> None:
+def query_rope(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None,
+               use_triton: bool | None = None) -> None:  # fmt: skip
     """MLA's rope over q_pe [n, H, R] and the indexer's over the first ``key_rope.dim`` dims of
-    index_q [n, Hi, K], in place (strided views of the projections: unit last stride). Triton
-    for CUDA tensors (capturable), :func:`query_rope_ref` otherwise."""
+    index_q [n, Hi, K], in place (strided views of the projections: unit last stride); the
+    roped q_pe also into ``q_pe_copy`` [n, H, R] when given (the tail of the attention's
+    [n, H, 512 + R] latent query, so nothing copies it there later). Triton for CUDA tensors
+    (capturable), :func:`query_rope_ref` otherwise."""
     n = positions.shape[0]
     _check_rows("query_rope q_pe", q_pe, n, 3)
     _check_rows("query_rope index_q", index_q, n, 3)
+    if q_pe_copy is not None and (q_pe_copy.shape != q_pe.shape or q_pe_copy.dtype != q_pe.dtype
+                                  or q_pe_copy.stride(-1) != 1):  # fmt: skip
+        raise ValueError(f"query_rope: q_pe_copy must match q_pe {tuple(q_pe.shape)} {q_pe.dtype} with unit last "
+                         f"stride; got {tuple(q_pe_copy.shape)} {q_pe_copy.dtype} stride {q_pe_copy.stride()}")
     _check_rope("query_rope mla_rope", mla_rope, q_pe.shape[-1])
     _check_rope("query_rope key_rope", key_rope, index_q.shape[-1])
     if mla_rope.dim != q_pe.shape[-1]:
         raise ValueError(f"query_rope: MLA's rope covers all of q_pe ({q_pe.shape[-1]}); got dim {mla_rope.dim}")
     if not (q_pe.is_cuda if use_triton is None else use_triton) or n == 0:
-        query_rope_ref(q_pe, index_q, positions, mla_rope, key_rope)
+        query_rope_ref(q_pe, index_q, positions, mla_rope, key_rope, q_pe_copy)
         return
+    copy = q_pe if q_pe_copy is None else q_pe_copy
     _query_rope_kernel[(n, 2)](
         positions.contiguous(),
         q_pe, q_pe.stride(0), q_pe.stride(1), q_pe.shape[1], mla_rope.cos_sin, mla_rope.cos_sin.stride(0),
+        copy, copy.stride(0), copy.stride(1),
         index_q, index_q.stride(0), index_q.stride(1), index_q.shape[1], key_rope.cos_sin,
         key_rope.cos_sin.stride(0),
         MLA_HALF=mla_rope.dim // 2, MLA_PAIRS=next_pow2(mla_rope.dim // 2), MLA_NEOX=mla_rope.neox,
         KEY_HALF=key_rope.dim // 2, KEY_PAIRS=next_pow2(key_rope.dim // 2), KEY_NEOX=key_rope.neox,
-        BLOCK_H=16, num_warps=4,
+        BLOCK_H=16, COPY=q_pe_copy is not None, num_warps=4,
     )  # fmt: skip

@@ -348,15 +348,20 @@ def every_key_positions(kv_len: torch.Tensor, width: int) -> torch.Tensor:
     return torch.where(cols < kv_len[:, None], cols, -1)
 
 
-def absorbed_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor) -> torch.Tensor:
+def absorbed_query(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor,
+                   into: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """[n, H, 512 + 64] attention query: q_nope absorbed into the latent space, then q_pe.
 
     The head-batched matmul writes straight into the token-major query buffer (as vLLM's
-    MLA does), so the [n, H, 576] query is written once instead of bmm + concat."""
+    MLA does), so the [n, H, 576] query is written once instead of bmm + concat. ``into``: a
+    buffer whose last 64 dims already hold q_pe (the CUDA path's query rope writes them
+    there), so only the matmul writes it."""
     n, num_heads, _ = q_nope.shape
-    q = q_nope.new_empty((n, num_heads, w_uk_t.shape[-1] + q_pe.shape[-1]))
-    torch.bmm(q_nope.transpose(0, 1), w_uk_t, out=q[..., : w_uk_t.shape[-1]].transpose(0, 1))
-    q[..., w_uk_t.shape[-1] :] = q_pe
+    latent = w_uk_t.shape[-1]
+    q = q_nope.new_empty((n, num_heads, latent + q_pe.shape[-1])) if into is None else into
+    torch.bmm(q_nope.transpose(0, 1), w_uk_t, out=q[..., :latent].transpose(0, 1))
+    if into is None:
+        q[..., latent:] = q_pe
     return q
 
 
@@ -404,9 +409,13 @@ def nsa_attention(
     ops,
     out: torch.Tensor | None = None,
     kv_up_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    q_latent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer of NSA attention for this rank's rows -> ``[rows, H * v_head_dim]``
     (written into ``out`` when given: a CUDA graph's static buffer).
+
+    ``q_latent`` [n, H, 512 + 64]: the latent query's buffer with q_pe already in its last 64
+    dims (``absorbed_query``'s ``into``).
 
     ``kv_up_proj`` (the layer's kv_b_proj: kv_c [n, 512] -> [n, H * (P + V)]): with it, a
     batch of whole prompts whose rows all select every key runs ``dense_prefill_attention``.
@@ -422,7 +431,8 @@ def nsa_attention(
         dense_prefill_attention(q_nope, q_pe, kv_c, k_pe, kv_up_proj, meta.whole_prompts, sm_scale, ops, values)
         return values
     topk_positions = select_topk_positions(index_q, index_weights, local_positions, meta, caches, topk, ops)
-    latent_out = sparse_attention(absorbed_query(q_nope, q_pe, w_uk_t), topk_positions, meta, caches, sm_scale, ops)
+    q = absorbed_query(q_nope, q_pe, w_uk_t, q_latent)
+    latent_out = sparse_attention(q, topk_positions, meta, caches, sm_scale, ops)
     # [H, n, 512] x [H, 512, V] written token-major: no copy for the reshape to [n, H * V]
     torch.bmm(latent_out.transpose(0, 1).to(w_uv.dtype), w_uv, out=values.view(n, num_heads, v_dim).transpose(0, 1))
     return values

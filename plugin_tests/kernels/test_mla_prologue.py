@@ -115,9 +115,11 @@ def test_query_rope_equals_reference_and_the_rule(key_neox, rows, heads, device)
     want_q, want_iq = q.clone(), index_q.clone()
     mp.query_rope_ref(want_q[..., NOPE:], want_iq, positions, mla_rope, key_rope)
     got_q, got_iq = q.clone().to(device), index_q.clone().to(device)
+    latent = torch.full((rows, heads, 512 + PE), float("nan"), dtype=q.dtype, device=device)  # the latent query
     mp.query_rope(got_q[..., NOPE:], got_iq, positions.to(device), Rope(mla_rope.cos_sin.to(device), PE, False),
-                  Rope(key_rope.cos_sin.to(device), PE, key_neox), use_triton=True)  # fmt: skip
+                  Rope(key_rope.cos_sin.to(device), PE, key_neox), latent[..., 512:], use_triton=True)  # fmt: skip
     assert torch.equal(got_q.cpu(), want_q) and torch.equal(got_iq.cpu(), want_iq)
+    assert torch.equal(latent[..., 512:].cpu(), want_q[..., NOPE:]) and latent[..., :512].isnan().all()
     assert torch.equal(want_q[..., :NOPE], q[..., :NOPE]) and torch.equal(want_iq[..., PE:], index_q[..., PE:])
     assert not torch.equal(want_q[..., NOPE:], q[..., NOPE:])
     table_row = _table()[int(positions[-1])].float().tolist()
@@ -153,6 +155,9 @@ def test_shape_errors_and_cpu_dispatch():
     with pytest.raises(ValueError, match="query_rope"):
         mp.query_rope(torch.zeros(4, 2, PE).bfloat16(), torch.zeros(4, 2, KEY).bfloat16(), positions,
                       Rope(_table(), 62, False), ropes[1])  # fmt: skip
+    with pytest.raises(ValueError, match="q_pe_copy"):
+        mp.query_rope(torch.zeros(4, 2, PE).bfloat16(), torch.zeros(4, 2, KEY).bfloat16(), positions, *ropes,
+                      torch.zeros(4, 3, PE).bfloat16())  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -19,3 +19,18 @@ def test_absorbed_query_is_bmm_then_concat(dtype, n):
     q = absorbed_query(q_nope, q_pe, w_uk_t)
     assert q.shape == (n, heads, latent + rope) and q.is_contiguous() and q.dtype == dtype
     torch.testing.assert_close(q, expected, rtol=0, atol=0)
+
+
+def test_a_buffer_holding_q_pe_gets_only_the_matmul():
+    """``into``: the CUDA path's query rope already wrote q_pe into the buffer's tail; the
+    matmul fills the head and the tail stays as it was (nothing copies q_pe again)."""
+    gen = torch.Generator().manual_seed(3)
+    n, heads, nope, rope, latent = 5, 4, 16, 8, 32
+    q_nope = torch.randn(n, heads, nope, generator=gen)
+    q_pe = torch.randn(n, heads, rope, generator=gen)
+    w_uk_t = torch.randn(heads, nope, latent, generator=gen)
+    buffer = torch.full((n, heads, latent + rope), float("nan"))
+    buffer[..., latent:] = q_pe
+    q = absorbed_query(q_nope, torch.zeros_like(q_pe), w_uk_t, into=buffer)
+    assert q is buffer
+    torch.testing.assert_close(q, absorbed_query(q_nope, q_pe, w_uk_t), rtol=0, atol=0)

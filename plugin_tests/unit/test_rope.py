@@ -325,8 +325,13 @@ def test_projection_branches_agree(vllm_context, monkeypatch, interleaved):
         unfused = CpNsaAttention._project(layer, POSITIONS, x, None)
         monkeypatch.setattr(adapter_model, "prologue_kernels_apply", lambda positions, *rows: True)
         fused = CpNsaAttention._project(layer, POSITIONS, x, None)
+    fused_latent, unfused_latent = fused[2], unfused[2]
+    fused, unfused = fused[:2] + fused[3:], unfused[:2] + unfused[3:]
     names = ("q_nope", "q_pe", "kv_c", "k_pe", "index_q", "index_weights", "index_k")
     for name, a, b in zip(names, fused, unfused):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.02, msg=name)
     assert torch.equal(fused[5], unfused[5])  # the weights: no norm, no rope
+    # the fused branch's latent query buffer holds the roped q_pe in its tail; the other has none
+    assert unfused_latent is None and fused_latent.shape == (n, heads, kv_rank + ROPE_DIM)
+    assert torch.equal(fused_latent[..., kv_rank:], fused[1])

@@ -290,19 +290,21 @@ class CpNsaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: NsaForwardMetadata | None) -> torch.Tensor:
         num_rows = x.shape[0]
         heads = self._head_slice(meta)
-        q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k = self._project(positions, x, heads)
+        q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k = self._project(positions, x, heads)
         values = q_nope.new_empty((num_rows, q_nope.shape[1] * self.v_head_dim), dtype=self.mla_attn.W_UV.dtype)
-        self.attend_into(values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k, positions)
+        self.attend_into(values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, positions)
         if heads is None:
             return self.o_proj(values.to(x.dtype))[0]
         # this rank's heads' share of o_proj, then the sum over ranks (as vLLM's TP does)
         return self.runtime.group.all_reduce(self._o_proj_partial(values.to(x.dtype), heads))
 
     def _project(self, positions: torch.Tensor, x: torch.Tensor, heads: slice | None):
-        """Projections, norms and ropes of this forward's rows: (q_nope, q_pe, kv_c, k_pe,
-        index_q, index_weights, index_k). On CUDA the norms and ropes are kernels/mla_prologue.py's
-        two launches (vLLM's own V3.2 also runs two); elsewhere vLLM's RMSNorm, LayerNorm and
-        rotary classes, the same arithmetic."""
+        """Projections, norms and ropes of this forward's rows: (q_nope, q_pe, q_latent, kv_c,
+        k_pe, index_q, index_weights, index_k). On CUDA the norms and ropes are
+        kernels/mla_prologue.py's two launches (vLLM's own V3.2 also runs two), and the query
+        rope also writes q_pe into the tail of ``q_latent``, the attention's [n, H, 512 + 64]
+        latent query; elsewhere vLLM's RMSNorm, LayerNorm and rotary classes, the same
+        arithmetic, and ``q_latent`` None."""
         q_c, kv_c, k_pe = self.fused_qkv_a_proj(x)[0].split(
             [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         key, index_weights = self.indexer.key_and_weights(x)
@@ -324,14 +326,17 @@ class CpNsaAttention(nn.Module):
         q = self._q_b(q_c, heads).view(x.shape[0], -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         index_q = self.indexer.query(q_c)
+        q_latent = None
         if fused:
-            query_rope(q_pe, index_q, positions, mla_rope, key_rope)
+            q_latent = q.new_empty((x.shape[0], q.shape[1], self.kv_lora_rank + self.qk_rope_head_dim))
+            query_rope(q_pe, index_q, positions, mla_rope, key_rope, q_latent[..., self.kv_lora_rank :])
         else:
             q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
             index_q, index_k = self.indexer.norm_and_rotate(positions, index_q, key)
-        return q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k
+        return q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k
 
-    def _attend_into(self, values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k, positions) -> None:
+    def _attend_into(self, values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k,
+                     positions) -> None:  # fmt: skip
         """NSA attention of this forward's rows written into ``values`` [rows, heads * V]: cache
         writes (KV all-gather under CP), indexer top-k, sparse MLA, W_UV.
 
@@ -358,6 +363,7 @@ class CpNsaAttention(nn.Module):
             values[rows:].zero_()
             values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k = (
                 t[:rows] for t in (values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k))
+            q_latent = None if q_latent is None else q_latent[:rows]
             # every layer gets the same positions view, so per-forward caches keyed on it hit
             positions = meta.per_forward_value("positions", lambda: positions[:rows])
         caches = NsaCaches(
@@ -385,6 +391,7 @@ class CpNsaAttention(nn.Module):
             ops=self.runtime.ops,
             out=values,
             kv_up_proj=self._kv_up_proj if heads is None else None,
+            q_latent=q_latent,
         )
 
     def _kv_up_proj(self, kv_c: torch.Tensor) -> torch.Tensor:
