@@ -182,7 +182,10 @@ def build_forward_metadata(
     if buffers is None:
         plan, local_req, slots = plan.to(device), local_req.to(device), slots.long()
     else:
-        plan, local_req, slots = buffers.stage(plan, local_req, slots)
+        # an unsplit plan's request map is a function of the query lengths: a step that repeats
+        # the last one's (decode steps of one batch) finds it staged already
+        same_map = None if plan.is_split else (tuple(query_lens), plan.num_tokens)
+        plan, local_req, slots = buffers.stage(plan, local_req, slots, local_req_key=same_map)
     uniform = is_decode and not plan.is_split and plan.num_tokens == sum(split_lens) and len(set(split_lens)) == 1
     return NsaForwardMetadata(
         plan=plan,
@@ -248,15 +251,19 @@ class MetadataBuffers:
         self._arange_rows = 0
         """Leading rows of the local_token_idx buffer known to hold 0, 1, 2, ...: an unsplit
         plan's rows, staged without a copy (one host-to-device copy a decode step fewer)."""
+        self._keys: dict[str, object] = {}
+        """Per buffer, the key of the values it holds (``_put``'s ``key``), if any."""
 
-    def stage(self, plan: SplitPlan, local_req: torch.Tensor, slots: torch.Tensor):
+    def stage(self, plan: SplitPlan, local_req: torch.Tensor, slots: torch.Tensor, local_req_key=None):
+        """``local_req_key``: a hashable value that determines ``local_req`` (None: none does);
+        when the buffer holds the values of an equal key, they are not copied again."""
         gathered = plan.token_to_gathered_row
         staged_plan = replace(
             plan,
             local_token_idx=self._stage_rows(plan),
             token_to_gathered_row=None if gathered is None else self._put("token_to_gathered_row", gathered),
         )
-        return staged_plan, self._put("local_req", local_req), self._put("slot_mapping", slots)
+        return staged_plan, self._put("local_req", local_req, local_req_key), self._put("slot_mapping", slots)
 
     def _stage_rows(self, plan: SplitPlan) -> torch.Tensor:
         n = plan.local_token_idx.shape[0]
@@ -266,13 +273,19 @@ class MetadataBuffers:
         self._arange_rows = n if not plan.is_split else 0
         return view
 
-    def _put(self, name: str, values: torch.Tensor) -> torch.Tensor:
+    def _put(self, name: str, values: torch.Tensor, key=None) -> torch.Tensor:
         buf = self._buffers[name]
         n = values.shape[0]
         if n > buf.shape[0]:  # only batches larger than any capture size get here
             buf = self._buffers[name] = torch.zeros(n, dtype=torch.long, device=self.device)
+            self._keys.pop(name, None)
+            if name == "local_token_idx":
+                self._arange_rows = 0
         view = buf[:n]
+        if key is not None and self._keys.get(name) == key:
+            return view
         view.copy_(values, non_blocking=True)
+        self._keys[name] = key
         return view
 
 

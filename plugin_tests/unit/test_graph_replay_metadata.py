@@ -127,7 +127,7 @@ def test_unsplit_rows_are_staged_once_and_rewritten_after_a_split():
     buffers = MetadataBuffers(64, "cpu")
     copies = []
     put = buffers._put
-    buffers._put = lambda name, values: copies.append(name) or put(name, values)
+    buffers._put = lambda name, values, key=None: copies.append(name) or put(name, values, key)
     first, _ = _metadata([1] * 8, 8, 8, 1, 0, None, 0, buffers)
     again, _ = _metadata([1] * 6, 6, 6, 1, 0, None, 0, buffers)
     assert copies.count("local_token_idx") == 1
@@ -150,3 +150,27 @@ def test_token_requests_built_from_a_list_or_by_torch_agree(query_lens, num_toke
     want += [-1] * (num_tokens - len(want))
     got = _token_requests(query_lens, num_tokens)
     assert got.dtype == torch.long and got.tolist() == want
+
+
+def test_an_unsplit_request_map_repeated_is_not_copied_again():
+    """Decode steps of one batch have the same request map: staged once, then read where it
+    lies; another batch's map (or a split plan's) is copied, and every view holds its own map."""
+    buffers = MetadataBuffers(64, "cpu")
+
+    def staged(lens, padded_reqs, tokens, cp=1, strategy=None):
+        return _metadata(lens, padded_reqs, tokens, cp, 0, strategy, 0, buffers)[0]
+
+    first = staged([1] * 8, 8, 8)
+    assert torch.equal(first.local_req, torch.arange(8))
+    buffers._buffers["local_req"][:8] = -7  # what a skipped copy leaves visible
+    again = staged([1] * 8, 8, 8)
+    assert (again.local_req == -7).all() and again.local_req.data_ptr() == first.local_req.data_ptr()
+    buffers._buffers["local_req"][:8] = torch.arange(8)
+    other = staged([1] * 5, 8, 8)  # a padded replay of the same size: another map
+    assert other.local_req.tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
+    split = staged([1] * 8, 8, 8, cp=2, strategy=RoundRobinSplit())
+    assert split.local_req.tolist() == [0, 2, 4, 6]
+    back = staged([1] * 5, 8, 8)  # the same map as two steps ago, but the split plan wrote over it
+    assert back.local_req.tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
+    grown = staged([1] * 80, 80, 80)  # past the capacity: a new buffer, copied
+    assert torch.equal(grown.local_req, torch.arange(80))
