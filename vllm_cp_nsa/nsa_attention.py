@@ -248,11 +248,9 @@ class MetadataBuffers:
         self.device = torch.device(device)
         self._buffers = {name: torch.zeros(capacity, dtype=torch.long, device=self.device)
                          for name in self.NAMES}
-        self._arange_rows = 0
-        """Leading rows of the local_token_idx buffer known to hold 0, 1, 2, ...: an unsplit
-        plan's rows, staged without a copy (one host-to-device copy a decode step fewer)."""
         self._keys: dict[str, object] = {}
-        """Per buffer, the key of the values it holds (``_put``'s ``key``), if any."""
+        """Per buffer, the key of the values it holds (``_put``'s ``key``), if any; for
+        local_token_idx, n: it starts with 0, 1, ..., n - 1 (an unsplit plan's rows)."""
 
     def stage(self, plan: SplitPlan, local_req: torch.Tensor, slots: torch.Tensor, local_req_key=None):
         """``local_req_key``: a hashable value that determines ``local_req`` (None: none does);
@@ -266,12 +264,15 @@ class MetadataBuffers:
         return staged_plan, self._put("local_req", local_req, local_req_key), self._put("slot_mapping", slots)
 
     def _stage_rows(self, plan: SplitPlan) -> torch.Tensor:
+        """An unsplit plan's rows (0, 1, 2, ...) are read where a longer or equal run of them
+        lies already: one host-to-device copy a decode step fewer."""
+        if plan.is_split:
+            return self._put("local_token_idx", plan.local_token_idx)
         n = plan.local_token_idx.shape[0]
-        if not plan.is_split and n <= self._arange_rows:
+        held = self._keys.get("local_token_idx")
+        if held is not None and n <= held:
             return self._buffers["local_token_idx"][:n]
-        view = self._put("local_token_idx", plan.local_token_idx)
-        self._arange_rows = n if not plan.is_split else 0
-        return view
+        return self._put("local_token_idx", plan.local_token_idx, key=n)
 
     def _put(self, name: str, values: torch.Tensor, key=None) -> torch.Tensor:
         buf = self._buffers[name]
@@ -279,8 +280,6 @@ class MetadataBuffers:
         if n > buf.shape[0]:  # only batches larger than any capture size get here
             buf = self._buffers[name] = torch.zeros(n, dtype=torch.long, device=self.device)
             self._keys.pop(name, None)
-            if name == "local_token_idx":
-                self._arange_rows = 0
         view = buf[:n]
         if key is not None and self._keys.get(name) == key:
             return view
