@@ -55,6 +55,15 @@ class NsaOps:
             return f"model dtype {dtype} is not one of {', '.join(map(str, _FLOAT_DTYPES))}"
         return ""
 
+    # 0. what the indexer takes
+    def indexer_query_fp8_heads(self, num_heads: int, index_cache_fp8: bool) -> int:
+        """Heads of an fp8 indexer query (``kv_cache_ref.QuantizedIndexerQuery``) this provider's
+        indexer scores, so the layer's query rope makes it in the same pass as the rope (0:
+        the indexer takes the model-dtype query only). A provider answering > 0 also gets that
+        query as ``quantized=`` in ``indexer_topk`` / ``indexer_topk_decode``, beside ``q`` and
+        ``weights`` for whatever batch its fp8 path does not take."""
+        return 0
+
     # 1. indexer scores + top-k over the paged indexer cache
     def indexer_topk(
         self,
@@ -68,12 +77,14 @@ class NsaOps:
         block_size: int,
         index_cache_fp8: bool,
         host_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        quantized: kv_cache_ref.QuantizedIndexerQuery | None = None,
     ) -> torch.Tensor:
         """``host_rows``: ``(row_req, row_kv_len)`` on the host where the batch states them
         exactly (``NsaForwardMetadata.local_rows_host``); a provider that plans its work on
         the host reads them instead of the device tensors (no sync). This reference checks
         them against the device values where both live on the host (every CPU run then
-        tests the contract the host-planning providers rely on)."""
+        tests the contract the host-planning providers rely on). ``quantized``: see
+        ``indexer_query_fp8_heads``."""
         if host_rows is not None and row_kv_len.device.type == "cpu":
             if not (torch.equal(host_rows[0].long(), row_req.long())
                     and torch.equal(host_rows[1].long(), row_kv_len.long())):  # fmt: skip
@@ -96,6 +107,7 @@ class NsaOps:
         topk: int,
         block_size: int,
         index_cache_fp8: bool,
+        quantized: kv_cache_ref.QuantizedIndexerQuery | None = None,
     ) -> torch.Tensor:
         """``indexer_topk`` for rows laid out as ``len(q) // next_n`` requests of ``next_n``
         consecutive rows each (``NsaForwardMetadata.decode_next_n``): request ``b``'s rows are
@@ -262,7 +274,7 @@ class TritonOps(NsaOps):
         return super().unsupported_reason(device, dtype, num_heads)
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                     block_size, index_cache_fp8, host_rows=None, **kw):  # fmt: skip
+                     block_size, index_cache_fp8, host_rows=None, quantized=None, **kw):  # fmt: skip
         from .indexer_topk import indexer_topk
 
         return indexer_topk(

@@ -17,6 +17,8 @@ Slots are ``block * block_size + offset``; a negative slot writes nothing.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 LATENT_DIM = 512
@@ -122,6 +124,26 @@ def quantize_indexer_queries(
     q8[:, :num_heads] = values
     w8[:, :num_heads] = folded
     return q8, w8
+
+
+class QuantizedIndexerQuery(NamedTuple):
+    """An indexer query already in the form fp8 MQA logits take (:func:`quantize_indexer_queries`'
+    output), made by the layer's query rope in the same pass as the rope (as vLLM's own V3.2
+    ``fused_q`` does), so the indexer does not quantize it again."""
+
+    q: torch.Tensor
+    """[n, heads, 128] float8_e4m3fn; heads past the model's are zero."""
+    weights: torch.Tensor
+    """[n, heads] fp32, each (row, head)'s scale folded in; zero past the model's heads."""
+
+    @classmethod
+    def empty(cls, rows: int, heads: int, device: torch.device | str) -> "QuantizedIndexerQuery":
+        return cls(torch.empty((rows, heads, INDEX_HEAD_DIM), dtype=torch.float8_e4m3fn, device=device),
+                   torch.empty((rows, heads), dtype=torch.float32, device=device))
+
+    def rows(self, n: int) -> "QuantizedIndexerQuery":
+        """The first ``n`` rows (a piecewise graph's padded batch cut to the real one)."""
+        return QuantizedIndexerQuery(self.q[:n], self.weights[:n])
 
 
 def _indexer_block_views(cache: torch.Tensor, block_size: int):

@@ -4,7 +4,9 @@
 the q_a and kv_a RMSNorms, MLA's rope of k_pe, the indexer key's fp32 LayerNorm and rope, the
 indexer heads' weights scaled to fp32. ``query_rope``
 (after q_b and the indexer's wq_b): MLA's rope of q_pe and the indexer query's rope, in place,
-q_pe also into the attention's latent query buffer (the copy that buffer took before).
+q_pe also into the attention's latent query buffer (the copy that buffer took before), and
+where the indexer scores fp8 queries, the roped indexer query quantized with the heads' scales
+folded into their weights (vLLM's ``fused_q`` does the same; the plugin ran it as a third launch).
 
 On CUDA the plugin ran these as two RMSNorm launches, vLLM's rotary kernel twice (MLA's q + k,
 the indexer's q), the indexer key's own kernel and the weights' scaling: six launches a layer
@@ -24,7 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast_rne, next_pow2
+from ._triton_utils import cast_rne, next_pow2, quantize_rows_ue8m0
+from .kv_cache_ref import INDEX_HEAD_DIM, QuantizedIndexerQuery, quantize_indexer_queries
+
+_QUERY_HEADS_PER_PROGRAM = 16
+"""Heads of one row one ``query_rope`` program ropes: a decode batch of 8 rows still spreads
+over 128 programs (a whole row per program left most of the GPU idle at decode sizes)."""
 
 
 class Norm(NamedTuple):
@@ -154,28 +161,36 @@ def _latent_prologue_kernel(
 
 
 @triton.jit
-def _rope_heads(x_ptr, stride_head, num_heads, pos_ptr, row, cs_ptr, stride_cs, copy_ptr, stride_copy_head,
-                HALF: tl.constexpr, PAIRS: tl.constexpr, NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
-                COPY: tl.constexpr):  # fmt: skip
-    """Rope over the first 2 * HALF dims of every head of one row, in place (and into ``copy_ptr``'s
-    heads when COPY)."""
-    dtype = x_ptr.dtype.element_ty
-    pair, mask, first, second = _pairs(HALF, PAIRS, NEOX)
-    pos = tl.load(pos_ptr + row + pair * 0).to(tl.int64)
-    cos, sin = _cos_sin(cs_ptr, pos, stride_cs, pair, mask, HALF, dtype)
-    for h0 in range(0, num_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        both = (heads < num_heads)[:, None] & mask[None, :]
-        base = x_ptr + heads[:, None].to(tl.int64) * stride_head
-        a = tl.load(base + first[None, :], mask=both, other=0.0).to(tl.float32)
-        b = tl.load(base + second[None, :], mask=both, other=0.0).to(tl.float32)
-        out_a, out_b = _rotated(a, b, cos[None, :], sin[None, :], dtype)
-        tl.store(base + first[None, :], out_a, mask=both)
-        tl.store(base + second[None, :], out_b, mask=both)
-        if COPY:
-            copy = copy_ptr + heads[:, None].to(tl.int64) * stride_copy_head
-            tl.store(copy + first[None, :], out_a, mask=both)
-            tl.store(copy + second[None, :], out_b, mask=both)
+def _rope_head_block(x_ptr, stride_head, heads, real, pos, cs_ptr, stride_cs, HEAD_DIM: tl.constexpr,
+                     HEAD_BLOCK: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
+    """Heads ``heads`` (those with ``real``) of one row: the rope over each head's first 2 * HALF
+    dims, in place. Returns (the whole heads after it, in fp32 [BLOCK_H, HEAD_BLOCK]; the
+    roped values in ``dtype``; the mask of the roped dims). Each dim reads its pair partner,
+    so a program holds whole heads (what the fp8 quantization of a head needs)."""
+    cols = tl.arange(0, HEAD_BLOCK)
+    in_rope = cols < 2 * HALF
+    if NEOX:
+        pair = cols % HALF
+        first = cols < HALF
+        partner = tl.where(first, cols + HALF, cols - HALF)
+    else:
+        pair = cols // 2
+        first = cols % 2 == 0
+        partner = cols ^ 1
+    partner = tl.where(in_rope, partner, cols)
+    cos, sin = _cos_sin(cs_ptr, pos, stride_cs, pair, in_rope, HALF, dtype)
+    base = x_ptr + heads[:, None].to(tl.int64) * stride_head
+    rows_ok = real[:, None] & (cols < HEAD_DIM)[None, :]
+    x = tl.load(base + cols[None, :], mask=rows_ok, other=0.0).to(tl.float32)
+    partner_x = tl.load(base + partner[None, :], mask=rows_ok, other=0.0).to(tl.float32)
+    # vLLM's rotary arithmetic (``_rotated``): a' = a cos - b sin, b' = b cos + a sin, each
+    # product and the sum rounded to the dtype
+    x_cos = cast_rne(x * cos[None, :], dtype).to(tl.float32)
+    partner_sin = cast_rne(partner_x * sin[None, :], dtype).to(tl.float32)
+    roped = cast_rne(tl.where(first[None, :], x_cos - partner_sin, x_cos + partner_sin), dtype)
+    rope_mask = rows_ok & in_rope[None, :]
+    tl.store(base + cols[None, :], roped, mask=rope_mask)
+    return tl.where(in_rope[None, :], roped.to(tl.float32), x), roped, rope_mask
 
 
 @triton.jit
@@ -184,20 +199,44 @@ def _query_rope_kernel(
     q_ptr, stride_q_row, stride_q_head, num_q_heads, mla_cs_ptr, stride_mla_cs,
     copy_ptr, stride_copy_row, stride_copy_head,
     iq_ptr, stride_iq_row, stride_iq_head, num_iq_heads, key_cs_ptr, stride_key_cs,
-    MLA_HALF: tl.constexpr, MLA_PAIRS: tl.constexpr, MLA_NEOX: tl.constexpr,
-    KEY_HALF: tl.constexpr, KEY_PAIRS: tl.constexpr, KEY_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
-    COPY: tl.constexpr,
+    hw_ptr, stride_hw_row, q8_ptr, w8_ptr, num_q8_heads,
+    Q_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, MLA_HALF: tl.constexpr, MLA_NEOX: tl.constexpr,
+    IQ_DIM: tl.constexpr, IQ_BLOCK: tl.constexpr, KEY_HALF: tl.constexpr, KEY_NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr, COPY: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, part): part 0 MLA's q_pe heads (also into the copy when COPY), part 1 the
-    indexer query's heads."""
+    """Program (row, part, head block): part 0 MLA's q_pe heads (also into the copy when COPY),
+    part 1 the indexer query's heads (and, when QUANT, those heads to fp8 with vLLM's recipe,
+    their weights times each scale, heads up to ``num_q8_heads``: padding heads zero)."""
     row = tl.program_id(0).to(tl.int64)
+    h0 = tl.program_id(2) * BLOCK_H
+    heads = h0 + tl.arange(0, BLOCK_H)
+    dtype = q_ptr.dtype.element_ty
     if tl.program_id(1) == 0:
-        _rope_heads(q_ptr + row * stride_q_row, stride_q_head, num_q_heads, pos_ptr, row, mla_cs_ptr, stride_mla_cs,
-                    copy_ptr + row * stride_copy_row, stride_copy_head, MLA_HALF, MLA_PAIRS, MLA_NEOX, BLOCK_H,
-                    COPY)  # fmt: skip
+        if h0 < num_q_heads:
+            pos = tl.load(pos_ptr + row + tl.arange(0, Q_BLOCK) * 0).to(tl.int64)
+            _, roped, rope_mask = _rope_head_block(q_ptr + row * stride_q_row, stride_q_head, heads,
+                                                   heads < num_q_heads, pos, mla_cs_ptr, stride_mla_cs, Q_DIM,
+                                                   Q_BLOCK, MLA_HALF, MLA_NEOX, dtype)  # fmt: skip
+            if COPY:
+                cols = tl.arange(0, Q_BLOCK)
+                copy = copy_ptr + row * stride_copy_row + heads[:, None].to(tl.int64) * stride_copy_head
+                tl.store(copy + cols[None, :], roped, mask=rope_mask)
     else:
-        _rope_heads(iq_ptr + row * stride_iq_row, stride_iq_head, num_iq_heads, pos_ptr, row, key_cs_ptr,
-                    stride_key_cs, iq_ptr, 0, KEY_HALF, KEY_PAIRS, KEY_NEOX, BLOCK_H, False)  # fmt: skip
+        if h0 < (num_q8_heads if QUANT else num_iq_heads):
+            pos = tl.load(pos_ptr + row + tl.arange(0, IQ_BLOCK) * 0).to(tl.int64)
+            real = heads < num_iq_heads
+            values, _, _ = _rope_head_block(iq_ptr + row * stride_iq_row, stride_iq_head, heads, real, pos,
+                                            key_cs_ptr, stride_key_cs, IQ_DIM, IQ_BLOCK, KEY_HALF, KEY_NEOX,
+                                            dtype)  # fmt: skip
+            if QUANT:  # IQ_DIM == IQ_BLOCK == 128: whole heads
+                # padding heads: +0 values (their rope made -0 of some), weight 0 below
+                bits, scale = quantize_rows_ue8m0(tl.where(real[:, None], values, 0.0))
+                out = heads < num_q8_heads
+                cols = tl.arange(0, IQ_BLOCK)
+                dst = q8_ptr + (row * num_q8_heads + heads[:, None].to(tl.int64)) * IQ_DIM + cols[None, :]
+                tl.store(dst, bits, mask=out[:, None])
+                w = tl.load(hw_ptr + row * stride_hw_row + heads, mask=real, other=0.0).to(tl.float32)
+                tl.store(w8_ptr + row * num_q8_heads + heads, w * scale, mask=out)
 
 
 def rms_norm_ref(x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -243,12 +282,17 @@ def latent_prologue_ref(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, 
             head_weights.float() * head_weights_scale.float())  # fmt: skip
 
 
-def query_rope_ref(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None) -> None:
+def query_rope_ref(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None, head_weights=None,
+                   quantized: QuantizedIndexerQuery | None = None) -> None:  # fmt: skip
     """Reference of :func:`query_rope` (in place)."""
     q_pe.copy_(rope_ref(q_pe, positions, mla_rope))
     index_q.copy_(rope_ref(index_q, positions, key_rope))
     if q_pe_copy is not None:
         q_pe_copy.copy_(q_pe)
+    if quantized is not None:
+        q8, w8 = quantize_indexer_queries(index_q, head_weights, quantized.q.shape[1])
+        quantized.q.copy_(q8)
+        quantized.weights.copy_(w8)
 
 
 def _check_rope(name: str, rope: Rope, width: int) -> None:
@@ -314,35 +358,64 @@ def latent_prologue(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, posi
     return outs
 
 
-def query_rope(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None,
-               use_triton: bool | None = None) -> None:  # fmt: skip
+def query_rope(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None, head_weights=None,
+               quantized: QuantizedIndexerQuery | None = None, use_triton: bool | None = None) -> None:  # fmt: skip
     """MLA's rope over q_pe [n, H, R] and the indexer's over the first ``key_rope.dim`` dims of
     index_q [n, Hi, K], in place (strided views of the projections: unit last stride); the
     roped q_pe also into ``q_pe_copy`` [n, H, R] when given (the tail of the attention's
-    [n, H, 512 + R] latent query, so nothing copies it there later). Triton for CUDA tensors
-    (capturable), :func:`query_rope_ref` otherwise."""
+    [n, H, 512 + R] latent query, so nothing copies it there later). With ``quantized``
+    (K = 128) the roped index_q also goes to fp8 with the heads' weights ``head_weights``
+    [n, Hi] (fp32) folded, as :func:`kv_cache_ref.quantize_indexer_queries` makes it, into
+    ``quantized``'s buffers: the quantization the fp8 indexer would otherwise run as its own
+    pass. Triton for CUDA tensors (capturable), :func:`query_rope_ref` otherwise."""
     n = positions.shape[0]
     _check_rows("query_rope q_pe", q_pe, n, 3)
     _check_rows("query_rope index_q", index_q, n, 3)
+    if index_q.dtype != q_pe.dtype:
+        raise ValueError(f"query_rope: q_pe and index_q of one dtype; got {q_pe.dtype}, {index_q.dtype}")
     if q_pe_copy is not None and (q_pe_copy.shape != q_pe.shape or q_pe_copy.dtype != q_pe.dtype
                                   or q_pe_copy.stride(-1) != 1):  # fmt: skip
         raise ValueError(f"query_rope: q_pe_copy must match q_pe {tuple(q_pe.shape)} {q_pe.dtype} with unit last "
                          f"stride; got {tuple(q_pe_copy.shape)} {q_pe_copy.dtype} stride {q_pe_copy.stride()}")
+    if quantized is not None:
+        _check_quantized(quantized, index_q, head_weights)
     _check_rope("query_rope mla_rope", mla_rope, q_pe.shape[-1])
     _check_rope("query_rope key_rope", key_rope, index_q.shape[-1])
     if mla_rope.dim != q_pe.shape[-1]:
         raise ValueError(f"query_rope: MLA's rope covers all of q_pe ({q_pe.shape[-1]}); got dim {mla_rope.dim}")
     if not (q_pe.is_cuda if use_triton is None else use_triton) or n == 0:
-        query_rope_ref(q_pe, index_q, positions, mla_rope, key_rope, q_pe_copy)
+        query_rope_ref(q_pe, index_q, positions, mla_rope, key_rope, q_pe_copy, head_weights, quantized)
         return
     copy = q_pe if q_pe_copy is None else q_pe_copy
-    _query_rope_kernel[(n, 2)](
+    q8_heads = 0 if quantized is None else quantized.q.shape[1]
+    hw, q8, w8 = (index_q, index_q, index_q) if quantized is None else (
+        head_weights, quantized.q.view(torch.uint8), quantized.weights)  # unread placeholders without QUANT
+    grid = (n, 2, triton.cdiv(max(q_pe.shape[1], index_q.shape[1], q8_heads), _QUERY_HEADS_PER_PROGRAM))
+    _query_rope_kernel[grid](
         positions.contiguous(),
         q_pe, q_pe.stride(0), q_pe.stride(1), q_pe.shape[1], mla_rope.cos_sin, mla_rope.cos_sin.stride(0),
         copy, copy.stride(0), copy.stride(1),
         index_q, index_q.stride(0), index_q.stride(1), index_q.shape[1], key_rope.cos_sin,
         key_rope.cos_sin.stride(0),
-        MLA_HALF=mla_rope.dim // 2, MLA_PAIRS=next_pow2(mla_rope.dim // 2), MLA_NEOX=mla_rope.neox,
-        KEY_HALF=key_rope.dim // 2, KEY_PAIRS=next_pow2(key_rope.dim // 2), KEY_NEOX=key_rope.neox,
-        BLOCK_H=16, COPY=q_pe_copy is not None, num_warps=4,
+        hw, hw.stride(0), q8, w8, q8_heads,
+        Q_DIM=q_pe.shape[-1], Q_BLOCK=next_pow2(q_pe.shape[-1]), MLA_HALF=mla_rope.dim // 2, MLA_NEOX=mla_rope.neox,
+        IQ_DIM=index_q.shape[-1], IQ_BLOCK=next_pow2(index_q.shape[-1]), KEY_HALF=key_rope.dim // 2,
+        KEY_NEOX=key_rope.neox, BLOCK_H=_QUERY_HEADS_PER_PROGRAM, COPY=q_pe_copy is not None,
+        QUANT=quantized is not None, num_warps=4,
     )  # fmt: skip
+
+
+def _check_quantized(quantized: QuantizedIndexerQuery, index_q: torch.Tensor, head_weights) -> None:
+    n, heads, dim = index_q.shape
+    q8, w8 = quantized
+    if (dim != INDEX_HEAD_DIM or head_weights is None or head_weights.shape != (n, heads)
+            or head_weights.dtype != torch.float32 or head_weights.stride(-1) != 1):  # fmt: skip
+        raise ValueError(f"query_rope: quantizing takes index_q [n, Hi, {INDEX_HEAD_DIM}] and fp32 head_weights "
+                         f"[n, Hi] with unit last stride; got index_q {tuple(index_q.shape)}, head_weights "
+                         f"{None if head_weights is None else (tuple(head_weights.shape), head_weights.dtype)}")
+    if (q8.dtype != torch.float8_e4m3fn or q8.dim() != 3 or q8.shape[0] != n or q8.shape[1] < heads
+            or q8.shape[2] != dim or not q8.is_contiguous() or w8.dtype != torch.float32
+            or w8.shape != q8.shape[:2] or not w8.is_contiguous()):  # fmt: skip
+        raise ValueError(f"query_rope: quantized needs contiguous fp8 q [{n}, >= {heads}, {dim}] and fp32 weights "
+                         f"of its first two dims; got q {tuple(q8.shape)} {q8.dtype}, weights "
+                         f"{tuple(w8.shape)} {w8.dtype}")

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from .communicator import CpGroup, gather_token_rows
-from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM
+from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM, QuantizedIndexerQuery
 from .split_plan import SplitPlan, SplitStrategy, build_split_plan, unsplit_plan
 
 
@@ -328,6 +328,7 @@ def select_topk_positions(
     caches: NsaCaches,
     topk: int,
     ops,
+    index_q_fp8: QuantizedIndexerQuery | None = None,
 ) -> torch.Tensor:
     """[rows, width] request-local positions each local query attends to (-1 padded).
 
@@ -335,7 +336,8 @@ def select_topk_positions(
     all their keys without scoring any (as vLLM's own model skips its indexer for prefills of
     at most ``topk`` tokens), ``width`` = the batch's longest sequence instead of ``topk``
     (sparse kernels that do the work of every index slot do half of it for a 1K batch), built
-    once per forward. Otherwise the indexer's top-k, ``width`` = ``topk``."""
+    once per forward. Otherwise the indexer's top-k, ``width`` = ``topk``. ``index_q_fp8``: the
+    same query in fp8, for providers that asked for it (``NsaOps.indexer_query_fp8_heads``)."""
     kv_len = meta.local_kv_len(local_positions)
     width = meta.every_key_width(topk)
     if width:
@@ -343,14 +345,15 @@ def select_topk_positions(
         if hit.get("kv_len") is not kv_len:
             hit.update(kv_len=kv_len, positions=every_key_positions(kv_len, width))
         return hit["positions"]
+    quantized = {} if index_q_fp8 is None else {"quantized": index_q_fp8}  # only to providers that ask
     if meta.decode_next_n:
         return ops.indexer_topk_decode(
             index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
-            meta.decode_next_n, topk, meta.block_size, caches.index_fp8,
+            meta.decode_next_n, topk, meta.block_size, caches.index_fp8, **quantized,
         )  # fmt: skip
     return ops.indexer_topk(
         index_q, index_weights, caches.index, meta.block_table, meta.local_req, kv_len,
-        topk, meta.block_size, caches.index_fp8, host_rows=meta.local_rows_host,
+        topk, meta.block_size, caches.index_fp8, host_rows=meta.local_rows_host, **quantized,
     )  # fmt: skip
 
 
@@ -422,12 +425,14 @@ def nsa_attention(
     out: torch.Tensor | None = None,
     kv_up_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
     q_latent: torch.Tensor | None = None,
+    index_q_fp8: QuantizedIndexerQuery | None = None,
 ) -> torch.Tensor:
     """One layer of NSA attention for this rank's rows -> ``[rows, H * v_head_dim]``
     (written into ``out`` when given: a CUDA graph's static buffer).
 
     ``q_latent`` [n, H, 512 + 64]: the latent query's buffer with q_pe already in its last 64
-    dims (``absorbed_query``'s ``into``).
+    dims (``absorbed_query``'s ``into``). ``index_q_fp8``: index_q already quantized for the
+    provider's fp8 indexer (``select_topk_positions``).
 
     ``kv_up_proj`` (the layer's kv_b_proj: kv_c [n, 512] -> [n, H * (P + V)]): with it, a
     batch of whole prompts whose rows all select every key runs ``dense_prefill_attention``.
@@ -442,7 +447,8 @@ def nsa_attention(
     if kv_up_proj is not None and meta.whole_prompts is not None and meta.every_key_width(topk):
         dense_prefill_attention(q_nope, q_pe, kv_c, k_pe, kv_up_proj, meta.whole_prompts, sm_scale, ops, values)
         return values
-    topk_positions = select_topk_positions(index_q, index_weights, local_positions, meta, caches, topk, ops)
+    topk_positions = select_topk_positions(index_q, index_weights, local_positions, meta, caches, topk, ops,
+                                           index_q_fp8)  # fmt: skip
     q = absorbed_query(q_nope, q_pe, w_uk_t, q_latent)
     latent_out = sparse_attention(q, topk_positions, meta, caches, sm_scale, ops)
     # [H, n, 512] x [H, 512, V] written token-major: no copy for the reshape to [n, H * V]

@@ -2,7 +2,7 @@
 reference vs the rule written out here with plain float math.
 
 CPU: the Triton interpreter. GPU (``-m gpu``): against the path it replaces, vLLM's RMSNorm,
-LayerNorm and rotary kernel.
+LayerNorm and rotary kernel, then the indexer's own fp8 quantization of the query.
 """
 
 from __future__ import annotations
@@ -129,6 +129,57 @@ def test_query_rope_equals_reference_and_the_rule(key_neox, rows, heads, device)
     assert want_iq[-1, 3].float().tolist() == rule
 
 
+@pytest.mark.parametrize("key_neox", [True, False], ids=["key-neox", "key-interleaved"])
+@pytest.mark.parametrize("rows,index_heads,out_heads", [(1, 8, 32), (6, 32, 32), (3, 20, 64)])
+def test_query_rope_quantizes_the_indexer_query(key_neox, rows, index_heads, out_heads, device):
+    """With ``quantized`` the same pass writes the roped indexer query as fp8 MQA logits take it:
+    the bytes and folded weights of kv_cache_ref.quantize_indexer_queries on the roped query
+    (and of the indexer's own Triton quantization, kernels/indexer_q_quant.py), padding heads
+    zero with weight zero; the bf16 ropes unchanged by it; and for one head the rule in plain
+    floats (a power-of-two scale >= amax / 448, values / scale within fp8's half step)."""
+    from kernels.indexer_q_quant import quantize_indexer_queries
+    from kernels.kv_cache_ref import QuantizedIndexerQuery
+
+    gen = torch.Generator().manual_seed(rows * index_heads + key_neox)
+    q = (torch.randn(rows, HEADS, NOPE + PE, generator=gen) * 2).bfloat16()
+    index_q = (torch.randn(rows, index_heads, KEY, generator=gen) * torch.rand(1, index_heads, 1, generator=gen)
+               * 8).bfloat16()  # fmt: skip
+    head_w = torch.randn(rows, index_heads, generator=gen) * 0.1
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    mla_rope, key_rope = Rope(_table(), PE, False), Rope(_table(), PE, key_neox)
+    want_q, want_iq = q.clone(), index_q.clone()
+    mp.query_rope_ref(want_q[..., NOPE:], want_iq, positions, mla_rope, key_rope)
+    want_q8, want_w8 = quantize_indexer_queries(want_iq, head_w, out_heads, use_triton=False)
+    unfused_q8, unfused_w8 = quantize_indexer_queries(want_iq.to(device), head_w.to(device), out_heads,
+                                                      use_triton=True)  # the indexer's own pass  # fmt: skip
+    assert torch.equal(unfused_q8.cpu().view(torch.uint8), want_q8.view(torch.uint8))
+    assert torch.equal(unfused_w8.cpu(), want_w8)
+
+    got_q, got_iq = q.clone().to(device), index_q.clone().to(device)
+    quantized = QuantizedIndexerQuery.empty(rows, out_heads, device)
+    quantized.q.view(torch.uint8).fill_(0x7F)  # NaN bytes: every byte must be written
+    quantized.weights.fill_(float("nan"))
+    mp.query_rope(got_q[..., NOPE:], got_iq, positions.to(device), Rope(mla_rope.cos_sin.to(device), PE, False),
+                  Rope(key_rope.cos_sin.to(device), PE, key_neox), head_weights=head_w.to(device),
+                  quantized=quantized, use_triton=True)  # fmt: skip
+    assert torch.equal(got_q.cpu(), want_q) and torch.equal(got_iq.cpu(), want_iq)
+    assert torch.equal(quantized.q.cpu().view(torch.uint8), want_q8.view(torch.uint8))
+    assert torch.equal(quantized.weights.cpu(), want_w8)
+    assert not quantized.q.view(torch.uint8)[:, index_heads:].any() and not quantized.weights[:, index_heads:].any()
+    ref = QuantizedIndexerQuery.empty(rows, out_heads, "cpu")
+    mp.query_rope(q.clone()[..., NOPE:], index_q.clone(), positions, mla_rope, key_rope, head_weights=head_w,
+                  quantized=ref)  # CPU tensors: the reference  # fmt: skip
+    assert torch.equal(ref.q.view(torch.uint8), want_q8.view(torch.uint8)) and torch.equal(ref.weights, want_w8)
+    # the rule for the last row's last head
+    vals = want_iq[-1, -1].float().tolist()
+    amax = max(abs(v) for v in vals)
+    scale = 2.0 ** math.ceil(math.log2(max(amax, 1e-4) / 448))
+    got_scale = want_w8[-1, index_heads - 1].item() / head_w[-1, -1].item()
+    assert got_scale == scale and amax / scale <= 448
+    for v, b in zip(vals, want_q8[-1, index_heads - 1].float().tolist()):
+        assert abs(v / scale - b) <= max(abs(v / scale), 2.0**-6) * 2.0**-4 + 2.0**-10  # e4m3: 3 mantissa bits
+
+
 def test_shape_errors_and_cpu_dispatch():
     gen = torch.Generator().manual_seed(3)
     q_c, kv_c, k_pe, key, head_w, positions, q_norm, kv_norm, key_norm = _latent_inputs(4, gen)
@@ -155,6 +206,16 @@ def test_shape_errors_and_cpu_dispatch():
     with pytest.raises(ValueError, match="query_rope"):
         mp.query_rope(torch.zeros(4, 2, PE).bfloat16(), torch.zeros(4, 2, KEY).bfloat16(), positions,
                       Rope(_table(), 62, False), ropes[1])  # fmt: skip
+    from kernels.kv_cache_ref import QuantizedIndexerQuery
+
+    q_pe, index_q = torch.zeros(4, 2, PE).bfloat16(), torch.zeros(4, 2, KEY).bfloat16()
+    with pytest.raises(ValueError, match="head_weights"):  # quantizing needs the heads' weights
+        mp.query_rope(q_pe, index_q, positions, *ropes, quantized=QuantizedIndexerQuery.empty(4, 32, "cpu"))
+    with pytest.raises(ValueError, match="quantized needs"):  # fewer output heads than the query's
+        mp.query_rope(q_pe, index_q, positions, *ropes, head_weights=torch.zeros(4, 2),
+                      quantized=QuantizedIndexerQuery.empty(4, 1, "cpu"))  # fmt: skip
+    with pytest.raises(ValueError, match="one dtype"):
+        mp.query_rope(q_pe, index_q.float(), positions, *ropes)
     with pytest.raises(ValueError, match="q_pe_copy"):
         mp.query_rope(torch.zeros(4, 2, PE).bfloat16(), torch.zeros(4, 2, KEY).bfloat16(), positions, *ropes,
                       torch.zeros(4, 3, PE).bfloat16())  # fmt: skip
@@ -201,5 +262,14 @@ def test_gpu_equals_vllms_norms_and_rotary_kernel(key_neox):
     want_q, want_iq = q.clone(), index_q.clone()
     rotary_embedding(positions, want_q[..., NOPE:], None, PE, table, False)
     rotary_embedding(positions, want_iq[..., :PE], None, PE, table, key_neox)
-    mp.query_rope(q[..., NOPE:], index_q, positions, Rope(table, PE, False), Rope(table, PE, key_neox))
+    from kernels.indexer_q_quant import quantize_indexer_queries
+    from kernels.kv_cache_ref import QuantizedIndexerQuery
+
+    head_w = torch.randn(4096, INDEX_HEADS, generator=gen).cuda()
+    quantized = QuantizedIndexerQuery.empty(4096, 32, "cuda")
+    mp.query_rope(q[..., NOPE:], index_q, positions, Rope(table, PE, False), Rope(table, PE, key_neox),
+                  head_weights=head_w, quantized=quantized)  # fmt: skip
     assert torch.equal(q, want_q) and torch.equal(index_q, want_iq)
+    want_q8, want_w8 = quantize_indexer_queries(want_iq, head_w, 32)  # the indexer's own pass on vLLM's rope
+    assert torch.equal(quantized.q.view(torch.uint8), want_q8.view(torch.uint8))
+    assert torch.equal(quantized.weights, want_w8)

@@ -164,6 +164,7 @@ def test_startup_detail_says_what_runs_per_batch(fake_hardware):
     assert "sparse attention: FlashMLA" in detail and "indexer per batch: DeepGEMM" in detail
     assert "longest key range >= 16384 or rows x key range >= 4Mi" in detail
     assert "Triton otherwise and inside CUDA graphs" in detail and LOGITS_COMPRESSED in detail
+    assert "queries to fp8 in the layer's query rope" in detail
     fake_hardware(B200, LOGITS_COMPRESSED)
     detail = VllmDeepGemmOps().startup_detail()
     assert "indexer: Triton" in detail and "no DeepGEMM indexer: " in detail and "MX-scaled" in detail
@@ -469,15 +470,46 @@ def test_deepgemm_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, budge
 
     plans = vllm_deepgemm.ForwardPlanCache()
     out = vllm_deepgemm._deepgemm_indexer_topk(q, weights, cache, table, row_req, row_len, topk, block_size, plans)
+    calls = dict(kernels.calls)
     sliced = [isinstance(dc.rows, slice) for dc in plans.get(row_req, row_len, table, logits_api(logits)).chunks]
     assert all(sliced) if layout.startswith("prefill") else not all(sliced)  # CP rows: some chunk gathers
     q8, w8 = kv_cache_ref.quantize_indexer_queries(q, weights, heads)
     ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
     assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)
+    _takes_the_layers_quantized_query(lambda quantized: vllm_deepgemm._deepgemm_indexer_topk(
+        q, weights, cache, table, row_req, row_len, topk, block_size, plans, None, quantized), q, weights, ref)
+    kernels.calls = calls
     chunks = plan_gather(row_req, row_len, *budgets).chunks
     assert kernels.calls["logits"] == kernels.calls["topk"] == len(chunks)
     assert kernels.calls["gather"] == len({(c.req_lo, c.req_hi) for c in chunks})
     assert (len(chunks) == 1) == (budgets[0] == 1 << 30)
+
+
+def _takes_the_layers_quantized_query(run, q, weights, ref) -> None:
+    """``run(quantized)`` with the query the layer's rope quantized (kv_cache_ref's recipe, 32
+    heads) picks the reference's sets; with the same query's weights negated it picks others,
+    so the layer's query is what was scored (not one quantized again from ``q``); a head count
+    other than DeepGEMM's is refused."""
+    q8, w8 = kv_cache_ref.quantize_indexer_queries(q, weights, 32)
+    out = run(kv_cache_ref.QuantizedIndexerQuery(q8, w8))
+    assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)
+    flipped = run(kv_cache_ref.QuantizedIndexerQuery(q8, -w8))
+    assert not torch.equal(flipped.sort(dim=1).values, ref.sort(dim=1).values)
+    with pytest.raises(ValueError, match="quantized indexer query"):
+        run(kv_cache_ref.QuantizedIndexerQuery(*kv_cache_ref.quantize_indexer_queries(q, weights, 64)))
+
+
+@pytest.mark.parametrize("num_heads, fp8_cache, available, want", [
+    (64, True, True, 64), (12, True, True, 32), (32, True, True, 32),  # V3.2's 64; tiny models pad to 32
+    (64, False, True, 0), (128, True, True, 0), (64, True, False, 0),  # bf16 cache; > 64 heads; no DeepGEMM
+])  # fmt: skip
+def test_which_layers_quantize_the_indexer_query(monkeypatch, num_heads, fp8_cache, available, want):
+    """The DeepGEMM provider asks the layer's query rope for fp8 queries at DeepGEMM's head count
+    wherever its indexer can run; the other providers never do."""
+    monkeypatch.setattr(vllm_deepgemm, "_deepgemm_indexer_available", lambda: available)
+    assert VllmDeepGemmOps().indexer_query_fp8_heads(num_heads, fp8_cache) == want
+    assert VllmKernelOps().indexer_query_fp8_heads(num_heads, fp8_cache) == 0
+    assert dispatch.NsaOps().indexer_query_fp8_heads(num_heads, fp8_cache) == 0
 
 
 def test_gather_plan_is_read_once_per_forward(monkeypatch):
@@ -647,6 +679,9 @@ def test_decode_glue_with_kernel_stand_ins_is_the_reference(monkeypatch, takes_c
         ref = attention_ref.indexer_topk_paged(q8.float(), w8, cache, table, row_req, row_len, topk, block_size, True)
         assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)
     assert kernels.calls == {"schedule": 1, "logits": 2, "topk": 2}
+    _takes_the_layers_quantized_query(lambda quantized: vllm_deepgemm._deepgemm_decode_indexer_topk(
+        q, weights, cache, table, row_len, next_n, topk, block_size, schedules, quantized), q, weights, ref)
+    assert kernels.calls["schedule"] == 1  # the quantized runs reused the forward's schedule
     # a capture of the same tensors (after a warm-up on them) builds its own schedule, inside the
     # graph, then reuses it; an eager call after the capture builds one again
     for capturing, schedules_built in ((True, 2), (True, 2), (False, 3)):
@@ -922,6 +957,11 @@ def test_gpu_decode_indexer_matches_reference(deepgemm_ops, no_triton_fallback, 
     q8, w8 = kv_cache_ref.quantize_indexer_queries(inputs[0], inputs[1], 64 if heads > 32 else 32)
     recall = _check_picks(out, q8.float(), w8, *inputs[2:], topk, 64, 5e-3)
     assert recall >= 0.98, recall
+    # the query as the layer's rope hands it over: the same bytes, so the same logits and picks
+    quantized = kv_cache_ref.QuantizedIndexerQuery(q8.cuda(), w8.cuda())
+    given = deepgemm_ops.indexer_topk_decode(q, weights, cache, table, row_req, row_len, next_n, topk, 64, True,
+                                             quantized=quantized)  # fmt: skip
+    assert torch.equal(given.cpu().sort(dim=1).values, out.sort(dim=1).values)
 
 
 @pytest.mark.gpu

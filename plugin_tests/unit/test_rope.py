@@ -280,12 +280,16 @@ def test_gpu_prologue_ropes_match_reference_and_vllms_own_class():
         assert error <= (own.cpu().double() - want).abs().mean().item() * 1.05
 
 
+@pytest.mark.parametrize("fp8_heads", [0, 32], ids=["bf16-indexer-query", "fp8-indexer-query"])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
-def test_projection_branches_agree(vllm_context, monkeypatch, interleaved):
+def test_projection_branches_agree(vllm_context, monkeypatch, interleaved, fp8_heads):
     """On CUDA the layer's norms and ropes take kernels/mla_prologue.py; elsewhere vLLM's
     RMSNorm, LayerNorm and rotary classes. Both branches on CPU (the kernels' references, the
     branch forced): the same seven tensors within bf16 rounding, q_nope and the indexer weights
-    equal — a wrong rope style, dim range or norm would be far off."""
+    equal — a wrong rope style, dim range or norm would be far off. Where the provider's
+    indexer takes fp8 queries (``fp8_heads``), the fused branch also hands over its roped
+    indexer query quantized as the indexer would quantize it; the other branch leaves that
+    to the indexer."""
     from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
 
     from vllm_cp_nsa.adapter import model as adapter_model
@@ -318,7 +322,7 @@ def test_projection_branches_agree(vllm_context, monkeypatch, interleaved):
     layer = SimpleNamespace(fused_qkv_a_proj=lambda x: (qkv.clone(),), q_lora_rank=q_rank, kv_lora_rank=kv_rank,
                             qk_rope_head_dim=ROPE_DIM, qk_nope_head_dim=32, qk_head_dim=32 + ROPE_DIM,
                             q_a_layernorm=q_norm, kv_a_layernorm=kv_norm, indexer=indexer,
-                            rotary_emb=mla_rope,
+                            rotary_emb=mla_rope, index_q_fp8_heads=fp8_heads,
                             _q_b=lambda q_c, heads: q_c @ q_b)  # fmt: skip
     x = torch.empty(n, 8)  # the stand-in projections ignore it: it sizes the rows
     with torch.inference_mode():  # as vLLM runs the model: the ropes write the projections' views
@@ -326,7 +330,8 @@ def test_projection_branches_agree(vllm_context, monkeypatch, interleaved):
         monkeypatch.setattr(adapter_model, "prologue_kernels_apply", lambda positions, *rows: True)
         fused = CpNsaAttention._project(layer, POSITIONS, x, None)
     fused_latent, unfused_latent = fused[2], unfused[2]
-    fused, unfused = fused[:2] + fused[3:], unfused[:2] + unfused[3:]
+    fused_fp8, unfused_fp8 = fused[-1], unfused[-1]
+    fused, unfused = fused[:2] + fused[3:-1], unfused[:2] + unfused[3:-1]
     names = ("q_nope", "q_pe", "kv_c", "k_pe", "index_q", "index_weights", "index_k")
     for name, a, b in zip(names, fused, unfused):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -335,3 +340,11 @@ def test_projection_branches_agree(vllm_context, monkeypatch, interleaved):
     # the fused branch's latent query buffer holds the roped q_pe in its tail; the other has none
     assert unfused_latent is None and fused_latent.shape == (n, heads, kv_rank + ROPE_DIM)
     assert torch.equal(fused_latent[..., kv_rank:], fused[1])
+    assert unfused_fp8 is None and (fused_fp8 is None) == (fp8_heads == 0)
+    if fp8_heads:
+        from vllm_cp_nsa.kernels.kv_cache_ref import quantize_indexer_queries
+
+        want_q8, want_w8 = quantize_indexer_queries(fused[4], fused[5], fp8_heads)
+        assert fused_fp8.q.shape == (n, fp8_heads, 128) and fused_fp8.weights.shape == (n, fp8_heads)
+        assert torch.equal(fused_fp8.q.view(torch.uint8), want_q8.view(torch.uint8))
+        assert torch.equal(fused_fp8.weights, want_w8)

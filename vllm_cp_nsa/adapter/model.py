@@ -36,7 +36,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..communicator import gather_token_rows, pad_rows
 from ..config import CpNsaConfigError
-from ..kernels.kv_cache_ref import INDEXER_FP8_SLOT_BYTES
+from ..kernels.kv_cache_ref import INDEXER_FP8_SLOT_BYTES, QuantizedIndexerQuery
 from ..nsa_attention import NsaCaches, NsaForwardMetadata, nsa_attention
 from ..scratch import AttentionShape, BatchBounds, IndexerLimits, attention_scratch_bytes
 from ..split_plan import SplitPlan, unsplit_plan
@@ -257,6 +257,10 @@ class CpNsaAttention(nn.Module):
         self.rotary_emb = DeepseekRope(config, self.qk_rope_head_dim, is_neox_style=False)
         self.rotary_emb.check_covers(vllm_config.model_config.max_model_len)
         self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer", runtime.indexer_cache_fp8)
+        # heads of the fp8 indexer query the provider's indexer takes (0: none), made by the
+        # query rope on CUDA (kernels/mla_prologue.py); decided once, outside the compiled forward
+        self.index_q_fp8_heads = runtime.ops.indexer_query_fp8_heads(config.index_n_heads,
+                                                                     runtime.indexer_cache_fp8)  # fmt: skip
         self.mla_attn = MLAAttention(
             num_heads=self.num_heads,
             scale=self.scaling,
@@ -290,9 +294,13 @@ class CpNsaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: NsaForwardMetadata | None) -> torch.Tensor:
         num_rows = x.shape[0]
         heads = self._head_slice(meta)
-        q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k = self._project(positions, x, heads)
+        q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, index_q_fp8 = self._project(
+            positions, x, heads)
         values = q_nope.new_empty((num_rows, q_nope.shape[1] * self.v_head_dim), dtype=self.mla_attn.W_UV.dtype)
-        self.attend_into(values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, positions)
+        # plain tensors through the eager break (it holds tensors weakly across a capture)
+        index_q8, index_w8 = (None, None) if index_q_fp8 is None else index_q_fp8
+        self.attend_into(values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, positions,
+                         index_q8, index_w8)  # fmt: skip
         if heads is None:
             return self.o_proj(values.to(x.dtype))[0]
         # this rank's heads' share of o_proj, then the sum over ranks (as vLLM's TP does)
@@ -300,11 +308,13 @@ class CpNsaAttention(nn.Module):
 
     def _project(self, positions: torch.Tensor, x: torch.Tensor, heads: slice | None):
         """Projections, norms and ropes of this forward's rows: (q_nope, q_pe, q_latent, kv_c,
-        k_pe, index_q, index_weights, index_k). On CUDA the norms and ropes are
+        k_pe, index_q, index_weights, index_k, index_q_fp8). On CUDA the norms and ropes are
         kernels/mla_prologue.py's two launches (vLLM's own V3.2 also runs two), and the query
         rope also writes q_pe into the tail of ``q_latent``, the attention's [n, H, 512 + 64]
-        latent query; elsewhere vLLM's RMSNorm, LayerNorm and rotary classes, the same
-        arithmetic, and ``q_latent`` None."""
+        latent query, and where the provider's indexer scores fp8 queries, the indexer query
+        quantized (``index_q_fp8``, a ``QuantizedIndexerQuery``); elsewhere vLLM's RMSNorm,
+        LayerNorm and rotary classes, the same arithmetic, ``q_latent`` and ``index_q_fp8`` None
+        (the indexer quantizes for itself)."""
         q_c, kv_c, k_pe = self.fused_qkv_a_proj(x)[0].split(
             [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         key, index_weights = self.indexer.key_and_weights(x)
@@ -326,17 +336,20 @@ class CpNsaAttention(nn.Module):
         q = self._q_b(q_c, heads).view(x.shape[0], -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         index_q = self.indexer.query(q_c)
-        q_latent = None
+        q_latent = index_q_fp8 = None
         if fused:
             q_latent = q.new_empty((x.shape[0], q.shape[1], self.kv_lora_rank + self.qk_rope_head_dim))
-            query_rope(q_pe, index_q, positions, mla_rope, key_rope, q_latent[..., self.kv_lora_rank :])
+            if self.index_q_fp8_heads:
+                index_q_fp8 = QuantizedIndexerQuery.empty(x.shape[0], self.index_q_fp8_heads, x.device)
+            query_rope(q_pe, index_q, positions, mla_rope, key_rope, q_latent[..., self.kv_lora_rank :],
+                       index_weights, index_q_fp8)  # fmt: skip
         else:
             q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
             index_q, index_k = self.indexer.norm_and_rotate(positions, index_q, key)
-        return q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k
+        return q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, index_q_fp8
 
     def _attend_into(self, values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k,
-                     positions) -> None:  # fmt: skip
+                     positions, index_q8=None, index_w8=None) -> None:  # fmt: skip
         """NSA attention of this forward's rows written into ``values`` [rows, heads * V]: cache
         writes (KV all-gather under CP), indexer top-k, sparse MLA, W_UV.
 
@@ -356,6 +369,7 @@ class CpNsaAttention(nn.Module):
             values.zero_()
             return
         heads = self._head_slice(meta)
+        index_q_fp8 = None if index_q8 is None else QuantizedIndexerQuery(index_q8, index_w8)
         rows = meta.num_local_rows
         if rows < values.shape[0]:  # a piecewise graph replaying this batch padded to its size
             meta.per_forward_value("piecewise_traced", lambda: trace_piecewise_replay(
@@ -364,6 +378,7 @@ class CpNsaAttention(nn.Module):
             values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k = (
                 t[:rows] for t in (values, q_nope, q_pe, kv_c, k_pe, index_q, index_weights, index_k))
             q_latent = None if q_latent is None else q_latent[:rows]
+            index_q_fp8 = None if index_q_fp8 is None else index_q_fp8.rows(rows)
             # every layer gets the same positions view, so per-forward caches keyed on it hit
             positions = meta.per_forward_value("positions", lambda: positions[:rows])
         caches = NsaCaches(
@@ -392,6 +407,7 @@ class CpNsaAttention(nn.Module):
             out=values,
             kv_up_proj=self._kv_up_proj if heads is None else None,
             q_latent=q_latent,
+            index_q_fp8=index_q_fp8,
         )
 
     def _kv_up_proj(self, kv_c: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,10 @@ prefill indexer (``sparse_attn_indexer``, prefill branch, in
 ``vllm/model_executor/layers/sparse_attn_indexer.py``), for every local CP row (any
 request, any position, in any order):
 
-0. queries to fp8 with vLLM's recipe (its ``_fused_q_kernel``; here the Triton kernel
-   ``kernels/indexer_q_quant.py``): one power-of-two scale per row and head, folded into
-   that head's weight, heads zero-padded to 32 or 64;
+0. queries to fp8 with vLLM's recipe (its ``_fused_q_kernel``; here the layer's query rope,
+   ``kernels/mla_prologue.query_rope``, asked for it by ``indexer_query_fp8_heads``, else the
+   Triton kernel ``kernels/indexer_q_quant.py``): one power-of-two scale per row and head,
+   folded into that head's weight, heads zero-padded to 32 or 64;
 1. per chunk of requests, ``vllm._custom_ops.cp_gather_indexer_k_quant_cache``: each
    request's keys ``[0, max kv_len of its rows)`` from the paged cache into one contiguous
    fp8 buffer + fp32 scales;
@@ -68,7 +69,7 @@ import torch.nn.functional as F
 
 from ..kernels.budgets import MAX_LOGITS_BYTES
 from ..kernels.forward_cache import SameTensorsCache
-from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES
+from ..kernels.kv_cache_ref import INDEX_HEAD_DIM, INDEXER_FP8_SLOT_BYTES, QuantizedIndexerQuery
 from .vllm_kernels import VllmKernelOps, dense_prefill_detail
 
 MAX_GATHER_KEYS = 2 * 1024 * 1024
@@ -161,26 +162,35 @@ class VllmDeepGemmOps(VllmKernelOps):
         if reason:
             return f"{super().startup_detail()} (no DeepGEMM indexer: {reason})"
         return (f"{self._attention_detail()}; {dense_prefill_detail()}; indexer per batch: DeepGEMM fp8 MQA "
-                f"logits + vLLM top-k over the fp8 indexer cache ({logits_api_here()}) when "
+                f"logits + vLLM top-k over the fp8 indexer cache ({logits_api_here()}; queries to fp8 in "
+                f"the layer's query rope) when "
                 f"{self.policy.describe()}, Triton otherwise and inside CUDA graphs; uniform decode / "
                 f"verify batches of {' or '.join(map(str, PAGED_DECODE_NEXT_N))} rows per request: DeepGEMM "
                 f"paged MQA logits + vLLM decode top-k, graphs included; cache writes: Triton")  # fmt: skip
 
+    def indexer_query_fp8_heads(self, num_heads: int, index_cache_fp8: bool) -> int:
+        """DeepGEMM's head count for the model's indexer heads where its indexer can serve (an
+        fp8 indexer cache, at most 64 heads, DeepGEMM here): the layer's query rope then
+        quantizes the query for it, as vLLM's own ``fused_q`` does (one launch a layer fewer)."""
+        if not (index_cache_fp8 and 0 < num_heads <= max(_DEEPGEMM_HEADS) and _deepgemm_indexer_available()):
+            return 0
+        return _deepgemm_heads(num_heads)
+
     def indexer_topk_decode(self, q, weights, index_cache, block_table, row_req, row_kv_len, next_n, topk,
-                            block_size, index_cache_fp8):  # fmt: skip
+                            block_size, index_cache_fp8, quantized=None):  # fmt: skip
         """DeepGEMM's paged MQA logits + vLLM's decode top-k (``_deepgemm_decode_indexer_topk``)
         where they apply, graph captures included; ``indexer_topk`` otherwise."""
         if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
                 and _paged_decode_applies(q.shape[0], next_n, block_table.shape[1] * block_size, block_size)
                 and _deepgemm_indexer_available() and _paged_decode_available()):  # fmt: skip
             return self.indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
-                                     index_cache_fp8)  # fmt: skip
+                                     index_cache_fp8, quantized=quantized)  # fmt: skip
         _say_first_batch("DeepGEMM paged decode indexer", "%d rows, %d per request", q.shape[0], next_n)
         return _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_len, next_n, topk,
-                                             block_size, self._decode_schedules)  # fmt: skip
+                                             block_size, self._decode_schedules, quantized)  # fmt: skip
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                     block_size, index_cache_fp8, host_rows=None):  # fmt: skip
+                     block_size, index_cache_fp8, host_rows=None, quantized=None):  # fmt: skip
         key_width = block_table.shape[1] * block_size
         if not (_deepgemm_applies(q, index_cache, topk, block_size, index_cache_fp8)
                 and not torch.cuda.is_current_stream_capturing()
@@ -192,8 +202,9 @@ class VllmDeepGemmOps(VllmKernelOps):
             )  # fmt: skip
         _say_first_batch("DeepGEMM indexer", "%d rows, key range %d", q.shape[0], key_width)
         return _deepgemm_indexer_topk(
-            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size, self._plans, host_rows
-        )
+            q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size, self._plans, host_rows,
+            quantized,
+        )  # fmt: skip
 
 
 _paths_served: set[str] = set()
@@ -462,12 +473,30 @@ class DevicePlan:
 
 
 # -------------------------------------------------------------------- device path
+def _deepgemm_heads(num_heads: int) -> int:
+    """The head count DeepGEMM's MQA logits run for ``num_heads`` indexer heads (zero-padded)."""
+    return next(h for h in _DEEPGEMM_HEADS if h >= num_heads)
+
+
+def _fp8_queries(q, weights, quantized: QuantizedIndexerQuery | None):
+    """(fp8 queries, folded weights) at DeepGEMM's head count: the layer's (``quantized``, made
+    by its query rope) or quantized here."""
+    heads = _deepgemm_heads(q.shape[1])
+    if quantized is not None:
+        if quantized.q.shape != (q.shape[0], heads, INDEX_HEAD_DIM):
+            raise ValueError(f"quantized indexer query {tuple(quantized.q.shape)} for {tuple(q.shape)} queries: "
+                             f"expected [{q.shape[0]}, {heads}, {INDEX_HEAD_DIM}]")
+        return quantized
+    from ..kernels.indexer_q_quant import quantize_indexer_queries  # imports triton: lazily
+
+    return quantize_indexer_queries(q, weights, heads)
+
+
 def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                           block_size, plans: ForwardPlanCache | None = None, host_rows=None):  # fmt: skip
+                           block_size, plans: ForwardPlanCache | None = None, host_rows=None,
+                           quantized: QuantizedIndexerQuery | None = None):  # fmt: skip
     from vllm._custom_ops import cp_gather_indexer_k_quant_cache, top_k_per_row_prefill
     from vllm.utils.deep_gemm import fp8_fp4_mqa_logits
-
-    from ..kernels.indexer_q_quant import quantize_indexer_queries  # imports triton: lazily
 
     dev = q.device
     api = logits_api(fp8_fp4_mqa_logits)
@@ -480,8 +509,7 @@ def _deepgemm_indexer_topk(q, weights, index_cache, block_table, row_req, row_kv
            else torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=dev))
     if not device_plan.chunks:
         return out
-    heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
-    q_fp8, weights = quantize_indexer_queries(q, weights, heads)
+    q_fp8, weights = _fp8_queries(q, weights, quantized)
     cache = index_cache.view(-1, block_size, INDEXER_FP8_SLOT_BYTES)  # vLLM's 3-D view
 
     gathered = None  # (requests, fp8 keys, fp32 scales), reused by the row chunks of one request
@@ -579,7 +607,8 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 def _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_len, next_n, topk, block_size,
-                                  schedules: SameTensorsCache | None = None):  # fmt: skip
+                                  schedules: SameTensorsCache | None = None,
+                                  quantized: QuantizedIndexerQuery | None = None):  # fmt: skip
     """vLLM's own V3.2 decode indexer (``sparse_attn_indexer``, decode branch): queries to fp8
     (vLLM's recipe, as for prefill), DeepGEMM's paged MQA logits of every row over its
     request's pages (``[rows, key_width]`` fp32, columns past a row's keys not cleaned), then
@@ -590,8 +619,6 @@ def _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_l
     from vllm._custom_ops import top_k_per_row_decode
     from vllm.utils.deep_gemm import fp8_fp4_paged_mqa_logits
 
-    from ..kernels.indexer_q_quant import quantize_indexer_queries  # imports triton: lazily
-
     rows = q.shape[0]
     key_width = block_table.shape[1] * block_size
     # Never across a capture's edge: a schedule built before the capture (a warm-up on the same
@@ -601,8 +628,8 @@ def _deepgemm_decode_indexer_topk(q, weights, index_cache, block_table, row_kv_l
         (row_kv_len, block_table), (next_n, block_size, capturing),
         lambda: _decode_schedule(row_kv_len, block_table, next_n, block_size),
     )  # fmt: skip
-    heads = next(h for h in _DEEPGEMM_HEADS if h >= q.shape[1])
-    q_fp8, weights = quantize_indexer_queries(q, weights, heads)
+    q_fp8, weights = _fp8_queries(q, weights, quantized)
+    heads = q_fp8.shape[1]
     cache = index_cache.view(-1, block_size, 1, INDEXER_FP8_SLOT_BYTES)  # vLLM's 4-D view
     extra = {"clean_logits": False} if paged_logits_takes_clean_logits(fp8_fp4_paged_mqa_logits) else {}
     logits = fp8_fp4_paged_mqa_logits((q_fp8.view(rows // next_n, next_n, heads, INDEX_HEAD_DIM), None), cache,

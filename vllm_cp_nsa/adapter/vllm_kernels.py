@@ -124,7 +124,7 @@ class VllmKernelOps(NsaOps):
         return f"{self._attention_detail()}; {dense_prefill_detail()}; indexer: Triton; cache writes: Triton"
 
     def indexer_topk(self, q, weights, index_cache, block_table, row_req, row_kv_len, topk,
-                     block_size, index_cache_fp8, host_rows=None):  # fmt: skip
+                     block_size, index_cache_fp8, host_rows=None, quantized=None):  # fmt: skip
         return _triton().indexer_topk(
             q, weights, index_cache, block_table, row_req, row_kv_len, topk, block_size,
             index_cache_fp8,
