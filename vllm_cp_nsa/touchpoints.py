@@ -30,9 +30,11 @@ class Touchpoint:
     patched: bool = False
     """True only for the one place the plugin wraps a vLLM attribute (see plugin.py)."""
     optional: bool = False
-    """True for the kernels only the ``vllm`` / ``vllm-deepgemm`` kernel providers call
-    (lazily): without one the plugin still starts, and those providers leave the op to
-    Triton."""
+    """True for kernels the plugin calls lazily where they apply (mostly the ``vllm`` /
+    ``vllm-deepgemm`` kernel providers'): without one the plugin still starts and does
+    ``without`` instead."""
+    without: str = "the vLLM kernel providers leave that op to Triton"
+    """What runs when an optional one is missing (the log line says it)."""
     versions: tuple[str, ...] = CHECKED_VERSIONS
     """vLLM releases it resolved against (symbol and called signature), by compat_check.py."""
     branch: str = ""
@@ -85,6 +87,18 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.model_executor.models.deepseek_v2", "DeepseekV2MoE", "FusedMoE + shared experts (TP-sharded, no all-reduce)"),
     Touchpoint("vllm.model_executor.models.deepseek_v2", "yarn_get_mscale", "yarn softmax scale"),
     Touchpoint("vllm.sequence", "IntermediateTensors", "model forward signature"),
+    Touchpoint("vllm.model_executor.layers.fused_embed_norm", "fused_embed_norm",
+               "gather the embedding rows and the first layer's input RMSNorm in one launch (as vLLM's own V3.2)",
+               optional=True, versions=("0.32.0", "0.34.0"),
+               without="the embedding gather and the first norm run as two launches"),
+    Touchpoint("vllm.model_executor.layers.fused_embed_norm", "fused_embed_eh_norm",
+               "the MTP draft's input in one launch: gather, zero at position 0, enorm / hnorm, concat (as vLLM's own)",
+               optional=True, versions=("0.32.0", "0.34.0"),
+               without="the MTP draft's input takes five launches"),
+    Touchpoint("vllm.model_executor.layers.fused_embed_norm", "has_full_vocab_on_rank",
+               "whether the fused embedding kernel can read the whole table on this rank",
+               optional=True, versions=("0.32.0", "0.34.0"),
+               without="the embedding gather and the first norm run as two launches"),
     Touchpoint("vllm.compilation.breakable_cudagraph", "eager_break_during_capture", "run the NSA attention as an eager break of vLLM's breakable CUDA graphs (adapter/model.py eager_break); 0.33+ wraps even when breakable graphs are off (a plain call outside a capture)"),
     # kernels of the `vllm` kernel provider (adapter/vllm_kernels.py)
     Touchpoint("vllm.v1.attention.ops.flashmla", "is_flashmla_sparse_supported", "check FlashMLA sparse on this GPU", optional=True),
@@ -178,6 +192,12 @@ CALLED_SIGNATURES: tuple[CalledSignature, ...] = (
     CalledSignature("vllm.model_executor.models.deepseek_v2", "yarn_get_mscale", ("scale", "mscale"), "adapter/model.py"),
     CalledSignature("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding",
                     ("num_embeddings", "embedding_dim", "quant_config", "prefix"), "adapter/model.py, mtp.py"),
+    CalledSignature("vllm.model_executor.layers.fused_embed_norm", "fused_embed_norm",
+                    ("input_ids", "embed_table", "chain_weight", "eps"), "adapter/model.py (passed positionally)",
+                    optional=True, versions=("0.32.0", "0.34.0")),
+    CalledSignature("vllm.model_executor.layers.fused_embed_norm", "fused_embed_eh_norm",
+                    ("positions", "input_ids", "embed_table", "previous_hidden", "enorm_w", "hnorm_w", "eps"),
+                    "adapter/mtp.py (passed positionally)", optional=True, versions=("0.32.0", "0.34.0")),
     CalledSignature("vllm.model_executor.layers.vocab_parallel_embedding", "ParallelLMHead",
                     ("num_embeddings", "embedding_dim", "quant_config", "prefix"), "adapter/model.py, mtp.py"),
     CalledSignature("vllm.model_executor.layers.logits_processor", "LogitsProcessor", ("vocab_size",), "adapter/model.py, mtp.py"),
@@ -296,12 +316,11 @@ def check_touchpoints() -> tuple[Touchpoint, ...]:
                 obj = getattr(obj, part)
         except Exception:  # noqa: BLE001 - any failure to resolve it means the same: absent
             if point.optional:
-                # only the CUDA kernel providers use optional symbols: elsewhere their absence is no news
+                # only CUDA runs use optional symbols: elsewhere their absence is no news
                 logger.log(
                     logging.WARNING if _cuda_present() else logging.DEBUG,
-                    "vllm_cp_nsa: vLLM %s has no %s.%s (needed to %s); the vLLM kernel providers "
-                    "leave that op to Triton", _installed_vllm_version(), point.module, point.symbol,
-                    point.why,
+                    "vllm_cp_nsa: vLLM %s has no %s.%s (needed to %s); %s", _installed_vllm_version(),
+                    point.module, point.symbol, point.why, point.without,
                 )
                 continue
             missing.append(point)

@@ -22,7 +22,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.platforms import current_platform
 
 from ..communicator import gather_token_rows, pad_rows
-from .model import CpNsaDecoderLayer, forward_metadata_for
+from .model import CpNsaDecoderLayer, embedding_kernel_applies, forward_metadata_for, fused_embedding_available
 from .runtime import CpNsaRuntime
 from .weights import PACKED_MODULES, load_deepseek_v32_weights
 
@@ -45,9 +45,13 @@ class CpNsaMtpLayer(nn.Module):
         self.shared_head = CpNsaSharedHead(config, vllm_config, f"{prefix}.shared_head")
         self.mtp_block = CpNsaDecoderLayer(vllm_config, config, prefix, layer_idx, runtime)
 
-    def forward(self, embeds, positions, previous_hidden, meta, plan):
-        embeds = torch.where(positions.unsqueeze(-1) == 0, 0, embeds)  # position 0 has no previous token
-        x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(previous_hidden)], dim=-1))[0]
+    def forward(self, embeds, positions, previous_hidden, meta, plan, normed_inputs=None):
+        """``normed_inputs``: ``cat([enorm(embeds zeroed at position 0), hnorm(previous_hidden)])``
+        already made (by vLLM's fused gather + norms); ``embeds`` / ``previous_hidden`` unused then."""
+        if normed_inputs is None:
+            embeds = torch.where(positions.unsqueeze(-1) == 0, 0, embeds)  # position 0 has no previous token
+            normed_inputs = torch.cat([self.enorm(embeds), self.hnorm(previous_hidden)], dim=-1)
+        x = self.eh_proj(normed_inputs)[0]
         x, residual = self.mtp_block(positions, x, None, meta, plan)
         hidden = x + residual
         return hidden, self.shared_head.norm(hidden)
@@ -68,6 +72,7 @@ class CpNsaMtpPredictor(nn.Module):
             for idx in range(self.mtp_start_layer_idx, self.mtp_start_layer_idx + self.num_mtp_layers)
         })
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.fused_embedding = fused_embedding_available(self.embed_tokens)
 
     def layer(self, spec_step_idx: int) -> CpNsaMtpLayer:
         return self.layers[str(self.mtp_start_layer_idx + spec_step_idx % self.num_mtp_layers)]
@@ -91,12 +96,22 @@ class CpNsaDeepseekV32MTP(nn.Module):
                 spec_step_idx: int = 0):
         layer = self.model.layer(spec_step_idx)
         runtime = self.model.runtime
-        embeds = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        num_input_tokens = embeds.shape[0]
+        num_input_tokens = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
         meta, plan = forward_metadata_for(layer.mtp_block.self_attn.mla_attn.layer_name, num_input_tokens,
                                           runtime.group)
         take = lambda t: plan.take_local(t[: plan.num_tokens])  # noqa: E731
-        hidden, recycled = layer(take(embeds), take(positions), take(hidden_states), meta, plan)
+        if inputs_embeds is None and self.model.fused_embedding and embedding_kernel_applies(input_ids):
+            # vLLM's own V3.2 MTP input: gather, zero at position 0, enorm / hnorm and their concat in
+            # one launch (five before: the small-index gather, where, two RMSNorms, cat)
+            from vllm.model_executor.layers.fused_embed_norm import fused_embed_eh_norm  # imports triton: lazily
+
+            normed = fused_embed_eh_norm(take(positions), take(input_ids), self.model.embed_tokens.weight,
+                                         take(hidden_states), layer.enorm.weight, layer.hnorm.weight,
+                                         layer.enorm.variance_epsilon)  # fmt: skip
+            hidden, recycled = layer(None, take(positions), None, meta, plan, normed)
+        else:
+            embeds = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            hidden, recycled = layer(take(embeds), take(positions), take(hidden_states), meta, plan)
         return (pad_rows(gather_token_rows(hidden, plan, runtime.group), num_input_tokens),
                 pad_rows(gather_token_rows(recycled, plan, runtime.group), num_input_tokens))
 
