@@ -146,8 +146,9 @@ def _fa3_stand_in(calls):
     """A torch stand-in for vLLM's ``flash_attn_varlen_func`` on FA3's paged varlen ``q_v``
     path: it asserts what FA3 checks (``mha_fwd``, hopper/flash_api.cpp) and computes what
     FA3 computes, row ``m`` one query whose keys are ``block_table[m, :seqused_k[m]]`` (1-slot
-    pages; what follows is never read). Rows without keys get NaN / +inf: the provider must
-    give them 0 / -inf itself."""
+    pages; what follows is never read). Rows without keys get 0 / -inf, as FA3 writes them
+    (its epilogue's ``store_zero``; the split combine skips -inf splits); the GPU test checks
+    the real kernel does."""
 
     def flash_attn_varlen_func(*, q, k, v, q_v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, block_table,
                                softmax_scale, causal, return_softmax_lse, fa_version):  # fmt: skip
@@ -163,8 +164,8 @@ def _fa3_stand_in(calls):
         assert block_table.dtype == torch.int32 and block_table.stride(-1) == 1
         assert block_table.shape == (rows, max_seqlen_k)
         calls.append(rows)
-        out = torch.full((rows, heads, 512), float("nan"), dtype=q.dtype)
-        lse = torch.full((heads, rows), float("inf"))
+        out = torch.zeros((rows, heads, 512), dtype=q.dtype)
+        lse = torch.full((heads, rows), float("-inf"))
         for m in range(rows):
             pages = block_table[m, : int(seqused_k[m])].long()
             assert bool(((pages >= 0) & (pages < k.shape[0])).all()), f"row {m}: a page outside the cache"

@@ -471,5 +471,8 @@ def _fa3_sparse(q, kv_cache, indices, sm_scale, paging=None):
         return_softmax_lse=True,
         fa_version=3,
     )
-    # lse comes as [H, M] (varlen). Compacted indices: a row has a key iff its first index is one.
-    return _empty_rows().zero_rows_without_keys(out, lse.t(), idx[:, :1])
+    # lse comes as [H, M] (varlen). Rows of no keys (counts 0: padding) come out 0 / -inf from FA3
+    # itself, the reference's values: its epilogue's store_zero writes them for an empty key
+    # range, and its split combine skips -inf splits (flash-attention hopper/epilogue_fwd.hpp,
+    # flash_fwd_combine_kernel.h). So no zero-rows pass here, unlike FlashMLA's kernels.
+    return out, lse.t()
