@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import kv_cache_ref
 from ._triton_utils import cast_rne, next_pow2, quantize_rows_ue8m0
+from .kv_cache import _index_args, _indexer_fp8_rows, _indexer_plain_rows, _latent_args, _latent_fp8_rows, _latent_plain_rows
 from .kv_cache_ref import INDEX_HEAD_DIM, QuantizedIndexerQuery, quantize_indexer_queries
 
 _QUERY_HEADS_PER_PROGRAM = 16
@@ -41,6 +43,22 @@ class Norm(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
     eps: float
+
+
+class TokenCacheWrite(NamedTuple):
+    """The new tokens' cache writes ``latent_prologue`` also does (an unsplit batch: its rows are
+    its tokens in order): the first ``len(slot_mapping)`` rows' normed kv_c + roped k_pe into
+    the latent cache, their normed + roped key into the indexer cache, the bytes of
+    ``kv_cache.write_token_caches`` (vLLM 0.34's own V3.2 writes both caches in its norm-rope
+    kernel the same way)."""
+
+    latent_cache: torch.Tensor
+    kv_cache_dtype: str
+    index_cache: torch.Tensor
+    index_fp8: bool
+    slot_mapping: torch.Tensor
+    """[tokens] int64 (negative: not written)."""
+    block_size: int
 
 
 class Rope(NamedTuple):
@@ -110,13 +128,17 @@ def _latent_prologue_kernel(
     pe_ptr, pe_out_ptr, stride_pe, mla_cs_ptr, stride_mla_cs,
     key_ptr, key_w_ptr, key_b_ptr, key_out_ptr, stride_key, key_eps, key_cs_ptr, stride_key_cs,
     hw_ptr, hw_scale_ptr, hw_out_ptr, stride_hw, NUM_HW: tl.constexpr, HW_BLOCK: tl.constexpr,
+    latent_a_ptr, latent_b_ptr, latent_c_ptr, index_a_ptr, index_b_ptr, slot_ptr, num_slots, block_size,
     Q_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
     PE_HALF: tl.constexpr, PE_PAIRS: tl.constexpr, MLA_NEOX: tl.constexpr,
     KEY_DIM: tl.constexpr, KEY_BLOCK: tl.constexpr, KEY_HALF: tl.constexpr, KEY_PAIRS: tl.constexpr,
-    KEY_NEOX: tl.constexpr,
+    KEY_NEOX: tl.constexpr, LATENT: tl.constexpr, INDEX: tl.constexpr,
 ):  # fmt: skip
     """Program (row, part): part 0 the q_a RMSNorm, 1 the kv_a RMSNorm and k_pe's rope, 2 the
-    indexer key and its heads' weights (times their scale, fp32). Outputs are contiguous rows."""
+    indexer key and its heads' weights (times their scale, fp32). Outputs are contiguous rows.
+    LATENT / INDEX (kv_cache's kinds: 0 none, 1 plain, 2 fp8): parts 1 / 2 then also write
+    their row's token into that cache (rows past ``num_slots`` none), read back from the outputs
+    they just stored (a barrier first: other threads of the program stored them)."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     dtype = q_out_ptr.dtype.element_ty
@@ -134,6 +156,14 @@ def _latent_prologue_kernel(
         dst = pe_out_ptr + row * (2 * PE_HALF)
         tl.store(dst + first, out_a, mask=mask)
         tl.store(dst + second, out_b, mask=mask)
+        if LATENT != 0:
+            tl.debug_barrier()
+            if LATENT == 2:
+                _latent_fp8_rows(row, latent_a_ptr, latent_b_ptr, latent_c_ptr, kv_out_ptr, pe_out_ptr, slot_ptr,
+                                 num_slots, KV_DIM, 2 * PE_HALF, 1)  # fmt: skip
+            else:
+                _latent_plain_rows(row, latent_a_ptr, kv_out_ptr, pe_out_ptr, slot_ptr, num_slots, KV_DIM,
+                                   2 * PE_HALF, 1)  # fmt: skip
     else:
         src = key_ptr + row * stride_key
         dst = key_out_ptr + row * KEY_DIM
@@ -158,6 +188,13 @@ def _latent_prologue_kernel(
         hw = tl.load(hw_ptr + row * stride_hw + heads, mask=heads < NUM_HW, other=0.0).to(tl.float32)
         scale = tl.load(hw_scale_ptr + heads * 0)
         tl.store(hw_out_ptr + row * NUM_HW + heads, hw * scale, mask=heads < NUM_HW)
+        if INDEX != 0:
+            tl.debug_barrier()
+            if INDEX == 2:
+                _indexer_fp8_rows(row, index_a_ptr, index_b_ptr, key_out_ptr, slot_ptr, num_slots, KEY_DIM,
+                                  block_size, 1)  # fmt: skip
+            else:
+                _indexer_plain_rows(row, index_a_ptr, key_out_ptr, slot_ptr, num_slots, KEY_DIM, 1)
 
 
 @triton.jit
@@ -274,12 +311,20 @@ def rope_ref(x: torch.Tensor, positions: torch.Tensor, rope: Rope) -> torch.Tens
 
 
 def latent_prologue_ref(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, positions, q_norm: Norm,
-                        kv_norm: Norm, key_norm: Norm, mla_rope: Rope, key_rope: Rope):  # fmt: skip
+                        kv_norm: Norm, key_norm: Norm, mla_rope: Rope, key_rope: Rope,
+                        write: TokenCacheWrite | None = None):  # fmt: skip
     """Reference of :func:`latent_prologue`: (q_c normed, kv_c normed, k_pe roped, key normed
-    and roped, head weights times their scale in fp32)."""
-    return (rms_norm_ref(q_c, q_norm), rms_norm_ref(kv_c, kv_norm), rope_ref(k_pe, positions, mla_rope),
+    and roped, head weights times their scale in fp32), and ``write``'s cache writes."""
+    outs = (rms_norm_ref(q_c, q_norm), rms_norm_ref(kv_c, kv_norm), rope_ref(k_pe, positions, mla_rope),
             rope_ref(layer_norm_ref(key, key_norm), positions, key_rope),
             head_weights.float() * head_weights_scale.float())  # fmt: skip
+    if write is not None:
+        m = write.slot_mapping.shape[0]
+        kv_cache_ref.write_latent_cache(write.latent_cache, outs[1][:m], outs[2][:m], write.slot_mapping,
+                                        write.kv_cache_dtype)  # fmt: skip
+        kv_cache_ref.write_indexer_cache(write.index_cache, outs[3][:m], write.slot_mapping, write.block_size,
+                                         write.index_fp8)  # fmt: skip
+    return outs
 
 
 def query_rope_ref(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None, head_weights=None,
@@ -310,13 +355,14 @@ def _check_rows(name: str, x: torch.Tensor, num_rows: int, ndim: int) -> None:
 
 def latent_prologue(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, positions, q_norm: Norm,
                     kv_norm: Norm, key_norm: Norm, mla_rope: Rope, key_rope: Rope,
-                    use_triton: bool | None = None):  # fmt: skip
+                    write: TokenCacheWrite | None = None, use_triton: bool | None = None):  # fmt: skip
     """Rows [n, ...] (strided slices of the projections are fine) -> contiguous
     (q_c RMSNormed [n, Q], kv_c RMSNormed [n, KV], k_pe roped [n, R], key LayerNormed and roped
     over its first ``key_rope.dim`` dims [n, K], in q_c's dtype; the indexer heads' weights
-    [n, Hi] times ``head_weights_scale`` (a 1-element fp32 tensor) in fp32). Triton for CUDA
-    tensors (capturable), :func:`latent_prologue_ref` otherwise; ``use_triton=True`` runs the
-    kernel anyway (the CPU interpreter in tests)."""
+    [n, Hi] times ``head_weights_scale`` (a 1-element fp32 tensor) in fp32); with ``write``,
+    the first ``len(write.slot_mapping)`` rows' tokens also into both caches (V3.2's dims:
+    KV 512, R 64, K 128). Triton for CUDA tensors (capturable), :func:`latent_prologue_ref`
+    otherwise; ``use_triton=True`` runs the kernel anyway (the CPU interpreter in tests)."""
     n = positions.shape[0]
     for name, x in (("q_c", q_c), ("kv_c", kv_c), ("k_pe", k_pe), ("key", key), ("head_weights", head_weights)):
         _check_rows(f"latent_prologue {name}", x, n, 2)
@@ -335,9 +381,12 @@ def latent_prologue(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, posi
     _check_rope("latent_prologue key_rope", key_rope, key.shape[-1])
     if mla_rope.dim != k_pe.shape[-1]:
         raise ValueError(f"latent_prologue: MLA's rope covers all of k_pe ({k_pe.shape[-1]}); got dim {mla_rope.dim}")
+    caches = None if write is None else _cache_write_args(write, kv_c, k_pe, key)
     if not (q_c.is_cuda if use_triton is None else use_triton) or n == 0:
         return latent_prologue_ref(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, positions, q_norm,
-                                   kv_norm, key_norm, mla_rope, key_rope)  # fmt: skip
+                                   kv_norm, key_norm, mla_rope, key_rope, write)  # fmt: skip
+    slots = positions if write is None else write.slot_mapping  # unread placeholder without a write
+    (l_kind, (la, lb, lc)), (i_kind, (ia, ib)) = caches or ((0, (q_c, q_c, q_c)), (0, (q_c, q_c)))
     outs = tuple(torch.empty(x.shape, dtype=q_c.dtype, device=q_c.device) for x in (q_c, kv_c, k_pe, key))
     outs += (torch.empty(head_weights.shape, dtype=torch.float32, device=q_c.device),)
     q_dim, kv_dim, key_dim = q_c.shape[-1], kv_c.shape[-1], key.shape[-1]
@@ -350,12 +399,25 @@ def latent_prologue(q_c, kv_c, k_pe, key, head_weights, head_weights_scale, posi
         key_norm.eps, key_rope.cos_sin, key_rope.cos_sin.stride(0),
         head_weights, head_weights_scale, outs[4], head_weights.stride(0), NUM_HW=head_weights.shape[-1],
         HW_BLOCK=next_pow2(head_weights.shape[-1]),
+        latent_a_ptr=la, latent_b_ptr=lb, latent_c_ptr=lc, index_a_ptr=ia, index_b_ptr=ib, slot_ptr=slots,
+        num_slots=slots.shape[0] if write is not None else 0, block_size=1 if write is None else write.block_size,
         Q_DIM=q_dim, Q_BLOCK=next_pow2(q_dim), KV_DIM=kv_dim, KV_BLOCK=next_pow2(kv_dim),
         PE_HALF=mla_rope.dim // 2, PE_PAIRS=next_pow2(mla_rope.dim // 2), MLA_NEOX=mla_rope.neox,
         KEY_DIM=key_dim, KEY_BLOCK=next_pow2(key_dim), KEY_HALF=key_rope.dim // 2,
-        KEY_PAIRS=next_pow2(key_rope.dim // 2), KEY_NEOX=key_rope.neox, num_warps=4,
+        KEY_PAIRS=next_pow2(key_rope.dim // 2), KEY_NEOX=key_rope.neox, LATENT=l_kind, INDEX=i_kind, num_warps=4,
     )  # fmt: skip
     return outs
+
+
+def _cache_write_args(write: TokenCacheWrite, kv_c, k_pe, key):
+    """kv_cache.py's checks and cache views for ``write`` (its rows: the first of kv_c / k_pe / key)."""
+    m = write.slot_mapping.shape[0]
+    if (write.slot_mapping.dtype != torch.int64 or write.slot_mapping.dim() != 1 or not write.slot_mapping.is_contiguous()
+            or m > kv_c.shape[0]):  # fmt: skip
+        raise ValueError(f"latent_prologue: write.slot_mapping must be contiguous int64 [<= {kv_c.shape[0]}]; got "
+                         f"{write.slot_mapping.dtype} {tuple(write.slot_mapping.shape)}")
+    return (_latent_args(write.latent_cache, kv_c[:m], k_pe[:m], m, write.kv_cache_dtype),
+            _index_args(write.index_cache, key[:m], m, write.block_size, write.index_fp8))
 
 
 def query_rope(q_pe, index_q, positions, mla_rope: Rope, key_rope: Rope, q_pe_copy=None, head_weights=None,

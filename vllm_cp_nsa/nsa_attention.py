@@ -426,13 +426,15 @@ def nsa_attention(
     kv_up_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
     q_latent: torch.Tensor | None = None,
     index_q_fp8: QuantizedIndexerQuery | None = None,
+    caches_written: bool = False,
 ) -> torch.Tensor:
     """One layer of NSA attention for this rank's rows -> ``[rows, H * v_head_dim]``
     (written into ``out`` when given: a CUDA graph's static buffer).
 
     ``q_latent`` [n, H, 512 + 64]: the latent query's buffer with q_pe already in its last 64
     dims (``absorbed_query``'s ``into``). ``index_q_fp8``: index_q already quantized for the
-    provider's fp8 indexer (``select_topk_positions``).
+    provider's fp8 indexer (``select_topk_positions``). ``caches_written``: the new tokens are in
+    the caches already (the layer's prologue kernel wrote them: an unsplit batch).
 
     ``kv_up_proj`` (the layer's kv_b_proj: kv_c [n, 512] -> [n, H * (P + V)]): with it, a
     batch of whole prompts whose rows all select every key runs ``dense_prefill_attention``.
@@ -441,7 +443,8 @@ def nsa_attention(
     index_q [n, Hi, 128] (roped), index_weights [n, Hi] (all scales folded),
     index_k [n, 128] (roped); w_uk_t [H, P, 512], w_uv [H, 512, V].
     """
-    write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
+    if not caches_written:
+        write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
     n, num_heads, v_dim = q_nope.shape[0], w_uv.shape[0], w_uv.shape[-1]
     values = q_nope.new_empty((n, num_heads * v_dim), dtype=w_uv.dtype) if out is None else out
     if kv_up_proj is not None and meta.whole_prompts is not None and meta.every_key_width(topk):

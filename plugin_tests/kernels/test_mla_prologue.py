@@ -103,6 +103,65 @@ def test_latent_prologue_equals_reference_and_the_rule(key_neox, rows, device):
         assert _ulps(torch.tensor(normed[PE:]).bfloat16(), want[3][m, PE:]) <= 1  # unroped dims: the norm
 
 
+@pytest.mark.parametrize("kv_cache_dtype,index_fp8", [("auto", False), ("fp8_ds_mla", True), ("auto", True)])
+@pytest.mark.parametrize("rows,tokens", [(1, 1), (9, 6)])
+def test_latent_prologue_writes_the_tokens_as_the_cache_writes_do(kv_cache_dtype, index_fp8, rows, tokens, device):
+    """With ``write`` the same launch also puts the first ``tokens`` rows (an unsplit batch's
+    tokens; later rows: graph padding) into both caches: byte for byte what
+    ``write_token_caches`` writes from its outputs (a negative slot skipped, every other slot
+    untouched), the reference likewise; the outputs are those without ``write``."""
+    from kernels import kv_cache
+
+    gen = torch.Generator().manual_seed(rows * 10 + tokens + index_fp8)
+    q_c, kv_c, k_pe, key, head_w, positions, q_norm, kv_norm, key_norm = _latent_inputs(rows, gen)
+    ropes = Rope(_table(), PE, False), Rope(_table(), PE, True)
+    scale = torch.tensor([0.125])
+    block_size, blocks = 16, 3
+    fp8_latent = kv_cache_dtype == "fp8_ds_mla"
+    latent_shape = (blocks, block_size, 656 if fp8_latent else 576)
+    index_shape = (blocks, block_size * 132) if index_fp8 else (blocks, block_size, 128)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    if tokens > 1:
+        slots[1] = -1  # a token of the batch not written
+
+    def caches(dev):
+        """Both caches filled with a pattern, so untouched bytes show."""
+        latent = (torch.arange(math.prod(latent_shape)) % 251).view(latent_shape)
+        index = (torch.arange(math.prod(index_shape)) % 241).view(index_shape)
+        return (latent.to(torch.uint8 if fp8_latent else torch.bfloat16).to(dev),
+                index.to(torch.uint8 if index_fp8 else torch.bfloat16).to(dev))  # fmt: skip
+
+    def dev(t):
+        return t.to(device)
+
+    norms = [Norm(dev(n.weight), None if n.bias is None else dev(n.bias), n.eps) for n in (q_norm, kv_norm, key_norm)]
+    inputs = [dev(t) for t in (q_c, kv_c, k_pe, key, head_w, scale, positions)]
+    dev_ropes = Rope(dev(ropes[0].cos_sin), PE, False), Rope(dev(ropes[1].cos_sin), PE, True)
+    plain = mp.latent_prologue(*inputs, *norms, *dev_ropes, use_triton=True)
+    latent, index = caches(device)
+    got = mp.latent_prologue(*inputs, *norms, *dev_ropes, use_triton=True,
+                             write=mp.TokenCacheWrite(latent, kv_cache_dtype, index, index_fp8, dev(slots), block_size))
+    want_latent, want_index = caches(device)  # the separate launch, from the outputs
+    kv_cache.write_token_caches(want_latent, plain[1][:tokens], plain[2][:tokens], kv_cache_dtype, want_index,
+                                plain[3][:tokens], index_fp8, dev(slots), block_size)  # fmt: skip
+    ref_out = mp.latent_prologue_ref(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, *ropes)
+    ref_latent, ref_index = caches("cpu")  # the reference writes what the separate launch writes from its outputs
+    mp.latent_prologue_ref(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, *ropes,
+                           mp.TokenCacheWrite(ref_latent, kv_cache_dtype, ref_index, index_fp8, slots, block_size))
+    sep_latent, sep_index = caches(device)
+    kv_cache.write_token_caches(sep_latent, dev(ref_out[1][:tokens]), dev(ref_out[2][:tokens]), kv_cache_dtype,
+                                sep_index, dev(ref_out[3][:tokens]), index_fp8, dev(slots), block_size)  # fmt: skip
+    for g, w in zip(got, plain):
+        assert torch.equal(g, w)
+    before_latent, before_index = caches("cpu")
+    for cache, want, ref, sep, before in ((latent, want_latent, ref_latent, sep_latent, before_latent),
+                                          (index, want_index, ref_index, sep_index, before_index)):  # fmt: skip
+        as_bytes = [t.cpu().contiguous().view(torch.uint8) for t in (cache, want, ref, sep, before)]
+        assert torch.equal(as_bytes[0], as_bytes[1])  # the kernel's writes = the separate launch's
+        assert torch.equal(as_bytes[2], as_bytes[3])  # the reference's = the separate launch's on its outputs
+        assert not torch.equal(as_bytes[0], as_bytes[4])  # something was written
+
+
 @pytest.mark.parametrize("key_neox", [True, False], ids=["key-neox", "key-interleaved"])
 @pytest.mark.parametrize("rows,heads", [(1, 4), (5, 20)])
 def test_query_rope_equals_reference_and_the_rule(key_neox, rows, heads, device):
@@ -201,6 +260,17 @@ def test_shape_errors_and_cpu_dispatch():
     with pytest.raises(ValueError, match="rope"):
         mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm,
                            Rope(_table(), 32, False), ropes[1])  # fmt: skip
+    cache_write = mp.TokenCacheWrite(torch.zeros(2, 16, 576).bfloat16(), "auto", torch.zeros(2, 16, 128).bfloat16(),
+                                     False, torch.arange(4, dtype=torch.int32), 16)  # fmt: skip
+    with pytest.raises(ValueError, match="int64"):  # the persistent slot buffer is int64: no cast launch
+        mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, *ropes,
+                           write=cache_write)  # fmt: skip
+    with pytest.raises(ValueError, match="int64"):  # more tokens than rows
+        mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, *ropes,
+                           write=cache_write._replace(slot_mapping=torch.arange(5)))  # fmt: skip
+    with pytest.raises(ValueError, match="fp8_ds_mla cache"):  # the cache's own checks (kv_cache.py)
+        mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, q_norm, kv_norm, key_norm, *ropes,
+                           write=cache_write._replace(slot_mapping=torch.arange(4), kv_cache_dtype="fp8_ds_mla"))
     with pytest.raises(ValueError, match="1-element fp32"):
         mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale.bfloat16(), positions, q_norm, kv_norm, key_norm, *ropes)
     with pytest.raises(ValueError, match="query_rope"):

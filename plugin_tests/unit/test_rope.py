@@ -324,14 +324,16 @@ def test_projection_branches_agree(vllm_context, monkeypatch, interleaved, fp8_h
                             q_a_layernorm=q_norm, kv_a_layernorm=kv_norm, indexer=indexer,
                             rotary_emb=mla_rope, index_q_fp8_heads=fp8_heads,
                             _q_b=lambda q_c, heads: q_c @ q_b)  # fmt: skip
+    layer._prologue_cache_write = CpNsaAttention._prologue_cache_write.__get__(layer)
     x = torch.empty(n, 8)  # the stand-in projections ignore it: it sizes the rows
     with torch.inference_mode():  # as vLLM runs the model: the ropes write the projections' views
         unfused = CpNsaAttention._project(layer, POSITIONS, x, None)
         monkeypatch.setattr(adapter_model, "prologue_kernels_apply", lambda positions, *rows: True)
         fused = CpNsaAttention._project(layer, POSITIONS, x, None)
     fused_latent, unfused_latent = fused[2], unfused[2]
-    fused_fp8, unfused_fp8 = fused[-1], unfused[-1]
-    fused, unfused = fused[:2] + fused[3:-1], unfused[:2] + unfused[3:-1]
+    assert fused[-1] is False and unfused[-1] is False  # no batch metadata: the attention writes the caches
+    fused_fp8, unfused_fp8 = fused[-2], unfused[-2]
+    fused, unfused = fused[:2] + fused[3:-2], unfused[:2] + unfused[3:-2]
     names = ("q_nope", "q_pe", "kv_c", "k_pe", "index_q", "index_weights", "index_k")
     for name, a, b in zip(names, fused, unfused):
         assert a.shape == b.shape and a.dtype == b.dtype, name

@@ -294,31 +294,36 @@ class CpNsaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: NsaForwardMetadata | None) -> torch.Tensor:
         num_rows = x.shape[0]
         heads = self._head_slice(meta)
-        q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, index_q_fp8 = self._project(
-            positions, x, heads)
+        (q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, index_q_fp8,
+         caches_written) = self._project(positions, x, heads, meta)
         values = q_nope.new_empty((num_rows, q_nope.shape[1] * self.v_head_dim), dtype=self.mla_attn.W_UV.dtype)
-        # plain tensors through the eager break (it holds tensors weakly across a capture)
+        # plain tensors through the eager break (it holds tensors weakly across a capture); the flag
+        # is the capture's own in a replayed piecewise graph, False there (a capture has no batch)
         index_q8, index_w8 = (None, None) if index_q_fp8 is None else index_q_fp8
         self.attend_into(values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, positions,
-                         index_q8, index_w8)  # fmt: skip
+                         index_q8, index_w8, caches_written)  # fmt: skip
         if heads is None:
             return self.o_proj(values.to(x.dtype))[0]
         # this rank's heads' share of o_proj, then the sum over ranks (as vLLM's TP does)
         return self.runtime.group.all_reduce(self._o_proj_partial(values.to(x.dtype), heads))
 
-    def _project(self, positions: torch.Tensor, x: torch.Tensor, heads: slice | None):
+    def _project(self, positions: torch.Tensor, x: torch.Tensor, heads: slice | None,
+                 meta: NsaForwardMetadata | None = None):  # fmt: skip
         """Projections, norms and ropes of this forward's rows: (q_nope, q_pe, q_latent, kv_c,
-        k_pe, index_q, index_weights, index_k, index_q_fp8). On CUDA the norms and ropes are
-        kernels/mla_prologue.py's two launches (vLLM's own V3.2 also runs two), and the query
-        rope also writes q_pe into the tail of ``q_latent``, the attention's [n, H, 512 + 64]
-        latent query, and where the provider's indexer scores fp8 queries, the indexer query
-        quantized (``index_q_fp8``, a ``QuantizedIndexerQuery``); elsewhere vLLM's RMSNorm,
-        LayerNorm and rotary classes, the same arithmetic, ``q_latent`` and ``index_q_fp8`` None
-        (the indexer quantizes for itself)."""
+        k_pe, index_q, index_weights, index_k, index_q_fp8, caches_written). On CUDA the norms
+        and ropes are kernels/mla_prologue.py's two launches (vLLM's own V3.2 also runs two); the
+        first also writes the new tokens into both caches when the batch runs unsplit
+        (``_prologue_cache_write``; ``caches_written``), the query rope also writes q_pe into the
+        tail of ``q_latent``, the attention's [n, H, 512 + 64] latent query, and where the
+        provider's indexer scores fp8 queries, the indexer query quantized (``index_q_fp8``, a
+        ``QuantizedIndexerQuery``); elsewhere vLLM's RMSNorm, LayerNorm and rotary classes, the
+        same arithmetic, ``q_latent`` and ``index_q_fp8`` None (the indexer quantizes for
+        itself), ``caches_written`` False (the attention writes them)."""
         q_c, kv_c, k_pe = self.fused_qkv_a_proj(x)[0].split(
             [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         key, index_weights = self.indexer.key_and_weights(x)
         fused = prologue_kernels_apply(positions, q_c, kv_c, k_pe, key, index_weights)
+        cache_write = self._prologue_cache_write(meta) if fused else None
         if fused:
             from ..kernels.mla_prologue import Norm, latent_prologue, query_rope  # imports triton: lazily
 
@@ -327,7 +332,7 @@ class CpNsaAttention(nn.Module):
                 q_c, kv_c, k_pe, key, index_weights, self.indexer.weight_scale, positions,
                 Norm(self.q_a_layernorm.weight, None, self.q_a_layernorm.variance_epsilon),
                 Norm(self.kv_a_layernorm.weight, None, self.kv_a_layernorm.variance_epsilon),
-                self.indexer.key_norm(), mla_rope, key_rope)  # fmt: skip
+                self.indexer.key_norm(), mla_rope, key_rope, cache_write)  # fmt: skip
         else:
             q_c = self.q_a_layernorm(q_c)  # vLLM's RMSNorm reads strided rows: no copy (as its own MLA)
             kv_c = self.kv_a_layernorm(kv_c)
@@ -346,10 +351,27 @@ class CpNsaAttention(nn.Module):
         else:
             q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
             index_q, index_k = self.indexer.norm_and_rotate(positions, index_q, key)
-        return q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, index_q_fp8
+        return (q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, index_q_fp8,
+                cache_write is not None)
+
+    def _prologue_cache_write(self, meta: NsaForwardMetadata | None):
+        """The new tokens' cache writes the prologue kernel does itself (as vLLM's own V3.2
+        writes both caches in its norm-rope kernel): an unsplit batch, whose rows are its tokens
+        in order, with its metadata and allocated caches. Otherwise None: a split batch writes
+        after its all-gather, and a piecewise graph's capture carries no batch, so its replays
+        leave the writes to the attention's eager break (``nsa_attention``)."""
+        if meta is None or meta.plan.is_split:
+            return None
+        latent_cache = self.mla_attn.kv_cache
+        if latent_cache.numel() == 0:
+            return None
+        from ..kernels.mla_prologue import TokenCacheWrite  # imports triton: lazily
+
+        return TokenCacheWrite(latent_cache, self.mla_attn.kv_cache_dtype, self.indexer.k_cache.kv_cache,
+                               self.indexer.k_cache.fp8, meta.slot_mapping, meta.block_size)  # fmt: skip
 
     def _attend_into(self, values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k,
-                     positions, index_q8=None, index_w8=None) -> None:  # fmt: skip
+                     positions, index_q8=None, index_w8=None, caches_written=False) -> None:  # fmt: skip
         """NSA attention of this forward's rows written into ``values`` [rows, heads * V]: cache
         writes (KV all-gather under CP), indexer top-k, sparse MLA, W_UV.
 
@@ -408,6 +430,7 @@ class CpNsaAttention(nn.Module):
             kv_up_proj=self._kv_up_proj if heads is None else None,
             q_latent=q_latent,
             index_q_fp8=index_q_fp8,
+            caches_written=caches_written,
         )
 
     def _kv_up_proj(self, kv_c: torch.Tensor) -> torch.Tensor:
