@@ -66,6 +66,9 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("vllm.v1.kv_cache_interface", "MLAAttentionSpec", "indexer cache spec"),
     Touchpoint("vllm.v1.kv_cache_interface", "SparseCacheRole", "indexer cache role"),
     Touchpoint("vllm.forward_context", "get_forward_context", "attention metadata of the current forward"),
+    Touchpoint("vllm.forward_context", "in_piecewise_cudagraph",
+               "a piecewise graph's forward leaves the cache writes to the attention's eager break",
+               versions=("0.32.0", "0.34.0")),
     # distributed
     Touchpoint("vllm.distributed", "get_tp_group", "the TP group is the CP group"),
     Touchpoint("vllm.distributed", "get_ep_group",

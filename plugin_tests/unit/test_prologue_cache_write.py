@@ -1,9 +1,9 @@
 """Where the new tokens' cache writes happen: the layer's prologue kernel writes them for an
-unsplit batch with metadata (as vLLM's own V3.2 writes both caches in its norm-rope kernel),
-and the attention's eager break skips its own write; a split batch (written after its
-all-gather), a forward without metadata (a piecewise graph's capture, whose replays then
-write in the eager break), unallocated caches (the memory profile) and the CPU path leave it
-to the attention.
+unsplit batch with metadata run eagerly or as a FULL graph (as vLLM's own V3.2 writes both
+caches in its norm-rope kernel), and the attention's eager break skips its own write; a split
+batch (written after its all-gather), a piecewise graph's forward (its captured pieces replay
+the capture's work for any batch of that size), a forward without metadata, unallocated caches
+(the memory profile) and the CPU path leave it to the attention.
 
 CPU: the fused branch forced, its kernels' references writing (the bytes of the Triton
 kernel are tested in plugin_tests/kernels/test_mla_prologue.py).
@@ -75,7 +75,7 @@ def vllm_config():
         yield
 
 
-@pytest.mark.parametrize("case", ["unsplit", "split", "no-metadata", "no-cache", "cpu-branch"])
+@pytest.mark.parametrize("case", ["unsplit", "split", "no-metadata", "no-cache", "cpu-branch", "piecewise-graph"])
 def test_the_prologue_writes_an_unsplit_batchs_tokens(monkeypatch, case):
     gen = torch.Generator().manual_seed(3)
     latent = torch.zeros(4, BLOCK, 656, dtype=torch.uint8)
@@ -85,6 +85,8 @@ def test_the_prologue_writes_an_unsplit_batchs_tokens(monkeypatch, case):
     meta = None if case == "no-metadata" else _meta(n, slots, case == "split")
     if case != "cpu-branch":
         monkeypatch.setattr(adapter_model, "prologue_kernels_apply", lambda positions, *rows: True)
+    # vLLM's forward context: a piecewise graph's capture or replay (0.34 captures with a dummy batch)
+    monkeypatch.setattr(adapter_model, "in_piecewise_cudagraph", lambda: case == "piecewise-graph")
     positions = torch.tensor([3, 4, 5, 6, 7, 8])
     with torch.inference_mode():
         out = CpNsaAttention._project(layer, positions, torch.empty(n, 8), None, meta)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.forward_context import get_forward_context
+from vllm.forward_context import get_forward_context, in_piecewise_cudagraph
 from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
@@ -357,10 +357,12 @@ class CpNsaAttention(nn.Module):
     def _prologue_cache_write(self, meta: NsaForwardMetadata | None):
         """The new tokens' cache writes the prologue kernel does itself (as vLLM's own V3.2
         writes both caches in its norm-rope kernel): an unsplit batch, whose rows are its tokens
-        in order, with its metadata and allocated caches. Otherwise None: a split batch writes
-        after its all-gather, and a piecewise graph's capture carries no batch, so its replays
-        leave the writes to the attention's eager break (``nsa_attention``)."""
-        if meta is None or meta.plan.is_split:
+        in order, with its metadata and allocated caches, run eagerly or as a FULL graph (whose
+        capture and replays stage the slots of all its rows). Otherwise None, and the attention's
+        eager break writes them (``nsa_attention``): a split batch after its all-gather, and any
+        batch of a piecewise graph, whose captured pieces replay what the capture did for every
+        batch of that size (vLLM 0.34 captures them with a dummy batch's metadata)."""
+        if meta is None or meta.plan.is_split or in_piecewise_cudagraph():
             return None
         latent_cache = self.mla_attn.kv_cache
         if latent_cache.numel() == 0:
