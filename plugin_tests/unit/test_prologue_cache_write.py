@@ -85,7 +85,7 @@ def test_the_prologue_writes_an_unsplit_batchs_tokens(monkeypatch, case):
     meta = None if case == "no-metadata" else _meta(n, slots, case == "split")
     if case != "cpu-branch":
         monkeypatch.setattr(adapter_model, "prologue_kernels_apply", lambda positions, *rows: True)
-    # vLLM's forward context: a piecewise graph's capture or replay (0.34 captures with a dummy batch)
+    # vLLM's forward context: a piecewise graph's capture or replay (the V2 runner captures with a dummy batch)
     monkeypatch.setattr(adapter_model, "in_piecewise_cudagraph", lambda: case == "piecewise-graph")
     positions = torch.tensor([3, 4, 5, 6, 7, 8])
     with torch.inference_mode():

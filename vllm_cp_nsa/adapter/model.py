@@ -361,7 +361,7 @@ class CpNsaAttention(nn.Module):
         capture and replays stage the slots of all its rows). Otherwise None, and the attention's
         eager break writes them (``nsa_attention``): a split batch after its all-gather, and any
         batch of a piecewise graph, whose captured pieces replay what the capture did for every
-        batch of that size (vLLM 0.34 captures them with a dummy batch's metadata)."""
+        batch of that size (vLLM's V2 model runner captures them with a dummy batch's metadata)."""
         if meta is None or meta.plan.is_split or in_piecewise_cudagraph():
             return None
         latent_cache = self.mla_attn.kv_cache
@@ -381,7 +381,9 @@ class CpNsaAttention(nn.Module):
         (``attend_into`` wraps it in vLLM's ``eager_break_during_capture``): it reads the batch
         from the forward context, never from capture-time arguments, and writes the
         caller's buffer. A piecewise graph replays padded rows past the batch's own: they get
-        zeros. Profile, dummy and capture runs carry no batch: zeros."""
+        zeros. Profile and dummy runs (and the V1 model runner's piecewise captures) carry no batch:
+        zeros; vLLM's V2 model runner captures piecewise graphs with a dummy batch's metadata,
+        which runs here eagerly like any batch (the capture records only the call)."""
         meta = batch_metadata(self.mla_attn.layer_name)
         latent_cache = self.mla_attn.kv_cache
         if meta is None or latent_cache.numel() == 0:
@@ -628,7 +630,8 @@ def embedding_kernel_applies(input_ids: torch.Tensor) -> bool:
 
 def batch_metadata(layer_name: str) -> NsaForwardMetadata | None:
     """This forward's metadata for ``layer_name`` (built once by the backend); None in
-    profile / dummy runs and piecewise CUDA-graph captures."""
+    profile / dummy runs and the V1 model runner's piecewise CUDA-graph captures (vLLM's V2
+    runner captures them with a dummy batch's metadata)."""
     attn_metadata = get_forward_context().attn_metadata
     if isinstance(attn_metadata, list):  # speculative decoding: [0] is the target's
         attn_metadata = attn_metadata[0]
@@ -637,7 +640,7 @@ def batch_metadata(layer_name: str) -> NsaForwardMetadata | None:
 
 def forward_metadata_for(layer_name: str, num_input_tokens: int, group) -> tuple[NsaForwardMetadata | None, SplitPlan]:
     """This forward's metadata and split plan. Without metadata (profile / dummy runs,
-    piecewise graph captures) every input row runs unsplit."""
+    the V1 model runner's piecewise graph captures) every input row runs unsplit."""
     meta = batch_metadata(layer_name)
     if meta is None:
         return None, unsplit_plan(num_input_tokens, group.world_size, group.rank, "no batch metadata")
