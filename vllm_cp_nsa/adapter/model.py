@@ -258,7 +258,7 @@ class CpNsaAttention(nn.Module):
         self.rotary_emb.check_covers(vllm_config.model_config.max_model_len)
         self.indexer = CpNsaIndexer(vllm_config, config, f"{prefix}.indexer", runtime.indexer_cache_fp8)
         # heads of the fp8 indexer query the provider's indexer takes (0: none), made by the
-        # query rope on CUDA (kernels/mla_prologue.py); decided once, outside the compiled forward
+        # query rope on CUDA (kernels/mla_prologue.py); decided once here, not per forward
         self.index_q_fp8_heads = runtime.ops.indexer_query_fp8_heads(config.index_n_heads,
                                                                      runtime.indexer_cache_fp8)  # fmt: skip
         self.mla_attn = MLAAttention(
@@ -297,8 +297,8 @@ class CpNsaAttention(nn.Module):
         (q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, index_q_fp8,
          caches_written) = self._project(positions, x, heads, meta)
         values = q_nope.new_empty((num_rows, q_nope.shape[1] * self.v_head_dim), dtype=self.mla_attn.W_UV.dtype)
-        # plain tensors through the eager break (it holds tensors weakly across a capture); the flag
-        # is the capture's own in a replayed piecewise graph, False there (a capture has no batch)
+        # plain tensors through the eager break (it holds tensors weakly across a capture); a
+        # replayed piecewise graph passes its capture's flag, always False (_prologue_cache_write)
         index_q8, index_w8 = (None, None) if index_q_fp8 is None else index_q_fp8
         self.attend_into(values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k, positions,
                          index_q8, index_w8, caches_written)  # fmt: skip
@@ -550,13 +550,12 @@ class CpNsaDecoderLayer(nn.Module):
                 input_normed: bool = False):  # fmt: skip
         """``input_normed``: ``x`` is already this layer's input norm of ``residual`` (the first
         layer after vLLM's fused embedding gather + norm)."""
-        if input_normed:
-            pass
-        elif residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        if not input_normed:
+            if residual is None:
+                residual = x
+                x = self.input_layernorm(x)
+            else:
+                x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         x = self.runtime.communicator.forward(self.mlp, x, plan, self.runtime.group)
