@@ -178,6 +178,29 @@ _NONE, _PLAIN, _FP8 = 0, 1, 2
 
 
 @triton.jit
+def latent_rows(KIND: tl.constexpr, pid, a_ptr, b_ptr, c_ptr, kv_c_ptr, k_pe_ptr, slot_ptr, num_tokens,
+                stride_kv_c, stride_k_pe, BLOCK_T: tl.constexpr):  # fmt: skip
+    """Tokens ``pid * BLOCK_T ..`` into a latent cache of kind KIND (``_latent_args``): fp8,
+    a / b / c = uint8 / fp32 / bf16 views of one cache; plain, a = the cache."""
+    if KIND == 2:
+        _latent_fp8_rows(pid, a_ptr, b_ptr, c_ptr, kv_c_ptr, k_pe_ptr, slot_ptr, num_tokens, stride_kv_c,
+                         stride_k_pe, BLOCK_T)  # fmt: skip
+    else:
+        _latent_plain_rows(pid, a_ptr, kv_c_ptr, k_pe_ptr, slot_ptr, num_tokens, stride_kv_c, stride_k_pe, BLOCK_T)
+
+
+@triton.jit
+def index_rows(KIND: tl.constexpr, pid, a_ptr, b_ptr, k_ptr, slot_ptr, num_tokens, stride_k, block_size,
+               BLOCK_T: tl.constexpr):  # fmt: skip
+    """Tokens ``pid * BLOCK_T ..`` into an indexer cache of kind KIND (``_index_args``): fp8,
+    a / b = uint8 / fp32 views; plain, a = the cache."""
+    if KIND == 2:
+        _indexer_fp8_rows(pid, a_ptr, b_ptr, k_ptr, slot_ptr, num_tokens, stride_k, block_size, BLOCK_T)
+    else:
+        _indexer_plain_rows(pid, a_ptr, k_ptr, slot_ptr, num_tokens, stride_k, BLOCK_T)
+
+
+@triton.jit
 def _write_caches_kernel(
     latent_a_ptr, latent_b_ptr, latent_c_ptr, kv_c_ptr, k_pe_ptr, stride_kv_c, stride_k_pe,
     index_a_ptr, index_b_ptr, k_ptr, stride_k, block_size,
@@ -185,25 +208,17 @@ def _write_caches_kernel(
     LATENT: tl.constexpr, INDEX: tl.constexpr, INDEX_PART: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Program (token block, part): part 0 the latent cache (when LATENT), the next the indexer
-    cache (when INDEX). fp8 latent: a = uint8, b = fp32, c = bf16 views of one cache; plain:
-    a = the cache. fp8 indexer: a = uint8, b = fp32 views; plain: a = the cache."""
+    cache (when INDEX); the views as ``latent_rows`` / ``index_rows`` take them."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
     if LATENT != 0:
         if part == 0:
-            if LATENT == 2:
-                _latent_fp8_rows(pid, latent_a_ptr, latent_b_ptr, latent_c_ptr, kv_c_ptr, k_pe_ptr, slot_ptr,
-                                 num_tokens, stride_kv_c, stride_k_pe, BLOCK_T)  # fmt: skip
-            else:
-                _latent_plain_rows(pid, latent_a_ptr, kv_c_ptr, k_pe_ptr, slot_ptr, num_tokens, stride_kv_c,
-                                   stride_k_pe, BLOCK_T)  # fmt: skip
+            latent_rows(LATENT, pid, latent_a_ptr, latent_b_ptr, latent_c_ptr, kv_c_ptr, k_pe_ptr, slot_ptr,
+                        num_tokens, stride_kv_c, stride_k_pe, BLOCK_T)  # fmt: skip
     if INDEX != 0:
         if part == INDEX_PART:
-            if INDEX == 2:
-                _indexer_fp8_rows(pid, index_a_ptr, index_b_ptr, k_ptr, slot_ptr, num_tokens, stride_k, block_size,
-                                  BLOCK_T)  # fmt: skip
-            else:
-                _indexer_plain_rows(pid, index_a_ptr, k_ptr, slot_ptr, num_tokens, stride_k, BLOCK_T)
+            index_rows(INDEX, pid, index_a_ptr, index_b_ptr, k_ptr, slot_ptr, num_tokens, stride_k, block_size,
+                       BLOCK_T)  # fmt: skip
 
 
 def _check_rows(name: str, x: torch.Tensor, width: int, num_tokens: int) -> None:

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import kv_cache_ref
 from ._triton_utils import cast_rne, next_pow2, quantize_rows_ue8m0
-from .kv_cache import _index_args, _indexer_fp8_rows, _indexer_plain_rows, _latent_args, _latent_fp8_rows, _latent_plain_rows
+from .kv_cache import _index_args, _latent_args, index_rows, latent_rows
 from .kv_cache_ref import INDEX_HEAD_DIM, QuantizedIndexerQuery, quantize_indexer_queries
 
 _QUERY_HEADS_PER_PROGRAM = 16
@@ -158,12 +158,8 @@ def _latent_prologue_kernel(
         tl.store(dst + second, out_b, mask=mask)
         if LATENT != 0:
             tl.debug_barrier()
-            if LATENT == 2:
-                _latent_fp8_rows(row, latent_a_ptr, latent_b_ptr, latent_c_ptr, kv_out_ptr, pe_out_ptr, slot_ptr,
-                                 num_slots, KV_DIM, 2 * PE_HALF, 1)  # fmt: skip
-            else:
-                _latent_plain_rows(row, latent_a_ptr, kv_out_ptr, pe_out_ptr, slot_ptr, num_slots, KV_DIM,
-                                   2 * PE_HALF, 1)  # fmt: skip
+            latent_rows(LATENT, row, latent_a_ptr, latent_b_ptr, latent_c_ptr, kv_out_ptr, pe_out_ptr, slot_ptr,
+                        num_slots, KV_DIM, 2 * PE_HALF, 1)  # fmt: skip
     else:
         src = key_ptr + row * stride_key
         dst = key_out_ptr + row * KEY_DIM
@@ -190,11 +186,7 @@ def _latent_prologue_kernel(
         tl.store(hw_out_ptr + row * NUM_HW + heads, hw * scale, mask=heads < NUM_HW)
         if INDEX != 0:
             tl.debug_barrier()
-            if INDEX == 2:
-                _indexer_fp8_rows(row, index_a_ptr, index_b_ptr, key_out_ptr, slot_ptr, num_slots, KEY_DIM,
-                                  block_size, 1)  # fmt: skip
-            else:
-                _indexer_plain_rows(row, index_a_ptr, key_out_ptr, slot_ptr, num_slots, KEY_DIM, 1)
+            index_rows(INDEX, row, index_a_ptr, index_b_ptr, key_out_ptr, slot_ptr, num_slots, KEY_DIM, block_size, 1)
 
 
 @triton.jit
