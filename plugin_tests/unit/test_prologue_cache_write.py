@@ -57,7 +57,8 @@ def _layer(gen, latent_cache, index_cache):
                             kv_a_layernorm=kv_norm, indexer=indexer, rotary_emb=mla_rope, index_q_fp8_heads=0,
                             _q_b=lambda q_c, heads: q_c @ q_b,
                             mla_attn=SimpleNamespace(kv_cache=latent_cache, kv_cache_dtype="fp8_ds_mla"))  # fmt: skip
-    layer._prologue_cache_write = CpNsaAttention._prologue_cache_write.__get__(layer)
+    for name in ("_prologue_cache_write", "_caches"):
+        setattr(layer, name, getattr(CpNsaAttention, name).__get__(layer))
     return layer, n
 
 

@@ -364,13 +364,18 @@ class CpNsaAttention(nn.Module):
         batch of that size (vLLM's V2 model runner captures them with a dummy batch's metadata)."""
         if meta is None or meta.plan.is_split or in_piecewise_cudagraph():
             return None
-        latent_cache = self.mla_attn.kv_cache
-        if latent_cache.numel() == 0:
+        caches = self._caches()
+        if caches.latent.numel() == 0:
             return None
         from ..kernels.mla_prologue import TokenCacheWrite  # imports triton: lazily
 
-        return TokenCacheWrite(latent_cache, self.mla_attn.kv_cache_dtype, self.indexer.k_cache.kv_cache,
-                               self.indexer.k_cache.fp8, meta.slot_mapping, meta.block_size)  # fmt: skip
+        return TokenCacheWrite(caches.latent, caches.kv_cache_dtype, caches.index, caches.index_fp8,
+                               meta.slot_mapping, meta.block_size)  # fmt: skip
+
+    def _caches(self) -> NsaCaches:
+        """The layer's latent and indexer caches, as the attention and the prologue write them."""
+        return NsaCaches(latent=self.mla_attn.kv_cache, index=self.indexer.k_cache.kv_cache,
+                         kv_cache_dtype=self.mla_attn.kv_cache_dtype, index_fp8=self.indexer.k_cache.fp8)
 
     def _attend_into(self, values, q_nope, q_pe, q_latent, kv_c, k_pe, index_q, index_weights, index_k,
                      positions, index_q8=None, index_w8=None, caches_written=False) -> None:  # fmt: skip
@@ -407,12 +412,7 @@ class CpNsaAttention(nn.Module):
             index_q_fp8 = None if index_q_fp8 is None else index_q_fp8.rows(rows)
             # every layer gets the same positions view, so per-forward caches keyed on it hit
             positions = meta.per_forward_value("positions", lambda: positions[:rows])
-        caches = NsaCaches(
-            latent=latent_cache,
-            index=self.indexer.k_cache.kv_cache,
-            kv_cache_dtype=self.mla_attn.kv_cache_dtype,
-            index_fp8=self.indexer.k_cache.fp8,
-        )
+        caches = self._caches()
         nsa_attention(
             q_nope=q_nope,
             q_pe=q_pe,
