@@ -45,6 +45,18 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / step).max())
 
 
+def _steps_at(a: torch.Tensor, b: torch.Tensor, size: torch.Tensor) -> float:
+    """Largest difference of a and b in bf16 steps at the magnitudes ``size``."""
+    step = size.float().clamp(min=2.0**-126).log2().floor().exp2() * 2.0**-7
+    return float(((a.float() - b.float()).abs() / step).max())
+
+
+def _pair_columns(rope_dim: int, neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns a rope rotates together: halves (neox) or neighbours (interleaved)."""
+    pair = torch.arange(rope_dim // 2)
+    return (pair, pair + rope_dim // 2) if neox else (2 * pair, 2 * pair + 1)
+
+
 def _bf(v: float) -> float:
     return torch.tensor(v).to(torch.bfloat16).float().item()
 
@@ -296,8 +308,12 @@ def test_shape_errors_and_cpu_dispatch():
 def test_gpu_equals_vllms_norms_and_rotary_kernel(key_neox):
     """The path it replaces on CUDA: vLLM's RMSNorms on the fused projection's strided slices,
     its LayerNorm (fp32 weights) on the key slice, its rotary kernel in place on k_pe / the key,
-    then on q_pe / the indexer query; equal up to one bf16 step (the norms' reduction order),
-    the ropes of the queries bit-exact."""
+    then on q_pe / the indexer query. The same arithmetic, so the ropes of the queries and k_pe
+    are bit-exact; the norms' row statistics come out of a different fp32 reduction, which moves
+    a rounding of the normed row by one step now and then (under 1 % of the elements). Through
+    the RMSNorm's weight that step can land as two steps of a product in a lower binade (seen on
+    an H200, 2026-12-05); through the key's rope, whose outputs cancel, it is bounded by the
+    steps of the pair being rotated, not of its output."""
     from vllm._custom_ops import rotary_embedding
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
@@ -316,16 +332,22 @@ def test_gpu_equals_vllms_norms_and_rotary_kernel(key_neox):
             layer.bias.data = norm.bias.cuda()
     table = _table().cuda()
     want_q, want_kv, want_key = q_layer(q_c), kv_layer(kv_c), key_layer(key)
+    key_normed = want_key.clone()  # before the rope
     want_pe = k_pe.clone()
     rotary_embedding(positions, want_key[:, None, :PE], None, PE, table, key_neox)
     rotary_embedding(positions, want_pe[:, None], None, PE, table, False)
     got = mp.latent_prologue(q_c, kv_c, k_pe, key, head_w, scale, positions, Norm(q_layer.weight, None, 1e-6),
                              Norm(kv_layer.weight, None, 1e-6), Norm(key_layer.weight, key_layer.bias, 1e-6),
                              Rope(table, PE, False), Rope(table, PE, key_neox))  # fmt: skip
-    for g, w in zip(got, (want_q, want_kv, want_pe, want_key)):
-        assert _ulps(g, w) <= 1
-        assert (g != w).float().mean().item() < 0.01
+    for name, g, w in zip(("q", "kv", "k_pe", "key"), got, (want_q, want_kv, want_pe, want_key)):
+        assert (g != w).float().mean().item() < 0.01, name
+    assert _ulps(got[0], want_q) <= 2 and _ulps(got[1], want_kv) <= 2
     assert torch.equal(got[2], want_pe)
+    assert _ulps(got[3][:, PE:], want_key[:, PE:]) <= 1  # the LayerNorm alone: rounded once on both sides
+    pair_first, pair_second = _pair_columns(PE, key_neox)
+    pair_size = torch.maximum(key_normed[:, pair_first].abs(), key_normed[:, pair_second].abs()).float() * 1.1
+    for cols in (pair_first, pair_second):  # 1.1: the table's largest |cos| / |sin|
+        assert _steps_at(got[3][:, cols], want_key[:, cols], pair_size) <= 3
     assert torch.equal(got[4], head_w * scale)  # the model's unfused weights: bf16 times the fp32 scale
     q = (torch.randn(4096, 16, NOPE + PE, generator=gen) * 2).bfloat16().cuda()
     index_q = (torch.randn(4096, INDEX_HEADS, KEY, generator=gen) * 2).bfloat16().cuda()

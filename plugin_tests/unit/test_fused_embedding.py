@@ -27,9 +27,26 @@ VOCAB, HIDDEN = 300, 7168
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
+    """Largest difference in bf16 steps at the larger magnitude of each pair."""
+    a, b = a.double(), b.double()
     step = torch.maximum(a.abs(), b.abs()).clamp(min=2.0**-126).log2().floor().exp2() * 2.0**-7
     return float(((a - b).abs() / step).max())
+
+
+def _exact_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The RMSNorm in fp64, not rounded: what both paths approximate."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.detach().double()
+
+
+def _assert_rounded_once(fused: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> None:
+    """The kernel's contract on the device: fp32 math rounded once, so within half a bf16 step of
+    the exact result (plus fp32's own error), and never less accurate on average than the
+    unfused path, which rounds twice (the normed row, then its product with the weight). The
+    two differ by one step in about a quarter of the elements for that reason alone."""
+    assert _ulps(fused, exact) <= 0.5 + 1e-3
+    assert (fused.double() - exact).abs().mean() <= (plain.double() - exact).abs().mean()
+    assert _ulps(fused, plain) <= 2
 
 
 def _kernel_contract(input_ids, embed_table, chain_weight, eps):
@@ -101,7 +118,9 @@ def test_fused_start_hands_the_first_layer_its_normed_input(monkeypatch, tokens)
     assert torch.equal(plain[0][0], rows) and plain[0][1] is None and plain[0][2] is False
     x, residual, normed = fused[0]
     assert normed is True and torch.equal(residual, rows)
-    assert x.dtype == want.dtype and x.shape == want.shape and _ulps(x, want) <= 1
+    assert x.dtype == want.dtype and x.shape == want.shape
+    norm = model.layers[0].input_layernorm
+    _assert_rounded_once(x, want, _exact_rms_norm(rows, norm.weight, norm.variance_epsilon))
     ((weight, eps),) = calls
     assert eps == 1e-5 and weight is model.layers[0].input_layernorm.weight
     assert fused[1][2] is False and plain[1][2] is False  # only the first layer is handed a normed input
@@ -119,12 +138,14 @@ def test_fused_start_only_where_the_whole_table_is_here():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tokens", [1, 8, 4096])
 def test_gpu_fused_start_equals_the_unfused_one(monkeypatch, tokens):
-    """vLLM's kernel on CUDA: the residual bit-exact, the normed input within one bf16 step of
-    vLLM's RMSNorm on the looked-up rows, for most elements exactly."""
-    plain, fused, rows, want, _ = _run_both(monkeypatch, "cuda", tokens)
+    """vLLM's kernel on CUDA: the residual bit-exact, the normed input the exact RMSNorm of the
+    looked-up rows rounded once (2026-12-05 on an H200: a quarter of its elements one step from
+    vLLM's RMSNorm class, which rounds twice)."""
+    plain, fused, rows, want, model = _run_both(monkeypatch, "cuda", tokens)
     x, residual, normed = fused[0]
     assert normed is True and torch.equal(residual, rows)
-    assert _ulps(x, want) <= 1 and (x != want).float().mean().item() < 0.05
+    norm = model.layers[0].input_layernorm
+    _assert_rounded_once(x, want, _exact_rms_norm(rows, norm.weight, norm.variance_epsilon))
 
 
 def _eh_contract(positions, input_ids, embed_table, previous_hidden, enorm_w, hnorm_w, eps):
@@ -139,7 +160,8 @@ def _eh_contract(positions, input_ids, embed_table, previous_hidden, enorm_w, hn
 
 
 def _mtp_input(monkeypatch, device, fused: bool, positions, ids, previous):
-    """What the MTP draft layer's eh_proj receives, with the fused input forced or not."""
+    """What the MTP draft layer's eh_proj receives, with the fused input forced or not, and the
+    exact (fp64, unrounded) input it approximates."""
     from vllm_cp_nsa.adapter import mtp as adapter_mtp
     from vllm_cp_nsa.adapter.mtp import CpNsaDeepseekV32MTP, CpNsaMtpLayer
 
@@ -166,7 +188,10 @@ def _mtp_input(monkeypatch, device, fused: bool, positions, ids, previous):
         hidden, recycled = CpNsaDeepseekV32MTP.forward(model, ids, positions, previous)
     assert hidden.shape == recycled.shape == (len(ids), HIDDEN)
     (x,) = seen
-    return x
+    rows = torch.where(positions[:, None] == 0, 0, embedding.weight.detach()[ids])
+    exact = torch.cat([_exact_rms_norm(rows, enorm.weight, enorm.variance_epsilon),
+                       _exact_rms_norm(previous, hnorm.weight, hnorm.variance_epsilon)], dim=-1)  # fmt: skip
+    return x, exact
 
 
 def test_mtp_draft_input_fused_equals_unfused(monkeypatch):
@@ -181,9 +206,10 @@ def test_mtp_draft_input_fused_equals_unfused(monkeypatch):
     positions = torch.tensor([0, 5, 6, 0, 9])
     ids = torch.randint(0, VOCAB, (5,), generator=gen)
     previous = (torch.randn(5, HIDDEN, generator=gen) * 2).bfloat16()
-    plain = _mtp_input(monkeypatch, "cpu", False, positions, ids, previous)
-    fused = _mtp_input(monkeypatch, "cpu", True, positions, ids, previous)
-    assert plain.shape == fused.shape == (5, 2 * HIDDEN) and _ulps(fused, plain) <= 1
+    plain, exact = _mtp_input(monkeypatch, "cpu", False, positions, ids, previous)
+    fused, _ = _mtp_input(monkeypatch, "cpu", True, positions, ids, previous)
+    assert plain.shape == fused.shape == (5, 2 * HIDDEN)
+    _assert_rounded_once(fused, plain, exact)
     assert not fused[positions == 0, :HIDDEN].any() and fused[positions != 0, :HIDDEN].abs().sum() > 0
     ((enorm_w, hnorm_w, eps),) = calls
     assert eps == 1e-6 and not torch.equal(enorm_w, hnorm_w)
@@ -197,6 +223,6 @@ def test_gpu_mtp_draft_input_fused_equals_unfused(monkeypatch):
     positions = torch.tensor([0, 5, 6, 0, 9] * 100).cuda()
     ids = torch.randint(0, VOCAB, (500,), generator=gen).cuda()
     previous = (torch.randn(500, HIDDEN, generator=gen) * 2).bfloat16().cuda()
-    plain = _mtp_input(monkeypatch, "cuda", False, positions, ids, previous)
-    fused = _mtp_input(monkeypatch, "cuda", True, positions, ids, previous)
-    assert _ulps(fused, plain) <= 1 and (fused != plain).float().mean().item() < 0.05
+    plain, exact = _mtp_input(monkeypatch, "cuda", False, positions, ids, previous)
+    fused, _ = _mtp_input(monkeypatch, "cuda", True, positions, ids, previous)
+    _assert_rounded_once(fused, plain, exact)
