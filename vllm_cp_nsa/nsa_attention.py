@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .bounds_check import bounds_checks_enabled, check_batch_bounds
 from .communicator import CpGroup, gather_token_rows
 from .kernels.kv_cache_ref import INDEX_HEAD_DIM, LATENT_DIM, ROPE_DIM, QuantizedIndexerQuery
 from .split_plan import SplitPlan, SplitStrategy, build_split_plan, unsplit_plan
@@ -443,6 +444,9 @@ def nsa_attention(
     index_q [n, Hi, 128] (roped), index_weights [n, Hi] (all scales folded),
     index_k [n, 128] (roped); w_uk_t [H, P, 512], w_uv [H, 512, V].
     """
+    if bounds_checks_enabled():
+        check_batch_bounds(meta.local_req, meta.local_kv_len(local_positions), meta.slot_mapping, meta.block_table,
+                           meta.block_size, min(caches.latent.shape[0], caches.index.shape[0]))  # fmt: skip
     if not caches_written:
         write_new_tokens(kv_c, k_pe, index_k, meta, caches, group, ops)
     n, num_heads, v_dim = q_nope.shape[0], w_uv.shape[0], w_uv.shape[-1]
