@@ -13,9 +13,13 @@ the indexer's q), the indexer key's own kernel and the weights' scaling: six lau
 where vLLM 0.34's own V3.2 runs two (``fused_norm_rope`` / ``fused_q``); the norm / rope share of the b8 decode gap in
 the 1204j profile on one H200 (eval/gpu_vllm_notes.md). The arithmetic is the unfused path's:
 vLLM's RMSNorm (fp32, the normalized row rounded to the dtype, then times the weight, rounded),
-the LayerNorm in fp32 rounded to the dtype, and vLLM's rotary kernel, which reads cos / sin in
-the rows' dtype and rounds each product and each sum to it. Only the norms' fp32 reduction
-order may differ. References: :func:`latent_prologue_ref`, :func:`query_rope_ref`.
+the LayerNorm in fp32 rounded to the dtype, and vLLM 0.34's rotary kernel, which reads cos / sin
+in the rows' dtype (vLLM matches its table to the query's) and computes a pair in fp32, rounded
+once (the kernel before it rounded each product and sum: 1 step apart in a third of the outputs,
+seen on an H200 on 2026-12-05; 0.34's ``fused_norm_rope`` / ``fused_q`` round once too). With
+bf16 rows and cos / sin the products are exact in fp32, so a fused multiply-add gives the same
+bits. Only the norms' fp32 reduction order may differ. References: :func:`latent_prologue_ref`,
+:func:`query_rope_ref`.
 """
 
 from __future__ import annotations
@@ -93,11 +97,8 @@ def _cos_sin(cs_ptr, pos, stride_cs, pair, mask, HALF: tl.constexpr, dtype: tl.c
 
 @triton.jit
 def _rotated(a, b, cos, sin, dtype: tl.constexpr):
-    """vLLM's rotary arithmetic on a pair (a, b) already in ``dtype``: each product and each
-    sum rounded to it."""
-    out_a = cast_rne(a * cos, dtype).to(tl.float32) - cast_rne(b * sin, dtype).to(tl.float32)
-    out_b = cast_rne(b * cos, dtype).to(tl.float32) + cast_rne(a * sin, dtype).to(tl.float32)
-    return cast_rne(out_a, dtype), cast_rne(out_b, dtype)
+    """vLLM's rotary arithmetic on a pair (a, b) already in ``dtype``: fp32, rounded once."""
+    return cast_rne(a * cos - b * sin, dtype), cast_rne(b * cos + a * sin, dtype)
 
 
 @triton.jit
@@ -212,10 +213,10 @@ def _rope_head_block(x_ptr, stride_head, heads, real, pos, cs_ptr, stride_cs, HE
     rows_ok = real[:, None] & (cols < HEAD_DIM)[None, :]
     x = tl.load(base + cols[None, :], mask=rows_ok, other=0.0).to(tl.float32)
     partner_x = tl.load(base + partner[None, :], mask=rows_ok, other=0.0).to(tl.float32)
-    # vLLM's rotary arithmetic (``_rotated``): a' = a cos - b sin, b' = b cos + a sin, each
-    # product and the sum rounded to the dtype
-    x_cos = cast_rne(x * cos[None, :], dtype).to(tl.float32)
-    partner_sin = cast_rne(partner_x * sin[None, :], dtype).to(tl.float32)
+    # vLLM's rotary arithmetic (``_rotated``): a' = a cos - b sin, b' = b cos + a sin in fp32,
+    # rounded once to the dtype
+    x_cos = x * cos[None, :]
+    partner_sin = partner_x * sin[None, :]
     roped = cast_rne(tl.where(first[None, :], x_cos - partner_sin, x_cos + partner_sin), dtype)
     rope_mask = rows_ok & in_rope[None, :]
     tl.store(base + cols[None, :], roped, mask=rope_mask)
@@ -283,7 +284,7 @@ def layer_norm_ref(x: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 def rope_ref(x: torch.Tensor, positions: torch.Tensor, rope: Rope) -> torch.Tensor:
     """x [n, D] or [n, H, D] with dims ``[0, rope.dim)`` rotated at ``positions`` [n], as vLLM's
-    rotary kernel computes it (cos / sin in x's dtype, each product and sum rounded)."""
+    rotary kernel computes it (cos / sin in x's dtype, a pair in fp32, rounded once)."""
     dtype, half = x.dtype, rope.dim // 2
     pair = torch.arange(half, device=x.device)
     first, second = (pair, pair + half) if rope.neox else (2 * pair, 2 * pair + 1)
@@ -293,12 +294,9 @@ def rope_ref(x: torch.Tensor, positions: torch.Tensor, rope: Rope) -> torch.Tens
     cos, sin = rows[..., :half].float(), rows[..., half : rope.dim].float()
     a, b = x[..., first].float(), x[..., second].float()
 
-    def rounded(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).float()
-
     out = x.clone()
-    out[..., first] = (rounded(a * cos) - rounded(b * sin)).to(dtype)
-    out[..., second] = (rounded(b * cos) + rounded(a * sin)).to(dtype)
+    out[..., first] = (a * cos - b * sin).to(dtype)
+    out[..., second] = (b * cos + a * sin).to(dtype)
     return out
 
 

@@ -61,15 +61,20 @@ def _bf(v: float) -> float:
     return torch.tensor(v).to(torch.bfloat16).float().item()
 
 
+def _f32(v: float) -> float:
+    return torch.tensor(v, dtype=torch.float64).float().item()
+
+
 def _rope_rule(vals: list[float], table_row: list[float], rope_dim: int, neox: bool) -> list[float]:
-    """vLLM's rotary kernel on one row of bf16 values, in Python floats."""
+    """vLLM 0.34's rotary kernel on one row of bf16 values, in Python floats: the pair's sum in
+    fp32 (the bf16 products are exact in Python's doubles and in fp32), then rounded to bf16."""
     out = list(vals)
     half = rope_dim // 2
     for i in range(half):
         j, k = (i, i + half) if neox else (2 * i, 2 * i + 1)
-        c, s = table_row[i], table_row[half + i]
-        out[j] = _bf(_bf(vals[j] * c) - _bf(vals[k] * s))
-        out[k] = _bf(_bf(vals[k] * c) + _bf(vals[j] * s))
+        c, s = _bf(table_row[i]), _bf(table_row[half + i])
+        out[j] = _bf(_f32(vals[j] * c - vals[k] * s))
+        out[k] = _bf(_f32(vals[k] * c + vals[j] * s))
     return out
 
 
@@ -308,8 +313,10 @@ def test_shape_errors_and_cpu_dispatch():
 def test_gpu_equals_vllms_norms_and_rotary_kernel(key_neox):
     """The path it replaces on CUDA: vLLM's RMSNorms on the fused projection's strided slices,
     its LayerNorm (fp32 weights) on the key slice, its rotary kernel in place on k_pe / the key,
-    then on q_pe / the indexer query. The same arithmetic, so the ropes of the queries and k_pe
-    are bit-exact; the norms' row statistics come out of a different fp32 reduction, which moves
+    then on q_pe / the indexer query. The same arithmetic (vLLM 0.34's rotary kernel: fp32,
+    rounded once; the kernel's per-product rounding before it left k_pe 1 step apart in 34 % of
+    the elements on an H200, 2026-12-05), so the ropes of the queries and k_pe are bit-exact;
+    the norms' row statistics come out of a different fp32 reduction, which moves
     a rounding of the normed row by one step now and then (under 1 % of the elements). Through
     the RMSNorm's weight that step can land as two steps of a product in a lower binade (seen on
     an H200, 2026-12-05); where outputs cancel (the key's rope, its LayerNorm's bias) it is
