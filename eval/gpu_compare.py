@@ -763,6 +763,20 @@ def ensure_model(args) -> tuple[Path, float]:
     return model_dir, seconds
 
 
+def checkpoint_dirs(model_dir: Path, args, configs: list[str]) -> tuple[Path, Path | None, float]:
+    """(the checkpoint every timed run loads, the bf16 copy the ``"model": "bf16"`` configs load,
+    seconds spent dequantizing). ``--weights bf16`` times every run on the release checkpoint's
+    bf16-dequantized copy: issue 18's bf16-weights table, in the same driver and workloads."""
+    bf16_configs = [c for c in configs if CONFIGS[c].get("model") == "bf16"]
+    if not bf16_configs and args.weights != "bf16":
+        return model_dir, None, 0.0
+    if args.preset != "release":
+        needs = "--weights bf16" if args.weights == "bf16" else f"configs {bf16_configs}"
+        sys.exit(f"{needs} need --preset release (the bf16 copy is dequantized from its fp8 block weights)")
+    bf16_dir, seconds = ensure_bf16_copy(model_dir, args)
+    return (bf16_dir if args.weights == "bf16" else model_dir), bf16_dir, seconds
+
+
 def ensure_bf16_copy(model_dir: Path, args) -> tuple[Path, float]:
     """``model_dir``'s weights dequantized to bf16 (no quantization_config) next to it, once."""
     copy_dir = model_dir.with_name(model_dir.name + "-bf16")
@@ -926,12 +940,8 @@ def drive(args) -> None:
         phases = [p for p in phases if p in ("warmup", "agreement")]  # a 6 MB model times nothing useful
     else:
         model_dir, build_s = ensure_model(args)
-    bf16_dir = None
-    if any(CONFIGS[c].get("model") == "bf16" for c in configs):
-        if args.preset != "release":
-            sys.exit(f"configs {[c for c in configs if CONFIGS[c].get('model') == 'bf16']} need --preset release")
-        bf16_dir, dequantize_s = ensure_bf16_copy(model_dir, args)
-        build_s += dequantize_s
+    model_dir, bf16_dir, dequantize_s = checkpoint_dirs(model_dir, args, configs)
+    build_s += dequantize_s
     longest = max(lengths + [n for _, n in workload["batches"]] + [workload["busy"]["new_length"],
                   workload["decode"]["length"] + workload["decode"]["tokens"],
                   max(workload["greedy"]["lengths"]) + workload["greedy"]["tokens"],
@@ -949,6 +959,7 @@ def drive(args) -> None:
             "cpu_dry_run": args.cpu_dry_run, "command": sys.argv, "profile_length": profile_length,
             "profile_prompts": args.profile_prompts,
             "profile_activities": args.profile_activities, "trained_model": bool(args.trained_model),
+            "weights": args.weights,
         },
         "runs": {},
     }
@@ -1090,7 +1101,7 @@ def render_markdown(report: dict) -> str:
         f"- model: random DeepSeek-V3.2 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads, index_topk {cfg['index_topk']}, {cfg['n_routed_experts']} experts "
         f"top-{cfg['num_experts_per_tok']}, MTP layers {cfg['num_nextn_predict_layers']}), "
-        f"{'fp8 128x128 block weights (the release format; *-bf16 runs: its bf16-dequantized copy)' if cfg.get('quantization_config') else 'bf16 weights'}, "
+        f"{'fp8 128x128 block weights (the release format; *-bf16 runs: its bf16-dequantized copy)' if cfg.get('quantization_config') else 'bf16 weights (the release checkpoint dequantized: --weights bf16)' if meta.get('weights') == 'bf16' else 'bf16 weights'}, "
         f"`{meta['model_dir']}` ({built})"),
         f"- engine: max_model_len {meta['max_model_len']}, max_num_batched_tokens {meta['max_num_batched_tokens']}, "
         f"max_num_seqs 16, prefix caching off, gpu_memory_utilization {meta['gpu_memory_utilization']}, "
@@ -1272,6 +1283,8 @@ def main(argv=None) -> None:
     d.add_argument("--preset", choices=["default", "release"], default="default",
                    help="checkpoint format: release = the official release's fp8 block weights + scales, grouped "
                         "routing, YaRN (make_tiny_model --preset release); its bf16 copy for *-bf16 configs")
+    d.add_argument("--weights", choices=["as-built", "bf16"], default="as-built",
+                   help="bf16: every run loads the --preset release checkpoint's bf16-dequantized copy")
     d.add_argument("--num-experts", type=int, default=32, help="routed experts of the --preset release checkpoint")
     d.add_argument("--append", action="store_true",
                    help=f"add this call's runs to the last report of the same GPU kind and N (kept in {KEEP_DIR})")

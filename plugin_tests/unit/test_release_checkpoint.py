@@ -184,6 +184,26 @@ def test_gpu_compare_measures_every_run_against_the_bf16_reference():
     assert gc.plugin_log_lines(log) == ["vllm_cp_nsa: installed but not active"]
 
 
+def test_gpu_compare_weights_bf16_times_every_run_on_the_dequantized_copy(tmp_path, monkeypatch):
+    import argparse
+    import subprocess
+
+    import gpu_compare as gc
+
+    release, copy = tmp_path / "release", tmp_path / "release-bf16"
+    monkeypatch.setattr(gc, "ensure_bf16_copy", lambda model_dir, args: (copy, 2.5))
+    args = argparse.Namespace(preset="release", weights="bf16")
+    assert gc.checkpoint_dirs(release, args, ["native-tp", "plugin-off"]) == (copy, copy, 2.5)
+    assert gc.checkpoint_dirs(release, args, ["native-bf16ref"]) == (copy, copy, 2.5)
+    args.weights = "as-built"
+    assert gc.checkpoint_dirs(release, args, ["native-tp"]) == (release, None, 0.0)
+    assert gc.checkpoint_dirs(release, args, ["native-tp", "native-bf16ref"]) == (release, copy, 2.5)
+    with pytest.raises(SystemExit, match="--weights bf16 need --preset release"):
+        gc.checkpoint_dirs(release, argparse.Namespace(preset="default", weights="bf16"), ["native-tp"])
+    driver_help = subprocess.run([sys.executable, gc.__file__, "drive", "--help"], capture_output=True, text=True)
+    assert "--weights {as-built,bf16}" in driver_help.stdout
+
+
 def test_checkpoint_parts_go_to_vllms_fused_layers_by_whole_module_name():
     """q_a / kv_a into ``fused_qkv_a_proj``, the indexer's wk / weights_proj into
     ``wk_weights_proj`` (weights and block scales), as vLLM's own V3.2 stacks them; a name that
