@@ -46,9 +46,6 @@ CONFIGS = {
     "tp1-fp8-mtp1-chunked": (1, "off", "fp8", 1, "bfloat16"),
     "tp1-fp8-chunked": (1, "off", "fp8", 0, "bfloat16"),
     "tp1-bf16-mtp1-chunked": (1, "off", "auto", 1, "bfloat16"),
-    # the piecewise graphs the plugin holds back (MTP with an fp8 KV cache) tried anyway
-    # (config_hook.TRY_HELD_PIECEWISE_ENV); each alone ran as "-trypw" cases on 2026-12-04
-    "tp1-fp8-mtp1-chunked-trypw": (1, "off", "fp8", 1, "bfloat16"),
 }
 CHUNKED_CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
 """Graph sizes of the chunked cases. vLLM 0.34's default largest size is 2 x max_num_seqs (x the
@@ -59,11 +56,6 @@ LLM_OVERRIDES = {
     name: {"max_num_batched_tokens": 128, "compilation_config": {"cudagraph_capture_sizes": CHUNKED_CAPTURE_SIZES}}
     for name in CONFIGS if "-chunked" in name
 }
-
-
-def extra_env(name: str) -> dict[str, str]:
-    """A "-trypw" case lifts the plugin's hold on its piecewise graphs."""
-    return {"VLLM_CP_NSA_TRY_PIECEWISE": "1"} if name.endswith("-trypw") else {}
 
 
 def tiny_prompts() -> list[list[int]]:
@@ -96,7 +88,7 @@ def run_one(name: str, eager: bool, out_dir: Path, prompts, max_tokens: int, tim
         llm["speculative_config"] = {"method": "mtp", "num_speculative_tokens": num_spec}
     spec = {"llm": llm, "prompts": prompts,
             "sampling": {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}}
-    env = dict(os.environ, CP_NSA_TRACE_PLANS=trace, **extra_env(name))
+    env = dict(os.environ, CP_NSA_TRACE_PLANS=trace)
     started = time.time()
     try:
         proc = subprocess.run([sys.executable, str(REPO / "plugin_tests/e2e/vllm_runner.py"), json.dumps(spec)],

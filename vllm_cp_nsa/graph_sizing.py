@@ -92,8 +92,7 @@ def cp_capture_sizes(
     return CaptureSizes(sizes=sizes, decode_sizes=sorted(decode), max_size=sizes[-1], changes=changes)
 
 
-def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool, moe_capturable: bool,
-                             speculative: bool = False, fp8_kv: bool = False) -> tuple[bool, str]:
+def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool, moe_capturable: bool) -> tuple[bool, str]:
     """Whether prefill and mixed batches can replay vLLM's breakable piecewise CUDA graphs,
     and why (for the startup line).
 
@@ -112,11 +111,5 @@ def piecewise_graph_decision(*, cp_size: int, mode: str, heads_split: bool, moe_
         return False, f"mode={mode} picks each rank's rows from the batch"
     if heads_split:
         return False, "decode_attention=tp picks the heads per batch"
-    if speculative and fp8_kv:
-        # On one H200 (vLLM 0.34, 2026-12-03) a piecewise replay with an fp8 KV cache and MTP
-        # k=1 hit an illegal memory access; each alone replays the eager run's tokens (2026-12-04,
-        # eval/results/graph_check_trypw_h200_v034_1204e.json). Until the pair is isolated its
-        # mixed batches run eagerly.
-        return False, "piecewise replays with MTP and an fp8 KV cache together are not verified yet"
     return True, ("rows never split: graphs hold everything but the attention's eager break "
                   "(cache writes, indexer, sparse MLA)")

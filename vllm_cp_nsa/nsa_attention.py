@@ -75,14 +75,24 @@ class NsaForwardMetadata:
         return self._per_forward[key]
 
     def local_kv_len(self, local_positions: torch.Tensor) -> torch.Tensor:
-        """[rows] keys each local row attends over: its position + 1, 0 for padding rows.
+        """[rows] keys each local row attends over: its position + 1, at most the block table's
+        width, 0 for padding rows.
 
         Every layer passes the same positions tensor, so this is computed once per forward
         and every layer's indexer gets the same tensor (a kernel provider may key per-forward
-        host work on it, as ``vllm-deepgemm`` does)."""
+        host work on it, as ``vllm-deepgemm`` does).
+
+        The cap keeps every key read inside the block table whatever the positions say: vLLM
+        0.34's V2 model runner captures the MTP drafter's prefill graphs with a dummy batch
+        built in the target's buffers (one block-table column) while the drafter reads its own
+        positions buffer, still holding an earlier batch's positions (up to max_model_len - 1);
+        uncapped, the fp8 cache's kernels read past the table (the illegal memory access of
+        2026-12-03, named by ``VLLM_CP_NSA_CHECK_BOUNDS=1`` on 2026-12-05). A real batch's
+        positions lie inside its table (vLLM's sequence lengths bound both): the cap changes nothing."""
         hit = self._per_forward.get("kv_len")
         if hit is None or hit[0] is not local_positions:
-            kv_len = torch.where(self.local_req >= 0, local_positions.long() + 1, 0)
+            table_width = self.block_table.shape[1] * self.block_size
+            kv_len = torch.where(self.local_req >= 0, (local_positions.long() + 1).clamp_(max=table_width), 0)
             hit = self._per_forward["kv_len"] = (local_positions, kv_len)
         return hit[1]
 

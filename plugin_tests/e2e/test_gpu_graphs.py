@@ -17,8 +17,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.gpu]
 
 CASES = ["tp1-bf16", "tp1-bf16-chunked", "tp1-fp8-chunked", "tp1-bf16-mtp1-chunked", "tp1-fp8-mtp1-chunked",
          "tp2-rr-fp32-mtp1", "tp2-inseq-fp32-mtp1", "tp2-rr-tpdecode-fp32-mtp1"]
-# piecewise graphs held back (graph_sizing.piecewise_graph_decision): MTP with an fp8 KV cache
-PIECEWISE_HELD = ("tp1-fp8-mtp1-chunked",)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -33,12 +31,11 @@ def test_graph_replays_equal_eager(name, tmp_path):
     assert compare(eager, graph)["equal"]
     assert graph["graph_padded_forwards"] > 0  # padded FULL-graph batches were replayed
     assert "FULL" in (graph["plugin_graph_line"] or "")  # uniform decode batches replay FULL graphs
-    # rows never split: prefill / mixed batches replay breakable piecewise graphs, unless held back
-    captured_piecewise = any("PIECEWISE" in mode for mode in graph["vllm_captured_modes"])
+    # rows never split: prefill / mixed batches replay breakable piecewise graphs
     if name.endswith("-chunked"):
-        assert captured_piecewise is (name not in PIECEWISE_HELD), graph["vllm_captured_modes"]
+        assert any("PIECEWISE" in mode for mode in graph["vllm_captured_modes"]), graph["vllm_captured_modes"]
         # short mixed batches (a prompt's last chunk beside decodes) replayed them, padded
-        assert (graph["piecewise_padded_forwards"] > 0) is (name not in PIECEWISE_HELD)
+        assert graph["piecewise_padded_forwards"] > 0
 
 
 def test_decode_attention_tp_equals_split_decode(tmp_path):

@@ -46,14 +46,27 @@ def test_padding_rows_are_not_checked():
 
 
 def test_keys_past_a_narrowed_table_are_named():
-    """A prefill batch keeps only the columns its ``max_seq_len`` needs; a row whose position lies
-    past them (a wrong bound) reads columns the table no longer has."""
+    """A prefill batch keeps only the columns its ``max_seq_len`` needs; a key length past them
+    would read columns the table no longer has."""
     meta, positions = _batch(max_seq_len=25)  # 2 columns of 16: positions up to 31
     assert meta.block_table.shape[1] == 2 and _errors(meta, positions) == []
-    positions = positions.clone()
-    positions[-1] = 40
-    (error,) = _errors(meta, positions)
+    kv_len = meta.local_kv_len(positions).clone()
+    kv_len[-1] = 41
+    (error,) = batch_bounds_errors(meta.local_req, kv_len, meta.slot_mapping, meta.block_table, BLOCK, NUM_BLOCKS)
     assert "key ranges up to 41 beyond the block table's 2 columns x 16 = 32 positions: rows [7]" in error
+
+
+def test_positions_past_the_table_read_no_further_than_it():
+    """vLLM 0.34 captures the MTP drafter's prefill graphs with a dummy batch while the drafter
+    reads stale positions (up to max_model_len - 1): the key lengths stop at the table's width,
+    so the checks pass; positions inside it keep their own lengths."""
+    meta, positions = _batch(max_seq_len=25)  # 2 columns of 16
+    inside = meta.local_kv_len(positions).tolist()
+    stale = positions.clone()
+    stale[-1], stale[0] = 2047, 40
+    kv_len = meta.local_kv_len(stale)
+    assert kv_len.tolist() == [32] + inside[1:-1] + [32]
+    assert _errors(meta, stale) == []
 
 
 def test_blocks_outside_the_cache_are_named():
@@ -94,12 +107,12 @@ def test_the_attention_checks_before_it_writes_only_when_asked(monkeypatch, enab
 
     monkeypatch.setattr(nsa, "write_new_tokens", write)
     meta, positions = _batch(max_seq_len=25)
-    positions[-1] = 40
-    caches = NsaCaches(latent=torch.zeros(NUM_BLOCKS, BLOCK, 656, dtype=torch.uint8),
-                       index=torch.zeros(NUM_BLOCKS, BLOCK * 132, dtype=torch.uint8), kv_cache_dtype="fp8_ds_mla",
+    small = 4  # caches of 4 blocks: request 1's blocks 4 and 5 lie outside them
+    caches = NsaCaches(latent=torch.zeros(small, BLOCK, 656, dtype=torch.uint8),
+                       index=torch.zeros(small, BLOCK * 132, dtype=torch.uint8), kv_cache_dtype="fp8_ds_mla",
                        index_fp8=True)  # fmt: skip
     n, empty = positions.shape[0], torch.empty(0)
-    with pytest.raises(ValueError if enabled else Written, match="beyond the block table" if enabled else None):
+    with pytest.raises(ValueError if enabled else Written, match="of a 4-block cache" if enabled else None):
         nsa.nsa_attention(q_nope=torch.zeros(n, 2, 32), q_pe=empty, kv_c=empty, k_pe=empty, index_q=empty,
                           index_weights=empty, index_k=empty, local_positions=positions, w_uk_t=empty,
                           w_uv=torch.zeros(2, 512, 32), meta=meta, caches=caches, topk=2048, sm_scale=1.0, group=None,

@@ -216,29 +216,3 @@ def test_piecewise_graphs_only_for_a_layout_fixed_by_the_padded_size(cp_size, mo
     ok, reason = piecewise_graph_decision(cp_size=cp_size, mode=mode, heads_split=heads_split,
                                           moe_capturable=moe_ok)
     assert ok is expected and reason
-
-
-@pytest.mark.parametrize("speculative,fp8_kv", [(True, False), (False, True), (True, True)])
-def test_piecewise_graphs_held_only_for_mtp_with_fp8_kv(speculative, fp8_kv):
-    from vllm_cp_nsa.graph_sizing import piecewise_graph_decision
-
-    ok, reason = piecewise_graph_decision(cp_size=1, mode="off", heads_split=False, moe_capturable=True,
-                                          speculative=speculative, fp8_kv=fp8_kv)
-    assert ok is not (speculative and fp8_kv)
-    assert ("not verified" in reason) is not ok
-
-
-def test_try_held_piecewise_knob(monkeypatch):
-    """The GPU graph check's diagnostic knob is 1 or 0; anything else fails at startup."""
-    from vllm_cp_nsa.adapter.config_hook import TRY_HELD_PIECEWISE_ENV, try_held_piecewise
-    from vllm_cp_nsa.config import CpNsaConfigError
-
-    monkeypatch.delenv(TRY_HELD_PIECEWISE_ENV, raising=False)
-    assert try_held_piecewise() is False
-    monkeypatch.setenv(TRY_HELD_PIECEWISE_ENV, "1")
-    assert try_held_piecewise() is True
-    monkeypatch.setenv(TRY_HELD_PIECEWISE_ENV, "0")
-    assert try_held_piecewise() is False
-    monkeypatch.setenv(TRY_HELD_PIECEWISE_ENV, "fp8")
-    with pytest.raises(CpNsaConfigError, match="fp8"):
-        try_held_piecewise()

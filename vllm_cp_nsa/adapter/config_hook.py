@@ -18,7 +18,6 @@ other symbols the plugin needs.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
@@ -53,10 +52,6 @@ AUX_HIDDEN_STATE_METHODS = ("eagle3", "dflash", "extract_hidden_states")
 # The plugin's MoE communicators whose collectives span only the CP (= TP) group
 # ("scattered" spreads its experts over vLLM's EP group under DP: runtime.moe_group_coordinator).
 TP_GROUP_MOE_COMMUNICATORS = ("full",)
-# Diagnostic for the GPU graph check (eval/gpu_graph_check.py's "-trypw" case), not for serving:
-# "1" tries the piecewise graphs held back for MTP with an fp8 KV cache
-# (graph_sizing.piecewise_graph_decision), so a device run can show whether they replay.
-TRY_HELD_PIECEWISE_ENV = "VLLM_CP_NSA_TRY_PIECEWISE"
 
 
 def canonical_kv_cache_dtype(requested: str) -> str:
@@ -215,10 +210,10 @@ def _attention_split_policy(vllm_config: VllmConfig) -> AttentionSplitPolicy:
 _logged_lines: set[str] = set()
 
 
-def _log_once(line: str, warning: bool = False) -> None:
+def _log_once(line: str) -> None:
     if line not in _logged_lines:
         _logged_lines.add(line)
-        (logger.warning if warning else logger.info)(line)
+        logger.info(line)
 
 
 class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
@@ -249,28 +244,14 @@ class CpNsaV32ConfigHook(VerifyAndUpdateConfig):
             logger.warning(
                 "vllm_cp_nsa: mode=%s needs >= 2 ranks (-tp N); running unsplit", options.mode
             )
-        try_held = try_held_piecewise()
         piecewise, why = piecewise_graph_decision(
             cp_size=parallel.tensor_parallel_size, mode=options.mode, heads_split=policy.heads_split,
-            moe_capturable=getattr(communicator, "supports_cuda_graphs", False),
-            speculative=vllm_config.speculative_config is not None and not try_held,
-            fp8_kv=cache_config.cache_dtype == "fp8_ds_mla")
+            moe_capturable=getattr(communicator, "supports_cuda_graphs", False))
         set_cudagraph_mode(vllm_config, piecewise, why, split=options.mode != "off")
         if options.mode != "off" and parallel.tensor_parallel_size >= 2:
             set_cp_capture_sizes(vllm_config, split_decode=policy.split_decode)
         logger.info(describe_decision(
             vllm_config, options, policy, kernels, describe_moe(vllm_config, options, communicator, all_to_all)))
-
-
-def try_held_piecewise() -> bool:
-    """Whether ``VLLM_CP_NSA_TRY_PIECEWISE=1`` asks to try the held-back piecewise graphs (a warning says so)."""
-    raw = os.environ.get(TRY_HELD_PIECEWISE_ENV, "").strip()
-    if raw not in ("", "0", "1"):
-        raise CpNsaConfigError(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}={raw!r}: 1 or 0")
-    if raw == "1":
-        _log_once(f"vllm_cp_nsa: {TRY_HELD_PIECEWISE_ENV}=1: trying the piecewise graphs held back for MTP "
-                  "with an fp8 KV cache (a diagnostic, not verified)", warning=True)
-    return raw == "1"
 
 
 def set_cudagraph_mode(vllm_config: VllmConfig, piecewise: bool, why: str, split: bool = True) -> None:
