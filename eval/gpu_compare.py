@@ -90,6 +90,9 @@ CONFIGS = {
 SGLANG_UNSUPPORTED_PHASES = ("busy", "profile", "profile_decode")
 DEFAULT_CONFIGS = "native-tp,plugin-rr,plugin-inseq,native-pcp"
 DRY_RUN_CONFIGS = "native-tp,native-pcp,plugin-rr,plugin-inseq"
+# untimed full-length decode runs of each batch size before its timed reps
+DECODE_WARMUP_REPS = 2
+
 PHASES = ["warmup", "agreement", "ttft", "batches", "busy", "decode"]
 # Agreement reference when the report has it (any kv / MTP variant is measured against it).
 BF16_REFERENCES = ["native-bf16ref", "plugin-off-bf16"]
@@ -477,7 +480,10 @@ class Worker:
             def prompts(tag):
                 return [self.prompt(f"decode:{tag}:{batch}:{i}", length) for i in range(batch)]
 
-            self.generate(prompts("warmup"), max_tokens=16, ignore_eos=True)
+            # two full-length warmups: at b1 the first reps after the TTFT phases ran up to 1.7x
+            # slower than the later ones in both engines (H100, 12-05), then settled
+            for rep in range(DECODE_WARMUP_REPS):
+                self.generate(prompts(f"warmup:{rep}"), max_tokens=tokens, ignore_eos=True)
             # median of --reps samples: one 128-token sample varied by up to 30 % between calls
             samples = []
             for rep in range(self.spec["reps"]):
