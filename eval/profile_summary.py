@@ -15,8 +15,10 @@ Per rank: the GPU events (``cat`` kernel / gpu_memcpy / gpu_memset) summed per k
 per category (``CATEGORY_PATTERNS`` below: the first pattern that matches the name wins), the
 kernel time (sum over all streams), GPU busy (union over streams: NCCL on its own stream
 overlaps compute, so busy < sum when it does), the GPU span (first GPU event start to the last
-one's end), GPU idle in that span (span - busy: launch gaps, host syncs, eager overhead) and the
-profiled engine steps (vLLM's ``execute_context_..._generation_...`` CPU annotations). A run's
+one's end), GPU idle in that span (span - busy: launch gaps, host syncs, eager overhead), the
+profiled engine steps (vLLM's ``execute_context_..._generation_...`` CPU annotations) and the
+host's side of them (kernel / graph launch calls, aten ops dispatched, time in CUDA runtime /
+driver calls: what a host-bound step spends its time on). A run's
 column is the mean over its ranks. A trace with no GPU events (a CPU-only run, or a host without
 CUPTI) is summed over its CPU ops' self time instead, and says so.
 
@@ -144,6 +146,7 @@ def summarize_trace(trace: dict) -> dict:
     kernel_ms = sum(categories.values())
     span_ms = (max(t[2] for t in timed) - min(t[1] for t in timed)) / 1e3 if timed else 0.0
     busy_ms = _union_ms([(t[1], t[2]) for t in timed]) if gpu else None
+    api = [e for e in events if e.get("cat") in HOST_API_CATS]
     return {
         "source": source,
         "kernel_ms": kernel_ms,
@@ -151,6 +154,11 @@ def summarize_trace(trace: dict) -> dict:
         "span_ms": span_ms,
         "idle_ms": None if busy_ms is None else span_ms - busy_ms,
         "launches": len(timed),
+        # the host's side of a host-bound step: how many launches it made, how many aten ops
+        # it dispatched, and how long the CUDA runtime / driver calls themselves took
+        "host_launch_calls": sum(1 for e in api if LAUNCH_CALL.search(e.get("name", ""))),
+        "host_cpu_ops": sum(1 for e in events if e.get("cat") == "cpu_op"),
+        "host_api_ms": sum(e.get("dur", 0) for e in api) / 1e3,
         "steps": len(steps),
         "step_ms": sum(e.get("dur", 0) for e in steps) / 1e3 if steps else None,
         "step_names": sorted({e["name"] for e in steps})[:4],
@@ -284,9 +292,16 @@ def render_attribution(paths: list[str | Path], pattern: str, top: int) -> str:
 
 # ----------------------------------------------------------------------------- tables
 
+# CUDA runtime / driver calls on the host, and the ones among them that launch GPU work
+# (kernels, CUDA graphs)
+HOST_API_CATS = ("cuda_runtime", "cuda_driver")
+LAUNCH_CALL = re.compile(r"LaunchKernel|GraphLaunch|LaunchCooperativeKernel")
+HOST_COUNTS = [("host: kernel / graph launch calls", "host_launch_calls"), ("host: aten ops dispatched", "host_cpu_ops")]
+
 TOTALS = [("kernel time (sum over streams)", "kernel_ms"), ("GPU busy (union of streams)", "busy_ms"),
           ("GPU span (first to last GPU event)", "span_ms"), ("GPU idle in span", "idle_ms"),
-          ("engine step (execute_* annotation, CPU)", "step_ms")]
+          ("engine step (execute_* annotation, CPU)", "step_ms"),
+          ("host: CUDA runtime / driver call time", "host_api_ms")]
 
 
 def _mean(values: list) -> float | None:
@@ -297,7 +312,8 @@ def _mean(values: list) -> float | None:
 def run_means(run: dict) -> dict:
     """A run's numbers as the mean over its ranks."""
     ranks = list(run["ranks"].values())
-    out = {key: _mean([r.get(key) for r in ranks]) for _, key in TOTALS + [("", "launches"), ("", "steps")]}
+    out = {key: _mean([r.get(key) for r in ranks])
+           for _, key in TOTALS + HOST_COUNTS + [("", "launches"), ("", "steps")]}
     out["categories"] = {c: _mean([r["categories"].get(c, 0.0) for r in ranks]) or 0.0 for c in CATEGORIES}
     kernels: dict[str, dict] = {}
     for r in ranks:
@@ -350,6 +366,11 @@ def render_markdown(runs: dict, baseline: str | None = None, top: int = 15, leve
         rows.append(row)
     rows.append(["GPU events / engine steps"] + [f"{means[n]['launches']:.0f} / {means[n]['steps']:.0f}"
                                                   for n in names] + ["" for _ in others])
+    for label, key in HOST_COUNTS:
+        row = [label] + ["–" if means[n][key] is None else f"{means[n][key]:.0f}" for n in names]
+        row += ["" if means[n][key] is None or means[base][key] is None else f"{means[n][key] - means[base][key]:+.0f}"
+                for n in others]
+        rows.append(row)
     lines += _table(header, rows)
     sources = {n: means[n]["sources"] for n in names if means[n]["sources"] != ["gpu"]}
     if sources:

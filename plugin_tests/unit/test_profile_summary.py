@@ -33,6 +33,8 @@ def fake_trace(scale: float = 1.0, rank: int | None = None) -> dict:
          "pid": 100, "tid": 100, "ts": T0 - 50, "dur": 2000},
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 100, "tid": 100, "ts": T0, "dur": 30},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 100, "tid": 100, "ts": T0, "dur": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamIsCapturing", "pid": 100, "tid": 100, "ts": T0 + 6,
+         "dur": 2},
         {"ph": "X", "cat": "gpu_user_annotation", "name": "execute_context_1(16384)_generation_0(0)",
          "pid": 0, "tid": 7, "ts": T0, "dur": 1500},
         {"ph": "f", "cat": "ac2g", "name": "ac2g", "pid": 0, "tid": 7, "ts": T0, "id": 1},
@@ -100,6 +102,9 @@ def test_summarize_trace_sums():
     assert s["launches"] == 13
     assert (s["steps"], s["step_ms"]) == (1, pytest.approx(2.0))
     assert s["kernels"]["_indexer_logits_kernel"] == {"category": "indexer", "calls": 1, "ms": pytest.approx(0.3)}
+    # the host's side: one launch call among the runtime calls, one aten op
+    assert (s["host_launch_calls"], s["host_cpu_ops"]) == (1, 1)
+    assert s["host_api_ms"] == pytest.approx(0.005 + 0.002)
     # gpu_user_annotation, cuda_runtime and cpu_op events are not GPU time
     assert "cudaLaunchKernel" not in s["kernels"] and "aten::mm" not in s["kernels"]
 
@@ -132,6 +137,7 @@ def test_collect_runs_json_gz_tar_and_markdown(tmp_path):
     assert "0.40 (39%)" in indexer_row and "0.80" in indexer_row and "+0.40" in indexer_row
     assert "plugin-rr − native-tp" in md and "Top kernels: plugin-rr" in md
     assert "| plugin-rr | 1 |" in md  # per-rank table
+    assert "| host: kernel / graph launch calls | 1 | 1 | +0 |" in md
 
     # The same traces from a tar archive (how the device call brings them back), run names kept.
     archive = tmp_path / "raw.tgz"
