@@ -625,8 +625,11 @@ def logprob_deltas(reference: list[list[float | None]], other: list[list[float |
 # ----------------------------------------------------------------------------- driver
 
 
-def run_name(config: str, kv_dtype: str, mtp: bool) -> str:
-    return config + ("" if kv_dtype == "auto" else f"+{kv_dtype}") + ("+mtp" if mtp else "")
+def run_name(config: str, kv_dtype: str, mtp: bool, round_no: int = 1) -> str:
+    """``config[+kv][+mtp]``, then ``@<round>`` from the second round on (``--rounds``): the
+    round is part of the variant, so a round's runs are compared with its own reference."""
+    return (config + ("" if kv_dtype == "auto" else f"+{kv_dtype}") + ("+mtp" if mtp else "")
+            + ("" if round_no == 1 else f"@{round_no}"))
 
 
 def run_allowed(config: str, kv_dtype: str, mtp: bool) -> bool:
@@ -636,7 +639,12 @@ def run_allowed(config: str, kv_dtype: str, mtp: bool) -> bool:
 
 
 def variant_suffix(name: str) -> str:
-    return name[len(name.split("+")[0]):]
+    """What follows the config in a run name: ``+fp8``, ``+mtp``, ``@2`` (``run_name``)."""
+    return name[len(re.split(r"[+@]", name)[0]):]
+
+
+def without_round(name: str) -> str:
+    return name.split("@")[0]
 
 
 def llm_kwargs(config: dict, args, model_dir: Path, kv_dtype: str, mtp: bool, max_model_len: int) -> dict:
@@ -976,9 +984,10 @@ def drive(args) -> None:
         report["runs"] = json.loads(kept.with_suffix(".json").read_text())["runs"]
         print(f"APPEND to the runs of {kept}.json: {', '.join(report['runs'])}", flush=True)
     runs = [(c, kv, mtp) for kv in kv_dtypes for mtp in mtp_variants for c in configs]
-    runs = [run for run in runs if run_allowed(*run)]
-    for config_name, kv_dtype, mtp in runs:
-        name = run_name(config_name, kv_dtype, mtp)
+    # --rounds: the whole list again, in the same order (A B A B): a second engine of each config
+    runs = [(*run, r) for r in range(1, args.rounds + 1) for run in runs if run_allowed(*run)]
+    for config_name, kv_dtype, mtp, round_no in runs:
+        name = run_name(config_name, kv_dtype, mtp, round_no)
         remaining = args.budget_s - (time.monotonic() - t0) - REPORT_RESERVE_S
         if remaining < args.min_run_s:
             report["runs"][name] = {"name": name, "status": "skipped",
@@ -990,7 +999,7 @@ def drive(args) -> None:
         kwargs = llm_kwargs(config, args, bf16_dir if config.get("model") == "bf16" else model_dir, kv_dtype, mtp,
                             max_model_len)
         profile_dir = out / "profiles" / safe_name(name)
-        if profiling:
+        if profiling and round_no == 1:
             shutil.rmtree(profile_dir, ignore_errors=True)  # no stale traces of an earlier call
             kwargs["profiler_config"] = {**PROFILER_CONFIG, "torch_profiler_dir": str(profile_dir)}
             if args.profile_activities:
@@ -998,9 +1007,11 @@ def drive(args) -> None:
         spec = {
             "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
             "llm": kwargs, "profile": {"length": profile_length, "prompts": args.profile_prompts, "dir": str(profile_dir)}
-            if profiling else None,
+            if profiling and round_no == 1 else None,
             "workload": workload, "ttft_lengths": lengths, "reps": args.reps,
-            "phases": [p for p in phases if p in config.get("phases", phases)],
+            # the profilers run in the first round only
+            "phases": [p for p in phases if p in config.get("phases", phases)
+                       and (round_no == 1 or p not in OPTIONAL_PHASES)],
             # The worker stops starting measurements a little before the driver's kill.
             "deadline": time.time() + timeout_s - min(20.0, timeout_s / 10),
             "result_path": str(logs / f"{name}.result.json"), "progress_path": str(logs / f"{name}.progress"),
@@ -1013,9 +1024,9 @@ def drive(args) -> None:
             env = sglang_env(env, args)
         result = run_worker(name, spec, {**env, **config.get("env", {})}, timeout_s, logs, args.n)
         result["plugin_log"] = plugin_log_lines(Path(result["log"]).read_text(errors="replace"))
-        if profile_length and profile_dir.exists():
+        if profile_length and round_no == 1 and profile_dir.exists():
             summarize_profile(result, profile_dir, "prefill", "profile_summary")
-        if "profile_decode" in phases and profile_dir.exists():
+        if "profile_decode" in phases and round_no == 1 and profile_dir.exists():
             summarize_profile(result, profile_dir, "decode", "profile_decode_summary")
         report["runs"][name] = result
         print(f"END {name}: {result['status']} in {result['wall_s']}s "
@@ -1066,6 +1077,72 @@ def _gib(nbytes) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def pooled_rounds(runs: dict) -> dict:
+    """Per config and variant run in several rounds (``--rounds``): how many rounds, and the
+    median of every round's samples together (TTFT seconds per workload, decode ms per token
+    per batch size), the spread of the rounds' own medians beside it. {} when no run has a
+    second round."""
+    if not any("@" in name for name in runs):
+        return {}
+    grouped: dict[str, list[dict]] = {}
+    for name, run in runs.items():
+        grouped.setdefault(without_round(name), []).append(run)
+    pooled = {}
+    for base, rounds in grouped.items():
+        ttft: dict[str, list[float]] = {}
+        decode: dict[str, list[float]] = {}
+        for run in rounds:
+            for label, entry in run.get("ttft", {}).items():
+                ttft.setdefault(label, []).append(entry)
+            for batch, entry in run.get("decode", {}).items():
+                decode.setdefault(batch, []).append(entry)
+        pooled[base] = {
+            "rounds": sum(1 for run in rounds if run.get("ttft") or run.get("decode")),
+            "ttft": {lb: (statistics.median(t for e in es for t in e["times_s"]),
+                          min(e["median_s"] for e in es), max(e["median_s"] for e in es)) for lb, es in ttft.items()},
+            "decode": {b: (statistics.median(m for e in es for m in e["ms_per_token_reps"]),
+                           min(e["ms_per_token"] for e in es), max(e["ms_per_token"] for e in es))
+                       for b, es in decode.items()},
+        }
+    return pooled
+
+
+def _pooled_rounds_section(runs: dict) -> list[str]:
+    """The ``pooled_rounds`` tables, ratios against native-tp of the same variant; [] without rounds."""
+    pooled = pooled_rounds(runs)
+    if not pooled:
+        return []
+    bases = list(pooled)
+    lines = ["", "## All rounds pooled (median of every round's samples; [lowest, highest] round median)", ""]
+    for key, label, scale, spec in (("ttft", "TTFT ms", 1e3, ".1f"), ("decode", "decode ms per token", 1, ".2f")):
+        workloads = list(dict.fromkeys(w for b in bases for w in pooled[b][key]))
+        if not workloads:
+            continue
+        rows = []
+        for w in workloads:
+            row = [w]
+            for b in bases:
+                entry = pooled[b][key].get(w)
+                row.append("–" if entry is None else
+                           f"{entry[0] * scale:{spec}} [{entry[1] * scale:{spec}}, {entry[2] * scale:{spec}}]")
+            rows.append(row)
+        lines += _table([label] + [f"{b} ({pooled[b]['rounds']} rounds)" for b in bases], rows) + [""]
+        rows = []
+        for w in workloads:
+            row = [w]
+            for b in bases:
+                ref = pooled.get("native-tp" + variant_suffix(b), {}).get(key, {}).get(w)
+                entry = pooled[b][key].get(w)
+                # TTFT: speed (native / this, > 1 faster); decode: time (this / native, < 1 faster)
+                ratio = None if not (ref and entry) else ref[0] / entry[0] if key == "ttft" else entry[0] / ref[0]
+                row.append(_fmt(ratio, ".2f"))
+            rows.append(row)
+        verdict = "native-tp's / this run's: > 1 = faster" if key == "ttft" else "this run's / native-tp's: < 1 = faster"
+        lines += [f"Pooled {label} vs native-tp of the same variant ({verdict})", ""]
+        lines += _table([label] + bases, rows) + [""]
+    return lines[:-1]
 
 
 def _profiled_batch(meta: dict) -> str:
@@ -1179,6 +1256,8 @@ def render_markdown(report: dict) -> str:
             rows.append(row)
         lines += _table(["batch"] + names, rows)
 
+    lines += _pooled_rounds_section(runs)
+
     rows = []
     for name in names:
         run = runs[name]
@@ -1281,6 +1360,9 @@ def main(argv=None) -> None:
     d.add_argument("--profile-activities", help="torch profiler activities, e.g. CUDA (less host overhead, no "
                                                 "step annotations); default vLLM's: CPU,CUDA (CPU on a CPU host)")
     d.add_argument("--reps", type=int, default=3)
+    d.add_argument("--rounds", type=int, default=1,
+                   help="run every config this many times, alternating (A B A B): separate engine processes, "
+                        "whose 1K TTFT differed by up to 16%% for the same work (12-05); the report pools them")
     d.add_argument("--budget-s", type=float, default=540, help="total wall time, checkpoint build included")
     d.add_argument("--config-timeout-s", type=float, default=300)
     d.add_argument("--min-run-s", type=float, default=60, help="do not start a run with less budget than this")

@@ -3,13 +3,14 @@
     python eval/plot_compare.py compare_h100_n2.json [-o compare_h100_n2.png]
 
 Three panels: single-prompt TTFT against prompt length (log-log), TTFT speed-up against
-native-tp of the same kv / MTP variant, and decode milliseconds per output token.
+native-tp of the same kv / MTP variant and round, and decode milliseconds per output token.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 
@@ -34,7 +35,7 @@ def plot(report: dict, path: Path) -> None:
         lengths, ms = _single_prompt_ttft(run)
         if lengths:
             ax_ttft.plot(lengths, ms, marker="o", label=name, color=color[name])
-        base_name = "native-tp" + name[len(name.split("+")[0]):]
+        base_name = "native-tp" + name[len(re.split(r"[+@]", name)[0]):]  # gpu_compare.variant_suffix
         base = dict(zip(*_single_prompt_ttft(report["runs"].get(base_name, {}))))
         speed = [(n, base[n] / t) for n, t in zip(lengths, ms) if n in base]
         if speed and name != base_name:
