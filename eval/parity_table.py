@@ -1,0 +1,134 @@
+"""Issue 18's table from gpu_compare.py reports: the plugin against vLLM's own model at -tp 1,
+one row per (weights, KV dtype, MTP, round-robin or not) variant, every point a ratio.
+
+    python3 eval/parity_table.py eval/results/compare_h100_n1_v034_*_1205?.json [--out table.md]
+
+TTFT: vLLM's own median / the plugin's (> 1 = the plugin faster); decode: the plugin's ms per
+token / vLLM's own (< 1 = faster). A report run with ``--rounds`` counts with every round's
+samples pooled. A point further than ``--goal`` (0.97) behind is marked ``**behind**``. Each
+row names its card, vLLM version, date and report, since ratios compare only within one run.
+
+Standard library only (runs on the GPU host or here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+TTFT_POINTS = ["1K", "4K", "16K", "32K", "64K", "8x1K", "4x4K"]
+DECODE_POINTS = ["1", "8"]
+# the plugin's configurations at -tp 1 and what the row calls them
+PLUGIN_CONFIGS = {"plugin-off": "plugin", "plugin-rr": "plugin round-robin"}
+NATIVE = "native-tp"
+
+
+def _split(name: str) -> tuple[str, str, str]:
+    """(config, variant, round) of a gpu_compare run name: ``plugin-off+fp8+mtp@2``."""
+    config = re.split(r"[+@]", name)[0]
+    rest = name[len(config):]
+    variant, _, round_no = rest.partition("@")
+    return config, variant, round_no or "1"
+
+
+def _pooled(runs: list[dict], key: str, point: str) -> float | None:
+    """Median of every sample of ``point`` over ``runs`` (rounds of one config and variant)."""
+    samples = []
+    for run in runs:
+        entry = run.get(key, {}).get(point)
+        if entry:
+            samples += entry["times_s"] if key == "ttft" else entry["ms_per_token_reps"]
+    return statistics.median(samples) if samples else None
+
+
+def weights_of(meta: dict) -> str:
+    if meta.get("weights") == "bf16":
+        return "bf16"
+    return "fp8" if meta["model_config"].get("quantization_config") else "bf16"
+
+
+def report_rows(path: Path) -> list[dict]:
+    """One row per plugin configuration and variant of a report: its points' ratios and times."""
+    report = json.loads(path.read_text())
+    meta, runs = report["meta"], report["runs"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for name, run in runs.items():
+        config, variant, _ = _split(name)
+        if run.get("ttft") or run.get("decode"):
+            groups.setdefault((config, variant), []).append(run)
+    versions = next((r["versions"] for r in runs.values() if r.get("versions")), {})
+    rows = []
+    for (config, variant), plugin_runs in groups.items():
+        native_runs = groups.get((NATIVE, variant))
+        if config not in PLUGIN_CONFIGS or not native_runs:
+            continue
+        points = {}
+        for key, labels in (("ttft", TTFT_POINTS), ("decode", DECODE_POINTS)):
+            for label in labels:
+                native, plugin = _pooled(native_runs, key, label), _pooled(plugin_runs, key, label)
+                if native and plugin:
+                    scale = 1e3 if key == "ttft" else 1.0
+                    ratio = native / plugin if key == "ttft" else plugin / native
+                    points[f"{key}:{label}"] = {"ratio": ratio, "native": native * scale, "plugin": plugin * scale}
+        kv = "fp8" if "+fp8" in variant else "bf16"
+        rows.append({
+            "variant": f"{weights_of(meta)} weights, {kv} KV" + (", MTP k=1" if "+mtp" in variant else "")
+                       + ("" if config == "plugin-off" else f" ({PLUGIN_CONFIGS[config]})"),
+            "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": path.name,
+            "rounds": min(len(plugin_runs), len(native_runs)), "points": points,
+        })
+    return rows
+
+
+def _cell(point: dict | None, decode: bool, goal: float) -> str:
+    if point is None:
+        return "–"
+    ratio = point["ratio"]
+    behind = ratio > 2 - goal if decode else ratio < goal
+    digits = 3 if behind and round(ratio, 2) == round(2 - goal if decode else goal, 2) else 2  # 1.031, not 1.03
+    text = f"{ratio:.{digits}f}" + ("×" if decode else "")
+    return f"**{text} behind**" if behind else text
+
+
+def render(rows: list[dict], goal: float) -> str:
+    points = [("ttft", p) for p in TTFT_POINTS] + [("decode", p) for p in DECODE_POINTS]
+    shown = [(k, p) for k, p in points if any(f"{k}:{p}" in r["points"] for r in rows)]
+    header = ["variant"] + [p if k == "ttft" else f"decode b{p}" for k, p in shown] + ["card, vLLM, date, report"]
+    lines = [f"Ratio to vLLM's own DeepSeek-V3.2 at -tp 1 (TTFT: speed, > 1 = the plugin faster; decode: time, "
+             f"< 1 = faster; **behind**: more than {1 - goal:.0%} behind)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [_cell(r["points"].get(f"{k}:{p}"), k == "decode", goal) for k, p in shown]
+        rounds = f", {r['rounds']} rounds pooled" if r["rounds"] > 1 else ""
+        lines.append("| " + " | ".join([r["variant"]] + cells
+                                       + [f"{r['gpu']}, {r['vllm']}, {r['date']}, `{r['report']}`{rounds}"]) + " |")
+    lines += ["", "Times (ms; TTFT median, decode ms per token): vLLM's own / the plugin", "",
+              "| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
+    for r in rows:
+        cells = []
+        for k, p in shown:
+            point = r["points"].get(f"{k}:{p}")
+            spec = ".1f" if k == "ttft" else ".2f"
+            cells.append("–" if point is None else f"{point['native']:{spec}} / {point['plugin']:{spec}}")
+        lines.append("| " + " | ".join([r["variant"]] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("reports", nargs="+", help="gpu_compare.py report JSONs (compare_<gpu>_n1*.json)")
+    ap.add_argument("--goal", type=float, default=0.97, help="the parity goal (issue 18: 0.97)")
+    ap.add_argument("--out", help="also write the table here")
+    args = ap.parse_args(argv)
+    rows = [row for path in args.reports for row in report_rows(Path(path))]
+    text = render(rows, args.goal) if rows else "no report with vLLM's own model and the plugin side by side\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
