@@ -1080,12 +1080,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def pooled_rounds(runs: dict) -> dict:
-    """Per config and variant run in several rounds (``--rounds``): how many rounds, and the
-    median of every round's samples together (TTFT seconds per workload, decode ms per token
-    per batch size), the spread of the rounds' own medians beside it. {} when no run has a
-    second round."""
-    if not any("@" in name for name in runs):
-        return {}
+    """Per config and variant (a run name without its ``@<round>``): how many rounds measured
+    it (``--rounds``; 1 without), and the median of every round's samples together (TTFT
+    seconds per workload, decode ms per token per batch size), the spread of the rounds' own
+    medians beside it."""
     grouped: dict[str, list[dict]] = {}
     for name, run in runs.items():
         grouped.setdefault(without_round(name), []).append(run)
@@ -1111,9 +1109,9 @@ def pooled_rounds(runs: dict) -> dict:
 
 def _pooled_rounds_section(runs: dict) -> list[str]:
     """The ``pooled_rounds`` tables, ratios against native-tp of the same variant; [] without rounds."""
-    pooled = pooled_rounds(runs)
-    if not pooled:
+    if not any("@" in name for name in runs):
         return []
+    pooled = pooled_rounds(runs)
     bases = list(pooled)
     lines = ["", "## All rounds pooled (median of every round's samples; [lowest, highest] round median)", ""]
     for key, label, scale, spec in (("ttft", "TTFT ms", 1e3, ".1f"), ("decode", "decode ms per token", 1, ".2f")):

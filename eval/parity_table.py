@@ -8,40 +8,23 @@ token / vLLM's own (< 1 = faster). A report run with ``--rounds`` counts with ev
 samples pooled. A point further than ``--goal`` (0.97) behind is marked ``**behind**``. Each
 row names its card, vLLM version, date and report, since ratios compare only within one run.
 
-Standard library only (runs on the GPU host or here).
+Standard library only; run names and pooled rounds through gpu_compare.py's own functions.
+Runs on the GPU host or here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import statistics
 from pathlib import Path
+
+from gpu_compare import pooled_rounds, variant_suffix
 
 TTFT_POINTS = ["1K", "4K", "16K", "32K", "64K", "8x1K", "4x4K"]
 DECODE_POINTS = ["1", "8"]
 # the plugin's configurations at -tp 1 and what the row calls them
 PLUGIN_CONFIGS = {"plugin-off": "plugin", "plugin-rr": "plugin round-robin"}
 NATIVE = "native-tp"
-
-
-def _split(name: str) -> tuple[str, str, str]:
-    """(config, variant, round) of a gpu_compare run name: ``plugin-off+fp8+mtp@2``."""
-    config = re.split(r"[+@]", name)[0]
-    rest = name[len(config):]
-    variant, _, round_no = rest.partition("@")
-    return config, variant, round_no or "1"
-
-
-def _pooled(runs: list[dict], key: str, point: str) -> float | None:
-    """Median of every sample of ``point`` over ``runs`` (rounds of one config and variant)."""
-    samples = []
-    for run in runs:
-        entry = run.get(key, {}).get(point)
-        if entry:
-            samples += entry["times_s"] if key == "ttft" else entry["ms_per_token_reps"]
-    return statistics.median(samples) if samples else None
 
 
 def weights_of(meta: dict) -> str:
@@ -51,34 +34,32 @@ def weights_of(meta: dict) -> str:
 
 
 def report_rows(path: Path) -> list[dict]:
-    """One row per plugin configuration and variant of a report: its points' ratios and times."""
+    """One row per plugin configuration and variant of a report: its points' ratios and times
+    (every round's samples pooled: ``gpu_compare.pooled_rounds``)."""
     report = json.loads(path.read_text())
     meta, runs = report["meta"], report["runs"]
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for name, run in runs.items():
-        config, variant, _ = _split(name)
-        if run.get("ttft") or run.get("decode"):
-            groups.setdefault((config, variant), []).append(run)
+    pooled = pooled_rounds({name: run for name, run in runs.items() if run.get("ttft") or run.get("decode")})
     versions = next((r["versions"] for r in runs.values() if r.get("versions")), {})
     rows = []
-    for (config, variant), plugin_runs in groups.items():
-        native_runs = groups.get((NATIVE, variant))
-        if config not in PLUGIN_CONFIGS or not native_runs:
+    for base, plugin in pooled.items():
+        variant = variant_suffix(base)
+        config, native = base[: len(base) - len(variant)], pooled.get(NATIVE + variant)
+        if config not in PLUGIN_CONFIGS or not native:
             continue
         points = {}
         for key, labels in (("ttft", TTFT_POINTS), ("decode", DECODE_POINTS)):
+            scale = 1e3 if key == "ttft" else 1.0
             for label in labels:
-                native, plugin = _pooled(native_runs, key, label), _pooled(plugin_runs, key, label)
-                if native and plugin:
-                    scale = 1e3 if key == "ttft" else 1.0
-                    ratio = native / plugin if key == "ttft" else plugin / native
-                    points[f"{key}:{label}"] = {"ratio": ratio, "native": native * scale, "plugin": plugin * scale}
+                if label in native[key] and label in plugin[key]:
+                    a, b = native[key][label][0], plugin[key][label][0]
+                    points[f"{key}:{label}"] = {"ratio": a / b if key == "ttft" else b / a,
+                                                "native": a * scale, "plugin": b * scale}
         kv = "fp8" if "+fp8" in variant else "bf16"
         rows.append({
             "variant": f"{weights_of(meta)} weights, {kv} KV" + (", MTP k=1" if "+mtp" in variant else "")
                        + ("" if config == "plugin-off" else f" ({PLUGIN_CONFIGS[config]})"),
             "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": path.name,
-            "rounds": min(len(plugin_runs), len(native_runs)), "points": points,
+            "rounds": min(plugin["rounds"], native["rounds"]), "points": points,
         })
     return rows
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
+
+from gpu_compare import variant_suffix
 
 
 def _single_prompt_ttft(run: dict) -> tuple[list[int], list[float]]:
@@ -35,7 +36,7 @@ def plot(report: dict, path: Path) -> None:
         lengths, ms = _single_prompt_ttft(run)
         if lengths:
             ax_ttft.plot(lengths, ms, marker="o", label=name, color=color[name])
-        base_name = "native-tp" + name[len(re.split(r"[+@]", name)[0]):]  # gpu_compare.variant_suffix
+        base_name = "native-tp" + variant_suffix(name)
         base = dict(zip(*_single_prompt_ttft(report["runs"].get(base_name, {}))))
         speed = [(n, base[n] / t) for n, t in zip(lengths, ms) if n in base]
         if speed and name != base_name:
