@@ -999,7 +999,8 @@ def drive(args) -> None:
         kwargs = llm_kwargs(config, args, bf16_dir if config.get("model") == "bf16" else model_dir, kv_dtype, mtp,
                             max_model_len)
         profile_dir = out / "profiles" / safe_name(name)
-        if profiling and round_no == 1:
+        profiled = bool(profiling) and round_no == 1  # the profilers run in the first round only
+        if profiled:
             shutil.rmtree(profile_dir, ignore_errors=True)  # no stale traces of an earlier call
             kwargs["profiler_config"] = {**PROFILER_CONFIG, "torch_profiler_dir": str(profile_dir)}
             if args.profile_activities:
@@ -1007,11 +1008,10 @@ def drive(args) -> None:
         spec = {
             "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
             "llm": kwargs, "profile": {"length": profile_length, "prompts": args.profile_prompts, "dir": str(profile_dir)}
-            if profiling and round_no == 1 else None,
+            if profiled else None,
             "workload": workload, "ttft_lengths": lengths, "reps": args.reps,
-            # the profilers run in the first round only
             "phases": [p for p in phases if p in config.get("phases", phases)
-                       and (round_no == 1 or p not in OPTIONAL_PHASES)],
+                       and (profiled or p not in OPTIONAL_PHASES)],
             # The worker stops starting measurements a little before the driver's kill.
             "deadline": time.time() + timeout_s - min(20.0, timeout_s / 10),
             "result_path": str(logs / f"{name}.result.json"), "progress_path": str(logs / f"{name}.progress"),
@@ -1024,9 +1024,9 @@ def drive(args) -> None:
             env = sglang_env(env, args)
         result = run_worker(name, spec, {**env, **config.get("env", {})}, timeout_s, logs, args.n)
         result["plugin_log"] = plugin_log_lines(Path(result["log"]).read_text(errors="replace"))
-        if profile_length and round_no == 1 and profile_dir.exists():
+        if profiled and profile_length and profile_dir.exists():
             summarize_profile(result, profile_dir, "prefill", "profile_summary")
-        if "profile_decode" in phases and round_no == 1 and profile_dir.exists():
+        if profiled and "profile_decode" in phases and profile_dir.exists():
             summarize_profile(result, profile_dir, "decode", "profile_decode_summary")
         report["runs"][name] = result
         print(f"END {name}: {result['status']} in {result['wall_s']}s "
