@@ -7,6 +7,9 @@ TTFT: vLLM's own median / the plugin's (> 1 = the plugin faster); decode: the pl
 token / vLLM's own (< 1 = faster). A report run with ``--rounds`` counts with every round's
 samples pooled. A point further than ``--goal`` (0.97) behind is marked ``**behind**``. Each
 row names its card, vLLM version, date and report, since ratios compare only within one run.
+``--latest`` folds the reports into one row per variant, each point from the newest report that
+measured it (the state of the table after several sessions' runs), naming which report gave which
+points.
 
 Standard library only; run names and pooled rounds through gpu_compare.py's own functions.
 Runs on the GPU host or here.
@@ -64,6 +67,27 @@ def report_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _source(row: dict) -> str:
+    rounds = f", {row['rounds']} rounds pooled" if row["rounds"] > 1 else ""
+    return f"{row['gpu']}, {row['vllm']}, {row['date']}, `{row['report']}`{rounds}"
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per variant: each point from the newest row (by report date) that has it."""
+    merged: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r["date"], reverse=True):
+        into = merged.setdefault(row["variant"], {"variant": row["variant"], "points": {}, "sources": []})
+        new = {key: point for key, point in row["points"].items() if key not in into["points"]}
+        if new:
+            into["points"].update(new)
+            labels = " ".join(key.split(":")[1] if key.startswith("ttft") else f"b{key.split(':')[1]}"
+                              for key in new)
+            into["sources"].append(f"{_source(row)} ({labels})")
+    for row in merged.values():
+        row["source"] = "; ".join(row.pop("sources"))
+    return list(merged.values())
+
+
 def _cell(point: dict | None, decode: bool, goal: float) -> str:
     if point is None:
         return "–"
@@ -83,9 +107,7 @@ def render(rows: list[dict], goal: float) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [_cell(r["points"].get(f"{k}:{p}"), k == "decode", goal) for k, p in shown]
-        rounds = f", {r['rounds']} rounds pooled" if r["rounds"] > 1 else ""
-        lines.append("| " + " | ".join([r["variant"]] + cells
-                                       + [f"{r['gpu']}, {r['vllm']}, {r['date']}, `{r['report']}`{rounds}"]) + " |")
+        lines.append("| " + " | ".join([r["variant"]] + cells + [r.get("source") or _source(r)]) + " |")
     lines += ["", "Times (ms; TTFT median, decode ms per token): vLLM's own / the plugin", "",
               "| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
     for r in rows:
@@ -102,9 +124,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("reports", nargs="+", help="gpu_compare.py report JSONs (compare_<gpu>_n1*.json)")
     ap.add_argument("--goal", type=float, default=0.97, help="the parity goal (issue 18: 0.97)")
+    ap.add_argument("--latest", action="store_true",
+                    help="one row per variant, each point from the newest report that measured it")
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args(argv)
     rows = [row for path in args.reports for row in report_rows(Path(path))]
+    if args.latest:
+        rows = latest_rows(rows)
     text = render(rows, args.goal) if rows else "no report with vLLM's own model and the plugin side by side\n"
     if args.out:
         Path(args.out).write_text(text)

@@ -24,10 +24,11 @@ def _run(ttft_ms: dict[str, list[float]], decode_ms: dict[str, list[float]]) -> 
                        for b, ms in decode_ms.items()}}
 
 
-def _report(tmp_path: Path, name: str, runs: dict, weights: str | None = None, quantized: bool = True) -> Path:
+def _report(tmp_path: Path, name: str, runs: dict, weights: str | None = None, quantized: bool = True,
+            date: str = "2026-12-05 18:32 UTC") -> Path:
     config = {"quantization_config": {"quant_method": "fp8"}} if quantized else {}
     path = tmp_path / name
-    path.write_text(json.dumps({"meta": {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-05 18:32 UTC",
+    path.write_text(json.dumps({"meta": {"gpu": "NVIDIA H100 80GB HBM3", "date": date,
                                          "weights": weights, "model_config": config}, "runs": runs}))
     return path
 
@@ -78,6 +79,26 @@ def test_weights_come_from_the_report(tmp_path):
     # no native run: nothing to compare with
     alone = {"plugin-off": runs["plugin-off"]}
     assert parity_table.report_rows(_report(tmp_path, "c.json", alone)) == []
+
+
+def test_latest_takes_each_point_from_the_newest_report_that_measured_it(tmp_path):
+    older = {"native-tp": _run({"1K": [12.5], "64K": [850.0]}, {"1": [2.0]}),
+             "plugin-off": _run({"1K": [14.5], "64K": [826.0]}, {"1": [2.7]})}
+    newer = {"native-tp": _run({"1K": [11.7]}, {"1": [1.57]}), "plugin-off": _run({"1K": [10.9]}, {"1": [1.59]}),
+             "native-tp+fp8": _run({"4K": [40.0]}, {}), "plugin-off+fp8": _run({"4K": [44.0]}, {})}
+    rows = [row for name, runs, date in (("new.json", newer, "2026-12-05 22:36 UTC"),
+                                         ("old.json", older, "2026-12-05 18:32 UTC"))
+            for row in parity_table.report_rows(_report(tmp_path, name, runs, date=date))]
+    latest = {r["variant"]: r for r in parity_table.latest_rows(rows)}
+    assert set(latest) == {"fp8 weights, bf16 KV", "fp8 weights, fp8 KV"}
+    row = latest["fp8 weights, bf16 KV"]
+    assert row["points"]["ttft:1K"]["ratio"] == pytest.approx(11.7 / 10.9)  # the newer report's, not 12.5 / 14.5
+    assert row["points"]["ttft:64K"]["ratio"] == pytest.approx(850 / 826)  # only the older one measured 64K
+    assert row["points"]["decode:1"]["ratio"] == pytest.approx(1.59 / 1.57)
+    assert "`new.json` (1K b1)" in row["source"] and "`old.json` (64K)" in row["source"]
+    text = parity_table.render(list(latest.values()), goal=0.97)
+    assert "| fp8 weights, bf16 KV | 1.07 | – | 1.03 | 1.01× |" in text
+    assert "| fp8 weights, fp8 KV | – | **0.91 behind** | – | – |" in text
 
 
 def test_the_wrapper_refuses_an_unknown_part(tmp_path):
