@@ -1067,6 +1067,14 @@ def agreement_reference(report: dict, suffix: str) -> str | None:
                  if variant_suffix(name) == suffix and run.get("greedy")), None)
 
 
+def ratio_to_reference(key: str, reference: float | None, this: float | None) -> float | None:
+    """The report's ratio convention. TTFT: speed (the reference's / this run's, > 1 = faster);
+    decode: time (this run's / the reference's, < 1 = faster). None when either is missing."""
+    if not (reference and this):
+        return None
+    return reference / this if key == "ttft" else this / reference
+
+
 def _fmt(value, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -1133,9 +1141,7 @@ def _pooled_rounds_section(runs: dict) -> list[str]:
             for b in bases:
                 ref = pooled.get("native-tp" + variant_suffix(b), {}).get(key, {}).get(w)
                 entry = pooled[b][key].get(w)
-                # TTFT: speed (native / this, > 1 faster); decode: time (this / native, < 1 faster)
-                ratio = None if not (ref and entry) else ref[0] / entry[0] if key == "ttft" else entry[0] / ref[0]
-                row.append(_fmt(ratio, ".2f"))
+                row.append(_fmt(ratio_to_reference(key, ref and ref[0], entry and entry[0]), ".2f"))
             rows.append(row)
         verdict = "native-tp's / this run's: > 1 = faster" if key == "ttft" else "this run's / native-tp's: < 1 = faster"
         lines += [f"Pooled {label} vs native-tp of the same variant ({verdict})", ""]
@@ -1233,7 +1239,7 @@ def render_markdown(report: dict) -> str:
                     ref = reference_run(report, wanted, variant_suffix(name))
                     a = medians.get(ref, {}).get(lb) if ref else None
                     b = medians[name][lb]
-                    row.append(_fmt(a / b if a and b else None, ".2f"))
+                    row.append(_fmt(ratio_to_reference("ttft", a, b), ".2f"))
                 rows.append(row)
             lines += _table(["workload"] + names, rows)
 
@@ -1250,7 +1256,7 @@ def render_markdown(report: dict) -> str:
                 ref = runs.get("native-tp" + variant_suffix(name), {})
                 a = ref.get("decode", {}).get(b, {}).get("ms_per_token")
                 c = runs[name].get("decode", {}).get(b, {}).get("ms_per_token")
-                row.append(_fmt(c / a if a and c else None, ".2f"))
+                row.append(_fmt(ratio_to_reference("decode", a, c), ".2f"))
             rows.append(row)
         lines += _table(["batch"] + names, rows)
 

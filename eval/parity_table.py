@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gpu_compare import pooled_rounds, variant_suffix
+from gpu_compare import pooled_rounds, ratio_to_reference, variant_suffix
 
 TTFT_POINTS = ["1K", "4K", "16K", "32K", "64K", "8x1K", "4x4K"]
 DECODE_POINTS = ["1", "8"]
@@ -55,7 +55,7 @@ def report_rows(path: Path) -> list[dict]:
             for label in labels:
                 if label in native[key] and label in plugin[key]:
                     a, b = native[key][label][0], plugin[key][label][0]
-                    points[f"{key}:{label}"] = {"ratio": a / b if key == "ttft" else b / a,
+                    points[f"{key}:{label}"] = {"ratio": ratio_to_reference(key, a, b),
                                                 "native": a * scale, "plugin": b * scale}
         kv = "fp8" if "+fp8" in variant else "bf16"
         rows.append({
