@@ -45,8 +45,10 @@ SEED=${SEED:-"$STAGE/extra"}   # folders that may already hold wheels (space sep
 DL=$WORK/wheels
 # Each call sends the working tree (tracked + untracked-not-ignored files) plus the carried paths, 64 MiB
 # at most: a part is 64 MiB minus the tree minus SLACK_MIB (the tree grows between staging and the calls;
-# dev/ tiny/ shim/ are ~0.2 MiB and travel with part00).
-SLACK_MIB=${SLACK_MIB:-2}
+# dev/ tiny/ shim/ are ~0.2 MiB and travel with part00). Each device session adds 1-3 MiB of results
+# to the tree; with 2 MiB of slack the 12-06 calls were refused ("larger than 64 MiB"), so 8. When the
+# tree outgrows the slack, re-split without re-staging: cat part?? | split -b 27M -d -a 2 - NEW/part
+SLACK_MIB=${SLACK_MIB:-8}
 TREE_BYTES=$(cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | awk 'END{print $1}')
 CHUNK=${CHUNK:-$(( (67108864 - ${TREE_BYTES:-0}) / 1048576 - SLACK_MIB ))M}
 echo "stack $ENGINE $VERSION; working tree that travels: ${TREE_BYTES} bytes -> part size $CHUNK"
