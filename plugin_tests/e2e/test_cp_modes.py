@@ -49,11 +49,11 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
         "off": {"mode": "off"},
         "round-robin-split": {"mode": "round-robin-split", **SPLIT_EVERY_BATCH},
         "in-seq-split": {"mode": "in-seq-split", **SPLIT_EVERY_BATCH},
-        # Expert-parallel MoE behind an all-to-all over each rank's own rows.
-        "round-robin-split moe=scattered": {"mode": "round-robin-split", "moe": "scattered", **SPLIT_EVERY_BATCH},
-        # Decode steps (8 tokens) and small chunks run unsplit, large chunks split.
-        "round-robin min_tokens_for_cp=64": {"mode": "round-robin-split", "decode_attention": "split",
-                                             "min_tokens_for_cp": 64},
+        # Decode steps (8 tokens) and small chunks run unsplit, large chunks split; the MoE is
+        # expert-parallel behind an all-to-all over each rank's own rows, on split batches and
+        # on unsplit ones (the same rows on every rank). One engine for both, for CI time.
+        "round-robin min_tokens_for_cp=64 moe=scattered": {"mode": "round-robin-split", "decode_attention": "split",
+                                                           "min_tokens_for_cp": 64, "moe": "scattered"},
         # Decode steps unsplit with the attention heads split over the ranks (as are the
         # small chunks that run unsplit); large chunks split by tokens.
         "round-robin decode_attention=tp": {"mode": "round-robin-split", "min_tokens_for_cp": 64,
@@ -73,6 +73,8 @@ def test_round_robin_in_seq_and_skip_path_equal_off(tiny_model, tokenizer, tmp_p
         if configs[name].get("min_tokens_for_cp"):
             assert skipped and all(p["num_tokens"] < 64 or p["decode_kernel"] for p in skipped)
             assert all(p["num_tokens"] >= 64 for p in split)
+        if configs[name].get("moe") == "scattered":
+            assert "moe=scattered" in result["log"], name
         if configs[name].get("decode_attention") == "tp":
             decode = [p for p in plans[0] if p["decode_kernel"]]
             assert decode and all(p["skip_reason"] == "decode attention on a TP partition" for p in decode)
