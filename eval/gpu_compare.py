@@ -56,6 +56,11 @@ CONFIGS = {
     "plugin-off": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"}},
     # the plugin's indexer chunked by its logits bound before 2026-12-04 (256 MiB; default now
     # vLLM's 512: kernels/budgets.py), for the A/B behind that change
+    # Prefill and mixed batches eager (FULL graphs for uniform decode only), as every batch the
+    # CP split runs at N > 1 (graph_sizing.piecewise_graph_decision): at -tp 1 beside plugin-off
+    # it prices what the split batches do without piecewise CUDA graphs.
+    "plugin-off-decodegraphs": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"},
+                                "cudagraph_mode": "FULL_DECODE_ONLY"},
     "plugin-off-logits256": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"},
                              "env": {"VLLM_SPARSE_INDEXER_MAX_LOGITS_MB": "256"}},
     # -dg: vLLM's DeepGEMM prefill indexer on the plugin's CP rows, over an fp8 indexer cache
@@ -663,6 +668,8 @@ def llm_kwargs(config: dict, args, model_dir: Path, kv_dtype: str, mtp: bool, ma
         kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
     if "cp_nsa" in config:
         kwargs["additional_config"] = {"cp_nsa": config["cp_nsa"]}
+    if "cudagraph_mode" in config:
+        kwargs["compilation_config"]["cudagraph_mode"] = config["cudagraph_mode"]
     if mtp:
         kwargs["speculative_config"] = dict(MTP_CONFIG)
     return kwargs
