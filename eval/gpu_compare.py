@@ -652,6 +652,18 @@ def without_round(name: str) -> str:
     return name.split("@")[0]
 
 
+def profiler_config(args, profile_dir: Path) -> dict:
+    """vLLM's ProfilerConfig of a profiled run: ``--profile-activities`` and ``--profile-with-stack``
+    (Python functions in the trace: profile_summary's host table then names the plugin's
+    own code where a host-bound step spends its time)."""
+    config = {**PROFILER_CONFIG, "torch_profiler_dir": str(profile_dir)}
+    if args.profile_activities:
+        config["torch_profiler_activities"] = args.profile_activities.split(",")
+    if args.profile_with_stack:
+        config["torch_profiler_with_stack"] = True
+    return config
+
+
 def llm_kwargs(config: dict, args, model_dir: Path, kv_dtype: str, mtp: bool, max_model_len: int) -> dict:
     kwargs = {
         "model": str(model_dir), "dtype": "bfloat16", "seed": 0, "max_model_len": max_model_len,
@@ -979,7 +991,8 @@ def drive(args) -> None:
             "gpu_memory_utilization": args.gpu_memory_utilization, "capture_sizes": CAPTURE_SIZES,
             "cpu_dry_run": args.cpu_dry_run, "command": sys.argv, "profile_length": profile_length,
             "profile_prompts": args.profile_prompts,
-            "profile_activities": args.profile_activities, "trained_model": bool(args.trained_model),
+            "profile_activities": args.profile_activities, "profile_with_stack": args.profile_with_stack,
+            "trained_model": bool(args.trained_model),
             "weights": args.weights,
         },
         "runs": {},
@@ -1009,9 +1022,7 @@ def drive(args) -> None:
         profiled = bool(profiling) and round_no == 1  # the profilers run in the first round only
         if profiled:
             shutil.rmtree(profile_dir, ignore_errors=True)  # no stale traces of an earlier call
-            kwargs["profiler_config"] = {**PROFILER_CONFIG, "torch_profiler_dir": str(profile_dir)}
-            if args.profile_activities:
-                kwargs["profiler_config"]["torch_profiler_activities"] = args.profile_activities.split(",")
+            kwargs["profiler_config"] = profiler_config(args, profile_dir)
         spec = {
             "name": name, "uses_plugin": config["plugin"], "cpu": args.cpu_dry_run, "num_gpus": args.n,
             "llm": kwargs, "profile": {"length": profile_length, "prompts": args.profile_prompts, "dir": str(profile_dir)}
@@ -1370,6 +1381,8 @@ def main(argv=None) -> None:
                    help="prompts in the profiled prefill batch (e.g. 8 with --profile-length 1K: 8x1K)")
     d.add_argument("--profile-activities", help="torch profiler activities, e.g. CUDA (less host overhead, no "
                                                 "step annotations); default vLLM's: CPU,CUDA (CPU on a CPU host)")
+    d.add_argument("--profile-with-stack", action="store_true",
+                   help="record Python stacks in the profiles (bigger traces, slower steps under the profiler)")
     d.add_argument("--reps", type=int, default=3)
     d.add_argument("--rounds", type=int, default=1,
                    help="run every config this many times, alternating (A B A B): separate engine processes, "

@@ -18,9 +18,12 @@ overlaps compute, so busy < sum when it does), the GPU span (first GPU event sta
 one's end), GPU idle in that span (span - busy: launch gaps, host syncs, eager overhead), the
 profiled engine steps (vLLM's ``execute_context_..._generation_...`` CPU annotations) and the
 host's side of them (kernel / graph launch calls, aten ops dispatched, time in CUDA runtime /
-driver calls: what a host-bound step spends its time on). A run's
-column is the mean over its ranks. A trace with no GPU events (a CPU-only run, or a host without
-CUPTI) is summed over its CPU ops' self time instead, and says so.
+driver calls: what a host-bound step spends its time on), and inside the steps on their own
+threads: aten-op (and, in a trace recorded with stacks, Python-function) self time, time in
+blocking CUDA calls (syncs with the GPU) and the untraced rest, with the host ops by self time
+side by side (``summarize_host_steps``). A run's column is the mean over its ranks. A trace
+with no GPU events (a CPU-only run, or a host without CUPTI) is summed over its CPU ops' self
+time instead, and says so.
 
 Standard library only: it runs on any python3 (the GPU host's, or here on the CPU).
 Used by eval/gpu_compare.py (the ``profile`` phase) and documented in eval/compare_notes.md.
@@ -147,6 +150,7 @@ def summarize_trace(trace: dict) -> dict:
     span_ms = (max(t[2] for t in timed) - min(t[1] for t in timed)) / 1e3 if timed else 0.0
     busy_ms = _union_ms([(t[1], t[2]) for t in timed]) if gpu else None
     api = [e for e in events if e.get("cat") in HOST_API_CATS]
+    host = summarize_host_steps(events, steps)
     return {
         "source": source,
         "kernel_ms": kernel_ms,
@@ -164,7 +168,47 @@ def summarize_trace(trace: dict) -> dict:
         "step_names": sorted({e["name"] for e in steps})[:4],
         "categories": categories,
         "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])),
+        **host,
     }
+
+
+def summarize_host_steps(events: list[dict], steps: list[dict]) -> dict:
+    """Where the engine steps' host time goes, on the threads that ran them: self time of the
+    aten ops (and of Python functions, in a trace recorded with stacks), time in CUDA runtime /
+    driver calls and in the blocking ones among them (a sync with the GPU), and the time no
+    traced event covers (Python between ops). A step that is host-bound spends its TTFT here."""
+    if not steps:
+        return {"host_op_ms": None, "host_blocking_ms": None, "host_untraced_ms": None, "host_ops": {}}
+    windows = defaultdict(list)  # thread -> [(start, end)] of its steps
+    for e in steps:
+        windows[(e.get("pid"), e.get("tid"))].append((e["ts"], e["ts"] + e.get("dur", 0)))
+
+    def inside(e: dict) -> bool:
+        spans = windows.get((e.get("pid"), e.get("tid")), ())
+        return any(lo <= e["ts"] and e["ts"] + e.get("dur", 0) <= hi for lo, hi in spans)
+
+    ops = [e for e in events if e.get("cat") in HOST_SELF_CATS and inside(e)]
+    api = [e for e in events if e.get("cat") in HOST_API_CATS and inside(e)]
+    self_times = defaultdict(lambda: [0, 0.0])
+    for name, _, _, self_us in _cpu_self_times(ops + api):
+        entry = self_times[name]
+        entry[0] += 1
+        entry[1] += self_us / 1e3
+    covered = defaultdict(list)
+    for e in ops + api:
+        covered[(e.get("pid"), e.get("tid"))].append((e["ts"], e["ts"] + e.get("dur", 0)))
+    step_ms = sum(hi - lo for spans in windows.values() for lo, hi in spans) / 1e3
+    return {
+        "host_op_ms": sum(ms for name, (_, ms) in self_times.items() if not _is_api(name)),
+        "host_blocking_ms": sum(e.get("dur", 0) for e in api if BLOCKING_CALL.search(e.get("name", ""))) / 1e3,
+        "host_untraced_ms": step_ms - sum(_union_ms(spans) for spans in covered.values()),
+        "host_ops": {name: {"calls": n, "ms": ms}
+                     for name, (n, ms) in sorted(self_times.items(), key=lambda kv: -kv[1][1])},
+    }
+
+
+def _is_api(name: str) -> bool:
+    return name.startswith(("cuda", "cu")) and not name.startswith("cudnn")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -234,6 +278,7 @@ def collect_runs(paths: list[str | Path], keep_kernels: int | None = KEEP_KERNEL
             summary = summarize_trace(trace)
             if keep_kernels is not None:
                 summary["kernels"] = dict(list(summary["kernels"].items())[:keep_kernels])
+                summary["host_ops"] = dict(list(summary["host_ops"].items())[:keep_kernels])
             entry["ranks"][rank] = summary
             entry["files"].append(name)
         runs[run] = entry
@@ -296,6 +341,14 @@ def render_attribution(paths: list[str | Path], pattern: str, top: int) -> str:
 # (kernels, CUDA graphs)
 HOST_API_CATS = ("cuda_runtime", "cuda_driver")
 LAUNCH_CALL = re.compile(r"LaunchKernel|GraphLaunch|LaunchCooperativeKernel")
+# Calls that return only when the GPU has caught up (or a copy has landed): a host waiting on
+# the device inside a step.
+BLOCKING_CALL = re.compile(r"Synchronize|^cudaMemcpy$|^cuMemcpy(DtoH|HtoD)?(_v2)?$|^cudaMemcpy(To|From)Symbol$")
+# Host events whose self time is the step's own work (python_function: traces with stacks).
+HOST_SELF_CATS = ("cpu_op", "python_function")
+HOST_TIMES = [("host: aten op / Python self time", "host_op_ms"),
+              ("host: in blocking CUDA calls (syncs)", "host_blocking_ms"),
+              ("host: untraced (between traced events)", "host_untraced_ms")]
 HOST_COUNTS = [("host: kernel / graph launch calls", "host_launch_calls"), ("host: aten ops dispatched", "host_cpu_ops")]
 
 TOTALS = [("kernel time (sum over streams)", "kernel_ms"), ("GPU busy (union of streams)", "busy_ms"),
@@ -313,7 +366,14 @@ def run_means(run: dict) -> dict:
     """A run's numbers as the mean over its ranks."""
     ranks = list(run["ranks"].values())
     out = {key: _mean([r.get(key) for r in ranks])
-           for _, key in TOTALS + HOST_COUNTS + [("", "launches"), ("", "steps")]}
+           for _, key in TOTALS + HOST_TIMES + HOST_COUNTS + [("", "launches"), ("", "steps")]}
+    host_ops: dict[str, dict] = {}
+    for r in ranks:
+        for name, op in r.get("host_ops", {}).items():
+            entry = host_ops.setdefault(name, {"calls": 0.0, "ms": 0.0})
+            entry["calls"] += op["calls"] / len(ranks)
+            entry["ms"] += op["ms"] / len(ranks)
+    out["host_ops"] = dict(sorted(host_ops.items(), key=lambda kv: -kv[1]["ms"]))
     out["categories"] = {c: _mean([r["categories"].get(c, 0.0) for r in ranks]) or 0.0 for c in CATEGORIES}
     kernels: dict[str, dict] = {}
     for r in ranks:
@@ -359,7 +419,7 @@ def render_markdown(runs: dict, baseline: str | None = None, top: int = 15, leve
             row.append(f"{values[n]:.2f} ({values[n] / total:.0%})" if total else _f(values[n]))
         row += [f"{values[n] - values[base]:+.2f}" for n in others]
         rows.append(row)
-    for label, key in TOTALS:
+    for label, key in TOTALS + HOST_TIMES:
         row = [f"**{label}**"] + [_f(means[n][key]) for n in names]
         row += [_f(None if means[n][key] is None or means[base][key] is None else means[n][key] - means[base][key],
                    "+.2f") for n in others]
@@ -386,6 +446,16 @@ def render_markdown(runs: dict, baseline: str | None = None, top: int = 15, leve
             + [_f(r["kernel_ms"]), _f(r["busy_ms"]), _f(r["span_ms"]), _f(r["step_ms"])]
             for n in names for rank, r in runs[n]["ranks"].items()]
     lines += _table(["run", "rank"] + shown + ["kernel sum", "busy", "span", "step"], rows)
+
+    if any(means[n]["host_ops"] for n in names):
+        lines += ["", f"{level}# Host ops by self time inside the engine steps (ms, mean over ranks)", ""]
+        op_names = list(dict.fromkeys(name for n in names for name in list(means[n]["host_ops"])[:top]))
+        op_names.sort(key=lambda name: -max(means[n]["host_ops"].get(name, {}).get("ms", 0.0) for n in names))
+        rows = [[name.replace("|", "/")[:70]]
+                + [_f(means[n]["host_ops"][name]["ms"], ".3f") + f" ({means[n]['host_ops'][name]['calls']:g})"
+                   if name in means[n]["host_ops"] else "–" for n in names]
+                for name in op_names[:top]]
+        lines += _table(["host op (calls)"] + names, rows)
 
     for n in names:
         lines += ["", f"{level}# Top kernels: {n} (mean over ranks)", ""]

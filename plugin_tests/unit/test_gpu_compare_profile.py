@@ -31,3 +31,21 @@ def test_a_profiled_batch_must_fit_one_forward(tmp_path, prompts, capsys):
                           "--phases", "warmup,profile", "--profile-length", "1K", "--profile-prompts", prompts])
     assert "--profile-prompts" in str(stop.value) and "one batch" in str(stop.value)
     assert not any((tmp_path / "logs").iterdir())  # no run started
+
+
+def test_profiler_config_takes_stacks_and_activities_when_asked(tmp_path):
+    import argparse
+
+    def config(*extra):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--profile-activities")
+        parser.add_argument("--profile-with-stack", action="store_true")
+        return gpu_compare.profiler_config(parser.parse_args(list(extra)), tmp_path / "p")
+
+    plain = config()
+    assert plain["torch_profiler_with_stack"] is False and plain["torch_profiler_dir"] == str(tmp_path / "p")
+    assert "torch_profiler_activities" not in plain
+    stacked = config("--profile-with-stack", "--profile-activities", "CPU,CUDA")
+    assert stacked["torch_profiler_with_stack"] is True
+    assert stacked["torch_profiler_activities"] == ["CPU", "CUDA"]
+    assert gpu_compare.PROFILER_CONFIG["torch_profiler_with_stack"] is False  # the shared default untouched

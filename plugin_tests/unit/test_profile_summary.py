@@ -255,3 +255,45 @@ def test_trace_prefix_separates_prefill_and_decode_profiles(tmp_path, capsys):
     ps.main([str(folder.parent), "--trace-prefix", "decode", "--title", "Decode profile"])
     out = capsys.readouterr().out
     assert out.startswith("## Decode profile: GPU time per category") and "2.00" in out
+
+
+def test_host_side_of_the_engine_step():
+    """Inside the step (thread 1, 0..1000 µs): aten ops' self time, Python functions of a
+    stacked trace, runtime calls and the blocking ones among them, and the untraced rest;
+    events outside the step or on other threads do not count."""
+    def ev(name, ts, dur, cat="cpu_op", tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": T0 + ts, "dur": dur}
+
+    events = [
+        ev("execute_context_1(1024)_generation_0(0)", 0, 1000, cat="user_annotation"),
+        ev("model.forward", 10, 500, cat="python_function"),       # self: 500 - 100 - 250 = 150
+        ev("aten::copy_", 20, 100),                                 # self: 100 - 60 = 40
+        ev("cudaMemcpyAsync", 30, 60, cat="cuda_runtime"),
+        ev("aten::item", 200, 250),                                 # self: 250 - 200 = 50
+        ev("cudaStreamSynchronize", 210, 200, cat="cuda_runtime"),  # blocking
+        ev("aten::mm", 600, 100),                                   # self: 100 - 10 = 90
+        ev("cudaLaunchKernel", 650, 10, cat="cuda_runtime"),
+        ev("aten::mm", 1200, 100),                                  # after the step: not counted
+        ev("aten::mm", 100, 100, tid=2),                            # another thread: not counted
+    ]
+    s = ps.summarize_trace({"traceEvents": events + [kernel("nvjet_gemm", 700, 50)]})
+    assert s["host_op_ms"] == pytest.approx((150 + 40 + 50 + 90) / 1e3)
+    assert s["host_blocking_ms"] == pytest.approx(0.200)
+    # covered: 10..510 (forward and all inside it) and 600..700 -> 600 of 1000 µs
+    assert s["host_untraced_ms"] == pytest.approx(0.400)
+    assert s["host_ops"]["cudaStreamSynchronize"] == {"calls": 1, "ms": pytest.approx(0.2)}
+    assert s["host_ops"]["model.forward"] == {"calls": 1, "ms": pytest.approx(0.15)}
+    assert s["host_ops"]["aten::mm"] == {"calls": 1, "ms": pytest.approx(0.09)}
+    assert list(s["host_ops"])[0] == "cudaStreamSynchronize"
+
+    md = ps.render_markdown({"plugin": {"ranks": {"0": s}}, "native": {"ranks": {"0": ps.summarize_trace(fake_trace())}}},
+                            baseline="native")
+    assert "| **host: in blocking CUDA calls (syncs)** | 0.20 | 0.00 | +0.20 |" in md
+    assert "Host ops by self time inside the engine steps" in md
+    assert "| cudaStreamSynchronize | 0.200 (1) | – |" in md
+
+
+def test_host_side_without_steps_is_unknown():
+    s = ps.summarize_trace({"traceEvents": [kernel("nvjet_gemm", 0, 50)]})
+    assert (s["host_op_ms"], s["host_blocking_ms"], s["host_untraced_ms"], s["host_ops"]) == (None, None, None, {})
+    assert "| **host: in blocking CUDA calls (syncs)** | – |" in ps.render_markdown({"r": {"ranks": {"0": s}}})
