@@ -54,13 +54,13 @@ CONFIGS = {
     "plugin-inseq": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "in-seq-split", **_SPLIT}},
     # Attention unsplit on every rank: separates the plugin's kernels from its CP split.
     "plugin-off": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"}},
-    # the plugin's indexer chunked by its logits bound before 2026-12-04 (256 MiB; default now
-    # vLLM's 512: kernels/budgets.py), for the A/B behind that change
     # Prefill and mixed batches eager (FULL graphs for uniform decode only), as every batch the
     # CP split runs at N > 1 (graph_sizing.piecewise_graph_decision): at -tp 1 beside plugin-off
     # it prices what the split batches do without piecewise CUDA graphs.
     "plugin-off-decodegraphs": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"},
                                 "cudagraph_mode": "FULL_DECODE_ONLY"},
+    # the plugin's indexer chunked by its logits bound before 2026-12-04 (256 MiB; default now
+    # vLLM's 512: kernels/budgets.py), for the A/B behind that change
     "plugin-off-logits256": {"plugin": True, "parallel": "tp", "cp_nsa": {"mode": "off"},
                              "env": {"VLLM_SPARSE_INDEXER_MAX_LOGITS_MB": "256"}},
     # -dg: vLLM's DeepGEMM prefill indexer on the plugin's CP rows, over an fp8 indexer cache

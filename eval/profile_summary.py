@@ -198,17 +198,14 @@ def summarize_host_steps(events: list[dict], steps: list[dict]) -> dict:
     for e in ops + api:
         covered[(e.get("pid"), e.get("tid"))].append((e["ts"], e["ts"] + e.get("dur", 0)))
     step_ms = sum(hi - lo for spans in windows.values() for lo, hi in spans) / 1e3
+    api_names = {e["name"] for e in api}
     return {
-        "host_op_ms": sum(ms for name, (_, ms) in self_times.items() if not _is_api(name)),
+        "host_op_ms": sum(ms for name, (_, ms) in self_times.items() if name not in api_names),
         "host_blocking_ms": sum(e.get("dur", 0) for e in api if BLOCKING_CALL.search(e.get("name", ""))) / 1e3,
         "host_untraced_ms": step_ms - sum(_union_ms(spans) for spans in covered.values()),
         "host_ops": {name: {"calls": n, "ms": ms}
                      for name, (n, ms) in sorted(self_times.items(), key=lambda kv: -kv[1][1])},
     }
-
-
-def _is_api(name: str) -> bool:
-    return name.startswith(("cuda", "cu")) and not name.startswith("cudnn")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -367,23 +364,23 @@ def run_means(run: dict) -> dict:
     ranks = list(run["ranks"].values())
     out = {key: _mean([r.get(key) for r in ranks])
            for _, key in TOTALS + HOST_TIMES + HOST_COUNTS + [("", "launches"), ("", "steps")]}
-    host_ops: dict[str, dict] = {}
-    for r in ranks:
-        for name, op in r.get("host_ops", {}).items():
-            entry = host_ops.setdefault(name, {"calls": 0.0, "ms": 0.0})
-            entry["calls"] += op["calls"] / len(ranks)
-            entry["ms"] += op["ms"] / len(ranks)
-    out["host_ops"] = dict(sorted(host_ops.items(), key=lambda kv: -kv[1]["ms"]))
     out["categories"] = {c: _mean([r["categories"].get(c, 0.0) for r in ranks]) or 0.0 for c in CATEGORIES}
-    kernels: dict[str, dict] = {}
-    for r in ranks:
-        for name, k in r["kernels"].items():
-            entry = kernels.setdefault(name, {"category": k["category"], "calls": 0, "ms": 0.0})
-            entry["calls"] += k["calls"] / len(ranks)
-            entry["ms"] += k["ms"] / len(ranks)
-    out["kernels"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["ms"]))
+    out["kernels"] = _mean_by_name([r["kernels"] for r in ranks])
+    out["host_ops"] = _mean_by_name([r.get("host_ops", {}) for r in ranks])
     out["sources"] = sorted({r["source"] for r in ranks})
     return out
+
+
+def _mean_by_name(per_rank: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per-name ``calls`` and ``ms`` summed over ranks / the rank count (a name a rank lacks
+    counts 0 there), its other fields (a kernel's category) kept; most ms first."""
+    out: dict[str, dict] = {}
+    for entries in per_rank:
+        for name, entry in entries.items():
+            mean = out.setdefault(name, {**entry, "calls": 0.0, "ms": 0.0})
+            mean["calls"] += entry["calls"] / len(per_rank)
+            mean["ms"] += entry["ms"] / len(per_rank)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
 
 
 def _f(value, spec=".2f") -> str:

@@ -3,6 +3,7 @@ point of issue 18 is the one furthest behind vLLM's own model, and one prompt ca
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,18 +35,14 @@ def test_a_profiled_batch_must_fit_one_forward(tmp_path, prompts, capsys):
 
 
 def test_profiler_config_takes_stacks_and_activities_when_asked(tmp_path):
-    import argparse
-
-    def config(*extra):
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--profile-activities")
-        parser.add_argument("--profile-with-stack", action="store_true")
-        return gpu_compare.profiler_config(parser.parse_args(list(extra)), tmp_path / "p")
+    def config(activities=None, with_stack=False):
+        args = argparse.Namespace(profile_activities=activities, profile_with_stack=with_stack)
+        return gpu_compare.profiler_config(args, tmp_path / "p")
 
     plain = config()
     assert plain["torch_profiler_with_stack"] is False and plain["torch_profiler_dir"] == str(tmp_path / "p")
     assert "torch_profiler_activities" not in plain
-    stacked = config("--profile-with-stack", "--profile-activities", "CPU,CUDA")
+    stacked = config("CPU,CUDA", with_stack=True)
     assert stacked["torch_profiler_with_stack"] is True
     assert stacked["torch_profiler_activities"] == ["CPU", "CUDA"]
     assert gpu_compare.PROFILER_CONFIG["torch_profiler_with_stack"] is False  # the shared default untouched
