@@ -145,6 +145,58 @@ DRY_RUN_WORKLOAD = {  # the tiny model's index_topk is 64
 TRAINED_PROBLEMS_PER_TASK, TRAINED_TOKENS = 8, 64
 
 
+# host_probe: iterations of its Python loop, tiny CUDA ops it launches back to back
+PROBE_LOOP_ITERATIONS, PROBE_CUDA_OPS = 20_000, 100
+
+
+def host_probe() -> dict:
+    """How fast this host runs the engine's thread right now, by fixed work timed in it: a
+    Python loop (us) and tiny CUDA ops launched back to back (us per op: dispatch + launch,
+    what a host-bound step is made of), the CPU it ran on and the 1-minute load. Taken before
+    every timed sample: one engine's 1K TTFT ran 1.5-2.5x another's for the same work on shared
+    hosts (H200, 12-04..06), and the probe tells a slower host from a slower engine."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(PROBE_LOOP_ITERATIONS):
+        total += i * i
+    python_us = (time.perf_counter() - start) * 1e6
+    launch_us = None
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            x = torch.zeros(1, device="cuda")
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(PROBE_CUDA_OPS):
+                x.add_(1)
+            torch.cuda.synchronize()
+            launch_us = (time.perf_counter() - start) * 1e6 / PROBE_CUDA_OPS
+    except Exception:  # the probe never fails a measurement
+        launch_us = None
+    return {"python_us": round(python_us, 1), "launch_us": None if launch_us is None else round(launch_us, 2),
+            "cpu": current_cpu(), "load1": round(os.getloadavg()[0], 2)}
+
+
+def current_cpu() -> int | None:
+    """The CPU this thread last ran on (/proc/self/stat field 39), None where unreadable."""
+    try:
+        stat = Path("/proc/thread-self/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def probe_medians(probes: list[dict]) -> dict:
+    """Median Python-loop and per-op launch time of ``probes``, the CPUs they ran on."""
+    def median(key):
+        values = [p[key] for p in probes if p.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {"python_us": median("python_us"), "launch_us": median("launch_us"),
+            "cpus": sorted({p["cpu"] for p in probes if p.get("cpu") is not None}), "samples": len(probes)}
+
+
 def length_label(tokens: int) -> str:
     return f"{tokens // K}K" if tokens >= K and tokens % K == 0 else str(tokens)
 
@@ -356,14 +408,15 @@ class Worker:
     def _timed_ttft(self, label: str, kind: str, count: int, length: int) -> None:
         """Warm-up of the same shape, then ``reps`` timed generates of fresh prompts."""
         self.generate([self.prompt(f"{label}:warmup:{i}", length) for i in range(count)], max_tokens=1)
-        times = []
+        times, probes = [], []
         for rep in range(self.spec["reps"]):
+            probes.append(host_probe())
             seconds, _ = self.generate([self.prompt(f"{label}:{rep}:{i}", length) for i in range(count)],
                                        max_tokens=1)
             times.append(seconds)
         self.result["ttft"][label] = {"kind": kind, "requests": count, "prompt_tokens": length,
                                       "times_s": [round(t, 5) for t in times],
-                                      "median_s": round(statistics.median(times), 5)}
+                                      "median_s": round(statistics.median(times), 5), "host_probe": probes}
         self.progress(f"  ttft {label}: median {statistics.median(times) * 1e3:.1f} ms")
         self.save()
 
@@ -490,8 +543,9 @@ class Worker:
             for rep in range(DECODE_WARMUP_REPS):
                 self.generate(prompts(f"warmup:{rep}"), max_tokens=tokens, ignore_eos=True)
             # median of --reps samples: one 128-token sample varied by up to 30 % between calls
-            samples = []
+            samples, probes = [], []
             for rep in range(self.spec["reps"]):
+                probes.append(host_probe())
                 first_s, _ = self.generate(prompts(f"first:{rep}"), max_tokens=1)
                 all_s, outputs = self.generate(prompts(f"all:{rep}"), max_tokens=tokens, ignore_eos=True)
                 samples.append((first_s, all_s, (all_s - first_s) / (tokens - 1) * 1e3))
@@ -501,7 +555,7 @@ class Worker:
                                                  "first_s": [round(f, 5) for f, _, _ in samples],
                                                  "all_s": [round(a, 5) for _, a, _ in samples],
                                                  "ms_per_token_reps": [round(m, 3) for _, _, m in samples],
-                                                 "ms_per_token": round(ms, 3)}
+                                                 "ms_per_token": round(ms, 3), "host_probe": probes}
             self.progress(f"  decode batch {batch}: {ms:.2f} ms/token")
             self.save()
 
@@ -1167,6 +1221,31 @@ def _pooled_rounds_section(runs: dict) -> list[str]:
     return lines[:-1]
 
 
+def run_probes(run: dict) -> list[dict]:
+    """Every ``host_probe`` a run took (one per timed TTFT / decode sample)."""
+    entries = [*run.get("ttft", {}).values(), *run.get("decode", {}).values()]
+    return [p for e in entries for p in e.get("host_probe", [])]
+
+
+def _host_probe_section(runs: dict) -> list[str]:
+    """Per run, the host's speed while it was measured (``host_probe``); [] if no run has probes."""
+    rows = []
+    for name, run in runs.items():
+        probes = run_probes(run)
+        if not probes:
+            continue
+        m = probe_medians(probes)
+        cpus = ", ".join(map(str, m["cpus"][:8])) + (" …" if len(m["cpus"]) > 8 else "")
+        loads = [p["load1"] for p in probes if p.get("load1") is not None]
+        rows.append([name, str(m["samples"]), _fmt(m["python_us"], ".0f"), _fmt(m["launch_us"], ".2f"),
+                     cpus or "–", _fmt(statistics.median(loads) if loads else None, ".1f")])
+    if not rows:
+        return []
+    return ["", f"## Host probe before each timed sample (medians: a {PROBE_LOOP_ITERATIONS:,}-step Python loop; "
+                f"{PROBE_CUDA_OPS} tiny CUDA ops back to back, per op; the engine's own thread)", "",
+            *_table(["run", "samples", "Python loop us", "CUDA op us", "CPUs", "load (1 min)"], rows)]
+
+
 def _profiled_batch(meta: dict) -> str:
     count, length = meta.get("profile_prompts") or 1, length_label(meta["profile_length"])
     return f"One prompt of {length} tokens" if count == 1 else f"One batch of {count} prompts of {length} tokens"
@@ -1279,6 +1358,7 @@ def render_markdown(report: dict) -> str:
         lines += _table(["batch"] + names, rows)
 
     lines += _pooled_rounds_section(runs)
+    lines += _host_probe_section(runs)
 
     rows = []
     for name in names:
