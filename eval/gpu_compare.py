@@ -197,6 +197,17 @@ def probe_medians(probes: list[dict]) -> dict:
             "cpus": sorted({p["cpu"] for p in probes if p.get("cpu") is not None}), "samples": len(probes)}
 
 
+def machine_id(gpus: int) -> dict:
+    """Which machine a report ran on: the kernel's boot id and the GPUs' UUIDs (two device calls
+    on one warm machine share both; a fresh start does not), so reports are pooled only when they
+    come from one machine (``parity_table.py --pool``)."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = None
+    return {"boot_id": boot_id, "gpu_uuids": [row[0] for row in nvidia_smi("uuid")][:gpus]}
+
+
 def length_label(tokens: int) -> str:
     return f"{tokens // K}K" if tokens >= K and tokens % K == 0 else str(tokens)
 
@@ -1036,7 +1047,7 @@ def drive(args) -> None:
     max_model_len = -(-(longest + 64) // 256) * 256
     report = {
         "meta": {
-            "gpu": gpu_name, "gpu_tag": tag, "n": args.n, "gpus": gpus[:args.n],
+            "gpu": gpu_name, "gpu_tag": tag, "n": args.n, "gpus": gpus[:args.n], "machine": machine_id(args.n),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "model_dir": str(model_dir), "model_config": json.loads((model_dir / "config.json").read_text()),
             "build_s": round(build_s, 1), "budget_s": args.budget_s, "config_timeout_s": args.config_timeout_s,
@@ -1228,22 +1239,28 @@ def run_probes(run: dict) -> list[dict]:
 
 
 def _host_probe_section(runs: dict) -> list[str]:
-    """Per run, the host's speed while it was measured (``host_probe``); [] if no run has probes."""
+    """Per run, the host's speed while it was measured (``host_probe``), and its Python-loop time
+    over that of native-tp of the same variant (and round): a ratio far from 1 says the two ran on
+    hosts of different speed, so their host-bound points (1K, decode) compare hosts, not engines;
+    [] if no run has probes."""
     rows = []
     for name, run in runs.items():
         probes = run_probes(run)
         if not probes:
             continue
         m = probe_medians(probes)
+        reference = probe_medians(run_probes(runs.get("native-tp" + variant_suffix(name), {})))
         cpus = ", ".join(map(str, m["cpus"][:8])) + (" …" if len(m["cpus"]) > 8 else "")
         loads = [p["load1"] for p in probes if p.get("load1") is not None]
         rows.append([name, str(m["samples"]), _fmt(m["python_us"], ".0f"), _fmt(m["launch_us"], ".2f"),
+                     _fmt(m["python_us"] / reference["python_us"] if reference["python_us"] else None, ".2f"),
                      cpus or "–", _fmt(statistics.median(loads) if loads else None, ".1f")])
     if not rows:
         return []
     return ["", f"## Host probe before each timed sample (medians: a {PROBE_LOOP_ITERATIONS:,}-step Python loop; "
                 f"{PROBE_CUDA_OPS} tiny CUDA ops back to back, per op; the engine's own thread)", "",
-            *_table(["run", "samples", "Python loop us", "CUDA op us", "CPUs", "load (1 min)"], rows)]
+            *_table(["run", "samples", "Python loop us", "CUDA op us", "loop / native-tp's", "CPUs", "load (1 min)"],
+                    rows)]
 
 
 def _profiled_batch(meta: dict) -> str:

@@ -9,7 +9,10 @@ samples pooled. A point further than ``--goal`` (0.97) behind is marked ``**behi
 row names its card, vLLM version, date and report, since ratios compare only within one run.
 ``--latest`` folds the reports into one row per variant, each point from the newest report that
 measured it (the state of the table after several sessions' runs), naming which report gave which
-points.
+points. ``--pool`` takes the reports as one: calls made back to back on one machine (same card,
+vLLM and checkpoint), every engine of every call a round, all samples pooled. At host-bound points
+(1K, decode) engines of one config differed by about 5 % on one host (H100, 12-06), so one pair
+of engines cannot settle a ratio there; several calls' engines together can.
 
 Standard library only; run names and pooled rounds through gpu_compare.py's own functions.
 Runs on the GPU host or here.
@@ -21,7 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gpu_compare import pooled_rounds, ratio_to_reference, variant_suffix
+from gpu_compare import pooled_rounds, ratio_to_reference, variant_suffix, without_round
 
 TTFT_POINTS = ["1K", "4K", "16K", "32K", "64K", "8x1K", "4x4K"]
 DECODE_POINTS = ["1", "8"]
@@ -36,10 +39,38 @@ def weights_of(meta: dict) -> str:
     return "fp8" if meta["model_config"].get("quantization_config") else "bf16"
 
 
-def report_rows(path: Path) -> list[dict]:
-    """One row per plugin configuration and variant of a report: its points' ratios and times
-    (every round's samples pooled: ``gpu_compare.pooled_rounds``)."""
-    report = json.loads(path.read_text())
+def pooled_report(paths: list[Path]) -> tuple[dict, str]:
+    """The reports as one (``--pool``) and its name: the runs of the k-th report (k >= 2) renamed
+    as further rounds (``native-tp@2`` of call 2 -> ``native-tp@c2.2``). Refused unless every
+    report ran on the same card, vLLM and checkpoint, and on the same machine where the reports
+    say (``gpu_compare.machine_id``)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+
+    def identity(report):
+        versions = next((r["versions"] for r in report["runs"].values() if r.get("versions")), {})
+        return report["meta"]["gpu"], versions.get("vllm"), weights_of(report["meta"]), report["meta"]["model_config"]
+
+    first, machine = identity(reports[0]), reports[0]["meta"].get("machine")
+    for path, report in zip(paths[1:], reports[1:]):
+        if identity(report) != first:
+            raise SystemExit(f"--pool: {path.name} is not from the card / vLLM / checkpoint of {paths[0].name}")
+        # reports from before gpu_compare recorded the machine (12-06 07:30) are taken on trust
+        if machine and report["meta"].get("machine") and report["meta"]["machine"] != machine:
+            raise SystemExit(f"--pool: {path.name} ran on another machine than {paths[0].name}")
+    runs = dict(reports[0]["runs"])
+    for k, report in enumerate(reports[1:], start=2):
+        for name, run in report["runs"].items():
+            round_no = name[len(without_round(name)) + 1:]
+            runs[f"{without_round(name)}@c{k}" + (f".{round_no}" if round_no else "")] = run
+    meta = {**reports[0]["meta"], "date": f"{reports[0]['meta']['date']} … {reports[-1]['meta']['date']}"}
+    return {"meta": meta, "runs": runs}, " + ".join(path.name for path in paths)
+
+
+def report_rows(path: Path, report: dict | None = None, name: str | None = None) -> list[dict]:
+    """One row per plugin configuration and variant of a report (``path``, or ``report`` named
+    ``name``): its points' ratios and times (every round's samples pooled:
+    ``gpu_compare.pooled_rounds``)."""
+    report = report or json.loads(path.read_text())
     meta, runs = report["meta"], report["runs"]
     pooled = pooled_rounds({name: run for name, run in runs.items() if run.get("ttft") or run.get("decode")})
     versions = next((r["versions"] for r in runs.values() if r.get("versions")), {})
@@ -61,7 +92,7 @@ def report_rows(path: Path) -> list[dict]:
         rows.append({
             "variant": f"{weights_of(meta)} weights, {kv} KV" + (", MTP k=1" if "+mtp" in variant else "")
                        + ("" if config == "plugin-off" else f" ({PLUGIN_CONFIGS[config]})"),
-            "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": path.name,
+            "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": name or path.name,
             "rounds": min(plugin["rounds"], native["rounds"]), "points": points,
         })
     return rows
@@ -126,9 +157,15 @@ def main(argv=None) -> None:
     ap.add_argument("--goal", type=float, default=0.97, help="the parity goal (issue 18: 0.97)")
     ap.add_argument("--latest", action="store_true",
                     help="one row per variant, each point from the newest report that measured it")
+    ap.add_argument("--pool", action="store_true",
+                    help="the reports as one: back-to-back calls on one machine, every engine a round")
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args(argv)
-    rows = [row for path in args.reports for row in report_rows(Path(path))]
+    if args.pool:
+        report, name = pooled_report([Path(p) for p in args.reports])
+        rows = report_rows(None, report, name)
+    else:
+        rows = [row for path in args.reports for row in report_rows(Path(path))]
     if args.latest:
         rows = latest_rows(rows)
     text = render(rows, args.goal) if rows else "no report with vLLM's own model and the plugin side by side\n"

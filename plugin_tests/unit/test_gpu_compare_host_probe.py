@@ -50,7 +50,11 @@ def test_report_lists_each_runs_host_speed():
     m = gpu_compare.probe_medians(slow)
     assert (m["python_us"], m["launch_us"], m["cpus"], m["samples"]) == (1800.0, 9.0, [40, 41], 3)
     lines = gpu_compare._host_probe_section(runs)
-    assert "| native-tp | 3 | 900 | 4.00 | 3 | 1.0 |" in lines
-    assert "| plugin-off | 3 | 1800 | 9.00 | 40, 41 | 12.0 |" in lines
+    # the plugin's samples ran on a host twice as slow as native-tp's
+    assert "| native-tp | 3 | 900 | 4.00 | 1.00 | 3 | 1.0 |" in lines
+    assert "| plugin-off | 3 | 1800 | 9.00 | 2.00 | 40, 41 | 12.0 |" in lines
     assert not any(line.startswith("| old |") for line in lines)  # reports from before the probe
     assert gpu_compare._host_probe_section({"old": runs["old"]}) == []
+    # a round is compared with its own round's native-tp; no reference: no ratio
+    alone = gpu_compare._host_probe_section({"plugin-off@2": _run([19, 19, 19], slow)})
+    assert "| plugin-off@2 | 3 | 1800 | 9.00 | – | 40, 41 | 12.0 |" in alone

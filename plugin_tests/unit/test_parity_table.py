@@ -105,3 +105,51 @@ def test_the_wrapper_refuses_an_unknown_part(tmp_path):
     result = subprocess.run(["bash", str(REPO / "eval" / "run_parity_table.sh")], capture_output=True, text=True,
                             env={"PATH": "/usr/bin:/bin", "PARTS": "fp16w", "OUT": str(tmp_path)}, timeout=60)
     assert result.returncode == 2 and "unknown part 'fp16w'" in result.stdout
+
+
+def test_pool_takes_back_to_back_calls_as_rounds_of_one_report(tmp_path):
+    """Two calls on one machine, each one engine pair: alone 0.90 and 1.10 at 1K; pooled, every
+    sample of both engines of each config: 1.00. Another machine, card or checkpoint is refused."""
+    machine = {"boot_id": "b1", "gpu_uuids": ["GPU-1"]}
+    a = _report(tmp_path, "a.json", {"native-tp": _run({"1K": [9, 9, 9]}, {"1": [2.0, 2.0, 2.0]}),
+                                     "plugin-off": _run({"1K": [10, 10, 10]}, {"1": [1.8, 1.8, 1.8]})})
+    b = _report(tmp_path, "b.json", {"native-tp": _run({"1K": [11, 11, 11]}, {"1": [2.0, 2.0, 2.0]}),
+                                     "plugin-off": _run({"1K": [10, 10, 10]}, {"1": [2.2, 2.2, 2.2]}),
+                                     "plugin-off@2": _run({"1K": [10, 10, 10]}, {"1": [2.2, 2.2, 2.2]})},
+                date="2026-12-05 18:40 UTC")
+    for path in (a, b):
+        report = json.loads(path.read_text())
+        report["meta"]["machine"] = machine
+        path.write_text(json.dumps(report))
+    alone = [parity_table.report_rows(p)[0]["points"]["ttft:1K"]["ratio"] for p in (a, b)]
+    assert alone == [pytest.approx(0.9), pytest.approx(1.1)]
+
+    report, name = parity_table.pooled_report([a, b])
+    assert sorted(report["runs"]) == ["native-tp", "native-tp@c2", "plugin-off", "plugin-off@c2", "plugin-off@c2.2"]
+    (row,) = parity_table.report_rows(None, report, name)
+    assert row["points"]["ttft:1K"]["ratio"] == pytest.approx(1.0)  # 10 ms (median of 9 9 9 11 11 11) / 10 ms
+    assert row["points"]["decode:1"]["ratio"] == pytest.approx(1.1)  # median of 1.8 x3, 2.2 x6 / 2.0
+    assert row["rounds"] == 2 and row["report"] == "a.json + b.json"
+    assert row["date"] == "2026-12-05 18:32 UTC … 2026-12-05 18:40 UTC"
+
+    text = subprocess.run([sys.executable, str(REPO / "eval" / "parity_table.py"), "--pool", str(a), str(b)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "| fp8 weights, bf16 KV | 1.00 | **1.10× behind** |" in text
+
+    other = json.loads(b.read_text())
+    other["meta"]["machine"] = {"boot_id": "b2", "gpu_uuids": ["GPU-7"]}
+    b.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another machine"):
+        parity_table.pooled_report([a, b])
+    bf16 = _report(tmp_path, "c.json", json.loads(a.read_text())["runs"], quantized=False)
+    with pytest.raises(SystemExit, match="card / vLLM / checkpoint"):
+        parity_table.pooled_report([a, bf16])
+
+
+def test_reports_name_their_machine(monkeypatch):
+    import gpu_compare
+
+    monkeypatch.setattr(gpu_compare, "nvidia_smi", lambda query: [["GPU-aa"], ["GPU-bb"]] if query == "uuid" else [])
+    machine = gpu_compare.machine_id(1)
+    assert machine["gpu_uuids"] == ["GPU-aa"]
+    assert machine["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
