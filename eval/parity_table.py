@@ -66,9 +66,9 @@ def pooled_report(paths: list[Path]) -> tuple[dict, str]:
     return {"meta": meta, "runs": runs}, " + ".join(path.name for path in paths)
 
 
-def report_rows(path: Path, report: dict | None = None, name: str | None = None) -> list[dict]:
+def report_rows(path: Path | None, report: dict | None = None, report_name: str | None = None) -> list[dict]:
     """One row per plugin configuration and variant of a report (``path``, or ``report`` named
-    ``name``): its points' ratios and times (every round's samples pooled:
+    ``report_name``): its points' ratios and times (every round's samples pooled:
     ``gpu_compare.pooled_rounds``)."""
     report = report or json.loads(path.read_text())
     meta, runs = report["meta"], report["runs"]
@@ -92,7 +92,7 @@ def report_rows(path: Path, report: dict | None = None, name: str | None = None)
         rows.append({
             "variant": f"{weights_of(meta)} weights, {kv} KV" + (", MTP k=1" if "+mtp" in variant else "")
                        + ("" if config == "plugin-off" else f" ({PLUGIN_CONFIGS[config]})"),
-            "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": name or path.name,
+            "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": report_name or path.name,
             "rounds": min(plugin["rounds"], native["rounds"]), "points": points,
         })
     return rows
