@@ -54,7 +54,7 @@ def pooled_report(paths: list[Path]) -> tuple[dict, str]:
     for path, report in zip(paths[1:], reports[1:]):
         if identity(report) != first:
             raise SystemExit(f"--pool: {path.name} is not from the card / vLLM / checkpoint of {paths[0].name}")
-        # reports from before gpu_compare recorded the machine (12-06 07:30) are taken on trust
+        # reports from before gpu_compare recorded the machine (12-06 07:10) are taken on trust
         if machine and report["meta"].get("machine") and report["meta"]["machine"] != machine:
             raise SystemExit(f"--pool: {path.name} ran on another machine than {paths[0].name}")
     runs = dict(reports[0]["runs"])
