@@ -188,12 +188,13 @@ def current_cpu() -> int | None:
 
 
 def probe_medians(probes: list[dict]) -> dict:
-    """Median Python-loop and per-op launch time of ``probes``, the CPUs they ran on."""
+    """Median Python-loop time, per-op launch time and 1-minute load of ``probes``, the CPUs they
+    ran on."""
     def median(key):
         values = [p[key] for p in probes if p.get(key) is not None]
         return statistics.median(values) if values else None
 
-    return {"python_us": median("python_us"), "launch_us": median("launch_us"),
+    return {"python_us": median("python_us"), "launch_us": median("launch_us"), "load1": median("load1"),
             "cpus": sorted({p["cpu"] for p in probes if p.get("cpu") is not None}), "samples": len(probes)}
 
 
@@ -1251,10 +1252,9 @@ def _host_probe_section(runs: dict) -> list[str]:
         m = probe_medians(probes)
         reference = probe_medians(run_probes(runs.get("native-tp" + variant_suffix(name), {})))
         cpus = ", ".join(map(str, m["cpus"][:8])) + (" …" if len(m["cpus"]) > 8 else "")
-        loads = [p["load1"] for p in probes if p.get("load1") is not None]
         rows.append([name, str(m["samples"]), _fmt(m["python_us"], ".0f"), _fmt(m["launch_us"], ".2f"),
                      _fmt(m["python_us"] / reference["python_us"] if reference["python_us"] else None, ".2f"),
-                     cpus or "–", _fmt(statistics.median(loads) if loads else None, ".1f")])
+                     cpus or "–", _fmt(m["load1"], ".1f")])
     if not rows:
         return []
     return ["", f"## Host probe before each timed sample (medians: a {PROBE_LOOP_ITERATIONS:,}-step Python loop; "

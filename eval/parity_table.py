@@ -66,11 +66,10 @@ def pooled_report(paths: list[Path]) -> tuple[dict, str]:
     return {"meta": meta, "runs": runs}, " + ".join(path.name for path in paths)
 
 
-def report_rows(path: Path | None, report: dict | None = None, report_name: str | None = None) -> list[dict]:
-    """One row per plugin configuration and variant of a report (``path``, or ``report`` named
-    ``report_name``): its points' ratios and times (every round's samples pooled:
+def report_rows(report: dict, report_name: str) -> list[dict]:
+    """One row per plugin configuration and variant of a report (a file's, or ``pooled_report``'s)
+    named ``report_name``: its points' ratios and times (every round's samples pooled:
     ``gpu_compare.pooled_rounds``)."""
-    report = report or json.loads(path.read_text())
     meta, runs = report["meta"], report["runs"]
     pooled = pooled_rounds({name: run for name, run in runs.items() if run.get("ttft") or run.get("decode")})
     versions = next((r["versions"] for r in runs.values() if r.get("versions")), {})
@@ -92,7 +91,7 @@ def report_rows(path: Path | None, report: dict | None = None, report_name: str 
         rows.append({
             "variant": f"{weights_of(meta)} weights, {kv} KV" + (", MTP k=1" if "+mtp" in variant else "")
                        + ("" if config == "plugin-off" else f" ({PLUGIN_CONFIGS[config]})"),
-            "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": report_name or path.name,
+            "gpu": meta["gpu"], "vllm": versions.get("vllm", "?"), "date": meta["date"], "report": report_name,
             "rounds": min(plugin["rounds"], native["rounds"]), "points": points,
         })
     return rows
@@ -163,9 +162,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.pool:
         report, name = pooled_report([Path(p) for p in args.reports])
-        rows = report_rows(None, report, name)
+        rows = report_rows(report, name)
     else:
-        rows = [row for path in args.reports for row in report_rows(Path(path))]
+        rows = [row for path in map(Path, args.reports)
+                for row in report_rows(json.loads(path.read_text()), path.name)]
     if args.latest:
         rows = latest_rows(rows)
     text = render(rows, args.goal) if rows else "no report with vLLM's own model and the plugin side by side\n"

@@ -33,6 +33,10 @@ def _report(tmp_path: Path, name: str, runs: dict, weights: str | None = None, q
     return path
 
 
+def _rows(path: Path) -> list[dict]:
+    return parity_table.report_rows(json.loads(path.read_text()), path.name)
+
+
 def test_rows_take_ratios_per_variant_and_pool_the_rounds(tmp_path):
     runs = {
         "native-tp+fp8": _run({"1K": [10, 10, 10], "4K": [40, 40, 40]}, {"1": [2.0, 2.0, 2.0]}),
@@ -45,7 +49,7 @@ def test_rows_take_ratios_per_variant_and_pool_the_rounds(tmp_path):
         "plugin-off+fp8+mtp": _run({"1K": [25, 25, 25]}, {"8": [4.2, 4.2, 4.2]}),
         "plugin-off+fp8+mtp@2": {"status": "skipped"},  # no native round 2 of MTP: rounds counted 1
     }
-    rows = parity_table.report_rows(_report(tmp_path, "compare_h100_n1_x.json", runs))
+    rows = _rows(_report(tmp_path, "compare_h100_n1_x.json", runs))
     by_variant = {r["variant"]: r for r in rows}
     assert set(by_variant) == {"fp8 weights, fp8 KV", "fp8 weights, fp8 KV (plugin round-robin)",
                                "fp8 weights, fp8 KV, MTP k=1"}
@@ -69,16 +73,16 @@ def test_rows_take_ratios_per_variant_and_pool_the_rounds(tmp_path):
 
 def test_weights_come_from_the_report(tmp_path):
     runs = {"native-tp": _run({"1K": [12.5]}, {"8": [2.77]}), "plugin-off": _run({"1K": [14.5]}, {"8": [2.857]})}
-    bf16 = parity_table.report_rows(_report(tmp_path, "a.json", runs, weights="bf16", quantized=False))
+    bf16 = _rows(_report(tmp_path, "a.json", runs, weights="bf16", quantized=False))
     assert [r["variant"] for r in bf16] == ["bf16 weights, bf16 KV"]
     # a point just past the goal shows the digit that puts it there
     assert "**1.031× behind**" in parity_table.render(bf16, goal=0.97)
     assert "**0.86 behind**" in parity_table.render(bf16, goal=0.97)
-    fp8 = parity_table.report_rows(_report(tmp_path, "b.json", runs))
+    fp8 = _rows(_report(tmp_path, "b.json", runs))
     assert fp8[0]["variant"] == "fp8 weights, bf16 KV"
     # no native run: nothing to compare with
     alone = {"plugin-off": runs["plugin-off"]}
-    assert parity_table.report_rows(_report(tmp_path, "c.json", alone)) == []
+    assert _rows(_report(tmp_path, "c.json", alone)) == []
 
 
 def test_latest_takes_each_point_from_the_newest_report_that_measured_it(tmp_path):
@@ -88,7 +92,7 @@ def test_latest_takes_each_point_from_the_newest_report_that_measured_it(tmp_pat
              "native-tp+fp8": _run({"4K": [40.0]}, {}), "plugin-off+fp8": _run({"4K": [44.0]}, {})}
     rows = [row for name, runs, date in (("new.json", newer, "2026-12-05 22:36 UTC"),
                                          ("old.json", older, "2026-12-05 18:32 UTC"))
-            for row in parity_table.report_rows(_report(tmp_path, name, runs, date=date))]
+            for row in _rows(_report(tmp_path, name, runs, date=date))]
     latest = {r["variant"]: r for r in parity_table.latest_rows(rows)}
     assert set(latest) == {"fp8 weights, bf16 KV", "fp8 weights, fp8 KV"}
     row = latest["fp8 weights, bf16 KV"]
@@ -121,12 +125,12 @@ def test_pool_takes_back_to_back_calls_as_rounds_of_one_report(tmp_path):
         report = json.loads(path.read_text())
         report["meta"]["machine"] = machine
         path.write_text(json.dumps(report))
-    alone = [parity_table.report_rows(p)[0]["points"]["ttft:1K"]["ratio"] for p in (a, b)]
+    alone = [_rows(p)[0]["points"]["ttft:1K"]["ratio"] for p in (a, b)]
     assert alone == [pytest.approx(0.9), pytest.approx(1.1)]
 
     report, name = parity_table.pooled_report([a, b])
     assert sorted(report["runs"]) == ["native-tp", "native-tp@c2", "plugin-off", "plugin-off@c2", "plugin-off@c2.2"]
-    (row,) = parity_table.report_rows(None, report, name)
+    (row,) = parity_table.report_rows(report, name)
     assert row["points"]["ttft:1K"]["ratio"] == pytest.approx(1.0)  # 10 ms (median of 9 9 9 11 11 11) / 10 ms
     assert row["points"]["decode:1"]["ratio"] == pytest.approx(1.1)  # median of 1.8 x3, 2.2 x6 / 2.0
     assert row["rounds"] == 2 and row["report"] == "a.json + b.json"
